@@ -1,0 +1,51 @@
+"""sparseattn: sparse (Longformer-style) attention on the CPU, from NumPy.
+
+The public surface::
+
+    sparse_attention(q, k, v, pattern, ...)   the one entry point
+    sliding_window, global_tokens, longformer, causal,
+    from_sparse, from_dense, random_pattern   pattern builders
+    Pattern, register_pattern                 the pattern type and registry
+
+Everything else lives in submodules (``sparseattn.patterns``,
+``sparseattn.reference``, ``sparseattn.analysis``, ...).  Optional
+dependencies are imported only by the adapters that need them.
+"""
+
+from .patterns import (
+    Pattern,
+    causal,
+    from_dense,
+    from_sparse,
+    global_tokens,
+    longformer,
+    random_pattern,
+    register_pattern,
+    sliding_window,
+)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # sparse_attention pulls in numba; keep `import sparseattn` light until it is used.
+    if name in ("sparse_attention", "AttentionWeights"):
+        from . import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
+
+
+__all__ = [
+    "AttentionWeights",
+    "Pattern",
+    "causal",
+    "from_dense",
+    "from_sparse",
+    "global_tokens",
+    "longformer",
+    "random_pattern",
+    "register_pattern",
+    "sliding_window",
+    "sparse_attention",
+]

@@ -1,0 +1,37 @@
+"""Attention patterns: composable builders compiled to canonical CSR.
+
+Every builder is registered by name (:func:`get`, :func:`available`);
+third-party builders join through the ``sparseattn.patterns`` entry-point group.
+"""
+
+from .algebra import intersection, transpose, union
+from .base import Pattern, as_pattern
+from .builders import (
+    causal,
+    from_dense,
+    from_sparse,
+    global_tokens,
+    longformer,
+    random_pattern,
+    sliding_window,
+)
+from .registry import available, examples, get, register_pattern
+
+__all__ = [
+    "Pattern",
+    "as_pattern",
+    "available",
+    "causal",
+    "examples",
+    "from_dense",
+    "from_sparse",
+    "get",
+    "global_tokens",
+    "intersection",
+    "longformer",
+    "random_pattern",
+    "register_pattern",
+    "sliding_window",
+    "transpose",
+    "union",
+]

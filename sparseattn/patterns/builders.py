@@ -1,0 +1,318 @@
+"""The basic pattern builders: windows, global tokens, Longformer, explicit masks, random."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+import scipy.sparse as sp
+
+from .base import CSRPattern, Pattern, _canonical_from_scipy, counts_to_indptr, ranges_to_indices
+from .registry import register_pattern
+
+__all__ = [
+    "SlidingWindow",
+    "GlobalTokens",
+    "sliding_window",
+    "causal",
+    "global_tokens",
+    "longformer",
+    "from_sparse",
+    "from_dense",
+    "random_pattern",
+]
+
+
+def _check_int(name, value, minimum=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class SlidingWindow(Pattern):
+    """Query ``i`` sees key ``j`` iff ``-left <= j - i <= right`` and ``(j - i) % dilation == 0``."""
+
+    name = "sliding_window"
+
+    def __init__(self, n_q, n_k, left, right, dilation):
+        super().__init__((n_q, n_k))
+        self.left, self.right, self.dilation = left, right, dilation
+
+    @property
+    def identity(self):
+        return ("sliding_window", self.shape, self.left, self.right, self.dilation)
+
+    def _bounds(self, start, stop):
+        i = np.arange(start, stop, dtype=np.int64)
+        d = self.dilation
+        lo_m = -(np.minimum(self.left, i) // d)
+        hi_m = np.minimum(self.right, self.shape[1] - 1 - i) // d
+        counts = np.maximum(hi_m - lo_m + 1, 0)
+        return i + lo_m * d, counts
+
+    def _row_counts(self, start, stop):
+        return self._bounds(start, stop)[1]
+
+    def _rows(self, start, stop):
+        lo, counts = self._bounds(start, stop)
+        return counts_to_indptr(counts), ranges_to_indices(lo, counts, self.dilation)
+
+    def _transpose(self):
+        n_q, n_k = self.shape
+        return SlidingWindow(n_k, n_q, self.right, self.left, self.dilation)
+
+    def describe(self):
+        d = f", dilation={self.dilation}" if self.dilation != 1 else ""
+        return f"window(left={self.left}, right={self.right}{d})"
+
+
+class GlobalTokens(Pattern):
+    """Full rows and full columns for the global tokens (symmetric)."""
+
+    name = "global_tokens"
+
+    def __init__(self, n, indices):
+        super().__init__((n, n))
+        self.indices = indices  # sorted unique int64, read-only
+        self._is_global = np.zeros(n, dtype=bool)
+        self._is_global[indices] = True
+
+    @property
+    def identity(self):
+        return ("global_tokens", self.shape, tuple(self.indices.tolist()))
+
+    def _row_counts(self, start, stop):
+        g = self._is_global[start:stop]
+        return np.where(g, self.shape[1], len(self.indices)).astype(np.int64)
+
+    def _rows(self, start, stop):
+        counts = self._row_counts(start, stop)
+        g = self._is_global[start:stop]
+        indptr = counts_to_indptr(counts)
+        indices = np.empty(int(indptr[-1]), dtype=np.int64)
+        n_g = len(self.indices)
+        ordinary = np.flatnonzero(~g)
+        if n_g and len(ordinary):
+            # ordinary rows: exactly the global columns
+            pos = indptr[ordinary][:, None] + np.arange(n_g)
+            indices[pos.ravel()] = np.tile(self.indices, len(ordinary))
+        full = np.arange(self.shape[1], dtype=np.int64)
+        for r in np.flatnonzero(g):
+            indices[indptr[r] : indptr[r + 1]] = full
+        return indptr, indices
+
+    def _transpose(self):
+        return self
+
+    def describe(self):
+        shown = self.indices[:8].tolist()
+        more = "..." if len(self.indices) > 8 else ""
+        return f"global({shown}{more})"
+
+
+@register_pattern(
+    "sliding_window",
+    examples=[
+        dict(n=1, radius=0),
+        dict(n=9, radius=2),
+        dict(n=7, left=3, right=0),
+        dict(n=11, left=1, right=4, dilation=2),
+        dict(n=6, radius=10),
+        dict(n=12, radius=5, dilation=3),
+    ],
+)
+def sliding_window(n, radius=None, *, left=None, right=None, dilation=1, n_k=None):
+    """A banded (sliding-window) pattern with explicit radii.
+
+    Query ``i`` may attend to key ``j`` iff ``-left <= j - i <= right`` and
+    ``(j - i) % dilation == 0``.  Windows are truncated at the edges (as in
+    Longformer), not shifted.  ``radius`` sets both sides; ``left`` / ``right``
+    override one side each.  A causal window is ``left=r, right=0``.
+
+    Radii here are one-sided.  Hugging Face's ``attention_window=W`` (the even
+    total window) is ``radius=W // 2``; see :func:`longformer`.
+
+    Parameters
+    ----------
+    n : int
+        Number of queries (and keys, unless ``n_k`` is given).
+    radius : int, optional
+        Tokens seen on each side.
+    left, right : int, optional
+        Tokens seen before / after the query; default to ``radius``.
+    dilation : int
+        Only offsets that are multiples of ``dilation`` are kept (the
+        allenai Longformer's dilated windows); ``dilation=1`` is a plain band.
+    n_k : int, optional
+        Number of keys for a rectangular pattern (defaults to ``n``).
+
+    Examples
+    --------
+    >>> import sparseattn as sa
+    >>> print(sa.sliding_window(5, 1).to_string())
+        T1 T2 T3 T4 T5
+    T1  *  *
+    T2  *  *  *
+    T3     *  *  *
+    T4        *  *  *
+    T5           *  *
+    """
+    n = _check_int("n", n, 0)
+    n_k = n if n_k is None else _check_int("n_k", n_k, 0)
+    if radius is None and (left is None or right is None):
+        raise ValueError(
+            f"sliding_window needs radius=, or both left= and right=; got radius={radius}, left={left}, right={right}"
+        )
+    if radius is not None:
+        radius = _check_int("radius", radius, 0)
+    left = radius if left is None else _check_int("left", left, 0)
+    right = radius if right is None else _check_int("right", right, 0)
+    dilation = _check_int("dilation", dilation, 1)
+    return SlidingWindow(n, n_k, left, right, dilation)
+
+
+@register_pattern("causal", examples=[dict(n=6), dict(n=10, radius=3)])
+def causal(n, radius=None, *, dilation=1):
+    """Causal attention: query ``i`` sees keys ``i - radius .. i`` (all earlier keys by default)."""
+    n = _check_int("n", n, 0)
+    left = max(n - 1, 0) if radius is None else _check_int("radius", radius, 0)
+    return sliding_window(n, left=left, right=0, dilation=dilation)
+
+
+def _check_indices(name, indices, n):
+    arr = np.asarray(indices if not isinstance(indices, range) else list(indices))
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of token indices, got an array of shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise ValueError(f"{name} must lie in [0, {n}) for n={n}, got out-of-range value(s) {bad[:5].tolist()}")
+    out = np.unique(arr.astype(np.int64))
+    out.setflags(write=False)
+    return out
+
+
+@register_pattern(
+    "global_tokens",
+    examples=[dict(n=5, indices=[0]), dict(n=8, indices=[0, 7, 3, 3]), dict(n=4, indices=[]), dict(n=3, indices=[0, 1, 2])],
+)
+def global_tokens(n, indices):
+    """Global tokens: each one attends to every token and every token attends to it.
+
+    Duplicate indices are allowed and counted once.
+
+    Examples
+    --------
+    >>> import sparseattn as sa
+    >>> sa.global_tokens(4, [1]).to_dense().astype(int)
+    array([[0, 1, 0, 0],
+           [1, 1, 1, 1],
+           [0, 1, 0, 0],
+           [0, 1, 0, 0]])
+    """
+    n = _check_int("n", n, 0)
+    return GlobalTokens(n, _check_indices("indices", indices, n))
+
+
+@register_pattern(
+    "longformer",
+    examples=[dict(n=5, attention_window=2, global_indices=[0]), dict(n=16, attention_window=4), dict(n=9, attention_window=20, global_indices=[8, 0])],
+)
+def longformer(n, attention_window, global_indices=()):
+    """Longformer's pattern in Hugging Face's convention.
+
+    ``attention_window`` is the *total* window and must be even and positive;
+    each token sees ``attention_window // 2`` neighbours on each side, plus the
+    global tokens, which see everything (``LongformerConfig.attention_window``).
+
+    Examples
+    --------
+    >>> import sparseattn as sa
+    >>> sa.longformer(5, attention_window=2, global_indices=[0]) == (
+    ...     sa.sliding_window(5, 1) | sa.global_tokens(5, [0]))
+    True
+    """
+    n = _check_int("n", n, 0)
+    w = _check_int("attention_window", attention_window)
+    if w <= 0 or w % 2:
+        raise ValueError(
+            f"attention_window must be a positive even integer (Hugging Face's total window; radius = window // 2), got {w}"
+        )
+    band = sliding_window(n, w // 2)
+    g = _check_indices("global_indices", global_indices, n)
+    if g.size == 0:
+        return band
+    return band | GlobalTokens(n, g)
+
+
+def from_sparse(m):
+    """A pattern from any 2-D scipy sparse matrix or array; stored zeros are dropped."""
+    return _canonical_from_scipy(m, "m")
+
+
+def from_dense(mask):
+    """A pattern from a 2-D array; nonzero (True) entries are allowed."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"mask must be a 2-D array, got shape {arr.shape}")
+    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
+        raise TypeError(f"mask must be boolean or numeric, got dtype {arr.dtype}")
+    m = sp.csr_array(arr != 0)
+    m.sort_indices()
+    return CSRPattern(m.indptr, m.indices, m.shape)
+
+
+class RandomPattern(CSRPattern):
+    name = "random"
+
+    def __init__(self, n_q, n_k, per_row, seed):
+        self._params = (n_q, n_k, per_row, seed)
+        rng = np.random.default_rng(seed)
+        indices = np.empty(n_q * per_row, dtype=np.int64)
+        chunk = max(1, (1 << 22) // max(n_k, 1))
+        for s in range(0, n_q, chunk):
+            e = min(n_q, s + chunk)
+            if per_row == 0:
+                break
+            if per_row * 8 >= n_k:
+                r = rng.random((e - s, n_k))
+                pick = np.argpartition(r, per_row - 1, axis=1)[:, :per_row] if per_row < n_k else np.broadcast_to(np.arange(n_k), (e - s, n_k))
+            else:
+                pick = np.empty((e - s, per_row), dtype=np.int64)
+                for row in range(e - s):
+                    pick[row] = rng.choice(n_k, per_row, replace=False)
+            indices[s * per_row : e * per_row] = np.sort(pick, axis=1).ravel()
+        indptr = np.arange(n_q + 1, dtype=np.int64) * per_row
+        super().__init__(indptr, indices, (n_q, n_k))
+
+    @property
+    def identity(self):
+        return ("random",) + self._params
+
+    def describe(self):
+        return f"random(per_row={self._params[2]}, seed={self._params[3]})"
+
+
+@register_pattern(
+    "random_pattern",
+    examples=[dict(n_q=7, n_k=9, per_row=3, seed=0), dict(n_q=10, n_k=10, per_row=10, seed=1), dict(n_q=5, n_k=40, per_row=2, seed=2)],
+)
+def random_pattern(n_q, n_k, per_row, seed=0):
+    """Each query sees ``per_row`` distinct keys drawn uniformly; reproducible for a given ``seed``."""
+    n_q = _check_int("n_q", n_q, 0)
+    n_k = _check_int("n_k", n_k, 0)
+    per_row = _check_int("per_row", per_row, 0)
+    if per_row > n_k:
+        raise ValueError(f"per_row must be <= n_k = {n_k}, got {per_row}")
+    seed = operator.index(seed)
+    return RandomPattern(n_q, n_k, per_row, seed)
+
