@@ -1,0 +1,185 @@
+"""Argument checking and broadcasting shared by the engine and the dense reference.
+
+Everything here runs before any kernel: a bad argument raises a ``ValueError``
+or ``TypeError`` naming the argument, what was received and what is expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .patterns.base import Pattern, as_pattern
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated, broadcast view of one attention call."""
+
+    q: np.ndarray  # (S, n_q, d) compute dtype, C-contiguous
+    k: np.ndarray  # (S, n_k, d)
+    v: np.ndarray  # (S, n_k, dv)
+    lead: tuple  # broadcast leading shape; S = prod(lead)
+    patterns: list  # P Pattern objects of shape (n_q, n_k)
+    slice_pattern: np.ndarray  # (S,) int64 index into patterns
+    scale: float
+    key_valid: np.ndarray | None  # (NB, n_k) bool, True = usable key
+    slice_batch: np.ndarray | None  # (S,) int64 row of key_valid per slice
+    out_dtype: np.dtype
+
+    @property
+    def n_q(self):
+        return self.q.shape[1]
+
+    @property
+    def n_k(self):
+        return self.k.shape[1]
+
+
+def _check_array(name, x):
+    if sp.issparse(x):
+        raise TypeError(f"{name} must be a dense floating-point array, got a scipy sparse {type(x).__name__}")
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must be a floating-point array (float32 or float64), got dtype {arr.dtype} "
+            f"with shape {arr.shape}; cast it with {name}.astype(np.float32)"
+        )
+    if arr.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (..., n, d), got shape {arr.shape}")
+    return arr
+
+
+def _is_pattern_like(p):
+    return isinstance(p, (Pattern, np.ndarray)) or sp.issparse(p)
+
+
+def check_scale(scale, d):
+    if scale is None:
+        if d == 0:
+            raise ValueError("q and k have head dimension d = 0; pass an explicit scale= or use d >= 1")
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r} of type {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def prepare(q, k, v, pattern, scale=None, key_padding_mask=None):
+    """Validate and broadcast the arguments of an attention call."""
+    q = _check_array("q", q)
+    k = _check_array("k", k)
+    v = _check_array("v", v)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share the head dimension d (last axis): q has shape {q.shape} but k has {k.shape}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of keys n_k (axis -2): k has shape {k.shape} but v has {v.shape}"
+        )
+    try:
+        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"the leading (batch, head) dimensions of q, k and v must broadcast: "
+            f"q has shape {q.shape}, k has {k.shape}, v has {v.shape}"
+        ) from None
+    n_q, d = q.shape[-2:]
+    n_k, dv = v.shape[-2:]
+
+    # -- patterns -------------------------------------------------------------
+    if _is_pattern_like(pattern):
+        patterns = [as_pattern(pattern, "pattern")]
+        per_head = False
+    elif isinstance(pattern, (list, tuple)):
+        if len(pattern) == 0:
+            raise ValueError("pattern is an empty sequence; pass one pattern, or one per head")
+        patterns = [as_pattern(p, f"pattern[{i}]") for i, p in enumerate(pattern)]
+        per_head = True
+    else:
+        raise TypeError(
+            "pattern must be a sparseattn Pattern, a scipy sparse matrix/array, a 2-D boolean ndarray, "
+            f"or a sequence of those (one per head); got {type(pattern).__name__}"
+        )
+    for i, p in enumerate(patterns):
+        if p.shape != (n_q, n_k):
+            where = f"pattern[{i}]" if per_head else "pattern"
+            raise ValueError(
+                f"{where} has shape {p.shape} but q, k imply (n_q, n_k) = ({n_q}, {n_k})"
+            )
+    if per_head:
+        h = len(patterns)
+        if len(lead) == 0:
+            raise ValueError(
+                f"{h} per-head patterns were given but q, k, v have no heads axis "
+                f"(shapes {q.shape}, {k.shape}, {v.shape}); use inputs of shape (heads, n, d) or (batch, heads, n, d)"
+            )
+        if lead[-1] not in (1, h):
+            raise ValueError(
+                f"{h} per-head patterns were given but the heads axis (axis -3) has size {lead[-1]} "
+                f"(q {q.shape}, k {k.shape}, v {v.shape}); pass one pattern per head"
+            )
+        lead = lead[:-1] + (h,)
+
+    S = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    H = lead[-1] if lead else 1
+    slice_pattern = (np.arange(S, dtype=np.int64) % H) if per_head else np.zeros(S, dtype=np.int64)
+
+    # -- scale ------------------------------------------------------------------
+    scale = check_scale(scale, d)
+
+    # -- key padding --------------------------------------------------------------
+    key_valid = slice_batch = None
+    if key_padding_mask is not None:
+        kpm = np.asarray(key_padding_mask)
+        if kpm.dtype != bool:
+            raise TypeError(
+                f"key_padding_mask must be a boolean array (True = padded key), got dtype {kpm.dtype}; "
+                f"convert 0/1 attention masks with key_padding_mask = (attention_mask == 0)"
+            )
+        batch_shape = lead[:-1]
+        target = batch_shape + (n_k,)
+        ok = kpm.ndim >= 1 and kpm.ndim <= len(target) and kpm.shape[-1] == n_k
+        if ok:
+            try:
+                kpm = np.broadcast_to(kpm, target)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(
+                f"key_padding_mask has shape {np.shape(key_padding_mask)} but must broadcast to {target} "
+                f"(batch dims of q/k/v {lead} without the heads axis, then n_k = {n_k})"
+            )
+        NB = int(np.prod(batch_shape, dtype=np.int64)) if batch_shape else 1
+        key_valid = np.ascontiguousarray(~kpm.reshape(NB, n_k))
+        slice_batch = np.arange(S, dtype=np.int64) // H
+
+    # -- dtypes and layout ------------------------------------------------------
+    out_dtype = np.result_type(q, k, v)
+    compute = np.float64 if out_dtype == np.float64 else np.float32
+    if out_dtype.itemsize > 8:
+        compute = np.float64
+
+    def flat(x, n, last):
+        x = np.broadcast_to(x, lead + x.shape[-2:]).reshape(S, n, last)
+        return np.ascontiguousarray(x, dtype=compute)
+
+    return Prepared(
+        q=flat(q, n_q, d),
+        k=flat(k, n_k, d),
+        v=flat(v, n_k, dv),
+        lead=tuple(lead),
+        patterns=patterns,
+        slice_pattern=slice_pattern,
+        scale=scale,
+        key_valid=key_valid,
+        slice_batch=slice_batch,
+        out_dtype=out_dtype,
+    )

@@ -1,0 +1,170 @@
+"""``sparse_attention``: the one entry point. Validation and dispatch live here."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._validate import prepare
+
+__all__ = ["sparse_attention", "AttentionWeights"]
+
+_PATHS = ("auto", "fused", "staged")
+
+
+def _concat_patterns(patterns):
+    """Concatenate P patterns' CSR into ``ptr`` (P, n_q + 1) absolute offsets and ``ind``."""
+    csrs = [p.csr for p in patterns]
+    nnz = np.array([c.nnz for c in csrs], dtype=np.int64)
+    offs = np.concatenate(([0], np.cumsum(nnz)))
+    total = int(offs[-1])
+    idx_dtype = np.int32 if total < 2**31 - 1 else np.int64
+    ptr = np.stack([c.indptr.astype(np.int64) + offs[i] for i, c in enumerate(csrs)]).astype(idx_dtype)
+    ind = np.concatenate([c.indices for c in csrs]).astype(idx_dtype, copy=False) if csrs else np.zeros(0, idx_dtype)
+    return ptr, ind, nnz
+
+
+class AttentionWeights:
+    """Attention probabilities of one call, one CSR matrix per (batch, head) slice.
+
+    ``weights.to_scipy(b, h)`` (as many indices as the inputs had leading
+    dimensions) returns a ``scipy.sparse.csr_array`` of shape ``(n_q, n_k)``;
+    its stored entries are the pattern's allowed, non-padded keys and each
+    non-empty row sums to 1.
+    """
+
+    def __init__(self, vals, ptr, ind, slice_pattern, slice_off, lead, shape, key_valid, slice_batch):
+        self._vals, self._ptr, self._ind = vals, ptr, ind
+        self._slice_pattern, self._slice_off = slice_pattern, slice_off
+        self._key_valid, self._slice_batch = key_valid, slice_batch
+        self.lead = lead
+        self.shape = shape
+
+    def __len__(self):
+        return int(np.prod(self.lead, dtype=np.int64)) if self.lead else 1
+
+    def to_scipy(self, *index):
+        """The ``(n_q, n_k)`` weights of one slice, e.g. ``to_scipy(b, h)`` for 4-D inputs."""
+        if len(index) != len(self.lead):
+            raise ValueError(
+                f"to_scipy takes {len(self.lead)} indices for leading shape {self.lead}, got {len(index)}: {index}"
+            )
+        for ax, (i, n) in enumerate(zip(index, self.lead)):
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for axis {ax} of size {n}")
+        s = int(np.ravel_multi_index(tuple(int(i) % n for i, n in zip(index, self.lead)), self.lead)) if self.lead else 0
+        p = self._slice_pattern[s]
+        row_ptr = self._ptr[p].astype(np.int64)
+        a, b = int(row_ptr[0]), int(row_ptr[-1])
+        cols = self._ind[a:b]
+        data = self._vals[self._slice_off[s] : self._slice_off[s] + (b - a)]
+        indptr = row_ptr - a
+        if self._key_valid is not None:
+            keep = self._key_valid[self._slice_batch[s]][cols]
+            kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+            indptr = kept_before[indptr]
+            cols, data = cols[keep], data[keep]
+        return sp.csr_array((data.copy(), cols.copy(), indptr), shape=self.shape)
+
+
+def _staged(prep, return_weights):
+    from .kernels.staged import csr_softmax, sddmm, spmm
+
+    ptr, ind, nnz = _concat_patterns(prep.patterns)
+    S = prep.q.shape[0]
+    slice_nnz = nnz[prep.slice_pattern]
+    slice_off = np.concatenate(([0], np.cumsum(slice_nnz)))
+    dt = prep.q.dtype
+    vals = np.empty(int(slice_off[-1]), dtype=dt)
+    use_valid = prep.key_valid is not None
+    key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
+    slice_batch = prep.slice_batch if use_valid else np.zeros(S, dtype=np.int64)
+    scale = dt.type(prep.scale)
+    sddmm(prep.q, prep.k, ptr, ind, prep.slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
+    lse = np.empty((S, prep.n_q), dtype=dt)
+    csr_softmax(vals, ptr, prep.slice_pattern, slice_off, prep.n_q, lse)
+    out = np.zeros((S, prep.n_q, prep.v.shape[-1]), dtype=dt)
+    spmm(vals, ptr, ind, prep.slice_pattern, slice_off, prep.v, out)
+    weights = None
+    if return_weights:
+        weights = AttentionWeights(
+            vals, ptr, ind, prep.slice_pattern, slice_off, prep.lead, (prep.n_q, prep.n_k), prep.key_valid, prep.slice_batch
+        )
+    return out, lse, weights
+
+
+def _fused_available():
+    try:
+        from . import fused  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, path="auto"):
+    """Softmax attention evaluated only at a pattern's allowed (query, key) pairs.
+
+    ``out[..., i, :] = sum_j softmax_j(scale * q_i . k_j) v_j`` where the softmax
+    runs over the keys ``j`` that ``pattern`` allows for query ``i`` and that
+    are not padded.  A query with no allowed key outputs zeros.
+
+    Parameters
+    ----------
+    q : ndarray, shape (..., n_q, d)
+    k : ndarray, shape (..., n_k, d)
+    v : ndarray, shape (..., n_k, d_v)
+        Floating-point arrays; leading dimensions broadcast as in NumPy, and
+        the last leading axis (axis -3) is the heads axis.
+    pattern : Pattern, scipy sparse matrix/array, 2-D bool ndarray, or a sequence of them
+        The allowed pairs, shape ``(n_q, n_k)``; a sequence gives one pattern per head.
+    scale : float, optional
+        Multiplies the scores; defaults to ``1 / sqrt(d)``.
+    key_padding_mask : bool ndarray, optional
+        True marks a padded key, removed from every row of every head.  Shape
+        ``(batch, n_k)`` for 4-D inputs; in general it broadcasts against the
+        leading shape without the heads axis, followed by ``n_k``.
+    return_weights : bool
+        Also return an :class:`AttentionWeights` with the probabilities.
+    path : {"auto", "fused", "staged"}
+        ``"fused"``: the tile-planned online-softmax kernel (O(n d) extra
+        memory); ``"staged"``: SDDMM -> softmax -> SpMM (stores one score per
+        nonzero and per head).  ``"auto"`` picks fused, or staged when weights
+        are requested.
+
+    Returns
+    -------
+    out : ndarray, shape (..., n_q, d_v)
+        In ``np.result_type(q, k, v)`` (float32 stays float32).
+    weights : AttentionWeights
+        Only with ``return_weights=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, sparseattn as sa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 8, 16), dtype=np.float32)  # 2 heads, 8 tokens, d=16
+    >>> pattern = sa.longformer(8, attention_window=2, global_indices=[0])
+    >>> out = sa.sparse_attention(q, k, v, pattern)
+    >>> out.shape, out.dtype
+    ((2, 8, 16), dtype('float32'))
+    >>> from sparseattn.reference import dense_attention
+    >>> bool(np.allclose(out, dense_attention(q, k, v, pattern), atol=1e-5))
+    True
+    """
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    if return_weights and path == "fused":
+        raise ValueError("return_weights=True needs the staged path: use path='staged' or 'auto'")
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    use_fused = path == "fused" or (path == "auto" and not return_weights and _fused_available())
+    weights = None
+    if use_fused:
+        from .fused import fused_attention
+
+        out, _ = fused_attention(
+            prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch
+        )
+    else:
+        out, _, weights = _staged(prep, return_weights)
+    out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)
+    return (out, weights) if return_weights else out
