@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._validate import prepare
+from .patterns.base import index_dtype_for
 
 __all__ = ["sparse_attention", "AttentionWeights"]
 
@@ -64,7 +65,8 @@ class AttentionWeights:
             kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
             indptr = kept_before[indptr]
             cols, data = cols[keep], data[keep]
-        return sp.csr_array((data.copy(), cols.copy(), indptr), shape=self.shape)
+        idx = index_dtype_for(len(cols), self.shape[1])
+        return sp.csr_array((data.copy(), cols.astype(idx), indptr.astype(idx)), shape=self.shape)
 
 
 def _staged(prep, return_weights):
