@@ -1,0 +1,719 @@
+"""The ``sparseattn`` command line: ``demo``, ``show``, ``receptive`` and ``report``.
+
+Run ``sparseattn --help`` (or ``python -m sparseattn --help``) for the list of
+subcommands and ``sparseattn SUBCOMMAND --help`` for each one's options.
+
+``show`` and ``receptive`` work with every registered pattern builder, including
+third-party ones: the builder's parameters become command-line options, read
+from its signature (``--n 5 --radius 1``; lists as ``--indices 0 7`` or
+``--indices 0,7``).
+
+Examples
+--------
+>>> from sparseattn.cli import main
+>>> main(["show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0"])
+sliding_window(n=5, radius=1) | global_tokens(n=5, indices=[0])
+shape (5, 5), nnz 19, density 0.760
+<BLANKLINE>
+    T1 T2 T3 T4 T5
+T1  *  *  *  *  *
+T2  *  *  *
+T3  *  *  *  *
+T4  *     *  *  *
+T5  *        *  *
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+
+__all__ = ["main", "build_pattern", "CLIError"]
+
+PROG = "sparseattn"
+
+
+class CLIError(Exception):
+    """A user error on the command line: printed as one line, exit status 2."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows ``--indices INDICES ...`` instead of ``--indices INDICES [INDICES ...]``."""
+
+    def _format_args(self, action, default_metavar):
+        if action.nargs == "+":
+            return "%s ..." % self._metavar_formatter(action, default_metavar)(1)
+        return super()._format_args(action, default_metavar)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage block) through :class:`CLIError`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------------------------
+# builder parameters from signatures
+# --------------------------------------------------------------------------------------------
+
+_LIST_HINTS = ("list", "tuple", "sequence", "iterable", "collection", "[")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _auto_scalar(text):
+    """Read a command-line word as int, float, bool/None literal, ``.npy`` file or string."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    if low.endswith(".npy"):
+        import numpy as np
+
+        try:
+            return np.load(text, allow_pickle=False)
+        except OSError as exc:
+            raise CLIError(f"could not read array file {text!r}: {exc}") from None
+    return text
+
+
+def _split_words(values):
+    out = []
+    for v in values:
+        out.extend(w for w in v.split(",") if w != "")
+    return out
+
+
+def _annotation_text(param):
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        return ""
+    return (ann if isinstance(ann, str) else getattr(ann, "__name__", repr(ann))).lower()
+
+
+def _kind_of(param):
+    """Classify a builder parameter as 'bool', 'list', 'int', 'float', 'str' or 'auto'."""
+    default = param.default
+    ann = _annotation_text(param)
+    if isinstance(default, bool) or ann in ("bool", "bool | none", "optional[bool]"):
+        return "bool"
+    if isinstance(default, (list, tuple, range)) or any(h in ann for h in _LIST_HINTS):
+        return "list"
+    if isinstance(default, int) or ann in ("int", "int | none", "optional[int]"):
+        return "int"
+    if isinstance(default, float) or ann in ("float", "float | none", "optional[float]"):
+        return "float"
+    if isinstance(default, str) or ann in ("str", "str | none", "optional[str]"):
+        return "str"
+    return "auto"
+
+
+def _convert(kind, name, values):
+    """Turn the words given for ``--name`` into the value passed to the builder."""
+    if kind == "bool":
+        if values is True:
+            return True
+        word = str(values).lower()
+        if word not in _BOOL_WORDS:
+            raise CLIError(f"--{name} expects true or false, got {values!r}")
+        return _BOOL_WORDS[word]
+    words = _split_words([values] if isinstance(values, str) else values)
+    if not words:
+        raise CLIError(f"--{name} needs a value")
+    try:
+        if kind == "list":
+            return [_auto_scalar(w) for w in words]
+        if len(words) > 1 and kind != "auto":
+            raise CLIError(f"--{name} takes one value, got {len(words)}: {' '.join(words)}")
+        if kind == "int":
+            return int(words[0])
+        if kind == "float":
+            return float(words[0])
+        if kind == "str":
+            return words[0]
+    except ValueError:
+        raise CLIError(f"--{name} expects {'an integer' if kind == 'int' else 'a number'}, got {words[0]!r}") from None
+    vals = [_auto_scalar(w) for w in words]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _builder_params(fn):
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [
+        p
+        for p in sig.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+        or p.default is not inspect.Parameter.empty
+    ]
+
+
+_KIND_WORDS = {
+    "bool": "true/false (alone: true)",
+    "list": "one or more values",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a word",
+    "auto": "a value, or several for a list",
+}
+
+
+def _builder_parser(name, fn, command="show"):
+    """An argparse parser with one ``--param`` option per parameter of the builder."""
+    doc = inspect.getdoc(fn) or ""
+    params = _builder_params(fn)
+    usage = [f"{PROG} {command} {name}"]
+    for p in params:
+        metavar = "BOOL" if _kind_of(p) == "bool" else p.name.upper()
+        many = " ..." if _kind_of(p) in ("list", "auto") else ""
+        opt = f"--{p.name} {metavar}{many}"
+        usage.append(opt if p.default is inspect.Parameter.empty else f"[{opt}]")
+    parser = _Parser(
+        prog=f"{PROG} {command} {name}",
+        usage=" ".join(usage),
+        description=doc.split("\n\n")[0] if doc else None,
+        add_help=False,
+        allow_abbrev=False,
+    )
+    group = parser.add_argument_group(f"parameters of {name}")
+    kinds = {}
+    for p in params:
+        kind = _kind_of(p)
+        kinds[p.name] = kind
+        flags = [f"--{p.name}"]
+        if "_" in p.name:
+            flags.append(f"--{p.name.replace('_', '-')}")
+        required = p.default is inspect.Parameter.empty
+        ann = _annotation_text(p)
+        help_txt = f"{_KIND_WORDS[kind]}{' (' + ann + ')' if ann else ''}; " + (
+            "required" if required else f"default: {p.default!r}"
+        )
+        if kind == "bool":
+            group.add_argument(*flags, dest=p.name, nargs="?", const=True, required=required, help=help_txt, metavar="BOOL")
+        else:
+            nargs = "+" if kind in ("list", "auto") else None
+            group.add_argument(
+                *flags, dest=p.name, nargs=nargs, required=required, help=help_txt, metavar=p.name.upper()
+            )
+    return parser, kinds
+
+
+def _format_call(name, kwargs):
+    def fmt(v):
+        shape = getattr(v, "shape", None)
+        if shape is not None and getattr(v, "ndim", 0) >= 1:
+            return f"<array {tuple(shape)}>"
+        return repr(v)
+
+    return f"{name}(" + ", ".join(f"{k}={fmt(v)}" for k, v in kwargs.items()) + ")"
+
+
+def build_pattern(name, words, global_indices=None, command="show"):
+    """Build a registered pattern from command-line words.
+
+    Parameters
+    ----------
+    name : str
+        A name from :func:`sparseattn.patterns.available`.
+    words : list of str
+        Builder options such as ``["--n", "5", "--radius", "1"]``.
+    global_indices : list of int, optional
+        Tokens made global on top of the builder's pattern
+        (``| global_tokens(n, global_indices)``).
+
+    Returns
+    -------
+    pattern : Pattern
+    description : str
+        The call that built it, e.g. ``"sliding_window(n=5, radius=1)"``.
+
+    Examples
+    --------
+    >>> from sparseattn.cli import build_pattern
+    >>> p, text = build_pattern("sliding_window", ["--n", "5", "--left", "1", "--right", "0"])
+    >>> text, p.nnz
+    ('sliding_window(n=5, left=1, right=0)', 9)
+    """
+    from . import patterns
+
+    try:
+        fn = patterns.get(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    parser, kinds = _builder_parser(name, fn, command)
+    ns, extra = parser.parse_known_args(words)
+    if extra:
+        known = ", ".join(f"--{k}" for k in kinds) or "(none)"
+        raise CLIError(f"{name}: unrecognized argument(s) {' '.join(extra)}; its parameters are {known}")
+    kwargs = {}
+    for pname, kind in kinds.items():
+        value = getattr(ns, pname)
+        if value is None:
+            continue
+        kwargs[pname] = _convert(kind, pname, value)
+    try:
+        pattern = fn(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"{_format_call(name, kwargs)}: {exc}") from None
+    from .patterns import as_pattern
+
+    pattern = as_pattern(pattern, f"the result of {name}")
+    text = _format_call(name, kwargs)
+    if global_indices:
+        n_q, n_k = pattern.shape
+        if n_q != n_k:
+            raise CLIError(f"--global needs a square pattern, but {text} has shape {pattern.shape}")
+        try:
+            pattern = pattern | patterns.global_tokens(n_q, global_indices)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--global {' '.join(map(str, global_indices))}: {exc}") from None
+        text += f" | global_tokens(n={n_q}, indices={list(global_indices)})"
+    return pattern, text
+
+
+def _parse_globals(values):
+    if not values:
+        return None
+    out = []
+    for w in _split_words(values):
+        try:
+            out.append(int(w))
+        except ValueError:
+            raise CLIError(f"--global expects token indices (integers), got {w!r}") from None
+    return out
+
+
+def _summary(pattern):
+    return f"shape {pattern.shape}, nnz {pattern.nnz:,}, density {pattern.density:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# show / receptive
+# --------------------------------------------------------------------------------------------
+
+
+def _builder_help(name, command, out):
+    """Print the parameters of builder ``name`` (used by ``show NAME --help``)."""
+    from . import patterns
+
+    try:
+        fn = patterns.get(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    parser, _ = _builder_parser(name, fn, command)
+    print(file=out)
+    print(parser.format_help().rstrip("\n"), file=out)
+
+
+def _cmd_show(args, words, out):
+    if args.help:
+        args.parser.print_help(out)
+        if args.name:
+            _builder_help(args.name, args.command, out)
+        return 0
+    if not args.name:
+        raise CLIError(f"{PROG} show: missing the builder NAME; known builders: {', '.join(_available())}")
+    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+    print(text, file=out)
+    print(_summary(pattern), file=out)
+    if max(pattern.shape) <= args.max_size:
+        print(file=out)
+        print(pattern.to_string(max_size=args.max_size), file=out)
+    elif not args.png:
+        print(f"(too large to print as text: more than --max-size {args.max_size} tokens per side; use --png FILE)", file=out)
+    if args.png:
+        from . import viz
+
+        viz.plot_pattern(pattern, args.png)
+        print(f"wrote {args.png}", file=out)
+    return 0
+
+
+def _cmd_receptive(args, words, out):
+    if args.help:
+        args.parser.print_help(out)
+        if args.name:
+            _builder_help(args.name, args.command, out)
+        return 0
+    if not args.name:
+        raise CLIError(f"{PROG} receptive: missing the builder NAME; known builders: {', '.join(_available())}")
+    import numpy as np
+
+    from . import analysis
+
+    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+    n_q, n_k = pattern.shape
+    if n_q != n_k:
+        raise CLIError(f"receptive fields need a square (self-attention) pattern, but {text} has shape {pattern.shape}")
+    cover = analysis.layers_to_cover(pattern)
+    layers = args.layers
+    if layers is None:
+        layers = min(cover, 16) if cover is not None else 4
+    if layers < 1:
+        raise CLIError(f"--layers must be >= 1, got {layers}")
+    print(text, file=out)
+    print(_summary(pattern), file=out)
+    print(file=out)
+    print("receptive field after L stacked layers (tokens that can influence each token):", file=out)
+    print(f"{'layers':>6}  {'mean tokens':>12}  {'min tokens':>10}  {'fully covered':>13}", file=out)
+    for layer in range(1, layers + 1):
+        counts = np.asarray(analysis.receptive_field(pattern, layer))
+        if counts.shape != (n_q,):
+            raise CLIError(f"receptive_field returned shape {counts.shape}, expected ({n_q},)")
+        full = float(np.mean(counts >= n_k)) if n_q else 0.0
+        mean = float(counts.mean()) if n_q else 0.0
+        low = int(counts.min()) if n_q else 0
+        print(f"{layer:>6}  {mean:>12.1f}  {low:>10d}  {full:>12.1%}", file=out)
+    if cover is None:
+        print("layers to cover every token: never (some token can never influence some other token)", file=out)
+    else:
+        print(f"layers to cover every token: {cover}", file=out)
+    if args.png:
+        from . import viz
+
+        viz.plot_receptive_field(pattern, layers, args.png)
+        print(f"wrote {args.png}", file=out)
+    return 0
+
+
+def _available():
+    from . import patterns
+
+    return patterns.available()
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_time(seconds):
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def _fmt_bytes(nbytes):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _qa_pattern(n, radius, question):
+    from .patterns import global_tokens, sliding_window
+
+    p = sliding_window(n, radius)
+    if question:
+        p = p | global_tokens(n, range(question))
+    return p
+
+
+def _synthetic_document(n, heads, d, question, seed, dtype):
+    """Queries, keys and values of a synthetic long document.
+
+    Token ids come from a seeded generator over a small vocabulary; the question
+    (the first ``question`` tokens) is repeated once inside the document, as the
+    "answer" passage.  Embeddings plus sinusoidal positions are projected per head.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab, width = 1000, 128
+    ids = rng.integers(0, vocab, size=n)
+    if question and n >= 3 * question:
+        at = int(rng.integers(2 * question, n - question + 1))
+        ids[at : at + question] = ids[:question]
+    table = rng.standard_normal((vocab, width))
+    pos = np.arange(n)[:, None] / (10000.0 ** (np.arange(0, width, 2) / width))[None, :]
+    x = table[ids]
+    x[:, 0::2] += np.sin(pos)
+    x[:, 1::2] += np.cos(pos)
+    x /= np.sqrt(2.0)
+    x = x.astype(dtype)
+    w = (rng.standard_normal((3, heads, width, d)) / np.sqrt(width)).astype(dtype)
+    q, k, v = (np.ascontiguousarray(np.einsum("ne,hed->hnd", x, w[i])) for i in range(3))
+    return q, k, v
+
+
+def _dense_numpy_attention(q, k, v, mask, scale):
+    """Plain dense masked attention in the working precision (what dense costs)."""
+    import numpy as np
+
+    s = np.matmul(q, np.swapaxes(k, -1, -2))
+    s *= s.dtype.type(scale)
+    s[..., ~mask] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0
+    s -= m
+    np.exp(s, out=s)
+    tot = s.sum(axis=-1, keepdims=True)
+    tot[tot == 0] = 1
+    s /= tot
+    return np.matmul(s, v)
+
+
+def _best_time(fn, repeat, budget=2.0):
+    times = []
+    t_start = time.perf_counter()
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget:
+            break
+    return min(times), len(times)
+
+
+def _cmd_demo(args, words, out):
+    import numpy as np
+
+    n, radius, question, heads, d = args.n, args.radius, args.question, args.heads, args.d
+    for name, value, low in (("--n", n, 2), ("--radius", radius, 0), ("--question", question, 0), ("--heads", heads, 1), ("--d", d, 1)):
+        if value < low:
+            raise CLIError(f"{PROG} demo: {name} must be >= {low}, got {value}")
+    if question >= n:
+        raise CLIError(f"{PROG} demo: --question ({question}) must be smaller than --n ({n})")
+    if args.dense_n < 2:
+        raise CLIError(f"{PROG} demo: --dense-n must be >= 2, got {args.dense_n}")
+    if args.check_rows < 1:
+        raise CLIError(f"{PROG} demo: --check-rows must be >= 1, got {args.check_rows}")
+    dtype = np.dtype(args.dtype)
+
+    import sparseattn
+    from .reference import dense_attention
+
+    pattern = _qa_pattern(n, radius, question)
+    print("sparseattn demo: question answering on a synthetic long document", file=out)
+    print(
+        f"  n = {n} tokens; the first {question} are the question (global); local radius {radius} per side "
+        f"(Hugging Face attention_window = {2 * radius})",
+        file=out,
+    )
+    print(f"  {heads} heads, d = {d}, {dtype.name}, seed {args.seed}", file=out)
+    print(file=out)
+    print(f"pattern: sliding_window(n={n}, radius={radius}) | global_tokens(n={n}, indices=range({question}))", file=out)
+    print(f"  {_summary(pattern)}", file=out)
+
+    n_small = 12
+    r_small, q_small = min(radius, 2), min(question, 2)
+    print(file=out)
+    print(f"the same pattern at {n_small} tokens (radius {r_small}, {q_small} question tokens):", file=out)
+    print(_qa_pattern(n_small, r_small, q_small).to_string(), file=out)
+
+    q, k, v = _synthetic_document(n, heads, d, question, args.seed, dtype)
+    scale = 1.0 / np.sqrt(d)
+
+    def run():
+        return sparseattn.sparse_attention(q, k, v, pattern, path=args.path)
+
+    t0 = time.perf_counter()
+    result = run()
+    t_first = time.perf_counter() - t0
+    t_sparse, reps = _best_time(run, args.repeat)
+    flops = 4.0 * pattern.nnz * d * heads
+    print(file=out)
+    print(f"sparse_attention (path={args.path!r}):", file=out)
+    print(
+        f"  first call {_fmt_time(t_first)}, of which ~{_fmt_time(max(t_first - t_sparse, 0.0))} is "
+        f"compilation or loading compiled kernels from the cache (untimed warm-up)",
+        file=out,
+    )
+    print(f"  steady state {_fmt_time(t_sparse)} (best of {reps}), {flops / t_sparse / 1e9:.1f} GFLOP/s useful", file=out)
+
+    # dense attention: measure where it fits, extrapolate quadratically
+    n_m = min(n, args.dense_n)
+    q_m = min(question, n_m - 1)
+    mask = _qa_pattern(n_m, radius, q_m).to_dense(max_elements=max(1 << 26, n_m * n_m))
+    qm, km, vm = q[:, :n_m].copy(), k[:, :n_m].copy(), v[:, :n_m].copy()
+    t_dense, _ = _best_time(lambda: _dense_numpy_attention(qm, km, vm, mask, scale), args.repeat)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        _dense_numpy_attention(qm, km, vm, mask, scale)
+        mem_dense = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    mem_dense += mask.nbytes
+    factor = (n / n_m) ** 2
+    print(file=out)
+    print(f"dense attention (NumPy, {dtype.name}, boolean mask, all {heads} heads at once):", file=out)
+    print(f"  measured at n = {n_m}: {_fmt_time(t_dense)}, peak memory {_fmt_bytes(mem_dense)}", file=out)
+    if n_m < n:
+        print(
+            f"  extrapolated to n = {n} (x{factor:.0f}, quadratic): {_fmt_time(t_dense * factor)}, "
+            f"{_fmt_bytes(mem_dense * factor)}  [extrapolated, not measured]",
+            file=out,
+        )
+    t_dense_n = t_dense * factor
+    print(f"  sparse is {t_dense_n / t_sparse:.1f}x faster than dense at n = {n}"
+          + (" (dense time extrapolated)" if n_m < n else ""), file=out)
+
+    # correctness on row slices: float64 dense reference restricted to those rows
+    rows = min(args.check_rows, n)
+    mid = max(0, min(n - rows, n // 2 - rows // 2))
+    slices = [(0, rows)] if mid < rows else [(0, rows), (mid, mid + rows)]
+    diff, peak = 0.0, 0.0
+    for s, e in slices:
+        sub = pattern.rows(s, e)
+        for h in range(heads):
+            ref = dense_attention(q[h, s:e], k[h], v[h], sub)
+            diff = max(diff, float(np.max(np.abs(result[h, s:e] - ref))))
+            peak = max(peak, float(np.max(np.abs(ref))))
+    where = " and ".join(f"[{s}, {e})" for s, e in slices)
+    print(file=out)
+    print(f"check against sparseattn.reference.dense_attention (float64), rows {where} of every head:", file=out)
+    print(f"  max |difference| = {diff:.2e}   (max |output| = {peak:.3g})", file=out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_report(argv):
+    try:
+        from . import report
+    except ImportError as exc:
+        raise CLIError(f"{PROG} report: the report module is not available ({exc})") from None
+    code = report.main(list(argv))
+    return 0 if code is None else int(code)
+
+
+# --------------------------------------------------------------------------------------------
+# the parser and main
+# --------------------------------------------------------------------------------------------
+
+
+def _make_parser():
+    parser = _Parser(
+        prog=PROG,
+        description="Sparse (Longformer-style) attention on the CPU: demo, pattern rendering, receptive fields, reports.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors (for debugging)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the question-answering setting on a synthetic long document: pattern, timings, check",
+        description=(
+            "Builds the Longformer QA pattern (a band of --radius tokens per side plus the first --question "
+            "tokens as global tokens) for a synthetic document of --n tokens, times sparse_attention, "
+            "measures dense attention at --dense-n tokens and extrapolates it quadratically, and checks the "
+            "result against the float64 dense reference on row slices."
+        ),
+        allow_abbrev=False,
+    )
+    demo.add_argument("--n", type=int, default=16384, help="document length in tokens (default: 16384)")
+    demo.add_argument("--radius", type=int, default=256, help="local window radius per side (default: 256)")
+    demo.add_argument("--question", type=int, default=32, help="leading question tokens made global (default: 32)")
+    demo.add_argument("--heads", type=int, default=12, help="attention heads (default: 12)")
+    demo.add_argument("--d", type=int, default=64, help="head dimension (default: 64)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the synthetic document (default: 0)")
+    demo.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision (default: float32)")
+    demo.add_argument("--path", choices=("auto", "fused", "staged"), default="auto", help="engine path (default: auto)")
+    demo.add_argument("--repeat", type=int, default=3, help="timed repetitions, best is reported (default: 3)")
+    demo.add_argument("--dense-n", type=int, default=2048, help="size at which dense attention is measured (default: 2048)")
+    demo.add_argument("--check-rows", type=int, default=256, help="rows per slice checked against the reference (default: 256)")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name, func, text in (
+        ("show", _cmd_show, "print (or plot) any registered pattern builder"),
+        ("receptive", _cmd_receptive, "receptive-field coverage of a pattern after stacked layers"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=(
+                f"{text[0].upper() + text[1:]}. Builder parameters are given as --param VALUE options read from "
+                f"the builder's signature (lists as '--indices 0 7' or '--indices 0,7'); "
+                f"'{PROG} {name} NAME --help' lists them."
+            ),
+            add_help=False,
+            allow_abbrev=False,
+        )
+        p.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: the builder's parameters too)")
+        p.add_argument("name", nargs="?", metavar="NAME", help="a registered builder, e.g. sliding_window, longformer")
+        p.add_argument("--global", dest="global_", nargs="+", metavar="IDX", help="also make these tokens global")
+        p.add_argument("--png", metavar="FILE", help="write a plot to FILE (needs matplotlib)")
+        if name == "show":
+            p.add_argument("--max-size", type=int, default=64, help="largest pattern side printed as text (default: 64)")
+        else:
+            p.add_argument("--layers", type=int, default=None, help="stacked layers to report (default: until covered, at most 16)")
+        p.set_defaults(func=func, parser=p)
+
+    sub.add_parser(
+        "report",
+        help="turn a pytest-benchmark JSON file into tables and plots (sparseattn.report)",
+        description="Delegates to sparseattn.report: run 'sparseattn report --help' for its options.",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0 on success).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name; ``sys.argv[1:]`` by default.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
+    traceback = "--traceback" in argv[:1]
+    try:
+        rest = argv[1:] if traceback else argv
+        if rest[:1] == ["report"]:
+            return _cmd_report(rest[1:])
+        parser = _make_parser()
+        args, words = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help(out)
+            return 0
+        if words and args.command not in ("show", "receptive"):
+            raise CLIError(f"{PROG} {args.command}: unrecognized argument(s): {' '.join(words)} (see '{PROG} {args.command} --help')")
+        return int(args.func(args, words, out) or 0)
+    except SystemExit as exc:  # --help, or a delegated main that exits
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except CLIError as exc:
+        if traceback:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, ImportError, MemoryError) as exc:
+        if traceback:
+            raise
+        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
