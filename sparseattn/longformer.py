@@ -24,14 +24,18 @@ Face) is an extension: see :class:`LongformerSelfAttention`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import numbers
+import sys
+import types
 from collections.abc import Mapping
 
 import numpy as np
 
 from .patterns.base import Pattern, counts_to_indptr
 from .patterns.builders import global_tokens, sliding_window
+from .patterns.builders import longformer as _longformer_pattern
 
 __all__ = ["LongformerSelfAttention"]
 
@@ -459,3 +463,20 @@ class LongformerSelfAttention:
                 scores /= scores.sum(axis=-1, keepdims=True)
                 ctx = np.matmul(scores, v)  # (h, G, d)
                 out[i, rows] = ctx.transpose(1, 0, 2).reshape(len(rows), E)
+
+
+class _LongformerModule(types.ModuleType):
+    """This module doubles as the ``longformer`` pattern builder.
+
+    ``sparseattn.longformer`` is first the builder function exported by the
+    package; importing this submodule rebinds that package attribute to the
+    module.  Making the module callable keeps ``sparseattn.longformer(n, ...)``
+    working after ``import sparseattn.longformer``.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return _longformer_pattern(*args, **kwargs)
+
+
+__signature__ = inspect.signature(_longformer_pattern)
+sys.modules[__name__].__class__ = _LongformerModule
