@@ -6,7 +6,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .base import CSRPattern, Pattern, _keys_to_csr, _row_keys
+from .base import CSRPattern, Pattern
 
 __all__ = ["union", "intersection", "transpose", "Union", "Intersection"]
 
@@ -16,12 +16,35 @@ def _same_shape(op, a, b):
         raise ValueError(f"pattern {op}: shapes differ, left is {a.shape} and right is {b.shape}")
 
 
-def _merge_sorted(arrays):
-    """Merge already-sorted key arrays (each part's keys are row-major, hence sorted).
+_SMALL = 1 << 16  # below this many entries a NumPy merge beats starting Numba's threads
 
-    A stable sort (timsort on integers) merges the sorted runs in linear time.
-    """
-    return np.sort(np.concatenate(arrays), kind="stable")
+
+def _merge_small(a, b, n_rows, union):
+    """NumPy merge of two small CSR row blocks through sorted ``row * width + col`` keys."""
+    width = int(max(a[1].max(initial=-1), b[1].max(initial=-1))) + 1
+    keys = []
+    for indptr, indices in (a, b):
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+        keys.append(rows * width + indices)
+    merged = np.union1d(*keys) if union else np.intersect1d(*keys, assume_unique=True)
+    rows = merged // max(width, 1)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return indptr, merged - rows * width
+
+
+def _fold(parts, start, stop, union):
+    """Merge the parts' CSR row blocks pairwise, row by row (Numba for large blocks)."""
+    acc = parts[0]._rows(start, stop)
+    for p in parts[1:]:
+        nxt = p._rows(start, stop)
+        if len(acc[1]) + len(nxt[1]) <= _SMALL:
+            acc = _merge_small(acc, nxt, stop - start, union)
+        else:
+            from ..kernels.csr_ops import merge_rows
+
+            acc = merge_rows(acc, nxt, union)
+    return acc
 
 
 class _Combine(Pattern):
@@ -47,11 +70,7 @@ class Union(_Combine):
     symbol = "|"
 
     def _rows(self, start, stop):
-        n_k = self.shape[1]
-        keys = _merge_sorted([_row_keys(*p._rows(start, stop), n_k) for p in self.parts])
-        if len(keys) > 1:
-            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-        return _keys_to_csr(keys, stop - start, n_k)
+        return _fold(self.parts, start, stop, union=True)
 
 
 class Intersection(_Combine):
@@ -61,12 +80,7 @@ class Intersection(_Combine):
     symbol = "&"
 
     def _rows(self, start, stop):
-        n_k = self.shape[1]
-        keys = _row_keys(*self.parts[0]._rows(start, stop), n_k)
-        for p in self.parts[1:]:
-            both = _merge_sorted([keys, _row_keys(*p._rows(start, stop), n_k)])
-            keys = both[:-1][both[1:] == both[:-1]]
-        return _keys_to_csr(keys, stop - start, n_k)
+        return _fold(self.parts, start, stop, union=False)
 
 
 def _flatten(cls, patterns):

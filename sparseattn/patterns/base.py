@@ -68,19 +68,6 @@ def ranges_to_indices(lo, counts, step=1):
     return np.asarray(lo, dtype=np.int64)[row_of] + step * pos
 
 
-def _row_keys(indptr, indices, n_k):
-    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-    return rows * np.int64(n_k) + indices.astype(np.int64)
-
-
-def _keys_to_csr(keys, n_rows, n_k):
-    """Sorted unique ``row * n_k + col`` keys back to (indptr, indices)."""
-    rows = keys // n_k
-    indices = keys - rows * n_k
-    indptr = counts_to_indptr(np.bincount(rows, minlength=n_rows))
-    return indptr, indices
-
-
 class Pattern:
     """An immutable boolean attention pattern of shape ``(n_q, n_k)``.
 
