@@ -6,14 +6,14 @@ subcommands and ``sparseattn SUBCOMMAND --help`` for each one's options.
 ``show`` and ``receptive`` work with every registered pattern builder, including
 third-party ones: the builder's parameters become command-line options, read
 from its signature (``--n 5 --radius 1``; lists as ``--indices 0 7`` or
-``--indices 0,7``).
+``--indices 0,7``; nested lists as ``--layout "[[1, 0], [1, 1]]"`` or a ``.npy`` file).
 
 Examples
 --------
 >>> from sparseattn.cli import main
->>> main(["show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0"])
+>>> code = main(["show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0"])
 sliding_window(n=5, radius=1) | global_tokens(n=5, indices=[0])
-shape (5, 5), nnz 19, density 0.760
+shape (5, 5), nnz 19, density 0.76
 <BLANKLINE>
     T1 T2 T3 T4 T5
 T1  *  *  *  *  *
@@ -21,6 +21,7 @@ T2  *  *  *
 T3  *  *  *  *
 T4  *     *  *  *
 T5  *        *  *
+>>> code
 0
 """
 
@@ -130,8 +131,19 @@ def _convert(kind, name, values):
         if word not in _BOOL_WORDS:
             raise CLIError(f"--{name} expects true or false, got {values!r}")
         return _BOOL_WORDS[word]
-    words = _split_words([values] if isinstance(values, str) else values)
+    values = [values] if isinstance(values, str) else list(values)
+    if len(values) == 1 and values[0].strip()[:1] in ("[", "("):
+        # a Python literal such as "[[1, 0], [1, 1]]" (nested lists: block layouts)
+        import ast
+
+        try:
+            return ast.literal_eval(values[0].strip())
+        except (ValueError, SyntaxError):
+            raise CLIError(f"--{name}: could not read {values[0]!r} as a (nested) list of numbers") from None
+    words = _split_words(values)
     if not words:
+        if kind in ("list", "auto"):
+            return []  # written as --name ''
         raise CLIError(f"--{name} needs a value")
     try:
         if kind == "list":
@@ -238,7 +250,8 @@ def build_pattern(name, words, global_indices=None, command="show"):
 
     Returns
     -------
-    pattern : Pattern
+    pattern : Pattern or tuple of Pattern
+        A tuple (one pattern per head) when the builder returns per-head patterns.
     description : str
         The call that built it, e.g. ``"sliding_window(n=5, radius=1)"``.
 
@@ -266,24 +279,45 @@ def build_pattern(name, words, global_indices=None, command="show"):
         if value is None:
             continue
         kwargs[pname] = _convert(kind, pname, value)
+    text = _format_call(name, kwargs)
     try:
-        pattern = fn(**kwargs)
+        result = fn(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise CLIError(f"{_format_call(name, kwargs)}: {exc}") from None
+        raise CLIError(f"{text}: {exc}") from None
     from .patterns import as_pattern
 
-    pattern = as_pattern(pattern, f"the result of {name}")
-    text = _format_call(name, kwargs)
+    per_head = isinstance(result, (list, tuple))
+    try:
+        heads = [as_pattern(p, f"the result of {name}") for p in (result if per_head else [result])]
+    except TypeError as exc:
+        raise CLIError(str(exc)) from None
+    if not heads:
+        raise CLIError(f"{text} returned no patterns")
     if global_indices:
-        n_q, n_k = pattern.shape
+        n_q, n_k = heads[0].shape
         if n_q != n_k:
-            raise CLIError(f"--global needs a square pattern, but {text} has shape {pattern.shape}")
+            raise CLIError(f"--global needs a square pattern, but {text} has shape {heads[0].shape}")
         try:
-            pattern = pattern | patterns.global_tokens(n_q, global_indices)
+            g = patterns.global_tokens(n_q, global_indices)
         except (ValueError, TypeError) as exc:
             raise CLIError(f"--global {' '.join(map(str, global_indices))}: {exc}") from None
+        heads = [p | g for p in heads]
         text += f" | global_tokens(n={n_q}, indices={list(global_indices)})"
-    return pattern, text
+    return (tuple(heads) if per_head else heads[0]), text
+
+
+def _heads(pattern):
+    return list(pattern) if isinstance(pattern, tuple) else [pattern]
+
+
+def _png_paths(path, count):
+    """``FILE`` for one pattern, ``FILE-stem_head{h}.suffix`` for per-head patterns."""
+    if count == 1:
+        return [path]
+    import os
+
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}_head{h}{ext or '.png'}" for h in range(count)]
 
 
 def _parse_globals(values):
@@ -329,18 +363,26 @@ def _cmd_show(args, words, out):
     if not args.name:
         raise CLIError(f"{PROG} show: missing the builder NAME; known builders: {', '.join(_available())}")
     pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+    heads = _heads(pattern)
     print(text, file=out)
-    print(_summary(pattern), file=out)
-    if max(pattern.shape) <= args.max_size:
-        print(file=out)
-        print(pattern.to_string(max_size=args.max_size), file=out)
-    elif not args.png:
-        print(f"(too large to print as text: more than --max-size {args.max_size} tokens per side; use --png FILE)", file=out)
+    for h, p in enumerate(heads):
+        if len(heads) > 1:
+            print(f"{'' if h == 0 else chr(10)}head {h}:", file=out)
+        print(_summary(p), file=out)
+        if max(p.shape) <= args.max_size:
+            print(file=out)
+            print(p.to_string(max_size=args.max_size), file=out)
+        elif not args.png:
+            print(
+                f"(too large to print as text: more than --max-size {args.max_size} tokens per side; use --png FILE)",
+                file=out,
+            )
     if args.png:
         from . import viz
 
-        viz.plot_pattern(pattern, args.png)
-        print(f"wrote {args.png}", file=out)
+        for p, path in zip(heads, _png_paths(args.png, len(heads))):
+            viz.plot_pattern(p, path)
+            print(f"wrote {path}", file=out)
     return 0
 
 
@@ -354,9 +396,16 @@ def _cmd_receptive(args, words, out):
         raise CLIError(f"{PROG} receptive: missing the builder NAME; known builders: {', '.join(_available())}")
     import numpy as np
 
+    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+    if isinstance(pattern, tuple):
+        # a layer with per-head patterns mixes information along the union of its heads
+        count, merged = len(pattern), pattern[0]
+        for p in pattern[1:]:
+            merged = merged | p
+        pattern = merged
+        text += f"  (union of its {count} per-head patterns)"
     from . import analysis
 
-    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
     n_q, n_k = pattern.shape
     if n_q != n_k:
         raise CLIError(f"receptive fields need a square (self-attention) pattern, but {text} has shape {pattern.shape}")
@@ -459,7 +508,7 @@ def _dense_numpy_attention(q, k, v, mask, scale):
 
     s = np.matmul(q, np.swapaxes(k, -1, -2))
     s *= s.dtype.type(scale)
-    s[..., ~mask] = -np.inf
+    np.copyto(s, s.dtype.type(-np.inf), where=~mask)
     m = s.max(axis=-1, keepdims=True)
     m[~np.isfinite(m)] = 0
     s -= m

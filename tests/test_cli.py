@@ -1,0 +1,467 @@
+"""The ``sparseattn`` command line, checked against brute-force constructions."""
+
+import os
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import sparseattn
+from sparseattn import patterns
+from sparseattn.cli import build_pattern, main
+from sparseattn.patterns import registry
+
+SEED_GRID_LOCAL = """\
+    T1 T2 T3 T4 T5
+T1  *  *
+T2  *  *  *
+T3     *  *  *
+T4        *  *  *
+T5           *  *"""
+
+# The notes' annotations: T1 global; every other row keeps its window and gains T1.
+SEED_GRID_GLOBAL = """\
+    T1 T2 T3 T4 T5
+T1  *  *  *  *  *
+T2  *  *  *
+T3  *  *  *  *
+T4  *     *  *  *
+T5  *        *  *"""
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def grid_of(out):
+    """The text grid printed by ``show``: from the header line ``    T1 ...`` to the end."""
+    lines = out.rstrip("\n").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("T1 ") and line.startswith(" "))
+    return "\n".join(lines[start:])
+
+
+def brute_grid(mask):
+    """Render a dense boolean mask in the seed style, independently of Pattern.to_string."""
+    n_q, n_k = mask.shape
+    cols = [f"T{j + 1}" for j in range(n_k)]
+    rows = [f"T{i + 1}" for i in range(n_q)]
+    cw = max(len(c) for c in cols) + 1
+    rw = max(len(r) for r in rows) + 2
+    lines = [(" " * rw + "".join(c.ljust(cw) for c in cols)).rstrip()]
+    for i in range(n_q):
+        lines.append((rows[i].ljust(rw) + "".join(("*" if mask[i, j] else "").ljust(cw) for j in range(n_k))).rstrip())
+    return "\n".join(lines)
+
+
+def brute_qa(n, radius, question):
+    i, j = np.indices((n, n))
+    return (np.abs(i - j) <= radius) | (i < question) | (j < question)
+
+
+# ------------------------------------------------------------------------------------------
+# show: the seed's grids
+# ------------------------------------------------------------------------------------------
+
+
+def test_show_prints_seed_first_grid(capsys):
+    code, out, err = run(capsys, "show", "sliding_window", "--n", "5", "--radius", "1")
+    assert code == 0 and err == ""
+    assert grid_of(out) == SEED_GRID_LOCAL
+    assert "nnz 13" in out
+
+
+def test_show_global_prints_seed_second_grid(capsys):
+    code, out, err = run(capsys, "show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0")
+    assert code == 0 and err == ""
+    assert grid_of(out) == SEED_GRID_GLOBAL
+    assert "nnz 19" in out
+
+
+def test_show_longformer_hf_convention_is_the_same_grid(capsys):
+    code, out, _ = run(capsys, "show", "longformer", "--n", "5", "--attention-window", "2", "--global-indices", "0")
+    assert code == 0
+    assert grid_of(out) == SEED_GRID_GLOBAL
+
+
+def test_show_subprocess_python_m():
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseattn", "show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert grid_of(proc.stdout) == SEED_GRID_GLOBAL
+    assert proc.stderr == ""
+
+
+def test_subprocess_error_is_one_line_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseattn", "show", "no_such_builder", "--n", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    for name in patterns.available():
+        assert name in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "sliding_window", "--n", "7", "--left", "2", "--right", "0"],
+        ["show", "sliding_window", "--n", "9", "--radius", "3", "--dilation", "2"],
+        ["show", "global_tokens", "--n", "6", "--indices", "0", "4"],
+        ["show", "global_tokens", "--n", "6", "--indices", "0,4"],
+        ["show", "random_pattern", "--n_q", "4", "--n_k", "7", "--per_row", "3", "--seed", "5"],
+        ["show", "random_pattern", "--n-q", "4", "--n-k", "7", "--per-row", "3", "--seed", "5"],
+    ],
+)
+def test_show_grid_matches_brute_force(capsys, argv):
+    name = argv[1]
+    if name == "sliding_window":
+        kw = dict(zip(argv[2::2], argv[3::2]))
+        n, left, right = int(kw["--n"]), int(kw.get("--left", kw.get("--radius"))), int(kw.get("--right", kw.get("--radius")))
+        dil = int(kw.get("--dilation", 1))
+        i, j = np.indices((n, n))
+        mask = (j - i >= -left) & (j - i <= right) & ((j - i) % dil == 0)
+    elif name == "global_tokens":
+        i, j = np.indices((6, 6))
+        mask = np.isin(i, [0, 4]) | np.isin(j, [0, 4])
+    else:
+        # the same seeded generator the builder documents; compare with a direct call
+        mask = sparseattn.random_pattern(4, 7, 3, seed=5).to_dense()
+        assert mask.sum() == 12 and (mask.sum(axis=1) == 3).all()
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert grid_of(out) == brute_grid(mask)
+    assert f"nnz {int(mask.sum())}" in out
+
+
+def _words(kwargs, tmp_path):
+    words = []
+    for key, value in kwargs.items():
+        words.append(f"--{key}")
+        if isinstance(value, np.ndarray):
+            path = tmp_path / f"{key}.npy"
+            np.save(path, value)
+            words.append(str(path))
+        elif isinstance(value, (list, tuple, range)):
+            if len(value) == 0:
+                words.append("")  # an empty list
+                continue
+            if any(isinstance(v, (list, tuple, np.ndarray)) for v in value):
+                words.append(repr([np.asarray(v).tolist() for v in value]))  # nested: one literal
+            else:
+                words.extend(str(v) for v in value)
+        else:
+            words.append(str(value))
+    return words
+
+
+@pytest.mark.parametrize("name", patterns.available())
+def test_every_registered_builder_is_reachable_from_the_cli(name, tmp_path):
+    """Parameters parsed from the signature rebuild the same pattern as a direct call."""
+    fn = patterns.get(name)
+    cases = registry.examples(name)
+    assert cases, f"{name} registers no examples"
+    for kwargs in cases:
+        words = _words(kwargs, tmp_path)
+        expected = fn(**kwargs)
+        try:
+            got, text = build_pattern(name, words)
+        except Exception as exc:  # pragma: no cover - the assertion message is the point
+            pytest.fail(f"{name} {' '.join(words)} failed: {exc}")
+        if isinstance(expected, (list, tuple)):
+            assert isinstance(got, tuple) and len(got) == len(expected)
+            assert all(g == sparseattn.patterns.as_pattern(e) for g, e in zip(got, expected)), " ".join(words)
+        else:
+            assert got == sparseattn.patterns.as_pattern(expected), f"{name} {' '.join(words)}"
+        assert text.startswith(f"{name}(")
+
+
+# ------------------------------------------------------------------------------------------
+# third-party builders: annotations and defaults drive the conversion
+# ------------------------------------------------------------------------------------------
+
+
+def _diagonal_blocks(n: int, sizes: list[int] = (2,), causal: bool = False, jitter: float = 0.0):
+    """Diagonal blocks of the given sizes, repeated; optional causal masking within blocks."""
+    assert isinstance(n, int) and all(isinstance(s, int) for s in sizes)
+    assert isinstance(causal, bool) and isinstance(jitter, float)
+    mask = np.zeros((n, n), dtype=bool)
+    pos, k = 0, 0
+    while pos < n:
+        s = sizes[k % len(sizes)]
+        mask[pos : pos + s, pos : pos + s] = True
+        pos, k = pos + s, k + 1
+    if causal:
+        mask &= np.tril(np.ones((n, n), dtype=bool))
+    return sparseattn.from_dense(mask)
+
+
+@pytest.fixture
+def third_party(monkeypatch):
+    monkeypatch.setitem(registry._BUILDERS, "diagonal_blocks", _diagonal_blocks)
+    monkeypatch.setitem(registry._EXAMPLES, "diagonal_blocks", [])
+    return "diagonal_blocks"
+
+
+def test_third_party_builder_types(capsys, third_party):
+    code, out, err = run(capsys, "show", third_party, "--n", "5", "--sizes", "1", "3", "--causal", "--jitter", "1")
+    assert code == 0, err
+    mask = np.zeros((5, 5), dtype=bool)
+    mask[0, 0] = True
+    mask[1:4, 1:4] = True
+    mask[4, 4] = True
+    mask &= np.tril(np.ones((5, 5), dtype=bool))
+    assert grid_of(out) == brute_grid(mask)
+    assert "causal=True" in out and "jitter=1.0" in out and "sizes=[1, 3]" in out
+
+    code, out, err = run(capsys, "show", third_party, "--n", "4", "--causal", "false")
+    assert code == 0, err
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0:2, 0:2] = mask[2:4, 2:4] = True
+    assert grid_of(out) == brute_grid(mask)
+
+
+def _two_heads(n: int, radius: int = 1):
+    """Head 0: a band; head 1: the same band plus token 0 global."""
+    band = sparseattn.sliding_window(n, radius)
+    return [band, band | sparseattn.global_tokens(n, [0])]
+
+
+def test_per_head_builder_prints_every_head(capsys, monkeypatch):
+    monkeypatch.setitem(registry._BUILDERS, "two_heads", _two_heads)
+    code, out, err = run(capsys, "show", "two_heads", "--n", "5")
+    assert code == 0, err
+    head0, head1 = out.split("head 1:")
+    assert "head 0:" in head0
+    assert grid_of(head0) == SEED_GRID_LOCAL
+    assert grid_of(head1) == SEED_GRID_GLOBAL
+
+
+def test_receptive_per_head_uses_the_union_of_heads(capsys, monkeypatch):
+    pytest.importorskip("sparseattn.analysis")
+    monkeypatch.setitem(registry._BUILDERS, "two_heads", _two_heads)
+    code, out, err = run(capsys, "receptive", "two_heads", "--n", "30")
+    assert code == 0, err
+    assert "union of its 2 per-head patterns" in out
+    assert "layers to cover every token: 2" in out  # head 1's global token reaches everyone in 2 layers
+
+
+def test_third_party_builder_help_lists_parameters(capsys, third_party):
+    code, out, _ = run(capsys, "show", third_party, "--help")
+    assert code == 0
+    for flag in ("--n", "--sizes", "--causal", "--jitter"):
+        assert flag in out
+    assert "Diagonal blocks" in out
+
+
+# ------------------------------------------------------------------------------------------
+# errors: non-zero exit, one line on stderr, nothing on stdout
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["show", "no_such_builder"], "known builders"),
+        (["show"], "known builders"),
+        (["show", "sliding_window", "--radius", "1"], "--n"),
+        (["show", "sliding_window", "--n", "5", "--radius", "1", "--bogus", "3"], "--bogus"),
+        (["show", "sliding_window", "--n", "5", "--radius", "-1"], "radius must be >= 0, got -1"),
+        (["show", "sliding_window", "--n", "5", "--radius", "1", "--dilation", "x"], "'x'"),
+        (["show", "sliding_window", "--n", "5", "--radius", "1", "--global", "7"], "[0, 5)"),
+        (["show", "sliding_window", "--n", "5", "--radius", "1", "--global", "a"], "'a'"),
+        (["show", "longformer", "--n", "8", "--attention-window", "3"], "attention_window"),
+        (["show", "random_pattern", "--n_q", "2", "--n_k", "3", "--per_row", "1", "--global", "0"], "square"),
+        (["demo", "--n", "10", "--question", "10"], "--question"),
+        (["demo", "--n", "-4"], "--n"),
+        (["demo", "--unknown"], "--unknown"),
+        (["demo", "--heads", "two"], "two"),
+        (["frobnicate"], "frobnicate"),
+        (["receptive", "no_such_builder", "--layers", "2"], "known builders"),
+    ],
+)
+def test_errors_exit_nonzero_with_one_line(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sparseattn: error:")
+    assert needle in lines[0]
+
+
+def test_unknown_builder_lists_every_known_builder(capsys):
+    code, _, err = run(capsys, "show", "no_such_builder")
+    assert code != 0
+    for name in patterns.available():
+        assert name in err
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["demo", "--help"], ["show", "--help"], ["receptive", "--help"], ["show", "sliding_window", "-h"]])
+def test_help(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: sparseattn")
+
+
+def test_large_pattern_is_summarised_not_printed(capsys):
+    code, out, _ = run(capsys, "show", "sliding_window", "--n", "100", "--radius", "3")
+    assert code == 0
+    assert "too large" in out and "T100" not in out
+    code, out, _ = run(capsys, "show", "sliding_window", "--n", "100", "--radius", "3", "--max-size", "100")
+    assert code == 0 and "T100" in out
+
+
+# ------------------------------------------------------------------------------------------
+# receptive
+# ------------------------------------------------------------------------------------------
+
+
+def _table(out):
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)%$", line)
+        if m:
+            rows[int(m.group(1))] = (float(m.group(2)), int(m.group(3)), float(m.group(4)))
+    return rows
+
+
+def test_receptive_band_closed_form(capsys):
+    pytest.importorskip("sparseattn.analysis")
+    n, r, layers = 20, 2, 5
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r), "--layers", str(layers))
+    assert code == 0, err
+    table = _table(out)
+    assert sorted(table) == list(range(1, layers + 1))
+    i = np.arange(n)
+    for L in range(1, layers + 1):
+        counts = np.minimum(i + L * r, n - 1) - np.maximum(i - L * r, 0) + 1
+        mean, low, full = table[L]
+        assert mean == pytest.approx(round(counts.mean(), 1), abs=0.051)
+        assert low == counts.min()
+        assert full == pytest.approx(100 * np.mean(counts == n), abs=0.051)
+    # band of radius 2 over 20 tokens: the ends meet after ceil(19 / 2) = 10 layers
+    assert "layers to cover every token: 10" in out
+
+
+def test_receptive_band_plus_global_covers_in_two_layers(capsys):
+    pytest.importorskip("sparseattn.analysis")
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", "30", "--radius", "1", "--global", "0")
+    assert code == 0, err
+    table = _table(out)
+    assert sorted(table) == [1, 2]  # default: until covered
+    assert table[2] == (30.0, 30, 100.0)
+    assert table[1][2] < 100.0
+    assert "layers to cover every token: 2" in out
+
+
+def test_receptive_causal_never_covers(capsys):
+    pytest.importorskip("sparseattn.analysis")
+    code, out, err = run(capsys, "receptive", "causal", "--n", "6", "--layers", "3")
+    assert code == 0, err
+    assert "never" in out
+    # causal over 6 tokens: token i is influenced by tokens 0..i (i + 1 of them) from layer 1 on
+    assert _table(out)[3] == (3.5, 1, pytest.approx(100 / 6, abs=0.051))
+
+
+# ------------------------------------------------------------------------------------------
+# --png (matplotlib) and report delegation
+# ------------------------------------------------------------------------------------------
+
+
+def test_show_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    viz = pytest.importorskip("sparseattn.viz")
+    assert hasattr(viz, "plot_pattern")
+    path = tmp_path / "mask.png"
+    code, out, err = run(capsys, "show", "sliding_window", "--n", "300", "--radius", "4", "--global", "0", "--png", str(path))
+    assert code == 0, err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {path}" in out
+
+
+def test_receptive_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sparseattn.analysis")
+    viz = pytest.importorskip("sparseattn.viz")
+    assert hasattr(viz, "plot_receptive_field")
+    path = tmp_path / "rf.png"
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", "64", "--radius", "2", "--layers", "3", "--png", str(path))
+    assert code == 0, err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_delegates_argv(capsys, monkeypatch):
+    seen = []
+
+    def fake_main(argv):
+        seen.append(list(argv))
+        print("report ran")
+        return 0
+
+    fake = types.ModuleType("sparseattn.report")
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "sparseattn.report", fake)
+    monkeypatch.setattr(sparseattn, "report", fake, raising=False)
+    code, out, _ = run(capsys, "report", "bench.json", "--out", "somewhere")
+    assert code == 0
+    assert seen == [["bench.json", "--out", "somewhere"]]
+    assert out == "report ran\n"
+
+    fake.main = lambda argv: 3
+    assert main(["report", "x.json"]) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_small(capsys):
+    n, r, qn = 640, 24, 8
+    code, out, err = run(
+        capsys,
+        "demo",
+        *("--n", str(n), "--radius", str(r), "--question", str(qn), "--heads", "2", "--d", "16"),
+        *("--dense-n", "256", "--repeat", "1", "--check-rows", "64"),
+    )
+    assert code == 0, err
+    mask = brute_qa(n, r, qn)
+    assert f"shape ({n}, {n}), nnz {int(mask.sum()):,}" in out
+    # the 12-token rendering is the same construction at radius 2 with 2 question tokens
+    small = out.split("question tokens):\n", 1)[1]
+    small = "\n".join(small.splitlines()[:13])
+    assert small == brute_grid(brute_qa(12, 2, 2))
+    assert "extrapolated" in out and f"n = {n}" in out
+    assert "rows [0, 64) and [288, 352)" in out
+    diff = float(re.search(r"max \|difference\| = ([0-9.eE+-]+)", out).group(1))
+    assert diff < 1e-4
+    assert "first call" in out and "steady state" in out
+
+
+def test_demo_float64_matches_reference_tightly(capsys):
+    code, out, err = run(
+        capsys,
+        "demo",
+        *("--n", "300", "--radius", "5", "--question", "3", "--heads", "1", "--d", "8", "--dtype", "float64"),
+        *("--dense-n", "300", "--repeat", "1", "--check-rows", "40", "--path", "staged"),
+    )
+    assert code == 0, err
+    assert "[extrapolated" not in out  # measured at the full size
+    diff = float(re.search(r"max \|difference\| = ([0-9.eE+-]+)", out).group(1))
+    assert diff < 1e-11
