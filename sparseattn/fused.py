@@ -1,0 +1,142 @@
+"""The fused forward path: plan (cached) -> tile kernel -> long-row kernels.
+
+:func:`fused_attention` is called by :func:`sparseattn.sparse_attention` after
+validation, broadcasting and dtype promotion.  It allocates the output, the
+per-row log-sum-exp and, when the pattern has long rows, their chunk partials
+(a few rows times ``n / chunk``); nothing proportional to ``nnz * heads``.
+
+The kernels call BLAS (``np.dot`` on tiles) from inside their own parallel
+loops, so BLAS is capped at one thread for the duration of the call (through
+``threadpoolctl`` when it is installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from .plan import get_plan
+
+__all__ = ["fused_attention"]
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _blas_single_thread():
+    """A context manager capping every loaded BLAS at one thread (no-op without threadpoolctl)."""
+    global _controller
+    if _controller is None:
+        with _controller_lock:
+            if _controller is None:
+                import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
+
+                try:
+                    from threadpoolctl import ThreadpoolController
+                except ImportError:  # pragma: no cover - threadpoolctl is optional
+                    _controller = False
+                else:
+                    _controller = ThreadpoolController()
+    if _controller is False:  # pragma: no cover
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def _split_items(plan, n_slices, n_workers):
+    """Boundaries of ``n_workers`` runs of (slice, tile) items with about equal cost."""
+    n_tiles = plan.n_tiles
+    n_items = n_slices * n_tiles
+    n_workers = max(1, min(n_workers, n_items))
+    prefix = plan.cost_prefix
+    total = int(prefix[-1])
+    targets = np.arange(n_workers + 1, dtype=np.float64) * (n_slices * total / n_workers)
+    si = np.minimum(np.floor(targets / total).astype(np.int64), n_slices)
+    rem = targets - si * total
+    t = np.searchsorted(prefix, rem, side="left")
+    bounds = np.minimum(si * n_tiles + np.minimum(t, n_tiles), n_items).astype(np.int64)
+    bounds[0], bounds[-1] = 0, n_items
+    return np.maximum.accumulate(bounds)
+
+
+def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch):
+    """Fused sparse attention forward over flattened slices.
+
+    Parameters
+    ----------
+    q, k, v : ndarray, shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv)
+        C-contiguous, one float dtype (float32 or float64); not modified.
+    patterns : list of Pattern
+        The distinct patterns, each of shape ``(n_q, n_k)``.
+    slice_pattern : int64 ndarray, shape (S,)
+        Index into ``patterns`` for every slice.
+    scale : float
+        Multiplies the scores.
+    key_valid : bool ndarray, shape (NB, n_k), or None
+        True where a key is usable; padded keys are removed from every row.
+    slice_batch : int64 ndarray, shape (S,), or None
+        Row of ``key_valid`` used by each slice.
+
+    Returns
+    -------
+    out : ndarray, shape (S, n_q, dv), dtype of q
+        Rows with no allowed key are 0.
+    lse : ndarray, shape (S, n_q), dtype of q
+        Log-sum-exp of the scaled scores over each row's allowed keys (-inf when empty).
+
+    Examples
+    --------
+    >>> import numpy as np, sparseattn as sa
+    >>> from sparseattn.fused import fused_attention
+    >>> from sparseattn.reference import dense_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 40, 8))
+    >>> p = sa.longformer(40, attention_window=6, global_indices=[3])
+    >>> out, lse = fused_attention(q, k, v, [p], np.zeros(2, np.int64), 0.35, None, None)
+    >>> bool(np.allclose(out, dense_attention(q, k, v, p, scale=0.35), rtol=1e-11, atol=1e-12))
+    True
+    """
+    from numba import get_num_threads
+
+    from .kernels.fused import long_rows_merge, long_rows_partial, tiles_forward
+
+    S, n_q, _ = q.shape
+    dv = v.shape[2]
+    dt = q.dtype
+    out = np.empty((S, n_q, dv), dtype=dt)
+    lse = np.empty((S, n_q), dtype=dt)
+    if S == 0 or n_q == 0:
+        return out, lse
+    use_valid = key_valid is not None
+    kv = np.ascontiguousarray(key_valid, dtype=bool) if use_valid else np.ones((1, 1), dtype=bool)
+    sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
+    sc = dt.type(scale)
+    slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
+    n_workers = 4 * get_num_threads()
+    with _blas_single_thread():
+        for p_idx, pattern in enumerate(patterns):
+            slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
+            if len(slices) == 0:
+                continue
+            plan = get_plan(pattern)
+            bounds = _split_items(plan, len(slices), n_workers)
+            tiles_forward(
+                q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
+                plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
+                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, bounds, out, lse,
+            )  # fmt: skip
+            if len(plan.it_grp):
+                ns, npr = len(slices), plan.n_part_rows
+                part_m = np.empty((ns, npr), dtype=dt)
+                part_l = np.empty((ns, npr), dtype=dt)
+                part_o = np.empty((ns, npr, dv), dtype=dt)
+                long_rows_partial(
+                    q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
+                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o,
+                )  # fmt: skip
+                long_rows_merge(
+                    slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,
+                    part_m, part_l, part_o, out, lse,
+                )  # fmt: skip
+    return out, lse

@@ -1,0 +1,583 @@
+"""The fused forward kernels: tile-planned scores, online softmax and P.V.
+
+Raw arrays in, raw arrays out; no validation (``sparseattn.fused`` prepares
+everything).  The plan layout is documented in :mod:`sparseattn.plan`.
+
+Three kernels run one after the other for the slices that share a plan:
+
+``tiles_forward``
+    Row tiles of ``T`` queries.  Per tile: the contiguous key span (one or a
+    few dense GEMM chunks, each row restricted to its own run inside it), the
+    tile's shared gathered columns (a small dense GEMM with a membership
+    mask) and each row's residual columns (per-row dot products).  Every part
+    feeds one online softmax (running max ``m``, running sum ``l`` and the
+    unnormalised output), so no nnz-sized score array ever exists.
+``long_rows_partial``
+    The few very long rows (global tokens), cut into column chunks spread
+    over the threads; rows with identical columns are batched into one GEMM.
+    Each chunk leaves a partial ``(m, l, o)``.
+``long_rows_merge``
+    Merges the partials of every long row with the log-sum-exp formula.
+
+The GEMMs call BLAS through ``np.dot``; the caller caps BLAS at one thread
+while these kernels run (they are already parallel).  ``exp`` is a
+vectorisable polynomial (Numba has no vector math library here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp"]
+
+# Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
+# scores are a large finite negative sentinel, and empty rows are detected.
+_FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@intrinsic
+def _f32_from_bits(typingctx, x):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f64_from_bits(typingctx, x):
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@njit(fastmath=_FM)
+def _exp32(x):
+    """``exp(x)`` for float32 ``x <= 0`` (0 below -87); max relative error ~2e-7."""
+    xc = max(x, np.float32(-87.0))
+    t = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - t * np.float32(0.693145751953125) - t * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    y = p * _f32_from_bits((np.int32(t) + np.int32(127)) << np.int32(23))
+    return y if x > np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(fastmath=_FM)
+def _exp64(x):
+    """``exp(x)`` for float64 ``x <= 0`` (0 below -708); max relative error ~3e-16."""
+    xc = max(x, -708.0)
+    t = np.floor(xc * 1.4426950408889634 + 0.5)
+    r = xc - t * 0.6931471803691238 - t * 1.9082149292705877e-10
+    p = 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    y = p * _f64_from_bits((np.int64(t) + np.int64(1023)) << np.int64(52))
+    return y if x > -708.0 else 0.0
+
+
+def _exp(x):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_exp, fastmath=_FM)
+def _exp_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _exp32(x)
+    return lambda x: _exp64(x)
+
+
+def _neg(x):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_neg)
+def _neg_overload(x):
+    """The masked-score sentinel of x's dtype: finite, far below any real score."""
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: np.float32(-1e30)
+    return lambda x: np.float64(-1e300)
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def vexp(x, out):
+    """``out[i] = exp(x[i])`` for ``x <= 0`` with the kernels' polynomial (tests and timing)."""
+    for i in range(x.shape[0]):
+        out[i] = _exp(x[i])
+
+
+@njit(fastmath=_FM)
+def _row_online(Sm, r, j0, j1, w, m, l, acc, neg, zero):
+    """Softmax-update row ``r`` of the score chunk ``Sm`` over its valid part ``[j0, j1)``.
+
+    Scores are already scaled (masked ones hold ``neg``).  Overwrites the row
+    with the probabilities relative to the new running max (zero outside
+    ``[j0, j1)``), rescales ``l[r]`` and ``acc[r]``, and returns nothing.
+    """
+    half = neg * 0.5
+    mx = neg
+    for j in range(j0, j1):
+        x = Sm[r, j]
+        mx = x if x > mx else mx
+    for j in range(0, j0):
+        Sm[r, j] = zero
+    for j in range(j1, w):
+        Sm[r, j] = zero
+    if mx <= half:  # nothing valid in this chunk for this row
+        for j in range(j0, j1):
+            Sm[r, j] = zero
+        return
+    mo = m[r]
+    mn = mx if mx > mo else mo
+    ssum = zero
+    for j in range(j0, j1):
+        p = _exp(Sm[r, j] - mn)
+        Sm[r, j] = p
+        ssum += p
+    alpha = _exp(mo - mn) if mo > half else zero
+    l[r] = l[r] * alpha + ssum
+    m[r] = mn
+    if alpha != 1:
+        for c in range(acc.shape[1]):
+            acc[r, c] *= alpha
+
+
+@njit(fastmath=_FM)
+def _add_into(acc, tmp, rows):
+    for r in range(rows):
+        for c in range(acc.shape[1]):
+            acc[r, c] += tmp[r, c]
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+def tiles_forward(
+    q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    scale, key_valid, slice_batch, use_valid, bounds, out, lse,
+):  # fmt: skip
+    """Tile pass for the slices ``slices`` sharing one plan.
+
+    Work items ``it = si * n_tiles + t`` (slice ``slices[si]``, tile ``t``);
+    worker ``w`` runs items ``[bounds[w], bounds[w + 1])`` (split by cost).
+    Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of the tiles;
+    long rows come out empty here and are overwritten by the long-row pass.
+    """
+    n_q = q.shape[1]
+    d = q.shape[2]
+    dv = v.shape[2]
+    n_tiles = tile_k0.shape[0]
+    dt = q.dtype
+    zero = scale - scale
+    neg = _neg(zero)
+    half = neg * 0.5
+    ninf = -np.inf
+    max_sh = 0
+    for t in range(n_tiles):
+        max_sh = max(max_sh, sh_ptr[t + 1] - sh_ptr[t])
+    g_cap = min(max_sh, chunk)
+    nw = bounds.shape[0] - 1
+    for w in prange(nw):
+        sbuf = np.empty(T * chunk, dtype=dt)
+        acc = np.empty((T, dv), dtype=dt)
+        tmp = np.empty((T, dv), dtype=dt)
+        m = np.empty(T, dtype=dt)
+        l = np.empty(T, dtype=dt)
+        kg = np.empty((max(g_cap, 1), d), dtype=dt)
+        vg = np.empty((max(g_cap, 1), dv), dtype=dt)
+        for it in range(bounds[w], bounds[w + 1]):
+            si = it // n_tiles
+            t = it - si * n_tiles
+            s = slices[si]
+            kb = slice_batch[s]
+            t0 = t * T
+            t1 = min(n_q, t0 + T)
+            rows = t1 - t0
+            for r in range(rows):
+                m[r] = neg
+                l[r] = zero
+            first = True
+            qt = q[s, t0:t1]
+            # -- 1. the contiguous span, in chunks of at most `chunk` keys
+            k0 = tile_k0[t]
+            k1 = tile_k1[t]
+            if k1 > k0:
+                nch = (k1 - k0 + chunk - 1) // chunk
+                step = (k1 - k0 + nch - 1) // nch
+                a = k0
+                while a < k1:
+                    b = min(k1, a + step)
+                    wd = b - a
+                    sm = sbuf[: rows * wd].reshape((rows, wd))
+                    np.dot(qt, k[s, a:b].T, sm)
+                    for r in range(rows):
+                        lo = max(row_lo[t0 + r], a) - a
+                        hi = min(row_hi[t0 + r], b) - a
+                        if hi < lo:
+                            hi = lo
+                        if use_valid:
+                            for j in range(lo, hi):
+                                x = sm[r, j] * scale
+                                sm[r, j] = x if key_valid[kb, a + j] else neg
+                        else:
+                            for j in range(lo, hi):
+                                sm[r, j] = sm[r, j] * scale
+                        _row_online(sm, r, lo, hi, wd, m, l, acc, neg, zero)
+                    if first:
+                        np.dot(sm, v[s, a:b], acc[:rows])
+                        first = False
+                    else:
+                        np.dot(sm, v[s, a:b], tmp[:rows])
+                        _add_into(acc, tmp, rows)
+                    a = b
+            if first:
+                for r in range(rows):
+                    for c in range(dv):
+                        acc[r, c] = zero
+                first = False
+            # -- 2. shared gathered columns (global keys, dense leftovers)
+            c0 = sh_ptr[t]
+            c1 = sh_ptr[t + 1]
+            while c0 < c1:
+                cb = min(c1, c0 + g_cap)
+                nc = cb - c0
+                for c in range(nc):
+                    j = sh_cols[c0 + c]
+                    for e in range(d):
+                        kg[c, e] = k[s, j, e]
+                    for e in range(dv):
+                        vg[c, e] = v[s, j, e]
+                sm = sbuf[: rows * nc].reshape((rows, nc))
+                np.dot(qt, kg[:nc].T, sm)
+                for r in range(rows):
+                    for c in range(nc):
+                        ok = sh_mask[(c0 + c) * T + r] != 0
+                        if use_valid:
+                            ok = ok and key_valid[kb, sh_cols[c0 + c]]
+                        sm[r, c] = sm[r, c] * scale if ok else neg
+                    _row_online(sm, r, 0, nc, nc, m, l, acc, neg, zero)
+                np.dot(sm, vg[:nc], tmp[:rows])
+                _add_into(acc, tmp, rows)
+                c0 = cb
+            # -- 3. per-row residual columns
+            for r in range(rows):
+                i = t0 + r
+                e0 = rs_ptr[i]
+                e1 = rs_ptr[i + 1]
+                while e0 < e1:
+                    eb = min(e1, e0 + chunk)
+                    ne = eb - e0
+                    sr = sbuf[:ne].reshape((1, ne))
+                    for e in range(ne):
+                        j = rs_cols[e0 + e]
+                        x = zero
+                        for c in range(d):
+                            x += q[s, i, c] * k[s, j, c]
+                        x = x * scale
+                        if use_valid and not key_valid[kb, j]:
+                            x = neg
+                        sr[0, e] = x
+                    # update row r of (m, l, acc) through a one-row view
+                    _row_online(sr, 0, 0, ne, ne, m[r : r + 1], l[r : r + 1], acc[r : r + 1], neg, zero)
+                    for e in range(ne):
+                        p = sr[0, e]
+                        if p != zero:
+                            j = rs_cols[e0 + e]
+                            for c in range(dv):
+                                acc[r, c] += p * v[s, j, c]
+                    e0 = eb
+            # -- finalise
+            for r in range(rows):
+                i = t0 + r
+                if m[r] > half and l[r] > zero:
+                    inv = 1 / l[r]
+                    for c in range(dv):
+                        out[s, i, c] = acc[r, c] * inv
+                    lse[s, i] = m[r] + np.log(l[r])
+                else:
+                    for c in range(dv):
+                        out[s, i, c] = zero
+                    lse[s, i] = ninf
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+def long_rows_partial(
+    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
+    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o,
+):  # fmt: skip
+    """Partial softmax of every (slice, long-row chunk) item.
+
+    Item ``it`` covers the rows ``lg_rows[grp_ptr[g] : grp_ptr[g + 1]]`` of
+    group ``g = it_grp[it]`` (they share their columns) and the keys
+    ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
+    ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
+    """
+    d = q.shape[2]
+    n_items = it_grp.shape[0]
+    dt = q.dtype
+    zero = scale - scale
+    neg = _neg(zero)
+    max_rows = 1
+    max_w = 1
+    for it in range(n_items):
+        g = it_grp[it]
+        max_rows = max(max_rows, grp_ptr[g + 1] - grp_ptr[g])
+        max_w = max(max_w, it_b[it] - it_a[it])
+    ns = slices.shape[0]
+    for job in prange(ns * n_items):
+        si = job // n_items
+        it = job - si * n_items
+        s = slices[si]
+        kb = slice_batch[s]
+        g = it_grp[it]
+        r0 = grp_ptr[g]
+        nr = grp_ptr[g + 1] - r0
+        a = it_a[it]
+        b = it_b[it]
+        wd = b - a
+        qg = np.empty((nr, d), dtype=dt)
+        for rr in range(nr):
+            for c in range(d):
+                qg[rr, c] = q[s, lg_rows[r0 + rr], c]
+        sm = np.empty((nr, wd), dtype=dt)
+        np.dot(qg, k[s, a:b].T, sm)
+        m = np.empty(nr, dtype=dt)
+        l = np.empty(nr, dtype=dt)
+        o = part_o[si, it_off[it] : it_off[it] + nr]
+        for rr in range(nr):
+            m[rr] = neg
+            l[rr] = zero
+            for j in range(wd):
+                x = sm[rr, j] * scale
+                if use_valid and not key_valid[kb, a + j]:
+                    x = neg
+                sm[rr, j] = x
+            _row_online(sm, rr, 0, wd, wd, m, l, o, neg, zero)
+        np.dot(sm, v[s, a:b], o)
+        for rr in range(nr):
+            part_m[si, it_off[it] + rr] = m[rr]
+            part_l[si, it_off[it] + rr] = l[rr]
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l, part_o, out, lse):
+    """Merge each long row's chunk partials: ``m = max m_i``, ``l = sum e^(m_i - m) l_i``, same for ``o``."""
+    n_grp = grp_ptr.shape[0] - 1
+    ns = slices.shape[0]
+    dv = out.shape[2]
+    zero = np.zeros(1, dtype=out.dtype)[0]
+    neg = _neg(zero)
+    half = neg * 0.5
+    n_long = lg_rows.shape[0]
+    for job in prange(ns * n_long):
+        si = job // n_long
+        lr = job - si * n_long
+        s = slices[si]
+        # the group of long row lr (groups are contiguous in lg_rows)
+        g = 0
+        lo_g = 0
+        hi_g = n_grp
+        while hi_g - lo_g > 1:
+            mid = (lo_g + hi_g) // 2
+            if grp_ptr[mid] <= lr:
+                lo_g = mid
+            else:
+                hi_g = mid
+        g = lo_g
+        rr = lr - grp_ptr[g]
+        i = lg_rows[lr]
+        mx = neg
+        for it in range(grp_it_ptr[g], grp_it_ptr[g + 1]):
+            mi = part_m[si, it_off[it] + rr]
+            mx = mi if mi > mx else mx
+        for c in range(dv):
+            out[s, i, c] = zero
+        if mx <= half:
+            lse[s, i] = -np.inf
+            continue
+        ltot = zero
+        for it in range(grp_it_ptr[g], grp_it_ptr[g + 1]):
+            p = it_off[it] + rr
+            mi = part_m[si, p]
+            if mi <= half:
+                continue
+            f = np.exp(mi - mx)
+            ltot += f * part_l[si, p]
+            for c in range(dv):
+                out[s, i, c] += f * part_o[si, p, c]
+        if ltot > zero:
+            inv = 1 / ltot
+            for c in range(dv):
+                out[s, i, c] *= inv
+            lse[s, i] = mx + np.log(ltot)
+        else:
+            lse[s, i] = -np.inf
+
+
+# -- plan-building helpers (used by sparseattn.plan) ------------------------------
+@njit(cache=True, nogil=True)
+def plan_shared_globals(lo, hi, is_long, g, T):
+    """Shared columns per tile for global keys ``g``: rows whose run misses the column use it."""
+    n_q = lo.shape[0]
+    n_tiles = (n_q + T - 1) // T
+    ng = g.shape[0]
+    sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
+    for phase in range(2):
+        if phase == 1:
+            total = sh_ptr[n_tiles]
+            sh_cols = np.empty(total, dtype=np.int64)
+            sh_mask = np.zeros(total * T, dtype=np.uint8)
+        for t in range(n_tiles):
+            r0 = t * T
+            r1 = min(n_q, r0 + T)
+            pos = sh_ptr[t] if phase == 1 else 0
+            cnt = 0
+            for c in range(ng):
+                j = g[c]
+                used = False
+                for r in range(r0, r1):
+                    if not is_long[r] and not (lo[r] <= j < hi[r]):
+                        used = True
+                        if phase == 1:
+                            sh_mask[(pos + cnt) * T + (r - r0)] = 1
+                if used:
+                    if phase == 1:
+                        sh_cols[pos + cnt] = j
+                    cnt += 1
+            if phase == 0:
+                sh_ptr[t + 1] = sh_ptr[t] + cnt
+    return sh_ptr, sh_cols, sh_mask
+
+
+@njit(cache=True, nogil=True)
+def plan_longest_runs(indptr, indices, is_long, min_run):
+    """Each row's longest run of consecutive columns ``[lo, hi)`` (empty if shorter than ``min_run``)."""
+    n_q = indptr.shape[0] - 1
+    lo = np.zeros(n_q, dtype=np.int64)
+    hi = np.zeros(n_q, dtype=np.int64)
+    for i in range(n_q):
+        if is_long[i]:
+            continue
+        best_a = 0
+        best_n = 0
+        e = indptr[i]
+        end = indptr[i + 1]
+        while e < end:
+            f = e + 1
+            while f < end and indices[f] == indices[f - 1] + 1:
+                f += 1
+            if f - e > best_n:
+                best_n = f - e
+                best_a = indices[e]
+            e = f
+        if best_n >= min_run:
+            lo[i] = best_a
+            hi[i] = best_a + best_n
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def plan_leftovers(indptr, indices, is_long, lo, hi, T, n_k):
+    """Split each tile's entries outside the rows' runs into shared columns and per-row residuals.
+
+    A column used by at least a quarter of the tile's rows (and by two or
+    more) becomes shared; the rest stays with its row.
+    """
+    n_q = indptr.shape[0] - 1
+    n_tiles = (n_q + T - 1) // T
+    cnt = np.zeros(n_k, dtype=np.int64)
+    sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
+    rs_ptr = np.zeros(n_q + 1, dtype=np.int64)
+    cols = np.empty(0, dtype=np.int64)
+    sh_cols = np.empty(0, dtype=np.int64)
+    sh_mask = np.empty(0, dtype=np.uint8)
+    rs_cols = np.empty(0, dtype=np.int64)
+    for phase in range(2):
+        if phase == 1:
+            for i in range(n_q):
+                rs_ptr[i + 1] += rs_ptr[i]
+            sh_cols = np.empty(sh_ptr[n_tiles], dtype=np.int64)
+            sh_mask = np.zeros(sh_ptr[n_tiles] * T, dtype=np.uint8)
+            rs_cols = np.empty(rs_ptr[n_q], dtype=np.int64)
+        for t in range(n_tiles):
+            r0 = t * T
+            r1 = min(n_q, r0 + T)
+            nrows = 0
+            for r in range(r0, r1):
+                if not is_long[r]:
+                    nrows += 1
+            thr = max(2, (nrows + 3) // 4)
+            for r in range(r0, r1):
+                if is_long[r]:
+                    continue
+                for e in range(indptr[r], indptr[r + 1]):
+                    j = indices[e]
+                    if not (lo[r] <= j < hi[r]):
+                        cnt[j] += 1
+            # distinct shared columns, sorted
+            nsh = 0
+            if cols.shape[0] < 64:
+                cols = np.empty(64, dtype=np.int64)
+            for r in range(r0, r1):
+                if is_long[r]:
+                    continue
+                for e in range(indptr[r], indptr[r + 1]):
+                    j = indices[e]
+                    if not (lo[r] <= j < hi[r]) and cnt[j] >= thr:
+                        if nsh == cols.shape[0]:
+                            grown = np.empty(2 * nsh, dtype=np.int64)
+                            grown[:nsh] = cols[:nsh]
+                            cols = grown
+                        cols[nsh] = j
+                        nsh += 1
+                        cnt[j] = -1  # counted once
+            srt = np.sort(cols[:nsh])
+            base = sh_ptr[t]
+            for c in range(nsh):
+                cnt[srt[c]] = -(c + 2)  # slot c is encoded as -(c + 2)
+                if phase == 1:
+                    sh_cols[base + c] = srt[c]
+            if phase == 0:
+                sh_ptr[t + 1] = sh_ptr[t] + nsh
+            for r in range(r0, r1):
+                if is_long[r]:
+                    continue
+                pos = rs_ptr[r]
+                for e in range(indptr[r], indptr[r + 1]):
+                    j = indices[e]
+                    if lo[r] <= j < hi[r]:
+                        continue
+                    if cnt[j] <= -2:
+                        if phase == 1:
+                            sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
+                    elif phase == 0:
+                        rs_ptr[r + 1] += 1
+                    else:
+                        rs_cols[pos] = j
+                        pos += 1
+            for r in range(r0, r1):
+                for e in range(indptr[r], indptr[r + 1]):
+                    cnt[indices[e]] = 0
+    return sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols

@@ -1,0 +1,440 @@
+"""Compile a pattern into a tile plan for the fused kernel.
+
+A :class:`TilePlan` cuts the query rows into tiles of ``T`` rows and, for
+each tile, splits the allowed keys into three kinds of work:
+
+``span``
+    One contiguous key range ``[tile_k0, tile_k1)`` per tile, evaluated as
+    dense GEMMs.  Each row uses only its own run ``[row_lo, row_hi)`` inside
+    the span, so a band is masked only at the span's edges (a band becomes
+    exactly one span per tile).
+``shared``
+    A short list of scattered key columns per tile (global keys, dense
+    leftovers) gathered into a small dense block, with a per-(column, row)
+    membership byte.
+``residual``
+    Whatever is left, per row (random patterns, stray entries), evaluated
+    with per-row dot products.
+
+Rows that are much longer than the others (global tokens' full rows) are
+taken out of the tiles: they are ``long`` rows, grouped (consecutive long rows
+with identical columns share one GEMM), cut into column chunks that the
+threads share, and merged with the log-sum-exp formula.
+
+Every nonzero of the pattern is covered by exactly one of these (checked in
+``tests/test_plan.py``).  Building a plan never makes an ``n x n`` anything:
+sliding windows (dilation 1), global tokens and unions of them are planned
+from their parameters in O(n); any other pattern from its CSR in O(nnz).
+Plans are cached by the pattern's identity (:func:`get_plan`).
+
+Examples
+--------
+>>> import sparseattn as sa
+>>> from sparseattn.plan import build_plan
+>>> plan = build_plan(sa.longformer(256, attention_window=64, global_indices=[0]))
+>>> plan.kind, plan.tile_rows, plan.n_tiles, plan.long_rows.tolist()
+('structured', 32, 8, [0])
+>>> int(plan.tile_k0[1]), int(plan.tile_k1[1])  # rows 32..63 see keys 0..95
+(0, 96)
+>>> plan.n_entries() == plan.nnz
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .patterns.algebra import Union
+from .patterns.base import Pattern
+from .patterns.builders import GlobalTokens, SlidingWindow
+
+__all__ = ["TilePlan", "build_plan", "get_plan", "clear_plan_cache", "plan_cache_info"]
+
+#: keys per dense GEMM chunk (span chunks and long-row chunks)
+CHUNK = 1024
+#: a row is "long" when it has more than max(LONG_MIN, LONG_FACTOR * median count) entries
+LONG_MIN = 2048
+LONG_FACTOR = 8
+#: shortest contiguous run that the generic planner puts into a span
+MIN_RUN = 8
+#: a span is kept only when the rows' runs fill at least this fraction of it
+MIN_SPAN_FILL = 0.5
+#: number of cached plans
+CACHE_SIZE = 8
+
+
+def _tile_rows_for(width):
+    """Rows per tile for rows of about ``width`` keys: wide rows amortise bigger tiles."""
+    if width >= 160:
+        return 64
+    if width >= 48:
+        return 32
+    return 16
+
+
+class TilePlan:
+    """The compiled work list of one pattern (see the module docstring).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(n_q, n_k)`` of the pattern.
+    nnz : int
+        The pattern's nonzero count.
+    tile_rows : int
+        ``T``, rows per tile; tile ``t`` holds rows ``[t*T, min(n_q, (t+1)*T))``.
+    chunk : int
+        Keys per dense GEMM chunk.
+    tile_k0, tile_k1 : int64 ndarray, shape (n_tiles,)
+        Each tile's key span (empty when equal).
+    row_lo, row_hi : int64 ndarray, shape (n_q,)
+        Each row's run inside its tile's span.
+    sh_ptr, sh_cols, sh_mask
+        Shared columns of tile ``t``: ``sh_cols[sh_ptr[t]:sh_ptr[t+1]]``; row
+        ``r`` of the tile uses column ``c`` iff ``sh_mask[c*T + r]`` (global
+        position ``c``).
+    rs_ptr, rs_cols
+        Per-row residual columns, CSR-like.
+    tile_cost : int64 ndarray
+        Estimated work per tile (for splitting tiles across threads).
+    long_rows, grp_ptr : int64 ndarray
+        Long rows, grouped: group ``g`` is ``long_rows[grp_ptr[g]:grp_ptr[g+1]]``.
+    it_grp, it_a, it_b, it_off, grp_it_ptr : int64 ndarray
+        Long-row work items: group ``it_grp[i]`` over keys ``[it_a[i], it_b[i])``;
+        items of group ``g`` are ``grp_it_ptr[g]:grp_it_ptr[g+1]``; partial row
+        ``rr`` of item ``i`` lives at ``it_off[i] + rr``.
+    kind : str
+        ``"structured"`` (planned from builder parameters) or ``"generic"`` (from CSR).
+    """
+
+    def __init__(self, **fields):
+        for name, value in fields.items():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+            setattr(self, name, value)
+        self.n_tiles = len(self.tile_k0)
+        cost = self.tile_cost.astype(np.int64)
+        self.cost_prefix = np.concatenate(([0], np.cumsum(cost)))
+        self.n_part_rows = int(self.it_off[-1] + self._item_rows()[-1]) if len(self.it_off) else 0
+
+    def _item_rows(self):
+        return (self.grp_ptr[1:] - self.grp_ptr[:-1])[self.it_grp]
+
+    @property
+    def nbytes(self):
+        """Bytes held by the plan's arrays."""
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+    def entries(self):
+        """All ``(row, col)`` pairs the plan computes, with multiplicity (for tests).
+
+        Returns two int64 arrays; a correct plan lists every nonzero of its
+        pattern exactly once.
+        """
+        n_q = self.shape[0]
+        T = self.tile_rows
+        rows, cols = [], []
+        # spans
+        t_of = np.arange(n_q) // T
+        lo = np.maximum(self.row_lo, self.tile_k0[t_of]) if n_q else self.row_lo
+        hi = np.minimum(self.row_hi, self.tile_k1[t_of]) if n_q else self.row_hi
+        cnt = np.maximum(hi - lo, 0)
+        rows.append(np.repeat(np.arange(n_q), cnt))
+        starts = np.repeat(lo, cnt)
+        offs = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        cols.append(starts + offs)
+        # shared
+        for t in range(self.n_tiles):
+            for c in range(self.sh_ptr[t], self.sh_ptr[t + 1]):
+                rr = np.flatnonzero(self.sh_mask[c * T : (c + 1) * T])
+                rows.append(t * T + rr)
+                cols.append(np.full(len(rr), self.sh_cols[c]))
+        # residual
+        rcnt = np.diff(self.rs_ptr)
+        rows.append(np.repeat(np.arange(n_q), rcnt))
+        cols.append(np.asarray(self.rs_cols))
+        # long rows
+        for it in range(len(self.it_grp)):
+            g = self.it_grp[it]
+            for r in self.long_rows[self.grp_ptr[g] : self.grp_ptr[g + 1]]:
+                rows.append(np.full(self.it_b[it] - self.it_a[it], r))
+                cols.append(np.arange(self.it_a[it], self.it_b[it]))
+        return (
+            np.concatenate(rows).astype(np.int64),
+            np.concatenate(cols).astype(np.int64),
+        )
+
+    def n_entries(self):
+        """Number of (row, col) pairs the plan computes (equals ``nnz`` for a correct plan)."""
+        return len(self.entries()[0])
+
+    def __repr__(self):
+        return (
+            f"<TilePlan {self.kind} shape={self.shape} T={self.tile_rows} tiles={self.n_tiles} "
+            f"shared={len(self.sh_cols)} residual={len(self.rs_cols)} long_rows={len(self.long_rows)} "
+            f"items={len(self.it_grp)} {self.nbytes / 2**20:.1f} MiB>"
+        )
+
+
+# -- long rows -----------------------------------------------------------------
+def _long_items(long_rows, row_runs, T, chunk):
+    """Group long rows (consecutive, identical runs, at most T per group) and cut their runs into items.
+
+    ``row_runs[i]`` is the (starts, stops) pair of long row ``long_rows[i]``.
+    """
+    grp_ptr = [0]
+    grp_runs = []
+    for i in range(len(long_rows)):
+        runs = row_runs[i]
+        if (
+            grp_runs
+            and i - grp_ptr[-1] < T
+            and np.array_equal(grp_runs[-1][0], runs[0])
+            and np.array_equal(grp_runs[-1][1], runs[1])
+        ):
+            continue  # joins the current group
+        if grp_runs:
+            grp_ptr.append(i)
+        grp_runs.append(runs)
+    if len(long_rows):
+        grp_ptr.append(len(long_rows))
+    it_grp, it_a, it_b, grp_it_ptr = [], [], [], [0]
+    for g, (starts, stops) in enumerate(grp_runs):
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            n = b - a
+            pieces = max(1, -(-n // chunk))
+            step = -(-n // pieces)
+            for x in range(a, b, step):
+                it_grp.append(g)
+                it_a.append(x)
+                it_b.append(min(b, x + step))
+        grp_it_ptr.append(len(it_grp))
+    i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    grp_ptr = i64(grp_ptr)
+    it_grp = i64(it_grp)
+    sizes = (grp_ptr[1:] - grp_ptr[:-1])[it_grp] if len(it_grp) else i64([])
+    it_off = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64) if len(it_grp) else i64([])
+    return dict(
+        long_rows=i64(long_rows),
+        grp_ptr=grp_ptr if len(long_rows) else i64([0]),
+        grp_it_ptr=i64(grp_it_ptr),
+        it_grp=it_grp,
+        it_a=i64(it_a),
+        it_b=i64(it_b),
+        it_off=it_off,
+    )
+
+
+def _runs_of(cols):
+    """Maximal runs of consecutive integers in a sorted array, as (starts, stops)."""
+    cols = np.asarray(cols, dtype=np.int64)
+    if len(cols) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    brk = np.flatnonzero(np.diff(cols) != 1) + 1
+    starts = cols[np.concatenate(([0], brk))]
+    stops = cols[np.concatenate((brk - 1, [len(cols) - 1]))] + 1
+    return starts, stops
+
+
+# -- numba helpers (imported lazily: building plans needs numba) ------------------
+class _Helpers:
+    def __getattr__(self, name):
+        from .kernels import fused
+
+        return getattr(fused, "plan_" + name)
+
+
+def _helpers():
+    return _Helpers()
+
+
+def _span_of_tiles(lo, hi, T, n_k):
+    """Per-tile [min lo, max hi) over the rows with a non-empty run."""
+    n_q = len(lo)
+    n_tiles = -(-n_q // T)
+    nonempty = hi > lo
+    lo_m = np.where(nonempty, lo, n_k)
+    hi_m = np.where(nonempty, hi, 0)
+    starts = np.arange(0, n_q, T)
+    k0 = np.minimum.reduceat(lo_m, starts) if n_q else np.zeros(0, np.int64)
+    k1 = np.maximum.reduceat(hi_m, starts) if n_q else np.zeros(0, np.int64)
+    empty = k1 <= k0
+    k0 = np.where(empty, 0, k0).astype(np.int64)
+    k1 = np.where(empty, 0, k1).astype(np.int64)
+    assert len(k0) == n_tiles
+    return k0, k1
+
+
+def _structure(p):
+    """(band or None, sorted global indices) when ``p`` is a union of one plain band and global tokens."""
+    parts = p.parts if isinstance(p, Union) else (p,)
+    band, glob = None, []
+    for part in parts:
+        if type(part) is SlidingWindow and part.dilation == 1 and band is None:
+            band = part
+        elif type(part) is GlobalTokens:
+            glob.append(part.indices)
+        else:
+            return None
+    g = np.unique(np.concatenate(glob)) if glob else np.zeros(0, np.int64)
+    return band, g.astype(np.int64)
+
+
+def _structured_plan(p, band, g, T, chunk):
+    n_q, n_k = p.shape
+    i = np.arange(n_q, dtype=np.int64)
+    if band is not None:
+        lo = np.maximum(0, i - band.left)
+        hi = np.minimum(n_k, i + band.right + 1)
+        hi = np.maximum(hi, lo)
+        width = band.left + band.right + 1
+    else:
+        lo = np.zeros(n_q, np.int64)
+        hi = np.zeros(n_q, np.int64)
+        width = len(g)
+    if T is None:
+        T = _tile_rows_for(min(width, n_k))
+    is_long = np.zeros(n_q, dtype=bool)
+    is_long[g] = True
+    lo[is_long] = 0
+    hi[is_long] = 0
+    k0, k1 = _span_of_tiles(lo, hi, T, n_k)
+    sh_ptr, sh_cols, sh_mask = _helpers().shared_globals(lo, hi, is_long, g, T)
+    full = (np.zeros(1, np.int64), np.full(1, n_k, np.int64))
+    longs = _long_items(g, [full] * len(g), T, chunk)
+    rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
+    cost = rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 64
+    return dict(
+        kind="structured",
+        tile_rows=T,
+        tile_k0=k0,
+        tile_k1=k1,
+        row_lo=lo,
+        row_hi=hi,
+        sh_ptr=sh_ptr,
+        sh_cols=sh_cols,
+        sh_mask=sh_mask,
+        rs_ptr=np.zeros(n_q + 1, np.int64),
+        rs_cols=np.zeros(0, np.int64),
+        tile_cost=cost.astype(np.int64),
+        **longs,
+    )
+
+
+def _generic_plan(p, T, chunk, long_min):
+    n_q, n_k = p.shape
+    csr = p.csr
+    indptr = np.asarray(csr.indptr, dtype=np.int64)
+    indices = np.asarray(csr.indices, dtype=np.int64)
+    counts = np.diff(indptr)
+    med = float(np.median(counts)) if n_q else 0.0
+    is_long = counts > max(long_min, LONG_FACTOR * med)
+    if T is None:
+        T = _tile_rows_for(max(int(med), 1))
+    h = _helpers()
+    lo, hi = h.longest_runs(indptr, indices, is_long, MIN_RUN)
+    # keep a tile's span only when the runs fill enough of it
+    k0, k1 = _span_of_tiles(lo, hi, T, n_k)
+    t_of = np.arange(n_q) // T
+    covered = np.add.reduceat(hi - lo, np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
+    n_rows = np.add.reduceat((~is_long).astype(np.int64), np.arange(0, n_q, T)) if n_q else covered
+    keep = covered >= MIN_SPAN_FILL * (k1 - k0) * np.maximum(n_rows, 1)
+    drop_row = ~keep[t_of] if n_q else np.zeros(0, bool)
+    lo[drop_row] = 0
+    hi[drop_row] = 0
+    k0 = np.where(keep, k0, 0)
+    k1 = np.where(keep, k1, 0)
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = h.leftovers(indptr, indices, is_long, lo, hi, T, n_k)
+    long_rows = np.flatnonzero(is_long)
+    runs = [_runs_of(indices[indptr[r] : indptr[r + 1]]) for r in long_rows]
+    longs = _long_items(long_rows, runs, T, chunk)
+    rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
+    rs_tile = np.add.reduceat(np.diff(rs_ptr), np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
+    cost = rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 4 * rs_tile + 64
+    return dict(
+        kind="generic",
+        tile_rows=T,
+        tile_k0=k0.astype(np.int64),
+        tile_k1=k1.astype(np.int64),
+        row_lo=lo,
+        row_hi=hi,
+        sh_ptr=sh_ptr,
+        sh_cols=sh_cols,
+        sh_mask=sh_mask,
+        rs_ptr=rs_ptr,
+        rs_cols=rs_cols,
+        tile_cost=cost.astype(np.int64),
+        **longs,
+    )
+
+
+def build_plan(pattern, *, tile_rows=None, chunk=CHUNK, long_min=LONG_MIN, generic=False):
+    """Compile ``pattern`` into a :class:`TilePlan` (uncached; see :func:`get_plan`).
+
+    Parameters
+    ----------
+    pattern : Pattern
+        The pattern to plan.
+    tile_rows : int, optional
+        Rows per tile; chosen from the typical row length when omitted.
+    chunk : int
+        Keys per dense GEMM chunk (spans and long rows are cut to this).
+    long_min : int
+        Rows longer than ``max(long_min, 8 * median row length)`` are long
+        rows (generic planner; the structured planner makes global tokens'
+        rows long).
+    generic : bool
+        Force the CSR-based planner even when the pattern's structure is known.
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a sparseattn Pattern, got {type(pattern).__name__}")
+    if tile_rows is not None and (not isinstance(tile_rows, int) or tile_rows < 1):
+        raise ValueError(f"tile_rows must be a positive int, got {tile_rows!r}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    struct = None if generic else _structure(pattern)
+    if struct is not None:
+        fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
+    else:
+        fields = _generic_plan(pattern, tile_rows, chunk, long_min)
+    return TilePlan(shape=pattern.shape, nnz=int(pattern.nnz), chunk=chunk, **fields)
+
+
+_cache = OrderedDict()
+_cache_lock = threading.Lock()
+_stats = {"hits": 0, "misses": 0}
+
+
+def get_plan(pattern):
+    """The cached :class:`TilePlan` of ``pattern`` (LRU of :data:`CACHE_SIZE` plans, keyed by identity)."""
+    key = pattern.identity
+    with _cache_lock:
+        plan = _cache.get(key)
+        if plan is not None:
+            _cache.move_to_end(key)
+            _stats["hits"] += 1
+            return plan
+    plan = build_plan(pattern)
+    with _cache_lock:
+        _stats["misses"] += 1
+        _cache[key] = plan
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return plan
+
+
+def clear_plan_cache():
+    """Forget every cached plan."""
+    with _cache_lock:
+        _cache.clear()
+        _stats["hits"] = _stats["misses"] = 0
+
+
+def plan_cache_info():
+    """``{"hits", "misses", "size", "maxsize"}`` of the plan cache."""
+    with _cache_lock:
+        return dict(_stats, size=len(_cache), maxsize=CACHE_SIZE)
