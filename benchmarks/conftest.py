@@ -1,0 +1,73 @@
+"""pytest configuration for the benchmarks (``pytest benchmarks/``).
+
+Options
+-------
+--quick
+    Few small sizes and one round per benchmark (same as ``SPARSEATTN_BENCH_QUICK=1``); CI runs
+    ``pytest benchmarks/ --quick --benchmark-disable`` so the benchmarks never rot.
+
+Environment
+-----------
+SPARSEATTN_BENCH_NS=1024,4096,8192
+    Overrides the list of sequence lengths of every n sweep.
+
+The float32 GEMM rate of NumPy's BLAS is measured once per run, in this process (with whatever
+``OPENBLAS_CORETYPE`` the machine sets) and in a subprocess with ``OPENBLAS_CORETYPE`` and
+``OPENBLAS_L2_SIZE`` unset; both go into the JSON's ``machine_info["sparseattn"]`` and every
+benchmark's ``extra_info``.
+"""
+
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", default=False, help="benchmarks: few small sizes, one round (also SPARSEATTN_BENCH_QUICK=1)")
+
+
+def pytest_configure(config):
+    if config.getoption("--quick", default=False):
+        os.environ[benchlib.QUICK_ENV] = "1"
+
+
+def pytest_sessionstart(session):
+    benchlib.session_gemm()  # measured before any benchmark, in the same run
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import numba
+
+    g = benchlib.session_gemm()
+    machine_info["sparseattn"] = {
+        "quick": benchlib.quick(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
+        "fused_available": benchlib.fused_available(),
+        "gemm_float32_in_process": g["in_process"],
+        "gemm_float32_hardware_default": g["hardware_default"],
+        "versions": {m: _version(m) for m in ("numpy", "scipy", "numba", "torch", "transformers", "sparseattn")},
+    }

@@ -1,0 +1,477 @@
+"""Benchmark reports: pytest-benchmark JSON to markdown tables and PNG plots.
+
+``sparseattn report BENCH.json [--out DIR]`` (or :func:`main`) reads the file
+written by ``pytest benchmarks/ --benchmark-json=BENCH.json`` and writes, under
+``DIR`` (default ``docs/benchmarks``):
+
+- ``BENCH.md``: per benchmark group, a table of method, n, radius, global
+  tokens, dtype, median time, useful GFLOP/s (4·nnz·d per head), its share of
+  the machine's float32 GEMM rate, the growth ratio time(n) / time(previous n),
+  peak extra memory; the fitted log-log slope of time against n per method;
+  and the speed-up of each ``sparseattn*`` method over each peer of the group
+  at the same workload;
+- ``BENCH-<group>-time_vs_n.png`` (log-log, fitted slope in the legend),
+  ``BENCH-<group>-time_vs_radius.png`` and ``BENCH-<group>-speedup.png``
+  (matplotlib, extra ``viz``; imported only here and only when plotting).
+
+The benchmarks store what the report needs in each benchmark's ``extra_info``:
+``method``, ``n``, ``radius``, ``globals``, ``dtype``, ``useful_flop``, and
+optionally ``rss_peak_delta_bytes`` / ``tracemalloc_peak_bytes``.  Entries
+without them are still listed, with blanks.
+
+Examples
+--------
+>>> import json, os, tempfile
+>>> from sparseattn.report import report
+>>> bench = {"machine_info": {}, "benchmarks": [
+...     {"group": "demo", "name": f"t[{m}-n{n}]", "stats": {"median": t},
+...      "extra_info": {"method": m, "n": n, "radius": 8, "useful_flop": 4e9 * n / 1024}}
+...     for m, n, t in [("sparseattn", 1024, 0.01), ("sparseattn", 2048, 0.02),
+...                     ("dense", 1024, 0.05), ("dense", 2048, 0.2)]]}
+>>> d = tempfile.mkdtemp()
+>>> with open(os.path.join(d, "B.json"), "w") as f:
+...     json.dump(bench, f)
+>>> out = report(os.path.join(d, "B.json"), out_dir=d, plots=False)
+>>> print(open(out["markdown"]).read().split("### Speed-up")[1].split("\\n\\n")[2].strip())
+| method | n | radius | globals | dtype | × vs dense |
+|---|---|---|---|---|---|
+| sparseattn | 1024 | 8 | — | — | 5.00× |
+| sparseattn | 2048 | 8 | — | — | 10.0× |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+
+__all__ = ["load", "summarize", "fit_slope", "render_markdown", "report", "main"]
+
+OURS_PREFIX = "sparseattn"
+_KEY_FIELDS = ("n", "radius", "globals", "dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def load(json_path):
+    """Read a pytest-benchmark JSON file; ValueError if it is not one."""
+    if not isinstance(json_path, (str, os.PathLike)):
+        raise TypeError(f"json_path must be a path to a pytest-benchmark JSON file, got {type(json_path).__name__}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"json_path {os.fspath(json_path)!r} does not exist (write it with pytest --benchmark-json=PATH)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"json_path {os.fspath(json_path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        got = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"json_path {os.fspath(json_path)!r} is not pytest-benchmark output: expected a 'benchmarks' list, got keys {got}")
+    return data
+
+
+def _record(bench):
+    extra = bench.get("extra_info") or {}
+    stats = bench.get("stats") or {}
+    median = stats.get("median")
+    rec = {
+        "group": bench.get("group") or "(no group)",
+        "name": bench.get("name", "?"),
+        "method": extra.get("method") or bench.get("name", "?"),
+        "median": float(median) if median is not None else None,
+        "rounds": stats.get("rounds"),
+    }
+    for key in _KEY_FIELDS:
+        rec[key] = extra.get(key)
+    flop = extra.get("useful_flop")
+    rec["gflops"] = flop / rec["median"] / 1e9 if flop and rec["median"] else None
+    peaks = [extra.get(k) for k in ("rss_peak_delta_bytes", "tracemalloc_peak_bytes") if extra.get(k) is not None]
+    rec["peak_bytes"] = max(peaks) if peaks else None
+    return rec
+
+
+def _method_order(method):
+    return (0 if method == OURS_PREFIX else 1 if method.startswith(OURS_PREFIX) else 2, method)
+
+
+def _sort_key(value):
+    return (value is None, value if isinstance(value, (int, float)) else str(value))
+
+
+def gemm_reference(data):
+    """(GFLOP/s, label) of the float32 GEMM rate to compare against, or (None, None).
+
+    Prefers the rate measured in the subprocess with OPENBLAS_CORETYPE unset (what
+    the hardware does), else the in-process rate.
+    """
+    info = (data.get("machine_info") or {}).get("sparseattn") or {}
+    for key, label in (("gemm_float32_hardware_default", "subprocess, OPENBLAS_CORETYPE unset"), ("gemm_float32_in_process", "in process")):
+        g = info.get(key) or {}
+        if g.get("gemm_gflops"):
+            return float(g["gemm_gflops"]), f"{label}, kernel {g.get('blas_architecture', '?')}"
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# analysis
+# --------------------------------------------------------------------------------------------
+
+
+def fit_slope(xs, ts):
+    """Least-squares slope of log(t) against log(x); None with fewer than two distinct x."""
+    pts = [(math.log(x), math.log(t)) for x, t in zip(xs, ts) if x and t and x > 0 and t > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
+    return sxy / sxx
+
+
+def _series(recs, vary):
+    """{(method, other key fields...): [records sorted by `vary`]} for records that have `vary`."""
+    out = {}
+    for r in recs:
+        if r[vary] is None or r["median"] is None:
+            continue
+        key = (r["method"],) + tuple(r[k] for k in _KEY_FIELDS if k != vary)
+        out.setdefault(key, []).append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: r[vary])
+    return out
+
+
+def summarize(data):
+    """Group the benchmarks: ``{group: {"rows", "slopes_n", "slopes_radius", "speedups", "peers", "ours"}}``.
+
+    ``rows``: one dict per benchmark (method, n, radius, globals, dtype, median s,
+    gflops, gemm_pct, growth = time / time of the previous n (or radius) of the
+    same series, growth_x = that n ratio, peak_bytes).  ``slopes_n`` /
+    ``slopes_radius``: ``{series key: fitted log-log slope}``.  ``speedups``:
+    ``{(our method, n, radius, globals, dtype): {peer: t_peer / t_ours}}``.
+    """
+    gemm, _ = gemm_reference(data)
+    groups = {}
+    for bench in data["benchmarks"]:
+        rec = _record(bench)
+        groups.setdefault(rec["group"], []).append(rec)
+    result = {}
+    for group, recs in groups.items():
+        for r in recs:
+            r["gemm_pct"] = 100.0 * r["gflops"] / gemm if gemm and r["gflops"] else None
+            r["growth"] = r["growth_x"] = None
+        vary = "n" if len({r["n"] for r in recs}) > 1 else "radius" if len({r["radius"] for r in recs}) > 1 else None
+        slopes = {"n": {}, "radius": {}}
+        for v in ("n", "radius"):
+            for key, rs in _series(recs, v).items():
+                s = fit_slope([r[v] for r in rs], [r["median"] for r in rs])
+                if s is not None:
+                    slopes[v][key] = s
+                if v == vary:
+                    for prev, cur in zip(rs, rs[1:]):
+                        cur["growth"] = cur["median"] / prev["median"]
+                        cur["growth_x"] = cur[v] / prev[v]
+        recs.sort(key=lambda r: (_method_order(r["method"]),) + tuple(_sort_key(r[k]) for k in _KEY_FIELDS))
+        methods = sorted({r["method"] for r in recs}, key=_method_order)
+        ours = [m for m in methods if m.startswith(OURS_PREFIX)]
+        peers = [m for m in methods if not m.startswith(OURS_PREFIX)]
+        by_key = {}
+        for r in recs:
+            if r["median"]:
+                by_key.setdefault(tuple(r[k] for k in _KEY_FIELDS), {})[r["method"]] = r["median"]
+        speedups = {}
+        for key, times in sorted(by_key.items(), key=lambda kv: tuple(_sort_key(x) for x in kv[0])):
+            for m in ours:
+                if m in times and any(p in times for p in peers):
+                    speedups[(m,) + key] = {p: times[p] / times[m] for p in peers if p in times}
+        result[group] = {
+            "rows": recs,
+            "vary": vary,
+            "slopes_n": slopes["n"],
+            "slopes_radius": slopes["radius"],
+            "speedups": dict(sorted(speedups.items(), key=lambda kv: (_method_order(kv[0][0]),) + tuple(_sort_key(x) for x in kv[0][1:]))),
+            "ours": ours,
+            "peers": peers,
+        }
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_ms(seconds):
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 0.1 else f"{ms:.3g}"
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return str(x)
+
+
+def _fmt_ratio(x):
+    return "—" if x is None else (f"{x:.2f}×" if x < 10 else f"{x:.1f}×" if x < 100 else f"{x:.0f}×")
+
+
+def _fmt_mib(b):
+    return "—" if b is None else f"{b / 2**20:.1f}"
+
+
+def slugify(text):
+    """A file-name-safe version of a group name."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "group"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def _series_label(key, vary):
+    fields = [k for k in _KEY_FIELDS if k != vary]
+    extra = ", ".join(f"{k}={v}" for k, v in zip(fields, key[1:]) if v is not None)
+    return key[0] + (f" ({extra})" if extra else "")
+
+
+def render_markdown(data, summary, plots=None, title=None):
+    """The markdown report for ``summary`` (from :func:`summarize`); ``plots``: {group: [png names]}."""
+    plots = plots or {}
+    mi = data.get("machine_info") or {}
+    sa = mi.get("sparseattn") or {}
+    out = [f"# {title or 'Benchmarks'}", ""]
+    when = data.get("datetime")
+    commit = (data.get("commit_info") or {}).get("id")
+    facts = []
+    if when:
+        facts.append(f"run {when}")
+    if commit:
+        facts.append(f"commit {commit[:10]}{' (dirty tree)' if (data.get('commit_info') or {}).get('dirty') else ''}")
+    if sa.get("cpu_model") or mi.get("cpu"):
+        facts.append(f"CPU {sa.get('cpu_model') or (mi.get('cpu') or {}).get('brand_raw', '?')}, {sa.get('cpu_count', mi.get('cpu', {}).get('count', '?'))} cores")
+    if "fused_available" in sa:
+        facts.append("fused path " + ("available" if sa["fused_available"] else "NOT available (auto = staged)"))
+    if sa.get("quick"):
+        facts.append("quick mode (small sizes, one round: smoke test, not a measurement)")
+    if facts:
+        out += ["- " + "\n- ".join(facts), ""]
+    for key, label in (("gemm_float32_in_process", "in this process"), ("gemm_float32_hardware_default", "subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset")):
+        g = sa.get(key) or {}
+        if g.get("gemm_gflops"):
+            env = g.get("env_OPENBLAS_CORETYPE")
+            out.append(
+                f"- NumPy float32 GEMM ({g.get('gemm_n')}²), {label}: **{g['gemm_gflops']:.1f} GFLOP/s**, "
+                f"BLAS {g.get('blas_internal_api', '?')} {g.get('blas_version', '')} kernel **{g.get('blas_architecture', '?')}**, "
+                f"{g.get('blas_num_threads', '?')} threads" + (f", OPENBLAS_CORETYPE={env}" if env else "")
+            )
+        elif g.get("error"):
+            out.append(f"- NumPy float32 GEMM, {label}: not measured ({g['error']})")
+    versions = sa.get("versions") or {}
+    if versions:
+        out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    out += [
+        "",
+        "Time is the median over rounds. GFLOP/s counts useful work only: 4·nnz·d per head "
+        "(scores and P·V at the allowed pairs), whatever the method computes. % GEMM is that rate over "
+        "the float32 GEMM rate above (the subprocess figure when present). Growth is time over the time "
+        "at the previous size of the same series. Peak MiB is the peak extra memory of one call "
+        "(max of the RSS high-water-mark delta and tracemalloc's peak).",
+        "",
+    ]
+    for group, g in summary.items():
+        out += [f"## {group}", ""]
+        header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "rounds"]
+        rows = []
+        for r in g["rows"]:
+            growth = "—" if r["growth"] is None else f"{r['growth']:.2f} ({g['vary']} ×{r['growth_x']:g})"
+            rows.append(
+                [r["method"], _fmt(r["n"]), _fmt(r["radius"]), _fmt(r["globals"]), _fmt(r["dtype"]), _fmt_ms(r["median"]),
+                 _fmt(r["gflops"]), _fmt(r["gemm_pct"], 2), growth, _fmt_mib(r["peak_bytes"]), _fmt(r["rounds"])]
+            )
+        out += [_table(header, rows), ""]
+        for v, label in (("n", "n"), ("radius", "radius")):
+            slopes = g[f"slopes_{v}"]
+            if slopes:
+                out.append(f"Fitted log-log slope of time against {label} (1 = linear, 2 = quadratic):")
+                out.append("")
+                out += [f"- {_series_label(k, v)}: **{s:.2f}**" for k, s in slopes.items()]
+                out.append("")
+        if g["speedups"]:
+            out += ["### Speed-up", "", f"t(peer) / t(ours) at the same workload, in group {group!r}:", ""]
+            header = ["method", "n", "radius", "globals", "dtype"] + [f"× vs {p}" for p in g["peers"]]
+            rows = [[key[0]] + [_fmt(x) for x in key[1:]] + [_fmt_ratio(sp.get(p)) for p in g["peers"]] for key, sp in g["speedups"].items()]
+            out += [_table(header, rows), ""]
+        for png in plots.get(group, []):
+            out += [f"![{group}: {png}]({png})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+
+
+def _figure():
+    from matplotlib.figure import Figure  # lazy: extra 'viz'; no pyplot, no global backend state
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _plot_vs(group, g, vary, path):
+    series = _series(g["rows"], vary)
+    series = {k: rs for k, rs in series.items() if len(rs) > 1}
+    if not series:
+        return False
+    slopes = g[f"slopes_{vary}"]
+    fig, ax = _figure()
+    for key, rs in sorted(series.items(), key=lambda kv: _method_order(kv[0][0])):
+        label = _series_label(key, vary)
+        if key in slopes:
+            label += f"  slope {slopes[key]:.2f}"
+        ax.plot([r[vary] for r in rs], [r["median"] * 1e3 for r in rs], marker="o", label=label, linewidth=2.2 if key[0] == OURS_PREFIX else 1.4)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(vary)
+    ax.set_ylabel("median time (ms)")
+    ax.set_title(f"{group}\ntime vs {vary} (log-log)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _plot_speedup(group, g, path):
+    if not g["speedups"] or not g["vary"]:
+        return False
+    vary = g["vary"]
+    idx = 1 + list(_KEY_FIELDS).index(vary)
+    lines = {}
+    for key, sp in g["speedups"].items():
+        for peer, x in sp.items():
+            rest = tuple(v for i, v in enumerate(key) if i not in (0, idx))
+            lines.setdefault((key[0], peer) + rest, []).append((key[idx], x))
+    fig, ax = _figure()
+    for (ours, peer, *_), pts in sorted(lines.items(), key=lambda kv: (_method_order(kv[0][0]), kv[0][1:])):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{ours} vs {peer}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(vary)
+    ax.set_ylabel("speed-up  t(peer) / t(ours)")
+    ax.set_title(f"{group}\nspeed-up over each peer", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _make_plots(summary, out_dir, stem):
+    written = {}
+    for group, g in summary.items():
+        base = f"{stem}-{slugify(group)}"
+        for suffix, make in (
+            ("time_vs_n", lambda p, g=g, grp=group: _plot_vs(grp, g, "n", p)),
+            ("time_vs_radius", lambda p, g=g, grp=group: _plot_vs(grp, g, "radius", p)),
+            ("speedup", lambda p, g=g, grp=group: _plot_speedup(grp, g, p)),
+        ):
+            name = f"{base}-{suffix}.png"
+            if make(os.path.join(out_dir, name)):
+                written.setdefault(group, []).append(name)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
+
+
+def report(json_path, out_dir="docs/benchmarks", *, plots=True, title=None):
+    """Write ``<stem>.md`` and the PNG plots for a pytest-benchmark JSON file.
+
+    Parameters
+    ----------
+    json_path : str or os.PathLike
+        Output of ``pytest benchmarks/ --benchmark-json=PATH``.
+    out_dir : str or os.PathLike
+        Directory for the markdown and PNGs (created if missing).
+    plots : bool
+        Draw the PNGs (needs matplotlib, extra ``viz``).  Without matplotlib the
+        markdown is still written and ``"plots_skipped"`` says why.
+    title : str, optional
+        Heading of the markdown (default: ``Benchmarks: <file name>``).
+
+    Returns
+    -------
+    dict
+        ``{"markdown": path, "plots": [paths], "summary": summarize(...)}``
+        (plus ``"plots_skipped"`` when matplotlib is missing).
+    """
+    data = load(json_path)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a directory path, got {type(out_dir).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(os.fspath(json_path)))[0]
+    summary = summarize(data)
+    result = {"plots": []}
+    written = {}
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            result["plots_skipped"] = "matplotlib is not installed (pip install 'sparseattn[viz]')"
+        else:
+            written = _make_plots(summary, out_dir, stem)
+    md = render_markdown(data, summary, written, title=title or f"Benchmarks: {os.path.basename(os.fspath(json_path))}")
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(md)
+    result["markdown"] = md_path
+    result["plots"] = [os.path.join(out_dir, n) for names in written.values() for n in names]
+    result["summary"] = summary
+    return result
+
+
+def main(argv=None):
+    """``sparseattn report BENCH.json [BENCH2.json ...] [--out DIR] [--no-plots]``; returns 0."""
+    parser = argparse.ArgumentParser(
+        prog="sparseattn report",
+        description="Turn pytest-benchmark JSON (pytest benchmarks/ --benchmark-json=BENCH.json) into a markdown "
+        "table and PNG plots: time vs n (log-log, fitted slope), time vs radius, speed-up over each peer.",
+    )
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s)")
+    parser.add_argument("--out", default="docs/benchmarks", metavar="DIR", help="output directory (default: docs/benchmarks)")
+    parser.add_argument("--no-plots", action="store_true", help="write the markdown only")
+    args = parser.parse_args(argv)
+    for path in args.json:
+        if not os.path.isfile(path):
+            parser.error(f"{path}: no such file (write it with pytest benchmarks/ --benchmark-json={path})")
+    for path in args.json:
+        try:
+            res = report(path, args.out, plots=not args.no_plots)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"wrote {res['markdown']}")
+        for p in res["plots"]:
+            print(f"wrote {p}")
+        if "plots_skipped" in res:
+            print(f"plots skipped: {res['plots_skipped']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

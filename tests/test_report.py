@@ -1,0 +1,240 @@
+"""sparseattn.report on a synthetic pytest-benchmark JSON built here.
+
+Every number in the generated tables is checked against the same quantity
+computed independently in the test (NumPy polyfit for the slopes, plain
+divisions for GFLOP/s, growth and speed-ups).
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sparseattn import report as rp
+
+NS = [1024, 2048, 4096, 8192]
+HEADS, D, RADIUS = 12, 64, 256
+GEMM_IN, GEMM_HW = 244.0, 465.0
+
+
+def _nnz(n, radius):
+    i = np.arange(n)
+    return int((np.minimum(i + radius, n - 1) - np.maximum(i - radius, 0) + 1).sum())
+
+
+def _flop(n, radius):
+    return 4 * _nnz(n, radius) * D * HEADS
+
+
+def _bench(group, method, median, rounds=5, **extra):
+    name = f"test_x[{method}-" + "-".join(f"{k}{v}" for k, v in extra.items() if k in ("n", "radius")) + "]"
+    return {
+        "group": group,
+        "name": name,
+        "fullname": "benchmarks/test_x.py::" + name,
+        "params": None,
+        "stats": {"median": median, "min": median * 0.9, "max": median * 1.2, "mean": median, "rounds": rounds},
+        "extra_info": dict(extra, method=method),
+    }
+
+
+@pytest.fixture
+def synthetic():
+    rng = np.random.default_rng(7)
+    times = {}
+    benches = []
+    g_n = "n-scaling r256"
+    laws = {"sparseattn": (2e-3, 1.0), "sparseattn-staged": (5e-3, 1.05), "torch-flex": (6e-3, 1.1), "dense-numpy": (9e-3, 2.0)}
+    for method, (c, p) in laws.items():
+        for n in NS:
+            if method == "dense-numpy" and n == 8192:
+                continue  # a peer missing at one size: its speed-up cell must be blank
+            t = c * (n / 1024) ** p * float(rng.uniform(0.95, 1.05))
+            times[(method, n)] = t
+            benches.append(
+                _bench(g_n, method, t, n=n, radius=RADIUS, globals=1, dtype="float32", useful_flop=_flop(n, RADIUS), rss_peak_delta_bytes=n * 1024, tracemalloc_peak_bytes=n * 512)
+            )
+    g_r = "radius-scaling n8192"
+    rtimes = {}
+    for r in [32, 64, 128, 256]:
+        t = 1e-3 * (r / 32) ** 0.9
+        rtimes[r] = t
+        benches.append(_bench(g_r, "sparseattn", t, n=8192, radius=r, globals=1, dtype="float32", useful_flop=_flop(8192, r)))
+    benches.append({"group": "gemm", "name": "test_gemm_float32", "stats": {"median": 0.04, "rounds": 10}, "extra_info": {}})
+    machine = {
+        "sparseattn": {
+            "cpu_model": "Test CPU",
+            "cpu_count": 2,
+            "fused_available": True,
+            "gemm_float32_in_process": {"gemm_n": 2048, "gemm_gflops": GEMM_IN, "blas_architecture": "Haswell", "blas_internal_api": "openblas"},
+            "gemm_float32_hardware_default": {"gemm_n": 2048, "gemm_gflops": GEMM_HW, "blas_architecture": "SkylakeX", "blas_internal_api": "openblas"},
+        }
+    }
+    data = {"machine_info": machine, "commit_info": {"id": "abc123def456", "dirty": False}, "benchmarks": benches, "datetime": "2025-01-01T00:00:00", "version": "5.2.3"}
+    return data, times, rtimes
+
+
+def _write(tmp_path, data, name="BENCH.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _tables(md, group):
+    """Parse the markdown tables of one group section into lists of {header: cell} dicts."""
+    section = md.split(f"## {group}\n", 1)[1].split("\n## ", 1)[0]
+    tables, current = [], None
+    for line in section.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if current is None:
+                current = {"header": cells, "rows": []}
+            elif not all(set(c) <= {"-"} for c in cells):
+                current["rows"].append(dict(zip(current["header"], cells)))
+        elif current is not None:
+            tables.append(current)
+            current = None
+    if current is not None:
+        tables.append(current)
+    return tables
+
+
+def _num(cell):
+    return float(cell.rstrip("×").split(" ")[0])
+
+
+def test_summary_numbers_match_independent_computation(synthetic):
+    data, times, rtimes = synthetic
+    s = rp.summarize(data)
+    g = s["n-scaling r256"]
+    assert g["vary"] == "n"
+    assert g["ours"] == ["sparseattn", "sparseattn-staged"]
+    assert sorted(g["peers"]) == ["dense-numpy", "torch-flex"]
+    for r in g["rows"]:
+        t = times[(r["method"], r["n"])]
+        assert r["median"] == t
+        assert math.isclose(r["gflops"], _flop(r["n"], RADIUS) / t / 1e9, rel_tol=1e-12)
+        assert math.isclose(r["gemm_pct"], 100 * r["gflops"] / GEMM_HW, rel_tol=1e-12)  # the subprocess rate wins
+        assert r["peak_bytes"] == r["n"] * 1024
+        if r["n"] == 1024:
+            assert r["growth"] is None
+        else:
+            assert math.isclose(r["growth"], t / times[(r["method"], r["n"] // 2)], rel_tol=1e-12)
+            assert r["growth_x"] == 2
+    for method in ("sparseattn", "torch-flex", "dense-numpy"):
+        ns = [n for n in NS if (method, n) in times]
+        want = np.polyfit(np.log(ns), np.log([times[(method, n)] for n in ns]), 1)[0]
+        assert math.isclose(g["slopes_n"][(method, RADIUS, 1, "float32")], want, rel_tol=1e-9)
+    for n in NS:
+        sp = g["speedups"][("sparseattn", n, RADIUS, 1, "float32")]
+        assert math.isclose(sp["torch-flex"], times[("torch-flex", n)] / times[("sparseattn", n)], rel_tol=1e-12)
+        assert ("dense-numpy" in sp) == (n != 8192)
+    r = s["radius-scaling n8192"]
+    assert r["vary"] == "radius"
+    want = np.polyfit(np.log(list(rtimes)), np.log(list(rtimes.values())), 1)[0]
+    assert math.isclose(r["slopes_radius"][("sparseattn", 8192, 1, "float32")], want, rel_tol=1e-9)
+    assert math.isclose(want, 0.9, rel_tol=1e-9)
+
+
+def test_markdown_tables(synthetic, tmp_path):
+    data, times, _ = synthetic
+    path = _write(tmp_path, data)
+    before = path.read_bytes()
+    res = rp.report(path, out_dir=tmp_path / "out", plots=False)
+    assert path.read_bytes() == before
+    md = (tmp_path / "out" / "BENCH.md").read_text()
+    assert res["markdown"] == str(tmp_path / "out" / "BENCH.md")
+    assert "465.0 GFLOP/s" in md and "SkylakeX" in md and "244.0 GFLOP/s" in md and "Haswell" in md
+    main, speed = _tables(md, "n-scaling r256")
+    seen = set()
+    for row in main["rows"]:
+        method, n = row["method"], int(row["n"])
+        t = times[(method, n)]
+        seen.add((method, n))
+        assert math.isclose(_num(row["median ms"]), t * 1e3, rel_tol=6e-3)
+        assert math.isclose(_num(row["GFLOP/s"]), _flop(n, RADIUS) / t / 1e9, rel_tol=6e-3)
+        assert math.isclose(_num(row["% GEMM"]), 100 * _flop(n, RADIUS) / t / 1e9 / GEMM_HW, rel_tol=6e-2)
+        assert math.isclose(_num(row["peak MiB"]), n * 1024 / 2**20, rel_tol=6e-2)
+        if n > 1024:
+            assert math.isclose(_num(row["growth"]), t / times[(method, n // 2)], rel_tol=6e-3)
+            assert "n ×2" in row["growth"]
+    assert seen == set(times)
+    # ours first, the primary method on top
+    assert main["rows"][0]["method"] == "sparseattn"
+    assert speed["header"][:5] == ["method", "n", "radius", "globals", "dtype"]
+    for row in speed["rows"]:
+        ours, n = row["method"], int(row["n"])
+        for peer in ("torch-flex", "dense-numpy"):
+            cell = row[f"× vs {peer}"]
+            if (peer, n) in times:
+                assert math.isclose(_num(cell), times[(peer, n)] / times[(ours, n)], rel_tol=6e-3)
+            else:
+                assert cell == "—"
+    # the fitted slope of each method is printed
+    want = np.polyfit(np.log(NS), np.log([times[("sparseattn", n)] for n in NS]), 1)[0]
+    assert f"- sparseattn (radius=256, globals=1, dtype=float32): **{want:.2f}**" in md
+    # a benchmark without extra_info is still listed
+    (gemm,) = _tables(md, "gemm")
+    assert gemm["rows"][0]["method"] == "test_gemm_float32" and gemm["rows"][0]["median ms"] == "40.0"
+
+
+def test_plots_written(synthetic, tmp_path):
+    pytest.importorskip("matplotlib")
+    data, _, _ = synthetic
+    path = _write(tmp_path, data, "run1.json")
+    res = rp.report(path, out_dir=tmp_path, plots=True)
+    names = sorted(p.split("/")[-1] for p in res["plots"])
+    assert names == [
+        "run1-n-scaling-r256-speedup.png",
+        "run1-n-scaling-r256-time_vs_n.png",
+        "run1-radius-scaling-n8192-time_vs_radius.png",
+    ]
+    for p in res["plots"]:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "run1.md").read_text()
+    for name in names:
+        assert f"]({name})" in md
+
+
+def test_main_cli(synthetic, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data, _, _ = synthetic
+    path = _write(tmp_path, data)
+    out = tmp_path / "docs"
+    assert rp.main([str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'BENCH.md'}" in printed
+    assert (out / "BENCH.md").exists() and len(list(out.glob("BENCH-*.png"))) == 3
+    with pytest.raises(SystemExit) as exc:
+        rp.main(["--help"])
+    assert exc.value.code == 0
+    assert "--out" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        rp.main([str(tmp_path / "missing.json")])
+    assert exc.value.code == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_fit_slope():
+    assert math.isclose(rp.fit_slope([1, 2, 4, 8], [3.0, 6.0, 12.0, 24.0]), 1.0)
+    assert math.isclose(rp.fit_slope([10, 100], [1.0, 100.0]), 2.0)
+    assert rp.fit_slope([5], [1.0]) is None
+    assert rp.fit_slope([5, 5], [1.0, 2.0]) is None
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(TypeError, match="json_path"):
+        rp.report(123)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        rp.report(bad, out_dir=tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="'benchmarks' list.*results"):
+        rp.report(other, out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        rp.load(tmp_path / "nope.json")
