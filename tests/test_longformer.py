@@ -439,3 +439,23 @@ def test_package_builder_still_callable_after_import():
     assert sa.longformer is mod
     assert sa.longformer(7, attention_window=2, global_indices=[0]) == (sa.sliding_window(7, 1) | sa.global_tokens(7, [0]))
     assert list(inspect.signature(sa.longformer).parameters) == ["n", "attention_window", "global_indices"]
+
+
+@pytest.mark.compat
+@pytest.mark.slow
+def test_matches_transformers_base_size():
+    """longformer-base geometry (E = 768, 12 heads) with its default initialisation, uneven n, padding, globals."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import LongformerConfig
+    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention as HFLayer
+
+    E, h, W, n, b = 768, 12, 256, 700, 2
+    torch.manual_seed(0)
+    cfg = LongformerConfig(hidden_size=E, num_attention_heads=h, attention_window=[W], attention_probs_dropout_prob=0.0)
+    hf = HFLayer(cfg, layer_id=0).eval()
+    layer = LongformerSelfAttention.from_state_dict(hf.state_dict(), attention_window=W, num_heads=h)
+    x = np.random.default_rng(0).standard_normal((b, n, E)).astype(np.float32)
+    am, gm = masks(b, n, (0, 1, 2, 350, 699), {1: 123})
+    out = layer(x, am, gm)
+    assert np.abs(out - _hf_forward(torch, hf, x, am, gm, W)).max() <= 1e-5
