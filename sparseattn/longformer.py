@@ -266,7 +266,7 @@ class LongformerSelfAttention:
                 "from_safetensors needs the 'safetensors' package (pip install 'sparseattn[safetensors]')"
             ) from None
         state = {}
-        with safe_open(str(path), framework="numpy") as f:
+        with safe_open(str(path), framework="np") as f:
             available = set(f.keys())
             for name in _PARAM_NAMES:
                 if prefix + name in available:
