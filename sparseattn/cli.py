@@ -409,29 +409,47 @@ def _cmd_receptive(args, words, out):
     n_q, n_k = pattern.shape
     if n_q != n_k:
         raise CLIError(f"receptive fields need a square (self-attention) pattern, but {text} has shape {pattern.shape}")
-    cover = analysis.layers_to_cover(pattern)
+    if args.layers is not None and args.layers < 1:
+        raise CLIError(f"--layers must be >= 1, got {args.layers}")
+    traced = args.tokens
+    if traced is None:
+        traced = n_q if n_q <= 4096 else 33
+    if traced < 1:
+        raise CLIError(f"--tokens must be >= 1, got {traced}")
+    tokens = None
+    if traced < n_q:
+        # evenly spaced, both ends included (the ends of a band are covered last)
+        tokens = np.unique(np.linspace(0, n_q - 1, traced).round().astype(np.int64))
+    if args.cover_limit < 1:
+        raise CLIError(f"--cover-limit must be >= 1, got {args.cover_limit}")
+    cover = analysis.layers_to_cover(pattern, max_layers=args.cover_limit, tokens=tokens)
     layers = args.layers
     if layers is None:
         layers = min(cover, 16) if cover is not None else 4
-    if layers < 1:
-        raise CLIError(f"--layers must be >= 1, got {layers}")
     print(text, file=out)
     print(_summary(pattern), file=out)
     print(file=out)
-    print("receptive field after L stacked layers (tokens that can influence each token):", file=out)
+    who = "each token" if tokens is None else f"each of {len(tokens)} evenly spaced traced tokens (--tokens)"
+    print(f"receptive field after L stacked layers (tokens that can influence {who}):", file=out)
     print(f"{'layers':>6}  {'mean tokens':>12}  {'min tokens':>10}  {'fully covered':>13}", file=out)
-    for layer in range(1, layers + 1):
-        counts = np.asarray(analysis.receptive_field(pattern, layer))
-        if counts.shape != (n_q,):
-            raise CLIError(f"receptive_field returned shape {counts.shape}, expected ({n_q},)")
-        full = float(np.mean(counts >= n_k)) if n_q else 0.0
-        mean = float(counts.mean()) if n_q else 0.0
-        low = int(counts.min()) if n_q else 0
+    if hasattr(analysis, "coverage_by_layer"):
+        table = np.asarray(analysis.coverage_by_layer(pattern, layers, tokens=tokens))
+    else:  # pragma: no cover - older analysis module
+        table = np.stack([np.asarray(analysis.receptive_field(pattern, L, tokens=tokens)) for L in range(1, layers + 1)])
+    for layer, counts in enumerate(table, start=1):
+        full = float(np.mean(counts >= n_k)) if counts.size else 0.0
+        mean = float(counts.mean()) if counts.size else 0.0
+        low = int(counts.min()) if counts.size else 0
         print(f"{layer:>6}  {mean:>12.1f}  {low:>10d}  {full:>12.1%}", file=out)
+    scope = "every token" if tokens is None else "every traced token"
     if cover is None:
-        print("layers to cover every token: never (some token can never influence some other token)", file=out)
+        print(
+            f"layers until {scope} is influenced by all {n_q} tokens: not within {args.cover_limit} "
+            f"(--cover-limit; never, or more layers)",
+            file=out,
+        )
     else:
-        print(f"layers to cover every token: {cover}", file=out)
+        print(f"layers until {scope} is influenced by all {n_q} tokens: {cover}", file=out)
     if args.png:
         from . import viz
 
@@ -711,6 +729,18 @@ def _make_parser():
             p.add_argument("--max-size", type=int, default=64, help="largest pattern side printed as text (default: 64)")
         else:
             p.add_argument("--layers", type=int, default=None, help="stacked layers to report (default: until covered, at most 16)")
+            p.add_argument(
+                "--tokens",
+                type=int,
+                default=None,
+                help="trace this many evenly spaced tokens instead of all (default: all up to n = 4096, else 33)",
+            )
+            p.add_argument(
+                "--cover-limit",
+                type=int,
+                default=24,
+                help="search at most this many layers for full coverage (default: 24)",
+            )
         p.set_defaults(func=func, parser=p)
 
     sub.add_parser(

@@ -258,7 +258,7 @@ def test_receptive_per_head_uses_the_union_of_heads(capsys, monkeypatch):
     code, out, err = run(capsys, "receptive", "two_heads", "--n", "30")
     assert code == 0, err
     assert "union of its 2 per-head patterns" in out
-    assert "layers to cover every token: 2" in out  # head 1's global token reaches everyone in 2 layers
+    assert "layers until every token is influenced by all 30 tokens: 2" in out  # head 1's global token reaches everyone in 2 layers
 
 
 def test_third_party_builder_help_lists_parameters(capsys, third_party):
@@ -356,7 +356,7 @@ def test_receptive_band_closed_form(capsys):
         assert low == counts.min()
         assert full == pytest.approx(100 * np.mean(counts == n), abs=0.051)
     # band of radius 2 over 20 tokens: the ends meet after ceil(19 / 2) = 10 layers
-    assert "layers to cover every token: 10" in out
+    assert "layers until every token is influenced by all 20 tokens: 10" in out
 
 
 def test_receptive_band_plus_global_covers_in_two_layers(capsys):
@@ -367,14 +367,27 @@ def test_receptive_band_plus_global_covers_in_two_layers(capsys):
     assert sorted(table) == [1, 2]  # default: until covered
     assert table[2] == (30.0, 30, 100.0)
     assert table[1][2] < 100.0
-    assert "layers to cover every token: 2" in out
+    assert "layers until every token is influenced by all 30 tokens: 2" in out
+
+
+def test_receptive_sampled_tokens_and_cover_limit(capsys):
+    pytest.importorskip("sparseattn.analysis")
+    n, r = 101, 5
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r), "--tokens", "5", "--layers", "2", "--cover-limit", "3")
+    assert code == 0, err
+    traced = np.array([0, 25, 50, 75, 100])
+    for L, (mean, low, full) in _table(out).items():
+        counts = np.minimum(traced + L * r, n - 1) - np.maximum(traced - L * r, 0) + 1
+        assert (mean, low, full) == (pytest.approx(counts.mean(), abs=0.051), counts.min(), 0.0)
+    assert "each of 5 evenly spaced traced tokens" in out
+    assert "not within 3" in out  # 20 layers are needed
 
 
 def test_receptive_causal_never_covers(capsys):
     pytest.importorskip("sparseattn.analysis")
     code, out, err = run(capsys, "receptive", "causal", "--n", "6", "--layers", "3")
     assert code == 0, err
-    assert "never" in out
+    assert "layers until every token is influenced by all 6 tokens: not within 24" in out
     # causal over 6 tokens: token i is influenced by tokens 0..i (i + 1 of them) from layer 1 on
     assert _table(out)[3] == (3.5, 1, pytest.approx(100 / 6, abs=0.051))
 
