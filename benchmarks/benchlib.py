@@ -449,6 +449,7 @@ def run(benchmark, fn, *, group, info, check=None, budget_s=None, max_rounds=Non
     extra["blas_architecture"] = g["in_process"].get("blas_architecture")
     extra["gemm_gflops_hardware_default"] = g["hardware_default"].get("gemm_gflops")
     extra["blas_architecture_hardware_default"] = g["hardware_default"].get("blas_architecture")
+    extra["loadavg_1min"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
     benchmark.extra_info.update(extra)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     stats = getattr(benchmark, "stats", None)
@@ -484,6 +485,8 @@ def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32",
     if method == "sparseattn-fused" and not fused_available():
         pytest.skip("sparseattn.fused is not available in this checkout")
 
+    if quick():
+        heads = min(heads, 2)  # smoke test: exercise every path, spend no time
     q, k, v = qkv(heads, n, d, np.dtype(dtype).name)
     nnz = band_global_nnz(n, radius, n_globals)
     path = None
@@ -516,7 +519,8 @@ def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32",
         nnz=nnz,
         density=nnz / float(n) ** 2,
         useful_flop=useful_flop(nnz, d, heads),
-        qkvo_bytes=4 * q.nbytes,
+        qkvo_bytes=4 * q.nbytes,  # q, k, v and the output (d_v = d)
+        out_bytes=q.nbytes,
         path=path,
         fused_available=fused_available(),
     )
@@ -524,7 +528,7 @@ def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32",
     def check(out):
         return assert_matches(to_numpy(out), *ref, n, radius, n_globals, method)
 
-    run(benchmark, fn, group=group, info=info, check=check)
+    run(benchmark, fn, group=f"{group}, {heads} heads, d{d}", info=info, check=check)
 
 
 if __name__ == "__main__":

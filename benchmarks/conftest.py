@@ -35,7 +35,11 @@ def pytest_configure(config):
         os.environ[benchlib.QUICK_ENV] = "1"
 
 
+_LOAD = {}
+
+
 def pytest_sessionstart(session):
+    _LOAD["start"] = os.getloadavg()
     benchlib.session_gemm()  # measured before any benchmark, in the same run
 
 
@@ -69,5 +73,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "fused_available": benchlib.fused_available(),
         "gemm_float32_in_process": g["in_process"],
         "gemm_float32_hardware_default": g["hardware_default"],
+        "loadavg_at_start": _LOAD.get("start"),
+        "loadavg_at_end": os.getloadavg(),
         "versions": {m: _version(m) for m in ("numpy", "scipy", "numba", "torch", "transformers", "sparseattn")},
     }

@@ -11,7 +11,7 @@ import pytest
 
 import benchlib
 
-NS = benchlib.sizes([1024, 2048, 4096, 8192, 16384], [1024])
+NS = benchlib.sizes([1024, 2048, 4096, 8192, 16384], [512])
 GLOBALS = [1] if benchlib.quick() else [1, 64]
 METHODS = ["sparseattn", "sparseattn-staged", "dense-numpy", "torch-sdpa", "torch-flex", "hf-longformer"]
 
@@ -21,5 +21,5 @@ METHODS = ["sparseattn", "sparseattn-staged", "dense-numpy", "torch-sdpa", "torc
 @pytest.mark.parametrize("method", METHODS)
 def test_h1_compare(benchmark, method, n_globals, n):
     benchlib.bench_attention(
-        benchmark, method, n=n, radius=256, n_globals=n_globals, group=f"H1 compare: r256, g{n_globals}, 12 heads, d64, float32"
+        benchmark, method, n=n, radius=256, n_globals=n_globals, group=f"H1 compare: r256, g{n_globals}, float32"
     )

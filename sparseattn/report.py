@@ -16,7 +16,8 @@ written by ``pytest benchmarks/ --benchmark-json=BENCH.json`` and writes, under
 
 The benchmarks store what the report needs in each benchmark's ``extra_info``:
 ``method``, ``n``, ``radius``, ``globals``, ``dtype``, ``useful_flop``, and
-optionally ``rss_peak_delta_bytes`` / ``tracemalloc_peak_bytes``.  Entries
+optionally ``rss_peak_delta_bytes`` / ``tracemalloc_peak_bytes``, ``qkvo_bytes``
+and ``out_bytes``.  Entries
 without them are still listed, with blanks.
 
 Examples
@@ -92,6 +93,8 @@ def _record(bench):
     rec["gflops"] = flop / rec["median"] / 1e9 if flop and rec["median"] else None
     peaks = [extra.get(k) for k in ("rss_peak_delta_bytes", "tracemalloc_peak_bytes") if extra.get(k) is not None]
     rec["peak_bytes"] = max(peaks) if peaks else None
+    qkvo, out_bytes = extra.get("qkvo_bytes"), extra.get("out_bytes")
+    rec["extra_ratio"] = (rec["peak_bytes"] - out_bytes) / qkvo if rec["peak_bytes"] is not None and qkvo and out_bytes is not None else None
     return rec
 
 
@@ -241,9 +244,11 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def _series_label(key, vary):
+def _series_label(key, vary, keys=None):
+    """'method (field=value, ...)', listing only the fields that differ between ``keys`` (all if None)."""
     fields = [k for k in _KEY_FIELDS if k != vary]
-    extra = ", ".join(f"{k}={v}" for k, v in zip(fields, key[1:]) if v is not None)
+    shown = range(len(fields)) if keys is None else [i for i in range(len(fields)) if len({k[i + 1] for k in keys}) > 1]
+    extra = ", ".join(f"{fields[i]}={key[i + 1]}" for i in shown if key[i + 1] is not None)
     return key[0] + (f" ({extra})" if extra else "")
 
 
@@ -287,19 +292,20 @@ def render_markdown(data, summary, plots=None, title=None):
         "Time is the median over rounds. GFLOP/s counts useful work only: 4·nnz·d per head "
         "(scores and P·V at the allowed pairs), whatever the method computes. % GEMM is that rate over "
         "the float32 GEMM rate above (the subprocess figure when present). Growth is time over the time "
-        "at the previous size of the same series. Peak MiB is the peak extra memory of one call "
-        "(max of the RSS high-water-mark delta and tracemalloc's peak).",
+        "at the previous size of the same series. Peak MiB is the peak memory one call adds "
+        "(max of the RSS high-water-mark delta and tracemalloc's peak), output included; extra / qkvo is "
+        "that peak minus the output's bytes, over the bytes of q, k, v and the output together.",
         "",
     ]
     for group, g in summary.items():
         out += [f"## {group}", ""]
-        header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "rounds"]
+        header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "extra / qkvo", "rounds"]
         rows = []
         for r in g["rows"]:
             growth = "—" if r["growth"] is None else f"{r['growth']:.2f} ({g['vary']} ×{r['growth_x']:g})"
             rows.append(
                 [r["method"], _fmt(r["n"]), _fmt(r["radius"]), _fmt(r["globals"]), _fmt(r["dtype"]), _fmt_ms(r["median"]),
-                 _fmt(r["gflops"]), _fmt(r["gemm_pct"], 2), growth, _fmt_mib(r["peak_bytes"]), _fmt(r["rounds"])]
+                 _fmt(r["gflops"]), _fmt(r["gemm_pct"], 2), growth, _fmt_mib(r["peak_bytes"]), _fmt(r["extra_ratio"], 2), _fmt(r["rounds"])]
             )
         out += [_table(header, rows), ""]
         for v, label in (("n", "n"), ("radius", "radius")):
@@ -331,6 +337,15 @@ def _figure():
     return fig, fig.add_subplot()
 
 
+def _log_axes(ax, xs):
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def _plot_vs(group, g, vary, path):
     series = _series(g["rows"], vary)
     series = {k: rs for k, rs in series.items() if len(rs) > 1}
@@ -339,12 +354,11 @@ def _plot_vs(group, g, vary, path):
     slopes = g[f"slopes_{vary}"]
     fig, ax = _figure()
     for key, rs in sorted(series.items(), key=lambda kv: _method_order(kv[0][0])):
-        label = _series_label(key, vary)
+        label = _series_label(key, vary, list(series))
         if key in slopes:
             label += f"  slope {slopes[key]:.2f}"
         ax.plot([r[vary] for r in rs], [r["median"] * 1e3 for r in rs], marker="o", label=label, linewidth=2.2 if key[0] == OURS_PREFIX else 1.4)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _log_axes(ax, sorted({r[vary] for rs in series.values() for r in rs}))
     ax.set_xlabel(vary)
     ax.set_ylabel("median time (ms)")
     ax.set_title(f"{group}\ntime vs {vary} (log-log)", fontsize=9)
@@ -369,8 +383,7 @@ def _plot_speedup(group, g, path):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{ours} vs {peer}")
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _log_axes(ax, sorted({p[0] for pts in lines.values() for p in pts}))
     ax.set_xlabel(vary)
     ax.set_ylabel("speed-up  t(peer) / t(ours)")
     ax.set_title(f"{group}\nspeed-up over each peer", fontsize=9)

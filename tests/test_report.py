@@ -53,7 +53,7 @@ def synthetic():
             t = c * (n / 1024) ** p * float(rng.uniform(0.95, 1.05))
             times[(method, n)] = t
             benches.append(
-                _bench(g_n, method, t, n=n, radius=RADIUS, globals=1, dtype="float32", useful_flop=_flop(n, RADIUS), rss_peak_delta_bytes=n * 1024, tracemalloc_peak_bytes=n * 512)
+                _bench(g_n, method, t, n=n, radius=RADIUS, globals=1, dtype="float32", useful_flop=_flop(n, RADIUS), rss_peak_delta_bytes=n * 1024, tracemalloc_peak_bytes=n * 512, qkvo_bytes=n * 3000, out_bytes=n * 750)
             )
     g_r = "radius-scaling n8192"
     rtimes = {}
@@ -117,6 +117,7 @@ def test_summary_numbers_match_independent_computation(synthetic):
         assert math.isclose(r["gflops"], _flop(r["n"], RADIUS) / t / 1e9, rel_tol=1e-12)
         assert math.isclose(r["gemm_pct"], 100 * r["gflops"] / GEMM_HW, rel_tol=1e-12)  # the subprocess rate wins
         assert r["peak_bytes"] == r["n"] * 1024
+        assert math.isclose(r["extra_ratio"], (1024 - 750) / 3000, rel_tol=1e-12)
         if r["n"] == 1024:
             assert r["growth"] is None
         else:
@@ -156,6 +157,7 @@ def test_markdown_tables(synthetic, tmp_path):
         assert math.isclose(_num(row["GFLOP/s"]), _flop(n, RADIUS) / t / 1e9, rel_tol=6e-3)
         assert math.isclose(_num(row["% GEMM"]), 100 * _flop(n, RADIUS) / t / 1e9 / GEMM_HW, rel_tol=6e-2)
         assert math.isclose(_num(row["peak MiB"]), n * 1024 / 2**20, rel_tol=6e-2)
+        assert math.isclose(_num(row["extra / qkvo"]), (1024 - 750) / 3000, rel_tol=1e-2)
         if n > 1024:
             assert math.isclose(_num(row["growth"]), t / times[(method, n // 2)], rel_tol=6e-3)
             assert "n ×2" in row["growth"]
