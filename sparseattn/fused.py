@@ -21,27 +21,56 @@ from .plan import get_plan
 
 __all__ = ["fused_attention"]
 
-_controller = None
-_controller_lock = threading.Lock()
+_blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_saved = []
 
 
+def _numba_blas_controllers():
+    global _blas
+    if _blas is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba's np.dot calls)
+
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is optional
+            _blas = False
+        else:
+            ctl = ThreadpoolController().select(user_api="blas")
+            _blas = [c for c in ctl.lib_controllers if "scipy" in c.filepath] or list(ctl.lib_controllers)
+    return _blas
+
+
+@contextlib.contextmanager
 def _blas_single_thread():
-    """A context manager capping every loaded BLAS at one thread (no-op without threadpoolctl)."""
-    global _controller
-    if _controller is None:
-        with _controller_lock:
-            if _controller is None:
-                import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
+    """Cap the BLAS that the kernels call at one thread while they run (they are parallel already).
 
-                try:
-                    from threadpoolctl import ThreadpoolController
-                except ImportError:  # pragma: no cover - threadpoolctl is optional
-                    _controller = False
-                else:
-                    _controller = ThreadpoolController()
-    if _controller is False:  # pragma: no cover
-        return contextlib.nullcontext()
-    return _controller.limit(limits=1, user_api="blas")
+    Re-entrant and shared between concurrent callers: the first one in saves
+    and sets the thread count, the last one out restores it.  Without
+    threadpoolctl this is a no-op (BLAS may then oversubscribe the cores).
+    """
+    global _blas_depth
+    libs = _numba_blas_controllers()
+    if not libs:  # pragma: no cover
+        yield
+        return
+    with _blas_lock:
+        if _blas_depth == 0:
+            _blas_saved[:] = [c.get_num_threads() for c in libs]
+            for c, nt in zip(libs, _blas_saved):
+                if nt != 1:
+                    c.set_num_threads(1)
+        _blas_depth += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                for c, nt in zip(libs, _blas_saved):
+                    if nt != 1:
+                        c.set_num_threads(nt)
 
 
 def _split_items(plan, n_slices, n_workers):
@@ -133,7 +162,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 part_o = np.empty((ns, npr, dv), dtype=dt)
                 long_rows_partial(
                     q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
-                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o,
+                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o, n_workers,
                 )  # fmt: skip
                 long_rows_merge(
                     slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,

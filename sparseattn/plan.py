@@ -83,7 +83,7 @@ class TilePlan:
     shape : tuple of int
         ``(n_q, n_k)`` of the pattern.
     nnz : int
-        The pattern's nonzero count.
+        The number of (row, col) pairs the plan computes (the pattern's nonzero count).
     tile_rows : int
         ``T``, rows per tile; tile ``t`` holds rows ``[t*T, min(n_q, (t+1)*T))``.
     chunk : int
@@ -119,6 +119,13 @@ class TilePlan:
         cost = self.tile_cost.astype(np.int64)
         self.cost_prefix = np.concatenate(([0], np.cumsum(cost)))
         self.n_part_rows = int(self.it_off[-1] + self._item_rows()[-1]) if len(self.it_off) else 0
+        long_nnz = int(np.sum((self.it_b - self.it_a) * self._item_rows())) if len(self.it_off) else 0
+        self.nnz = (
+            int(np.sum(self.row_hi - self.row_lo))
+            + int(np.count_nonzero(self.sh_mask))
+            + len(self.rs_cols)
+            + long_nnz
+        )
 
     def _item_rows(self):
         return (self.grp_ptr[1:] - self.grp_ptr[:-1])[self.it_grp]
@@ -371,7 +378,7 @@ def _generic_plan(p, T, chunk, long_min):
     )
 
 
-def build_plan(pattern, *, tile_rows=None, chunk=CHUNK, long_min=LONG_MIN, generic=False):
+def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=False):
     """Compile ``pattern`` into a :class:`TilePlan` (uncached; see :func:`get_plan`).
 
     Parameters
@@ -380,10 +387,11 @@ def build_plan(pattern, *, tile_rows=None, chunk=CHUNK, long_min=LONG_MIN, gener
         The pattern to plan.
     tile_rows : int, optional
         Rows per tile; chosen from the typical row length when omitted.
-    chunk : int
-        Keys per dense GEMM chunk (spans and long rows are cut to this).
-    long_min : int
-        Rows longer than ``max(long_min, 8 * median row length)`` are long
+    chunk : int, optional
+        Keys per dense GEMM chunk (spans and long rows are cut to this);
+        defaults to :data:`CHUNK`.
+    long_min : int, optional
+        Defaults to :data:`LONG_MIN`.  Rows longer than ``max(long_min, 8 * median row length)`` are long
         rows (generic planner; the structured planner makes global tokens'
         rows long).
     generic : bool
@@ -393,6 +401,8 @@ def build_plan(pattern, *, tile_rows=None, chunk=CHUNK, long_min=LONG_MIN, gener
         raise TypeError(f"pattern must be a sparseattn Pattern, got {type(pattern).__name__}")
     if tile_rows is not None and (not isinstance(tile_rows, int) or tile_rows < 1):
         raise ValueError(f"tile_rows must be a positive int, got {tile_rows!r}")
+    chunk = CHUNK if chunk is None else chunk
+    long_min = LONG_MIN if long_min is None else long_min
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     struct = None if generic else _structure(pattern)
@@ -400,7 +410,7 @@ def build_plan(pattern, *, tile_rows=None, chunk=CHUNK, long_min=LONG_MIN, gener
         fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
     else:
         fields = _generic_plan(pattern, tile_rows, chunk, long_min)
-    return TilePlan(shape=pattern.shape, nnz=int(pattern.nnz), chunk=chunk, **fields)
+    return TilePlan(shape=pattern.shape, chunk=chunk, **fields)
 
 
 _cache = OrderedDict()

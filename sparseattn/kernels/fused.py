@@ -129,40 +129,51 @@ def vexp(x, out):
         out[i] = _exp(x[i])
 
 
-@njit(fastmath=_FM)
-def _row_online(Sm, r, j0, j1, w, m, l, acc, neg, zero):
-    """Softmax-update row ``r`` of the score chunk ``Sm`` over its valid part ``[j0, j1)``.
+@njit(fastmath=True)
+def _row_update(row, j0, j1, scale, vrow, use_valid, r, m, l, acc, neg, zero):
+    """Online-softmax update of query row ``r`` with one chunk of raw scores ``row``.
 
-    Scores are already scaled (masked ones hold ``neg``).  Overwrites the row
-    with the probabilities relative to the new running max (zero outside
-    ``[j0, j1)``), rescales ``l[r]`` and ``acc[r]``, and returns nothing.
+    Only ``row[j0:j1]`` is allowed; with ``use_valid`` also only where
+    ``vrow`` is True (padded keys).  Scores are scaled here; the row is
+    overwritten with ``exp(score - new max)`` (zero where not allowed), and
+    the running max ``m[r]``, sum ``l[r]`` and output ``acc[r]`` are rescaled.
+    Loops start at 0 over 1-D views so that LLVM can vectorise them (fast-math
+    is safe: masked scores are the finite sentinel ``neg``, never inf/NaN).
     """
     half = neg * 0.5
+    x = row[j0:j1]
+    n = x.shape[0]
     mx = neg
-    for j in range(j0, j1):
-        x = Sm[r, j]
-        mx = x if x > mx else mx
-    for j in range(0, j0):
-        Sm[r, j] = zero
-    for j in range(j1, w):
-        Sm[r, j] = zero
-    if mx <= half:  # nothing valid in this chunk for this row
-        for j in range(j0, j1):
-            Sm[r, j] = zero
+    if use_valid:
+        vv = vrow[j0:j1]
+        for j in range(n):
+            y = x[j] * scale if vv[j] else neg
+            x[j] = y
+            mx = max(mx, y)
+    else:
+        for j in range(n):
+            y = x[j] * scale
+            x[j] = y
+            mx = max(mx, y)
+    row[:j0] = zero
+    row[j1:] = zero
+    if mx <= half:  # nothing allowed in this chunk for this row
+        x[:] = zero
         return
     mo = m[r]
-    mn = mx if mx > mo else mo
+    mn = max(mx, mo)
     ssum = zero
-    for j in range(j0, j1):
-        p = _exp(Sm[r, j] - mn)
-        Sm[r, j] = p
+    for j in range(n):
+        p = _exp(x[j] - mn)
+        x[j] = p
         ssum += p
     alpha = _exp(mo - mn) if mo > half else zero
     l[r] = l[r] * alpha + ssum
     m[r] = mn
     if alpha != 1:
-        for c in range(acc.shape[1]):
-            acc[r, c] *= alpha
+        a = acc[r]
+        for c in range(a.shape[0]):
+            a[c] *= alpha
 
 
 @njit(fastmath=_FM)
@@ -172,19 +183,13 @@ def _add_into(acc, tmp, rows):
             acc[r, c] += tmp[r, c]
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
-def tiles_forward(
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _tiles_run(
     q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-    scale, key_valid, slice_batch, use_valid, bounds, out, lse,
+    scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse,
 ):  # fmt: skip
-    """Tile pass for the slices ``slices`` sharing one plan.
-
-    Work items ``it = si * n_tiles + t`` (slice ``slices[si]``, tile ``t``);
-    worker ``w`` runs items ``[bounds[w], bounds[w + 1])`` (split by cost).
-    Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of the tiles;
-    long rows come out empty here and are overwritten by the long-row pass.
-    """
+    """Serial tile pass over work items ``[it_begin, it_end)`` (see :func:`tiles_forward`)."""
     n_q = q.shape[1]
     d = q.shape[2]
     dv = v.shape[2]
@@ -198,8 +203,7 @@ def tiles_forward(
     for t in range(n_tiles):
         max_sh = max(max_sh, sh_ptr[t + 1] - sh_ptr[t])
     g_cap = min(max_sh, chunk)
-    nw = bounds.shape[0] - 1
-    for w in prange(nw):
+    if it_end > it_begin:
         sbuf = np.empty(T * chunk, dtype=dt)
         acc = np.empty((T, dv), dtype=dt)
         tmp = np.empty((T, dv), dtype=dt)
@@ -207,7 +211,8 @@ def tiles_forward(
         l = np.empty(T, dtype=dt)
         kg = np.empty((max(g_cap, 1), d), dtype=dt)
         vg = np.empty((max(g_cap, 1), dv), dtype=dt)
-        for it in range(bounds[w], bounds[w + 1]):
+        okb = np.empty(chunk, dtype=np.bool_)
+        for it in range(it_begin, it_end):
             si = it // n_tiles
             t = it - si * n_tiles
             s = slices[si]
@@ -232,19 +237,13 @@ def tiles_forward(
                     wd = b - a
                     sm = sbuf[: rows * wd].reshape((rows, wd))
                     np.dot(qt, k[s, a:b].T, sm)
+                    vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
                     for r in range(rows):
                         lo = max(row_lo[t0 + r], a) - a
                         hi = min(row_hi[t0 + r], b) - a
                         if hi < lo:
                             hi = lo
-                        if use_valid:
-                            for j in range(lo, hi):
-                                x = sm[r, j] * scale
-                                sm[r, j] = x if key_valid[kb, a + j] else neg
-                        else:
-                            for j in range(lo, hi):
-                                sm[r, j] = sm[r, j] * scale
-                        _row_online(sm, r, lo, hi, wd, m, l, acc, neg, zero)
+                        _row_update(sm[r], lo, hi, scale, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
                         np.dot(sm, v[s, a:b], acc[:rows])
                         first = False
@@ -276,8 +275,8 @@ def tiles_forward(
                         ok = sh_mask[(c0 + c) * T + r] != 0
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
-                        sm[r, c] = sm[r, c] * scale if ok else neg
-                    _row_online(sm, r, 0, nc, nc, m, l, acc, neg, zero)
+                        okb[c] = ok
+                    _row_update(sm[r], 0, nc, scale, okb, True, r, m, l, acc, neg, zero)
                 np.dot(sm, vg[:nc], tmp[:rows])
                 _add_into(acc, tmp, rows)
                 c0 = cb
@@ -289,20 +288,20 @@ def tiles_forward(
                 while e0 < e1:
                     eb = min(e1, e0 + chunk)
                     ne = eb - e0
-                    sr = sbuf[:ne].reshape((1, ne))
+                    sr = sbuf[:ne]
+                    qi = q[s, i]
                     for e in range(ne):
                         j = rs_cols[e0 + e]
+                        kj = k[s, j]
                         x = zero
                         for c in range(d):
-                            x += q[s, i, c] * k[s, j, c]
-                        x = x * scale
-                        if use_valid and not key_valid[kb, j]:
-                            x = neg
-                        sr[0, e] = x
-                    # update row r of (m, l, acc) through a one-row view
-                    _row_online(sr, 0, 0, ne, ne, m[r : r + 1], l[r : r + 1], acc[r : r + 1], neg, zero)
+                            x += qi[c] * kj[c]
+                        sr[e] = x
+                        if use_valid:
+                            okb[e] = key_valid[kb, j]
+                    _row_update(sr, 0, ne, scale, okb, use_valid, r, m, l, acc, neg, zero)
                     for e in range(ne):
-                        p = sr[0, e]
+                        p = sr[e]
                         if p != zero:
                             j = rs_cols[e0 + e]
                             for c in range(dv):
@@ -322,18 +321,35 @@ def tiles_forward(
                     lse[s, i] = ninf
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
-def long_rows_partial(
-    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o,
+@njit(parallel=True, cache=True, nogil=True)
+def tiles_forward(
+    q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    scale, key_valid, slice_batch, use_valid, bounds, out, lse,
 ):  # fmt: skip
-    """Partial softmax of every (slice, long-row chunk) item.
+    """Tile pass for the slices ``slices`` sharing one plan.
 
-    Item ``it`` covers the rows ``lg_rows[grp_ptr[g] : grp_ptr[g + 1]]`` of
-    group ``g = it_grp[it]`` (they share their columns) and the keys
-    ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
-    ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
+    Work items ``it = si * n_tiles + t`` (slice ``slices[si]``, tile ``t``);
+    worker ``w`` runs items ``[bounds[w], bounds[w + 1])`` (split by cost).
+    Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of the tiles;
+    long rows come out empty here and are overwritten by the long-row pass.
+    The parallel loop only dispatches: the body is a separately compiled
+    serial function, which keeps Numba's parfor compile time small.
     """
+    for w in prange(bounds.shape[0] - 1):
+        _tiles_run(
+            q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+            sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+            scale, key_valid, slice_batch, use_valid, bounds[w], bounds[w + 1], out, lse,
+        )  # fmt: skip
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _long_run(
+    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
+    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, job_begin, job_end,
+):  # fmt: skip
+    """Serial part of :func:`long_rows_partial`: jobs ``[job_begin, job_end)``, ``job = si * n_items + it``."""
     d = q.shape[2]
     n_items = it_grp.shape[0]
     dt = q.dtype
@@ -345,8 +361,11 @@ def long_rows_partial(
         g = it_grp[it]
         max_rows = max(max_rows, grp_ptr[g + 1] - grp_ptr[g])
         max_w = max(max_w, it_b[it] - it_a[it])
-    ns = slices.shape[0]
-    for job in prange(ns * n_items):
+    qbuf = np.empty(max_rows * d, dtype=dt)
+    sbuf = np.empty(max_rows * max_w, dtype=dt)
+    m = np.empty(max_rows, dtype=dt)
+    l = np.empty(max_rows, dtype=dt)
+    for job in range(job_begin, job_end):
         si = job // n_items
         it = job - si * n_items
         s = slices[si]
@@ -357,28 +376,44 @@ def long_rows_partial(
         a = it_a[it]
         b = it_b[it]
         wd = b - a
-        qg = np.empty((nr, d), dtype=dt)
+        qg = qbuf[: nr * d].reshape((nr, d))
         for rr in range(nr):
             for c in range(d):
                 qg[rr, c] = q[s, lg_rows[r0 + rr], c]
-        sm = np.empty((nr, wd), dtype=dt)
+        sm = sbuf[: nr * wd].reshape((nr, wd))
         np.dot(qg, k[s, a:b].T, sm)
-        m = np.empty(nr, dtype=dt)
-        l = np.empty(nr, dtype=dt)
         o = part_o[si, it_off[it] : it_off[it] + nr]
         for rr in range(nr):
             m[rr] = neg
             l[rr] = zero
-            for j in range(wd):
-                x = sm[rr, j] * scale
-                if use_valid and not key_valid[kb, a + j]:
-                    x = neg
-                sm[rr, j] = x
-            _row_online(sm, rr, 0, wd, wd, m, l, o, neg, zero)
+            vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
+            _row_update(sm[rr], 0, wd, scale, vrow, use_valid, rr, m, l, o, neg, zero)
         np.dot(sm, v[s, a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
             part_l[si, it_off[it] + rr] = l[rr]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def long_rows_partial(
+    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
+    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, n_workers,
+):  # fmt: skip
+    """Partial softmax of every (slice, long-row chunk) item.
+
+    Item ``it`` covers the rows ``lg_rows[grp_ptr[g] : grp_ptr[g + 1]]`` of
+    group ``g = it_grp[it]`` (they share their columns) and the keys
+    ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
+    ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
+    """
+    n_jobs = slices.shape[0] * it_grp.shape[0]
+    nw = max(1, min(n_workers, n_jobs))
+    for w in prange(nw):
+        _long_run(
+            q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
+            scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o,
+            w * n_jobs // nw, (w + 1) * n_jobs // nw,
+        )  # fmt: skip
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
