@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 import time
 
@@ -105,21 +106,51 @@ def _annotation_text(param):
     return (ann if isinstance(ann, str) else getattr(ann, "__name__", repr(ann))).lower()
 
 
-def _kind_of(param):
-    """Classify a builder parameter as 'bool', 'list', 'int', 'float', 'str' or 'auto'."""
-    default = param.default
-    ann = _annotation_text(param)
-    if isinstance(default, bool) or ann in ("bool", "bool | none", "optional[bool]"):
-        return "bool"
-    if isinstance(default, (list, tuple, range)) or any(h in ann for h in _LIST_HINTS):
+def _doc_types(fn):
+    """``{name: type text}`` from the numpydoc ``Parameters`` section (``n : int``, ``left, right : int``)."""
+    doc = inspect.getdoc(fn) or ""
+    lines = doc.splitlines()
+    types, inside = {}, False
+    for i, line in enumerate(lines):
+        if line.strip() == "Parameters" and i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}:
+            inside = True
+            continue
+        if inside:
+            if i + 1 < len(lines) and line.strip() and set(lines[i + 1].strip()) == {"-"}:
+                break  # the next section
+            if line and not line[0].isspace() and " : " in line:
+                names, _, kind = line.partition(" : ")
+                for name in names.split(","):
+                    types[name.strip()] = kind.strip().lower()
+    return types
+
+
+def _kind_from_text(text):
+    text = text.lower()
+    if not text or " or " in text or "|" in text.replace("| none", ""):
+        return None  # a choice of types ("int or (int, int)"): read the words as they come
+    if any(h in text for h in ("sequence", "list", "tuple", "iterable", "array", "range", "[")):
         return "list"
-    if isinstance(default, int) or ann in ("int", "int | none", "optional[int]"):
-        return "int"
-    if isinstance(default, float) or ann in ("float", "float | none", "optional[float]"):
-        return "float"
-    if isinstance(default, str) or ann in ("str", "str | none", "optional[str]"):
-        return "str"
-    return "auto"
+    for kind in ("bool", "int", "float", "str"):
+        if re.match(rf"^(optional\[)?{kind}\b", text):
+            return kind
+    return None
+
+
+def _kind_of(param, doc_type=""):
+    """Classify a builder parameter as 'bool', 'list', 'int', 'float', 'str' or 'auto'.
+
+    The default's type decides first, then the annotation, then the numpydoc type.
+    """
+    default = param.default
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, (list, tuple, range)):
+        return "list"
+    for typ, kind in ((int, "int"), (float, "float"), (str, "str")):
+        if isinstance(default, typ):
+            return kind
+    return _kind_from_text(_annotation_text(param)) or _kind_from_text(doc_type) or "auto"
 
 
 def _convert(kind, name, values):
@@ -186,15 +217,22 @@ _KIND_WORDS = {
 
 
 def _builder_parser(name, fn, command="show"):
-    """An argparse parser with one ``--param`` option per parameter of the builder."""
+    """An argparse parser with one ``--param`` option per parameter of the builder.
+
+    Returns the parser, ``{param: kind}`` and the names of the required parameters.
+    Each option is spelled ``--per-row``; ``--per_row`` is accepted too.
+    """
     doc = inspect.getdoc(fn) or ""
+    doc_types = _doc_types(fn)
     params = _builder_params(fn)
+    kinds = {p.name: _kind_of(p, doc_types.get(p.name, "")) for p in params}
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
     usage = [f"{PROG} {command} {name}"]
     for p in params:
-        metavar = "BOOL" if _kind_of(p) == "bool" else p.name.upper()
-        many = " ..." if _kind_of(p) in ("list", "auto") else ""
-        opt = f"--{p.name} {metavar}{many}"
-        usage.append(opt if p.default is inspect.Parameter.empty else f"[{opt}]")
+        kind = kinds[p.name]
+        metavar = "BOOL" if kind == "bool" else p.name.upper()
+        opt = f"--{p.name.replace('_', '-')} {metavar}{' ...' if kind in ('list', 'auto') else ''}"
+        usage.append(opt if p.name in required else f"[{opt}]")
     parser = _Parser(
         prog=f"{PROG} {command} {name}",
         usage=" ".join(usage),
@@ -203,26 +241,20 @@ def _builder_parser(name, fn, command="show"):
         allow_abbrev=False,
     )
     group = parser.add_argument_group(f"parameters of {name}")
-    kinds = {}
     for p in params:
-        kind = _kind_of(p)
-        kinds[p.name] = kind
-        flags = [f"--{p.name}"]
-        if "_" in p.name:
-            flags.append(f"--{p.name.replace('_', '-')}")
-        required = p.default is inspect.Parameter.empty
-        ann = _annotation_text(p)
-        help_txt = f"{_KIND_WORDS[kind]}{' (' + ann + ')' if ann else ''}; " + (
-            "required" if required else f"default: {p.default!r}"
+        kind = kinds[p.name]
+        typed = doc_types.get(p.name) or _annotation_text(p)
+        help_txt = f"{_KIND_WORDS[kind]}{' (' + typed + ')' if typed else ''}; " + (
+            "required" if p.name in required else f"default: {p.default!r}"
         )
-        if kind == "bool":
-            group.add_argument(*flags, dest=p.name, nargs="?", const=True, required=required, help=help_txt, metavar="BOOL")
-        else:
-            nargs = "+" if kind in ("list", "auto") else None
-            group.add_argument(
-                *flags, dest=p.name, nargs=nargs, required=required, help=help_txt, metavar=p.name.upper()
-            )
-    return parser, kinds
+        spellings = [f"--{p.name.replace('_', '-')}"] + ([f"--{p.name}"] if "_" in p.name else [])
+        for i, flag in enumerate(spellings):
+            extra = {"help": help_txt if i == 0 else argparse.SUPPRESS, "dest": p.name, "default": None}
+            if kind == "bool":
+                group.add_argument(flag, nargs="?", const=True, metavar="BOOL", **extra)
+            else:
+                group.add_argument(flag, nargs="+" if kind in ("list", "auto") else None, metavar=p.name.upper(), **extra)
+    return parser, kinds, required
 
 
 def _format_call(name, kwargs):
@@ -268,11 +300,14 @@ def build_pattern(name, words, global_indices=None, command="show"):
         fn = patterns.get(name)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    parser, kinds = _builder_parser(name, fn, command)
+    parser, kinds, required = _builder_parser(name, fn, command)
     ns, extra = parser.parse_known_args(words)
     if extra:
-        known = ", ".join(f"--{k}" for k in kinds) or "(none)"
+        known = ", ".join(f"--{k.replace('_', '-')}" for k in kinds) or "(none)"
         raise CLIError(f"{name}: unrecognized argument(s) {' '.join(extra)}; its parameters are {known}")
+    missing = [f"--{k.replace('_', '-')}" for k in required if getattr(ns, k) is None]
+    if missing:
+        raise CLIError(f"{PROG} {command} {name}: missing required parameter(s) {', '.join(missing)} (see '{PROG} {command} {name} --help')")
     kwargs = {}
     for pname, kind in kinds.items():
         value = getattr(ns, pname)
@@ -349,7 +384,7 @@ def _builder_help(name, command, out):
         fn = patterns.get(name)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    parser, _ = _builder_parser(name, fn, command)
+    parser = _builder_parser(name, fn, command)[0]
     print(file=out)
     print(parser.format_help().rstrip("\n"), file=out)
 
