@@ -768,9 +768,9 @@ def _make_parser():
             name,
             help=text,
             description=(
-                f"{text[0].upper() + text[1:]}. Builder parameters are given as --param VALUE options read from "
-                f"the builder's signature (lists as '--indices 0 7' or '--indices 0,7'); "
-                f"'{PROG} {name} NAME --help' lists them."
+                f"{text[0].upper() + text[1:]}. The builder's parameters become options (--radius 1, "
+                f"--per-row 3), read from its signature and docstring; a list is several values or "
+                f"comma-separated ones. Run '{PROG} {name} NAME --help' to list them."
             ),
             add_help=False,
             allow_abbrev=False,
