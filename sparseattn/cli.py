@@ -675,7 +675,7 @@ def _cmd_demo(args, words, out):
     mem_dense += mask.nbytes
     factor = (n / n_m) ** 2
     print(file=out)
-    print(f"dense attention (NumPy, {dtype.name}, boolean mask, all {heads} heads at once):", file=out)
+    print(f"dense attention (NumPy, {dtype.name}, boolean mask, {heads} head{'s' if heads > 1 else ''} at once):", file=out)
     print(f"  measured at n = {n_m}: {_fmt_time(t_dense)}, peak memory {_fmt_bytes(mem_dense)}", file=out)
     if n_m < n:
         print(
@@ -684,8 +684,11 @@ def _cmd_demo(args, words, out):
             file=out,
         )
     t_dense_n = t_dense * factor
-    print(f"  sparse is {t_dense_n / t_sparse:.1f}x faster than dense at n = {n}"
-          + (" (dense time extrapolated)" if n_m < n else ""), file=out)
+    print(
+        f"  speed-up of sparse over dense at n = {n}: {t_dense_n / t_sparse:.1f}x"
+        + (" (dense time extrapolated)" if n_m < n else ""),
+        file=out,
+    )
 
     # correctness on row slices: float64 dense reference restricted to those rows
     rows = min(args.check_rows, n)
