@@ -66,7 +66,6 @@ class _Parser(argparse.ArgumentParser):
 # builder parameters from signatures
 # --------------------------------------------------------------------------------------------
 
-_LIST_HINTS = ("list", "tuple", "sequence", "iterable", "collection", "[")
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
@@ -103,7 +102,8 @@ def _annotation_text(param):
     ann = param.annotation
     if ann is inspect.Parameter.empty:
         return ""
-    return (ann if isinstance(ann, str) else getattr(ann, "__name__", repr(ann))).lower()
+    text = ann.__name__ if isinstance(ann, type) else str(ann)
+    return text.replace("typing.", "").lower()
 
 
 def _doc_types(fn):
@@ -129,7 +129,7 @@ def _kind_from_text(text):
     text = text.lower()
     if not text or " or " in text or "|" in text.replace("| none", ""):
         return None  # a choice of types ("int or (int, int)"): read the words as they come
-    if any(h in text for h in ("sequence", "list", "tuple", "iterable", "array", "range", "[")):
+    if any(h in text for h in ("sequence", "list", "tuple", "iterable", "collection", "array", "range")):
         return "list"
     for kind in ("bool", "int", "float", "str"):
         if re.match(rf"^(optional\[)?{kind}\b", text):
