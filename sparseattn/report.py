@@ -93,6 +93,7 @@ def _record(bench):
     rec["gflops"] = flop / rec["median"] / 1e9 if flop and rec["median"] else None
     peaks = [extra.get(k) for k in ("rss_peak_delta_bytes", "tracemalloc_peak_bytes") if extra.get(k) is not None]
     rec["peak_bytes"] = max(peaks) if peaks else None
+    rec["load"] = extra.get("loadavg_1min")
     qkvo, out_bytes = extra.get("qkvo_bytes"), extra.get("out_bytes")
     rec["extra_ratio"] = (rec["peak_bytes"] - out_bytes) / qkvo if rec["peak_bytes"] is not None and qkvo and out_bytes is not None else None
     return rec
@@ -269,6 +270,13 @@ def render_markdown(data, summary, plots=None, title=None):
         facts.append(f"CPU {sa.get('cpu_model') or (mi.get('cpu') or {}).get('brand_raw', '?')}, {sa.get('cpu_count', mi.get('cpu', {}).get('count', '?'))} cores")
     if "fused_available" in sa:
         facts.append("fused path " + ("available" if sa["fused_available"] else "NOT available (auto = staged)"))
+    if sa.get("loadavg_at_start") or sa.get("loadavg_at_end"):
+        loads = [x[0] if x else None for x in (sa.get("loadavg_at_start"), sa.get("loadavg_at_end"))]
+        busy = any(x is not None and x > (sa.get("cpu_count") or math.inf) for x in loads)
+        facts.append(
+            "1-min load average " + " at start, ".join("?" if x is None else f"{x:.2f}" for x in loads) + " at end"
+            + (" (above the core count: other work shared the CPUs, times are inflated)" if busy else "")
+        )
     if sa.get("quick"):
         facts.append("quick mode (small sizes, one round: smoke test, not a measurement)")
     if facts:
@@ -294,18 +302,19 @@ def render_markdown(data, summary, plots=None, title=None):
         "the float32 GEMM rate above (the subprocess figure when present). Growth is time over the time "
         "at the previous size of the same series. Peak MiB is the peak memory one call adds "
         "(max of the RSS high-water-mark delta and tracemalloc's peak), output included; extra / qkvo is "
-        "that peak minus the output's bytes, over the bytes of q, k, v and the output together.",
+        "that peak minus the output's bytes, over the bytes of q, k, v and the output together. Load is "
+        "the 1-minute load average when the benchmark started (the machine has the core count above).",
         "",
     ]
     for group, g in summary.items():
         out += [f"## {group}", ""]
-        header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "extra / qkvo", "rounds"]
+        header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "extra / qkvo", "rounds", "load"]
         rows = []
         for r in g["rows"]:
             growth = "—" if r["growth"] is None else f"{r['growth']:.2f} ({g['vary']} ×{r['growth_x']:g})"
             rows.append(
                 [r["method"], _fmt(r["n"]), _fmt(r["radius"]), _fmt(r["globals"]), _fmt(r["dtype"]), _fmt_ms(r["median"]),
-                 _fmt(r["gflops"]), _fmt(r["gemm_pct"], 2), growth, _fmt_mib(r["peak_bytes"]), _fmt(r["extra_ratio"], 2), _fmt(r["rounds"])]
+                 _fmt(r["gflops"]), _fmt(r["gemm_pct"], 2), growth, _fmt_mib(r["peak_bytes"]), _fmt(r["extra_ratio"], 2), _fmt(r["rounds"]), _fmt(r["load"], 2)]
             )
         out += [_table(header, rows), ""]
         for v, label in (("n", "n"), ("radius", "radius")):
