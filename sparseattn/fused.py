@@ -21,6 +21,9 @@ from .plan import get_plan
 
 __all__ = ["fused_attention"]
 
+#: below this many (approximate) flops per kernel call, run serially
+_PARALLEL_MIN_FLOP = 1 << 22
+
 _blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
 _blas_lock = threading.Lock()
 _blas_depth = 0
@@ -128,9 +131,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from .kernels.fused import long_rows_merge, long_rows_partial, tiles_forward
+    from .kernels.fused import _long_run, _tiles_run, long_rows_merge, long_rows_partial, tiles_forward
 
-    S, n_q, _ = q.shape
+    S, n_q, d = q.shape
     dv = v.shape[2]
     dt = q.dtype
     out = np.empty((S, n_q, dv), dtype=dt)
@@ -149,21 +152,29 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
             if len(slices) == 0:
                 continue
             plan = get_plan(pattern)
-            bounds = _split_items(plan, len(slices), n_workers)
-            tiles_forward(
+            # small problems run serially: waking the thread pool costs more than it saves
+            parallel = len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
+            bounds = _split_items(plan, len(slices), n_workers if parallel else 1)
+            tiles = tiles_forward if parallel else _tiles_run
+            tiles(
                 q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                 plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
-                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, bounds, out, lse,
+                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, *((bounds,) if parallel else (0, bounds[-1])),
+                out, lse,
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows
                 part_m = np.empty((ns, npr), dtype=dt)
                 part_l = np.empty((ns, npr), dtype=dt)
                 part_o = np.empty((ns, npr, dv), dtype=dt)
-                long_rows_partial(
+                long_args = (
                     q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
-                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o, n_workers,
+                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o,
                 )  # fmt: skip
+                if ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP:
+                    long_rows_partial(*long_args, n_workers)
+                else:
+                    _long_run(*long_args, 0, ns * len(plan.it_grp))
                 long_rows_merge(
                     slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,
                     part_m, part_l, part_o, out, lse,

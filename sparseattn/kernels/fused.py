@@ -36,6 +36,8 @@ __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp"]
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
 # scores are a large finite negative sentinel, and empty rows are detected.
 _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: tiles with at most this many shared columns skip the gather + GEMM for them
+_FEW_SHARED = 8
 
 
 @intrinsic
@@ -130,12 +132,11 @@ def vexp(x, out):
 
 
 @njit(fastmath=True)
-def _row_update(row, j0, j1, scale, vrow, use_valid, r, m, l, acc, neg, zero):
-    """Online-softmax update of query row ``r`` with one chunk of raw scores ``row``.
+def _row_update(row, j0, j1, vrow, use_valid, r, m, l, acc, neg, zero):
+    """Online-softmax update of query row ``r`` with one chunk of scaled scores ``row``.
 
     Only ``row[j0:j1]`` is allowed; with ``use_valid`` also only where
-    ``vrow`` is True (padded keys).  Scores are scaled here; the row is
-    overwritten with ``exp(score - new max)`` (zero where not allowed), and
+    ``vrow`` is True (padded keys).  The row is overwritten with ``exp(score - new max)`` (zero where not allowed), and
     the running max ``m[r]``, sum ``l[r]`` and output ``acc[r]`` are rescaled.
     Loops start at 0 over 1-D views so that LLVM can vectorise them (fast-math
     is safe: masked scores are the finite sentinel ``neg``, never inf/NaN).
@@ -147,14 +148,12 @@ def _row_update(row, j0, j1, scale, vrow, use_valid, r, m, l, acc, neg, zero):
     if use_valid:
         vv = vrow[j0:j1]
         for j in range(n):
-            y = x[j] * scale if vv[j] else neg
+            y = x[j] if vv[j] else neg
             x[j] = y
             mx = max(mx, y)
     else:
         for j in range(n):
-            y = x[j] * scale
-            x[j] = y
-            mx = max(mx, y)
+            mx = max(mx, x[j])
     row[:j0] = zero
     row[j1:] = zero
     if mx <= half:  # nothing allowed in this chunk for this row
@@ -174,6 +173,24 @@ def _row_update(row, j0, j1, scale, vrow, use_valid, r, m, l, acc, neg, zero):
         a = acc[r]
         for c in range(a.shape[0]):
             a[c] *= alpha
+
+
+@njit(fastmath=True)
+def _one_key_update(x, vj, r, m, l, acc, half, zero):
+    """Online-softmax update of row ``r`` with one key: scaled score ``x``, value row ``vj``."""
+    mo = m[r]
+    a = acc[r]
+    if x > mo:
+        alpha = _exp(mo - x) if mo > half else zero
+        for c in range(a.shape[0]):
+            a[c] = a[c] * alpha + vj[c]
+        l[r] = l[r] * alpha + 1
+        m[r] = x
+    else:
+        p = _exp(x - mo)
+        for c in range(a.shape[0]):
+            a[c] += p * vj[c]
+        l[r] += p
 
 
 @njit(fastmath=_FM)
@@ -212,6 +229,7 @@ def _tiles_run(
         kg = np.empty((max(g_cap, 1), d), dtype=dt)
         vg = np.empty((max(g_cap, 1), dv), dtype=dt)
         okb = np.empty(chunk, dtype=np.bool_)
+        qbuf = np.empty(T * d, dtype=dt)
         for it in range(it_begin, it_end):
             si = it // n_tiles
             t = it - si * n_tiles
@@ -224,7 +242,11 @@ def _tiles_run(
                 m[r] = neg
                 l[r] = zero
             first = True
-            qt = q[s, t0:t1]
+            qt = qbuf[: rows * d].reshape((rows, d))
+            qsrc = q[s, t0:t1]
+            for r in range(rows):
+                for c in range(d):
+                    qt[r, c] = qsrc[r, c] * scale
             # -- 1. the contiguous span, in chunks of at most `chunk` keys
             k0 = tile_k0[t]
             k1 = tile_k1[t]
@@ -243,7 +265,7 @@ def _tiles_run(
                         hi = min(row_hi[t0 + r], b) - a
                         if hi < lo:
                             hi = lo
-                        _row_update(sm[r], lo, hi, scale, vrow, use_valid, r, m, l, acc, neg, zero)
+                        _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
                         np.dot(sm, v[s, a:b], acc[:rows])
                         first = False
@@ -259,6 +281,23 @@ def _tiles_run(
             # -- 2. shared gathered columns (global keys, dense leftovers)
             c0 = sh_ptr[t]
             c1 = sh_ptr[t + 1]
+            if c1 - c0 <= _FEW_SHARED:
+                # a few columns: direct dot products, no gather and no GEMM call
+                for c in range(c0, c1):
+                    j = sh_cols[c]
+                    if use_valid and not key_valid[kb, j]:
+                        continue
+                    kj = k[s, j]
+                    vj = v[s, j]
+                    for r in range(rows):
+                        if sh_mask[c * T + r] == 0:
+                            continue
+                        qr = qt[r]
+                        x = zero
+                        for e in range(d):
+                            x += qr[e] * kj[e]
+                        _one_key_update(x, vj, r, m, l, acc, half, zero)
+                c0 = c1
             while c0 < c1:
                 cb = min(c1, c0 + g_cap)
                 nc = cb - c0
@@ -276,7 +315,7 @@ def _tiles_run(
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
-                    _row_update(sm[r], 0, nc, scale, okb, True, r, m, l, acc, neg, zero)
+                    _row_update(sm[r], 0, nc, okb, True, r, m, l, acc, neg, zero)
                 np.dot(sm, vg[:nc], tmp[:rows])
                 _add_into(acc, tmp, rows)
                 c0 = cb
@@ -289,7 +328,7 @@ def _tiles_run(
                     eb = min(e1, e0 + chunk)
                     ne = eb - e0
                     sr = sbuf[:ne]
-                    qi = q[s, i]
+                    qi = qt[r]
                     for e in range(ne):
                         j = rs_cols[e0 + e]
                         kj = k[s, j]
@@ -299,7 +338,7 @@ def _tiles_run(
                         sr[e] = x
                         if use_valid:
                             okb[e] = key_valid[kb, j]
-                    _row_update(sr, 0, ne, scale, okb, use_valid, r, m, l, acc, neg, zero)
+                    _row_update(sr, 0, ne, okb, use_valid, r, m, l, acc, neg, zero)
                     for e in range(ne):
                         p = sr[e]
                         if p != zero:
@@ -379,7 +418,7 @@ def _long_run(
         qg = qbuf[: nr * d].reshape((nr, d))
         for rr in range(nr):
             for c in range(d):
-                qg[rr, c] = q[s, lg_rows[r0 + rr], c]
+                qg[rr, c] = q[s, lg_rows[r0 + rr], c] * scale
         sm = sbuf[: nr * wd].reshape((nr, wd))
         np.dot(qg, k[s, a:b].T, sm)
         o = part_o[si, it_off[it] : it_off[it] + nr]
@@ -387,7 +426,7 @@ def _long_run(
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
-            _row_update(sm[rr], 0, wd, scale, vrow, use_valid, rr, m, l, o, neg, zero)
+            _row_update(sm[rr], 0, wd, vrow, use_valid, rr, m, l, o, neg, zero)
         np.dot(sm, v[s, a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
@@ -416,7 +455,7 @@ def long_rows_partial(
         )  # fmt: skip
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+@njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l, part_o, out, lse):
     """Merge each long row's chunk partials: ``m = max m_i``, ``l = sum e^(m_i - m) l_i``, same for ``o``."""
     n_grp = grp_ptr.shape[0] - 1
@@ -426,7 +465,7 @@ def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l
     neg = _neg(zero)
     half = neg * 0.5
     n_long = lg_rows.shape[0]
-    for job in prange(ns * n_long):
+    for job in range(ns * n_long):  # small: a few rows times n / chunk partials
         si = job // n_long
         lr = job - si * n_long
         s = slices[si]
