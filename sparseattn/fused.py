@@ -23,6 +23,8 @@ __all__ = ["fused_attention"]
 
 #: below this many (approximate) flops per kernel call, run serially
 _PARALLEL_MIN_FLOP = 1 << 22
+#: cost-balanced runs of tiles per thread (more runs absorb threads that get delayed)
+_WORK_SPLIT = 4
 
 _blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
 _blas_lock = threading.Lock()
@@ -41,7 +43,9 @@ def _numba_blas_controllers():
             _blas = False
         else:
             ctl = ThreadpoolController().select(user_api="blas")
-            _blas = [c for c in ctl.lib_controllers if "scipy" in c.filepath] or list(ctl.lib_controllers)
+            # numba's np.dot goes through scipy.linalg.cython_blas: cap that library only
+            ours = [c for c in ctl.lib_controllers if "scipy.libs" in c.filepath or "/scipy/" in c.filepath]
+            _blas = ours or list(ctl.lib_controllers)
     return _blas
 
 
@@ -92,7 +96,7 @@ def _split_items(plan, n_slices, n_workers):
     return np.maximum.accumulate(bounds)
 
 
-def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch):
+def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None):
     """Fused sparse attention forward over flattened slices.
 
     Parameters
@@ -109,6 +113,11 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
         True where a key is usable; padded keys are removed from every row.
     slice_batch : int64 ndarray, shape (S,), or None
         Row of ``key_valid`` used by each slice.
+    parallel : bool, optional
+        ``None`` (default): use the threaded kernels when the work is large
+        enough.  ``False``: serial, ``nogil`` kernels only (for callers that
+        bring their own threads, e.g. Dask workers: Numba's workqueue layer
+        must not be entered from several threads at once).
 
     Returns
     -------
@@ -145,7 +154,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
     sc = dt.type(scale)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
-    n_workers = 4 * get_num_threads()
+    n_workers = _WORK_SPLIT * get_num_threads()
     with _blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
             slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
@@ -153,13 +162,13 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 continue
             plan = get_plan(pattern)
             # small problems run serially: waking the thread pool costs more than it saves
-            parallel = len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
-            bounds = _split_items(plan, len(slices), n_workers if parallel else 1)
-            tiles = tiles_forward if parallel else _tiles_run
+            par = len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP and parallel is not False
+            bounds = _split_items(plan, len(slices), n_workers if par else 1)
+            tiles = tiles_forward if par else _tiles_run
             tiles(
                 q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                 plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
-                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, *((bounds,) if parallel else (0, bounds[-1])),
+                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, *((bounds,) if par else (0, bounds[-1])),
                 out, lse,
             )  # fmt: skip
             if len(plan.it_grp):
@@ -171,7 +180,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                     q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
                     plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o,
                 )  # fmt: skip
-                if ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP:
+                if ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP and parallel is not False:
                     long_rows_partial(*long_args, n_workers)
                 else:
                     _long_run(*long_args, 0, ns * len(plan.it_grp))

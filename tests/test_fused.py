@@ -228,3 +228,34 @@ def test_million_tokens_row_slices_and_memory():
     assert worst < 2e-5
     # the output itself plus at most 0.3x the inputs and output: nothing nnz-sized (nnz * 4 B = 2.1 GB)
     assert extra <= out_bytes + 0.3 * (qkv_bytes + out_bytes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_serial_kernels_match_threaded(dtype, monkeypatch):
+    """parallel=False (for callers with their own threads) gives the threaded result."""
+    import sparseattn.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "_PARALLEL_MIN_FLOP", 0)  # force the threaded kernels at this size
+    rng = np.random.default_rng(8)
+    p = sa.longformer(300, 40, [0, 299])
+    prep = prepare(*qkv(rng, (3,), 300, 300, 16, dtype), p)
+    args = (prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, None, None)
+    threaded, lse_t = fused_attention(*args)
+    serial, lse_s = fused_attention(*args, parallel=False)
+    np.testing.assert_allclose(serial, threaded, rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-7)
+    np.testing.assert_allclose(lse_s, lse_t, rtol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+def test_blas_thread_count_is_restored():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from sparseattn.fused import _blas_single_thread, _numba_blas_controllers
+
+    libs = _numba_blas_controllers()
+    before = [c.get_num_threads() for c in libs]
+    with _blas_single_thread():
+        assert all(c.get_num_threads() == 1 for c in libs)
+        with _blas_single_thread():  # re-entrant
+            assert all(c.get_num_threads() == 1 for c in libs)
+        assert all(c.get_num_threads() == 1 for c in libs)
+    assert [c.get_num_threads() for c in libs] == before
+    assert threadpoolctl.threadpool_info()  # still readable
