@@ -323,16 +323,27 @@ def _status_kib(field):
     return None
 
 
+def _malloc_trim():
+    """Hand glibc's free pages back to the OS so that reusing them shows up in the RSS peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure_peak(fn):
     """Call ``fn()`` once; return (result, info) with the peak extra memory it used.
 
     ``tracemalloc_peak_bytes``: peak of allocations traced by Python (NumPy arrays;
     misses Numba's and torch's own allocators).  ``rss_peak_delta_bytes``: peak
     resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
-    set before the call: sees every allocator, but not memory reused from
-    the allocator's free lists.
+    set before the call, after ``malloc_trim(0)`` returned glibc's free pages:
+    sees every allocator that uses malloc or mmap.
     """
     gc.collect()
+    _malloc_trim()
     can_reset = True
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -95,7 +95,9 @@ def _record(bench):
     rec["peak_bytes"] = max(peaks) if peaks else None
     rec["load"] = extra.get("loadavg_1min")
     qkvo, out_bytes = extra.get("qkvo_bytes"), extra.get("out_bytes")
-    rec["extra_ratio"] = (rec["peak_bytes"] - out_bytes) / qkvo if rec["peak_bytes"] is not None and qkvo and out_bytes is not None else None
+    rec["extra_ratio"] = None
+    if rec["peak_bytes"] is not None and qkvo and out_bytes is not None and rec["peak_bytes"] >= out_bytes:
+        rec["extra_ratio"] = (rec["peak_bytes"] - out_bytes) / qkvo  # blank when the probe missed the output itself
     return rec
 
 

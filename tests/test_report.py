@@ -240,3 +240,15 @@ def test_bad_input(tmp_path):
         rp.report(other, out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         rp.load(tmp_path / "nope.json")
+
+
+def test_extra_memory_ratio_blank_when_probe_missed_the_output():
+    data = {
+        "benchmarks": [
+            _bench("g", "torch-x", 0.1, n=1024, rss_peak_delta_bytes=0, tracemalloc_peak_bytes=10, qkvo_bytes=4000, out_bytes=1000),
+            _bench("g", "sparseattn", 0.1, n=2048, rss_peak_delta_bytes=1600, qkvo_bytes=4000, out_bytes=1000),
+        ]
+    }
+    rows = {r["method"]: r for r in rp.summarize(data)["g"]["rows"]}
+    assert rows["torch-x"]["extra_ratio"] is None
+    assert math.isclose(rows["sparseattn"]["extra_ratio"], 600 / 4000)
