@@ -488,7 +488,10 @@ def _cmd_receptive(args, words, out):
     if args.png:
         from . import viz
 
-        viz.plot_receptive_field(pattern, layers, args.png)
+        extra = {}
+        if tokens is not None and "tokens" in inspect.signature(viz.plot_receptive_field).parameters:
+            extra["tokens"] = tokens  # the same sample as the table: no n x n reach for long inputs
+        viz.plot_receptive_field(pattern, layers, args.png, **extra)
         print(f"wrote {args.png}", file=out)
     return 0
 
