@@ -9,7 +9,7 @@ written by ``pytest benchmarks/ --benchmark-json=BENCH.json`` and writes, under
   the machine's float32 GEMM rate, the growth ratio time(n) / time(previous n),
   peak extra memory; the fitted log-log slope of time against n per method;
   and the speed-up of each ``sparseattn*`` method over each peer of the group
-  at the same workload;
+  at the same workload (and of ``sparseattn`` over ``sparseattn-staged``);
 - ``BENCH-<group>-time_vs_n.png`` (log-log, fitted slope in the legend),
   ``BENCH-<group>-time_vs_radius.png`` and ``BENCH-<group>-speedup.png``
   (matplotlib, extra ``viz``; imported only here and only when plotting).
@@ -194,8 +194,10 @@ def summarize(data):
         speedups = {}
         for key, times in sorted(by_key.items(), key=lambda kv: tuple(_sort_key(x) for x in kv[0])):
             for m in ours:
-                if m in times and any(p in times for p in peers):
-                    speedups[(m,) + key] = {p: times[p] / times[m] for p in peers if p in times}
+                # the primary method is also compared with its own alternative paths (fused vs staged)
+                against = peers + [o for o in ours if o != m] if m == OURS_PREFIX else peers
+                if m in times and any(p in times for p in against):
+                    speedups[(m,) + key] = {p: times[p] / times[m] for p in against if p in times}
         result[group] = {
             "rows": recs,
             "vary": vary,
@@ -204,6 +206,7 @@ def summarize(data):
             "speedups": dict(sorted(speedups.items(), key=lambda kv: (_method_order(kv[0][0]),) + tuple(_sort_key(x) for x in kv[0][1:]))),
             "ours": ours,
             "peers": peers,
+            "columns": peers + [o for o in ours if o != OURS_PREFIX],
         }
     return result
 
@@ -328,8 +331,8 @@ def render_markdown(data, summary, plots=None, title=None):
                 out.append("")
         if g["speedups"]:
             out += ["### Speed-up", "", f"t(peer) / t(ours) at the same workload, in group {group!r}:", ""]
-            header = ["method", "n", "radius", "globals", "dtype"] + [f"× vs {p}" for p in g["peers"]]
-            rows = [[key[0]] + [_fmt(x) for x in key[1:]] + [_fmt_ratio(sp.get(p)) for p in g["peers"]] for key, sp in g["speedups"].items()]
+            header = ["method", "n", "radius", "globals", "dtype"] + [f"× vs {p}" for p in g["columns"]]
+            rows = [[key[0]] + [_fmt(x) for x in key[1:]] + [_fmt_ratio(sp.get(p)) for p in g["columns"]] for key, sp in g["speedups"].items()]
             out += [_table(header, rows), ""]
         for png in plots.get(group, []):
             out += [f"![{group}: {png}]({png})", ""]

@@ -131,6 +131,8 @@ def test_summary_numbers_match_independent_computation(synthetic):
         sp = g["speedups"][("sparseattn", n, RADIUS, 1, "float32")]
         assert math.isclose(sp["torch-flex"], times[("torch-flex", n)] / times[("sparseattn", n)], rel_tol=1e-12)
         assert ("dense-numpy" in sp) == (n != 8192)
+        assert math.isclose(sp["sparseattn-staged"], times[("sparseattn-staged", n)] / times[("sparseattn", n)], rel_tol=1e-12)
+        assert "sparseattn" not in g["speedups"][("sparseattn-staged", n, RADIUS, 1, "float32")]
     r = s["radius-scaling n8192"]
     assert r["vary"] == "radius"
     want = np.polyfit(np.log(list(rtimes)), np.log(list(rtimes.values())), 1)[0]
@@ -173,6 +175,11 @@ def test_markdown_tables(synthetic, tmp_path):
                 assert math.isclose(_num(cell), times[(peer, n)] / times[(ours, n)], rel_tol=6e-3)
             else:
                 assert cell == "—"
+        staged = row["× vs sparseattn-staged"]
+        if ours == "sparseattn":
+            assert math.isclose(_num(staged), times[("sparseattn-staged", n)] / times[("sparseattn", n)], rel_tol=6e-3)
+        else:
+            assert staged == "—"
     # the fitted slope of each method is printed
     want = np.polyfit(np.log(NS), np.log([times[("sparseattn", n)] for n in NS]), 1)[0]
     assert f"- sparseattn (radius=256, globals=1, dtype=float32): **{want:.2f}**" in md
