@@ -5,15 +5,21 @@ validation, broadcasting and dtype promotion.  It allocates the output, the
 per-row log-sum-exp and, when the pattern has long rows, their chunk partials
 (a few rows times ``n / chunk``); nothing proportional to ``nnz * heads``.
 
-The kernels call BLAS (``np.dot`` on tiles) from inside their own parallel
-loops, so BLAS is capped at one thread for the duration of the call (through
-``threadpoolctl`` when it is installed).
+The kernels are serial ``nogil`` Numba functions; this module runs disjoint
+work ranges of them on a small pool of Python threads (one per Numba thread,
+``numba.get_num_threads()``), each thread taking the next cost-balanced range
+as it finishes the last, so a thread delayed by other processes does not hold
+the others up.  The kernels call BLAS (``np.dot`` on tiles), so BLAS is capped
+at one thread for the duration of the call (through ``threadpoolctl`` when it
+is installed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,7 +30,46 @@ __all__ = ["fused_attention"]
 #: below this many (approximate) flops per kernel call, run serially
 _PARALLEL_MIN_FLOP = 1 << 22
 #: cost-balanced runs of tiles per thread (more runs absorb threads that get delayed)
-_WORK_SPLIT = 4
+_WORK_SPLIT = 8
+
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _run_ranges(fn, args_before, args_after, bounds, n_threads):
+    """``fn(*args_before, bounds[i], bounds[i + 1], *args_after)`` for every range, on ``n_threads`` threads.
+
+    Ranges are handed out dynamically; the calling thread works too.
+    """
+    global _pool, _pool_size
+    n_ranges = len(bounds) - 1
+    n_threads = max(1, min(n_threads, n_ranges))
+    counter = itertools.count()
+
+    def worker():
+        while True:
+            i = next(counter)  # atomic under the GIL
+            if i >= n_ranges:
+                return
+            fn(*args_before, bounds[i], bounds[i + 1], *args_after)
+
+    if n_threads == 1:
+        worker()
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < n_threads - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="sparseattn")
+            _pool_size = n_threads - 1
+        pool = _pool
+    futures = [pool.submit(worker) for _ in range(n_threads - 1)]
+    try:
+        worker()
+    finally:
+        for f in futures:
+            f.result()
 
 _blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
 _blas_lock = threading.Lock()
@@ -114,10 +159,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     slice_batch : int64 ndarray, shape (S,), or None
         Row of ``key_valid`` used by each slice.
     parallel : bool, optional
-        ``None`` (default): use the threaded kernels when the work is large
-        enough.  ``False``: serial, ``nogil`` kernels only (for callers that
-        bring their own threads, e.g. Dask workers: Numba's workqueue layer
-        must not be entered from several threads at once).
+        ``None`` (default): run on ``numba.get_num_threads()`` threads when
+        the work is large enough.  ``False``: only in the calling thread (for
+        callers that bring their own threads, e.g. Dask workers).
 
     Returns
     -------
@@ -140,7 +184,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from .kernels.fused import _long_run, _tiles_run, long_rows_merge, long_rows_partial, tiles_forward
+    from .kernels.fused import long_rows_merge, long_rows_partial, tiles_forward
 
     S, n_q, d = q.shape
     dv = v.shape[2]
@@ -154,36 +198,41 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
     sc = dt.type(scale)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
-    n_workers = _WORK_SPLIT * get_num_threads()
+    n_threads = 1 if parallel is False else get_num_threads()
     with _blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
             slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
             if len(slices) == 0:
                 continue
             plan = get_plan(pattern)
-            # small problems run serially: waking the thread pool costs more than it saves
-            par = len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP and parallel is not False
-            bounds = _split_items(plan, len(slices), n_workers if par else 1)
-            tiles = tiles_forward if par else _tiles_run
-            tiles(
-                q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
-                plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
-                plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, *((bounds,) if par else (0, bounds[-1])),
-                out, lse,
+            # small problems run in this thread: handing work to the pool costs more than it saves
+            par = n_threads > 1 and len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
+            bounds = _split_items(plan, len(slices), _WORK_SPLIT * n_threads if par else 1)
+            _run_ranges(
+                tiles_forward,
+                (q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
+                 plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
+                 plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid),
+                (out, lse),
+                bounds.tolist(),
+                n_threads if par else 1,
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows
                 part_m = np.empty((ns, npr), dtype=dt)
                 part_l = np.empty((ns, npr), dtype=dt)
                 part_o = np.empty((ns, npr, dv), dtype=dt)
-                long_args = (
-                    q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
-                    plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o,
+                n_jobs = ns * len(plan.it_grp)
+                par = n_threads > 1 and ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP
+                n_ranges = min(n_jobs, _WORK_SPLIT * n_threads) if par else 1
+                _run_ranges(
+                    long_rows_partial,
+                    (q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
+                     plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o),
+                    (),
+                    [i * n_jobs // n_ranges for i in range(n_ranges + 1)],
+                    n_threads if par else 1,
                 )  # fmt: skip
-                if ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP and parallel is not False:
-                    long_rows_partial(*long_args, n_workers)
-                else:
-                    _long_run(*long_args, 0, ns * len(plan.it_grp))
                 long_rows_merge(
                     slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,
                     part_m, part_l, part_o, out, lse,

@@ -3,7 +3,10 @@
 Raw arrays in, raw arrays out; no validation (``sparseattn.fused`` prepares
 everything).  The plan layout is documented in :mod:`sparseattn.plan`.
 
-Three kernels run one after the other for the slices that share a plan:
+Three serial, ``nogil`` kernels run one after the other for the slices that
+share a plan; ``sparseattn.fused`` runs disjoint work ranges of the first two
+on several Python threads (no Numba parallel region: faster to compile, and
+safe to call from threads that Dask or the user already run):
 
 ``tiles_forward``
     Row tiles of ``T`` queries.  Per tile: the contiguous key span (one or a
@@ -13,14 +16,14 @@ Three kernels run one after the other for the slices that share a plan:
     feeds one online softmax (running max ``m``, running sum ``l`` and the
     unnormalised output), so no nnz-sized score array ever exists.
 ``long_rows_partial``
-    The few very long rows (global tokens), cut into column chunks spread
-    over the threads; rows with identical columns are batched into one GEMM.
+    The few very long rows (global tokens), cut into column chunks shared
+    by the threads; rows with identical columns are batched into one GEMM.
     Each chunk leaves a partial ``(m, l, o)``.
 ``long_rows_merge``
     Merges the partials of every long row with the log-sum-exp formula.
 
 The GEMMs call BLAS through ``np.dot``; the caller caps BLAS at one thread
-while these kernels run (they are already parallel).  ``exp`` is a
+while these kernels run (they run on several threads already).  ``exp`` is a
 vectorisable polynomial (Numba has no vector math library here).
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp"]
@@ -193,6 +196,18 @@ def _one_key_update(x, vj, r, m, l, acc, half, zero):
         l[r] += p
 
 
+@njit(nogil=True)
+def _mm_nt(a, b, out):
+    """``out = a @ b.T`` through BLAS (one shared call site keeps compile time down)."""
+    np.dot(a, b.T, out)
+
+
+@njit(nogil=True)
+def _mm_nn(a, b, out):
+    """``out = a @ b`` through BLAS."""
+    np.dot(a, b, out)
+
+
 @njit(fastmath=_FM)
 def _add_into(acc, tmp, rows):
     for r in range(rows):
@@ -201,12 +216,19 @@ def _add_into(acc, tmp, rows):
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _tiles_run(
+def tiles_forward(
     q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
     scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse,
 ):  # fmt: skip
-    """Serial tile pass over work items ``[it_begin, it_end)`` (see :func:`tiles_forward`)."""
+    """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
+
+    Item ``it = si * n_tiles + t`` is tile ``t`` of slice ``slices[si]``.
+    Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of those
+    tiles; long rows come out empty here and are overwritten by the long-row
+    pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
+    several threads.
+    """
     n_q = q.shape[1]
     d = q.shape[2]
     dv = v.shape[2]
@@ -258,7 +280,7 @@ def _tiles_run(
                     b = min(k1, a + step)
                     wd = b - a
                     sm = sbuf[: rows * wd].reshape((rows, wd))
-                    np.dot(qt, k[s, a:b].T, sm)
+                    _mm_nt(qt, k[s, a:b], sm)
                     vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
                     for r in range(rows):
                         lo = max(row_lo[t0 + r], a) - a
@@ -267,10 +289,10 @@ def _tiles_run(
                             hi = lo
                         _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
-                        np.dot(sm, v[s, a:b], acc[:rows])
+                        _mm_nn(sm, v[s, a:b], acc[:rows])
                         first = False
                     else:
-                        np.dot(sm, v[s, a:b], tmp[:rows])
+                        _mm_nn(sm, v[s, a:b], tmp[:rows])
                         _add_into(acc, tmp, rows)
                     a = b
             if first:
@@ -308,7 +330,7 @@ def _tiles_run(
                     for e in range(dv):
                         vg[c, e] = v[s, j, e]
                 sm = sbuf[: rows * nc].reshape((rows, nc))
-                np.dot(qt, kg[:nc].T, sm)
+                _mm_nt(qt, kg[:nc], sm)
                 for r in range(rows):
                     for c in range(nc):
                         ok = sh_mask[(c0 + c) * T + r] != 0
@@ -316,7 +338,7 @@ def _tiles_run(
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
                     _row_update(sm[r], 0, nc, okb, True, r, m, l, acc, neg, zero)
-                np.dot(sm, vg[:nc], tmp[:rows])
+                _mm_nn(sm, vg[:nc], tmp[:rows])
                 _add_into(acc, tmp, rows)
                 c0 = cb
             # -- 3. per-row residual columns
@@ -360,35 +382,19 @@ def _tiles_run(
                     lse[s, i] = ninf
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def tiles_forward(
-    q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-    scale, key_valid, slice_batch, use_valid, bounds, out, lse,
-):  # fmt: skip
-    """Tile pass for the slices ``slices`` sharing one plan.
-
-    Work items ``it = si * n_tiles + t`` (slice ``slices[si]``, tile ``t``);
-    worker ``w`` runs items ``[bounds[w], bounds[w + 1])`` (split by cost).
-    Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of the tiles;
-    long rows come out empty here and are overwritten by the long-row pass.
-    The parallel loop only dispatches: the body is a separately compiled
-    serial function, which keeps Numba's parfor compile time small.
-    """
-    for w in prange(bounds.shape[0] - 1):
-        _tiles_run(
-            q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-            sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-            scale, key_valid, slice_batch, use_valid, bounds[w], bounds[w + 1], out, lse,
-        )  # fmt: skip
-
-
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _long_run(
+def long_rows_partial(
     q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
     scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, job_begin, job_end,
 ):  # fmt: skip
-    """Serial part of :func:`long_rows_partial`: jobs ``[job_begin, job_end)``, ``job = si * n_items + it``."""
+    """Partial softmax of the (slice, long-row chunk) jobs ``[job_begin, job_end)``, ``job = si * n_items + it``.
+
+    Item ``it`` covers the rows ``lg_rows[grp_ptr[g] : grp_ptr[g + 1]]`` of
+    group ``g = it_grp[it]`` (they share their columns) and the keys
+    ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
+    ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
+    Serial and ``nogil`` like :func:`tiles_forward`.
+    """
     d = q.shape[2]
     n_items = it_grp.shape[0]
     dt = q.dtype
@@ -420,39 +426,17 @@ def _long_run(
             for c in range(d):
                 qg[rr, c] = q[s, lg_rows[r0 + rr], c] * scale
         sm = sbuf[: nr * wd].reshape((nr, wd))
-        np.dot(qg, k[s, a:b].T, sm)
+        _mm_nt(qg, k[s, a:b], sm)
         o = part_o[si, it_off[it] : it_off[it] + nr]
         for rr in range(nr):
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
             _row_update(sm[rr], 0, wd, vrow, use_valid, rr, m, l, o, neg, zero)
-        np.dot(sm, v[s, a:b], o)
+        _mm_nn(sm, v[s, a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
             part_l[si, it_off[it] + rr] = l[rr]
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def long_rows_partial(
-    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, n_workers,
-):  # fmt: skip
-    """Partial softmax of every (slice, long-row chunk) item.
-
-    Item ``it`` covers the rows ``lg_rows[grp_ptr[g] : grp_ptr[g + 1]]`` of
-    group ``g = it_grp[it]`` (they share their columns) and the keys
-    ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
-    ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
-    """
-    n_jobs = slices.shape[0] * it_grp.shape[0]
-    nw = max(1, min(n_workers, n_jobs))
-    for w in prange(nw):
-        _long_run(
-            q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-            scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o,
-            w * n_jobs // nw, (w + 1) * n_jobs // nw,
-        )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -627,7 +611,7 @@ def plan_leftovers(indptr, indices, is_long, lo, hi, T, n_k):
                         cols[nsh] = j
                         nsh += 1
                         cnt[j] = -1  # counted once
-            srt = np.sort(cols[:nsh])
+            srt = cols[:nsh]  # order of first appearance
             base = sh_ptr[t]
             for c in range(nsh):
                 cnt[srt[c]] = -(c + 2)  # slot c is encoded as -(c + 2)
