@@ -4,7 +4,9 @@ Options
 -------
 --quick
     Few small sizes and one round per benchmark (same as ``SPARSEATTN_BENCH_QUICK=1``); CI runs
-    ``pytest benchmarks/ --quick --benchmark-disable`` so the benchmarks never rot.
+    ``pytest benchmarks/ --quick --benchmark-disable`` so the benchmarks never rot. Quick mode is
+    also on with ``--benchmark-disable`` and when the benchmarks are collected without being named
+    on the command line (a bare ``pytest`` whose testpaths include ``benchmarks``).
 
 Environment
 -----------
@@ -30,8 +32,22 @@ def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", default=False, help="benchmarks: few small sizes, one round (also SPARSEATTN_BENCH_QUICK=1)")
 
 
+def _named_on_command_line(config):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for arg in config.invocation_params.args:
+        if arg.startswith("-"):
+            continue
+        path = os.path.abspath(os.path.join(str(config.invocation_params.dir), arg.split("::")[0]))
+        if path == here or path.startswith(here + os.sep):
+            return True
+    return False
+
+
 def pytest_configure(config):
-    if config.getoption("--quick", default=False):
+    # Quick mode when asked (--quick), when timing is off (--benchmark-disable: a smoke test), and
+    # when the benchmarks were collected without being named (e.g. a bare `pytest` through testpaths).
+    disabled = bool(getattr(config.option, "benchmark_disable", False))
+    if config.getoption("--quick", default=False) or disabled or not _named_on_command_line(config):
         os.environ[benchlib.QUICK_ENV] = "1"
 
 
