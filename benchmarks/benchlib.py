@@ -34,7 +34,7 @@ H1 = dict(heads=12, d=64, radius=256, globals=1, dtype="float32")
 PEER_MAX_N = {
     "dense-numpy": 16384,  # n*n float32 scores per row block, head by head: O(n^2) time (~minutes beyond)
     "torch-sdpa": 8192,  # materialises heads*n*n float32 scores (3.2 GB at 8192, 12.9 GB at 16384)
-    "torch-flex": 32768,  # create_block_mask evaluates the mask on an n*n grid
+    "torch-flex": 16384,  # create_block_mask materialises the n*n mask (plus int64 temporaries of the predicate)
     "hf-longformer": 16384,  # ~O(n*w) but slow: seconds per call at 16384
 }
 
