@@ -346,7 +346,7 @@ def _heads(pattern):
 
 
 def _png_paths(path, count):
-    """``FILE`` for one pattern, ``FILE-stem_head{h}.suffix`` for per-head patterns."""
+    """``FILE`` for one pattern; ``STEM_head0.EXT``, ``STEM_head1.EXT``, ... for per-head patterns."""
     if count == 1:
         return [path]
     import os
@@ -779,7 +779,9 @@ def _make_parser():
         )
         p.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: the builder's parameters too)")
         p.add_argument("name", nargs="?", metavar="NAME", help="a registered builder, e.g. sliding_window, longformer")
-        p.add_argument("--global", dest="global_", nargs="+", metavar="IDX", help="also make these tokens global")
+        p.add_argument(
+            "--global", dest="global_", nargs="+", action="extend", metavar="IDX", help="also make these tokens global"
+        )
         p.add_argument("--png", metavar="FILE", help="write a plot to FILE (needs matplotlib)")
         if name == "show":
             p.add_argument("--max-size", type=int, default=64, help="largest pattern side printed as text (default: 64)")

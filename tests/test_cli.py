@@ -82,6 +82,14 @@ def test_show_global_prints_seed_second_grid(capsys):
     assert "nnz 19" in out
 
 
+def test_show_global_options_accumulate(capsys):
+    code, out, err = run(capsys, "show", "sliding_window", "--n", "6", "--radius", "0", "--global", "0", "--global", "2,5")
+    assert code == 0, err
+    i, j = np.indices((6, 6))
+    mask = (i == j) | np.isin(i, [0, 2, 5]) | np.isin(j, [0, 2, 5])
+    assert grid_of(out) == brute_grid(mask)
+
+
 def test_show_longformer_hf_convention_is_the_same_grid(capsys):
     code, out, _ = run(capsys, "show", "longformer", "--n", "5", "--attention-window", "2", "--global-indices", "0")
     assert code == 0
