@@ -720,7 +720,23 @@ def _cmd_report(argv):
         from . import report
     except ImportError as exc:
         raise CLIError(f"{PROG} report: the report module is not available ({exc})") from None
-    code = report.main(list(argv))
+    import contextlib
+    import io
+
+    # argparse in report.main prints a usage block before its error; keep the error line only
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = report.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        if code and lines and lines[0].startswith("usage:"):
+            print(lines[-1], file=sys.stderr)
+        else:
+            sys.stderr.write(err.getvalue())
+        return code
+    sys.stderr.write(err.getvalue())
     return 0 if code is None else int(code)
 
 

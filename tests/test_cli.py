@@ -456,6 +456,18 @@ def test_report_delegates_argv(capsys, monkeypatch):
     assert main(["report", "x.json"]) == 3
 
 
+def test_report_argparse_error_is_one_line(capsys, tmp_path):
+    pytest.importorskip("sparseattn.report")
+    missing = tmp_path / "missing.json"
+    code, out, err = run(capsys, "report", str(missing))
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "missing.json" in lines[0], err
+    code, out, err = run(capsys, "report", "--help")
+    assert code == 0 and out.startswith("usage: sparseattn report")
+
+
 # ------------------------------------------------------------------------------------------
 # demo
 # ------------------------------------------------------------------------------------------
