@@ -175,9 +175,12 @@ class _Tracer:
                 k = self.reach.shape[0]
                 old = _keys(self.reach)
                 new = np.setdiff1d(_keys(reached), old, assume_unique=True)
-                self.frontier = _from_keys(new, k, self.n)
                 self.reach = _from_keys(np.union1d(old, new), k, self.n)
                 self.stable = len(new) == 0
+                full = np.flatnonzero(np.diff(self.reach.indptr) == self.n)
+                if len(full):  # a full row cannot grow: do not expand its frontier
+                    new = new[~np.isin(new // self.n, full)]
+                self.frontier = _from_keys(new, k, self.n)
                 return
             self.monotone = False
         nxt, _ = self._product(self.reach)
