@@ -219,14 +219,14 @@ def _check_path(path):
 
 
 def _draw_density(ax, fig, density, n_q, n_k, gamma):
-    from matplotlib.colors import PowerNorm
-
-    img = np.ma.masked_equal(density, 0.0)
-    cmap = _cmap()
+    # any allowed pair is visible: nonzero densities map to [0.2, 1] on a power scale
+    shown = np.ma.masked_equal(density, 0.0)
+    shown = 0.2 + 0.8 * np.ma.power(shown, gamma)
     im = ax.imshow(
-        img,
-        cmap=cmap,
-        norm=PowerNorm(gamma=gamma, vmin=0.0, vmax=1.0),
+        shown,
+        cmap=_cmap(),
+        vmin=0.0,
+        vmax=1.0,
         extent=(0, n_k, n_q, 0),
         interpolation="nearest",
         aspect="auto" if max(n_q, n_k) > 3 * min(n_q, n_k) else "equal",
@@ -234,7 +234,9 @@ def _draw_density(ax, fig, density, n_q, n_k, gamma):
     ax.set_xlabel("key j")
     ax.set_ylabel("query i")
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    cb.set_label("fraction allowed per pixel")
+    ticks = np.array([0.001, 0.01, 0.1, 0.5, 1.0])
+    cb.set_ticks(0.2 + 0.8 * ticks**gamma, labels=[f"{t:g}" for t in ticks])
+    cb.set_label("fraction allowed per pixel (white: none)")
     return im
 
 
@@ -289,7 +291,8 @@ def plot_pattern(pattern, path, max_pixels=1024, *, title=None, gamma=0.35):
     density, counts, _, _ = density_grid(p, max_pixels, return_counts=True)
     n_q, n_k = p.shape
     nnz = int(counts.sum())  # cheaper than p.nnz for compositions of builders
-    fig = _figure((6.4, 5.6))
+    side = max(5.6, min(density.shape[0], 1200) / 100 * 1.3)  # about one screen pixel per grid pixel
+    fig = _figure((side * 1.15, side))
     ax = fig.add_subplot(1, 1, 1)
     _draw_density(ax, fig, density, n_q, n_k, gamma)
     if title is None:
