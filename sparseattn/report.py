@@ -112,13 +112,15 @@ def _sort_key(value):
 def gemm_reference(data):
     """(GFLOP/s, label) of the float32 GEMM rate to compare against, or (None, None).
 
-    Prefers the rate measured in the subprocess with OPENBLAS_CORETYPE unset (what
-    the hardware does), else the in-process rate.
+    The rate measured in the subprocess with OPENBLAS_CORETYPE unset (what the
+    hardware does) when present, else the in-process rate; of each, the best of
+    the measurements at the start and at the end of the run (``*_end``).
     """
     info = (data.get("machine_info") or {}).get("sparseattn") or {}
     for key, label in (("gemm_float32_hardware_default", "subprocess, OPENBLAS_CORETYPE unset"), ("gemm_float32_in_process", "in process")):
-        g = info.get(key) or {}
-        if g.get("gemm_gflops"):
+        found = [info.get(k) for k in (key, key + "_end") if (info.get(k) or {}).get("gemm_gflops")]
+        if found:
+            g = max(found, key=lambda x: x["gemm_gflops"])
             return float(g["gemm_gflops"]), f"{label}, kernel {g.get('blas_architecture', '?')}"
     return None, None
 
@@ -286,7 +288,12 @@ def render_markdown(data, summary, plots=None, title=None):
         facts.append("quick mode (small sizes, one round: smoke test, not a measurement)")
     if facts:
         out += ["- " + "\n- ".join(facts), ""]
-    for key, label in (("gemm_float32_in_process", "in this process"), ("gemm_float32_hardware_default", "subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset")):
+    for key, label in (
+        ("gemm_float32_in_process", "in this process, run start"),
+        ("gemm_float32_hardware_default", "subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, run start"),
+        ("gemm_float32_in_process_end", "in this process, run end"),
+        ("gemm_float32_hardware_default_end", "subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, run end"),
+    ):
         g = sa.get(key) or {}
         if g.get("gemm_gflops"):
             env = g.get("env_OPENBLAS_CORETYPE")
@@ -304,7 +311,7 @@ def render_markdown(data, summary, plots=None, title=None):
         "",
         "Time is the median over rounds. GFLOP/s counts useful work only: 4·nnz·d per head "
         "(scores and P·V at the allowed pairs), whatever the method computes. % GEMM is that rate over "
-        "the float32 GEMM rate above (the subprocess figure when present). Growth is time over the time "
+        "the float32 GEMM rate above (the subprocess figure when present, best of run start and end). Growth is time over the time "
         "at the previous size of the same series. Peak MiB is the peak memory one call adds "
         "(max of the RSS high-water-mark delta and tracemalloc's peak), output included; extra / qkvo is "
         "that peak minus the output's bytes, over the bytes of q, k, v and the output together. Load is "

@@ -259,3 +259,15 @@ def test_extra_memory_ratio_blank_when_probe_missed_the_output():
     rows = {r["method"]: r for r in rp.summarize(data)["g"]["rows"]}
     assert rows["torch-x"]["extra_ratio"] is None
     assert math.isclose(rows["sparseattn"]["extra_ratio"], 600 / 4000)
+
+
+def test_gemm_reference_prefers_subprocess_and_best_of_start_end():
+    def g(x, arch):
+        return {"gemm_gflops": x, "blas_architecture": arch}
+
+    mi = {"sparseattn": {"gemm_float32_in_process": g(300.0, "A"), "gemm_float32_hardware_default": g(100.0, "B"), "gemm_float32_hardware_default_end": g(150.0, "C")}}
+    rate, label = rp.gemm_reference({"machine_info": mi})
+    assert rate == 150.0 and "C" in label and "subprocess" in label
+    mi = {"sparseattn": {"gemm_float32_in_process": g(300.0, "A"), "gemm_float32_in_process_end": g(200.0, "D")}}
+    assert rp.gemm_reference({"machine_info": mi})[0] == 300.0
+    assert rp.gemm_reference({"machine_info": {}}) == (None, None)
