@@ -4,7 +4,8 @@ The public surface::
 
     sparse_attention(q, k, v, pattern, ...)   the one entry point
     sliding_window, global_tokens, longformer, causal,
-    from_sparse, from_dense, random_pattern   pattern builders
+    from_sparse, from_dense, random_pattern,
+    bigbird, strided, fixed, block_sparse     pattern builders and presets
     Pattern, register_pattern                 the pattern type and registry
 
 Everything else lives in submodules (``sparseattn.patterns``,
@@ -14,7 +15,10 @@ dependencies are imported only by the adapters that need them.
 
 from .patterns import (
     Pattern,
+    bigbird,
+    block_sparse,
     causal,
+    fixed,
     from_dense,
     from_sparse,
     global_tokens,
@@ -22,6 +26,7 @@ from .patterns import (
     random_pattern,
     register_pattern,
     sliding_window,
+    strided,
 )
 
 __version__ = "0.1.0"
@@ -39,7 +44,10 @@ def __getattr__(name):
 __all__ = [
     "AttentionWeights",
     "Pattern",
+    "bigbird",
+    "block_sparse",
     "causal",
+    "fixed",
     "from_dense",
     "from_sparse",
     "global_tokens",
@@ -48,4 +56,5 @@ __all__ = [
     "register_pattern",
     "sliding_window",
     "sparse_attention",
+    "strided",
 ]

@@ -15,14 +15,18 @@ from .builders import (
     random_pattern,
     sliding_window,
 )
+from .presets import bigbird, block_sparse, fixed, strided
 from .registry import available, examples, get, register_pattern
 
 __all__ = [
     "Pattern",
     "as_pattern",
     "available",
+    "bigbird",
+    "block_sparse",
     "causal",
     "examples",
+    "fixed",
     "from_dense",
     "from_sparse",
     "get",
@@ -32,6 +36,7 @@ __all__ = [
     "random_pattern",
     "register_pattern",
     "sliding_window",
+    "strided",
     "transpose",
     "union",
 ]
