@@ -16,9 +16,11 @@ GLOBALS = [1] if benchlib.quick() else [1, 64]
 METHODS = ["sparseattn", "sparseattn-staged", "dense-numpy", "torch-sdpa", "torch-flex", "hf-longformer"]
 
 
-@pytest.mark.parametrize("n", NS, ids=lambda n: f"n{n}")
-@pytest.mark.parametrize("n_globals", GLOBALS, ids=lambda g: f"g{g}")
+# the bottom decorator varies slowest: all methods run back to back at each size, so a change in
+# the machine's load during the run does not favour one method
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n_globals", GLOBALS, ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("n", NS, ids=lambda n: f"n{n}")
 def test_h1_compare(benchmark, method, n_globals, n):
     benchlib.bench_attention(
         benchmark, method, n=n, radius=256, n_globals=n_globals, group=f"H1 compare: r256, g{n_globals}, float32"

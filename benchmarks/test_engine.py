@@ -15,7 +15,7 @@ NS = benchlib.sizes([1024, 4096, 16384], [256, 1024])
 METHODS = ["sparseattn", "sparseattn-staged", "dense-numpy"]
 
 
-@pytest.mark.parametrize("n", NS, ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n", NS, ids=lambda n: f"n{n}")  # bottom = slowest: methods back to back per n
 def test_engine_vs_dense(benchmark, method, n):
     benchlib.bench_attention(benchmark, method, n=n, radius=256, n_globals=0, group="engine: band r256, float32")

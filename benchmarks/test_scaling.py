@@ -36,8 +36,8 @@ def test_scale_n(benchmark, method, radius, n_globals, dtype, n):
     benchlib.bench_attention(benchmark, method, n=n, radius=radius, n_globals=n_globals, dtype=dtype, group=group)
 
 
-@pytest.mark.parametrize("radius", RADIUS_SWEEP, ids=lambda r: f"r{r}")
 @pytest.mark.parametrize("method", ["sparseattn", "sparseattn-staged"])
+@pytest.mark.parametrize("radius", RADIUS_SWEEP, ids=lambda r: f"r{r}")  # bottom = slowest: paths back to back
 def test_scale_radius(benchmark, method, radius):
     benchlib.bench_attention(
         benchmark, method, n=N_FIXED, radius=radius, n_globals=1, group=f"radius-scaling: n{N_FIXED}, g1, float32"
