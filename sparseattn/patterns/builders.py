@@ -177,7 +177,17 @@ def sliding_window(n, radius=None, *, left=None, right=None, dilation=1, n_k=Non
 
 @register_pattern("causal", examples=[dict(n=6), dict(n=10, radius=3)])
 def causal(n, radius=None, *, dilation=1):
-    """Causal attention: query ``i`` sees keys ``i - radius .. i`` (all earlier keys by default)."""
+    """Causal attention: query ``i`` sees keys ``i - radius .. i`` (all earlier keys by default).
+
+    Parameters
+    ----------
+    n : int
+        Number of tokens.
+    radius : int, optional
+        How many earlier tokens each query sees; ``None`` means all of them.
+    dilation : int
+        Keep only offsets that are multiples of ``dilation``.
+    """
     n = _check_int("n", n, 0)
     left = max(n - 1, 0) if radius is None else _check_int("radius", radius, 0)
     return sliding_window(n, left=left, right=0, dilation=dilation)
@@ -210,6 +220,13 @@ def global_tokens(n, indices):
 
     Duplicate indices are allowed and counted once.
 
+    Parameters
+    ----------
+    n : int
+        Number of tokens.
+    indices : sequence of int
+        The global tokens, each in ``[0, n)``.
+
     Examples
     --------
     >>> import sparseattn as sa
@@ -234,6 +251,15 @@ def longformer(n, attention_window, global_indices=()):
     each token sees ``attention_window // 2`` neighbours on each side, plus the
     global tokens, which see everything (``LongformerConfig.attention_window``).
 
+    Parameters
+    ----------
+    n : int
+        Number of tokens.
+    attention_window : int
+        Hugging Face's total window (even, > 0); the radius is half of it.
+    global_indices : sequence of int
+        Tokens with global attention (e.g. the question in QA).
+
     Examples
     --------
     >>> import sparseattn as sa
@@ -255,12 +281,24 @@ def longformer(n, attention_window, global_indices=()):
 
 
 def from_sparse(m):
-    """A pattern from any 2-D scipy sparse matrix or array; stored zeros are dropped."""
+    """A pattern from any 2-D scipy sparse matrix or array; stored zeros are dropped.
+
+    Parameters
+    ----------
+    m : scipy sparse matrix or array, 2-D
+        Nonzero entries are the allowed (query, key) pairs; duplicates are merged.
+    """
     return _canonical_from_scipy(m, "m")
 
 
 def from_dense(mask):
-    """A pattern from a 2-D array; nonzero (True) entries are allowed."""
+    """A pattern from a 2-D array; nonzero (True) entries are allowed.
+
+    Parameters
+    ----------
+    mask : array_like, 2-D, boolean or numeric
+        ``mask[i, j]`` nonzero means query ``i`` may attend to key ``j``.
+    """
     arr = np.asarray(mask)
     if arr.ndim != 2:
         raise ValueError(f"mask must be a 2-D array, got shape {arr.shape}")
@@ -307,7 +345,19 @@ class RandomPattern(CSRPattern):
     examples=[dict(n_q=7, n_k=9, per_row=3, seed=0), dict(n_q=10, n_k=10, per_row=10, seed=1), dict(n_q=5, n_k=40, per_row=2, seed=2)],
 )
 def random_pattern(n_q, n_k, per_row, seed=0):
-    """Each query sees ``per_row`` distinct keys drawn uniformly; reproducible for a given ``seed``."""
+    """Each query sees ``per_row`` distinct keys drawn uniformly; reproducible for a given ``seed``.
+
+    Parameters
+    ----------
+    n_q : int
+        Number of queries.
+    n_k : int
+        Number of keys.
+    per_row : int
+        Keys per query, at most ``n_k``.
+    seed : int
+        Seed of the NumPy random generator.
+    """
     n_q = _check_int("n_q", n_q, 0)
     n_k = _check_int("n_k", n_k, 0)
     per_row = _check_int("per_row", per_row, 0)
