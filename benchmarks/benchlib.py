@@ -376,10 +376,10 @@ def blas_info():
         from threadpoolctl import threadpool_info
     except ImportError:
         return {}
-    for entry in threadpool_info():
-        if entry.get("user_api") == "blas":
-            return {k: entry.get(k) for k in ("internal_api", "architecture", "version", "num_threads", "filepath")}
-    return {}
+    blas = [e for e in threadpool_info() if e.get("user_api") == "blas"]
+    # scipy/torch may load BLAS libraries of their own: report NumPy's (the one np.matmul calls)
+    blas.sort(key=lambda e: "numpy" not in str(e.get("filepath", "")))
+    return {k: blas[0].get(k) for k in ("internal_api", "architecture", "version", "num_threads", "filepath")} if blas else {}
 
 
 def gemm_rate(n=None, repeats=5):
