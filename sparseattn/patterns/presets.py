@@ -21,7 +21,6 @@ Conventions
 
 from __future__ import annotations
 
-import numbers
 import operator
 
 import numpy as np
@@ -30,6 +29,7 @@ import scipy.sparse as sp
 from .algebra import union
 from .base import Pattern, counts_to_indptr, ranges_to_indices
 from .builders import SlidingWindow
+from .builders import _check_int as _int
 from .registry import register_pattern
 
 __all__ = [
@@ -40,15 +40,6 @@ __all__ = [
     "fixed",
     "block_sparse",
 ]
-
-
-def _int(name, value, minimum=None):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _heads(heads):
