@@ -43,3 +43,23 @@ def assert_attention_close(actual, expected, dtype):
     assert err <= RTOL[dtype] * scale, (
         f"max abs error {err:.3g} exceeds tolerance for {dtype} (scale {scale:.3g})"
     )
+
+
+# The seed notes' two 5-token grids, the reference rendering of a mask.
+SEED_LOCAL = """\
+    T1 T2 T3 T4 T5
+T1  *  *
+T2  *  *  *
+T3     *  *  *
+T4        *  *  *
+T5           *  *"""
+
+# As the notes' annotations describe it ("T3 still local, but +T1"); the notes' drawing drops the left
+# neighbour from T3 on, the annotations do not.
+SEED_GLOBAL = """\
+    T1 T2 T3 T4 T5
+T1  *  *  *  *  *
+T2  *  *  *
+T3  *  *  *  *
+T4  *     *  *  *
+T5  *        *  *"""

@@ -8,28 +8,13 @@ import types
 
 import numpy as np
 import pytest
+from helpers import SEED_GLOBAL, SEED_LOCAL
 
 import sparseattn
 from sparseattn import patterns
 from sparseattn.cli import build_pattern, main
 from sparseattn.patterns import registry
 
-SEED_GRID_LOCAL = """\
-    T1 T2 T3 T4 T5
-T1  *  *
-T2  *  *  *
-T3     *  *  *
-T4        *  *  *
-T5           *  *"""
-
-# The notes' annotations: T1 global; every other row keeps its window and gains T1.
-SEED_GRID_GLOBAL = """\
-    T1 T2 T3 T4 T5
-T1  *  *  *  *  *
-T2  *  *  *
-T3  *  *  *  *
-T4  *     *  *  *
-T5  *        *  *"""
 
 
 def run(capsys, *argv):
@@ -71,14 +56,14 @@ def brute_qa(n, radius, question):
 def test_show_prints_seed_first_grid(capsys):
     code, out, err = run(capsys, "show", "sliding_window", "--n", "5", "--radius", "1")
     assert code == 0 and err == ""
-    assert grid_of(out) == SEED_GRID_LOCAL
+    assert grid_of(out) == SEED_LOCAL
     assert "nnz 13" in out
 
 
 def test_show_global_prints_seed_second_grid(capsys):
     code, out, err = run(capsys, "show", "sliding_window", "--n", "5", "--radius", "1", "--global", "0")
     assert code == 0 and err == ""
-    assert grid_of(out) == SEED_GRID_GLOBAL
+    assert grid_of(out) == SEED_GLOBAL
     assert "nnz 19" in out
 
 
@@ -93,7 +78,7 @@ def test_show_global_options_accumulate(capsys):
 def test_show_longformer_hf_convention_is_the_same_grid(capsys):
     code, out, _ = run(capsys, "show", "longformer", "--n", "5", "--attention-window", "2", "--global-indices", "0")
     assert code == 0
-    assert grid_of(out) == SEED_GRID_GLOBAL
+    assert grid_of(out) == SEED_GLOBAL
 
 
 def test_show_subprocess_python_m():
@@ -106,7 +91,7 @@ def test_show_subprocess_python_m():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert grid_of(proc.stdout) == SEED_GRID_GLOBAL
+    assert grid_of(proc.stdout) == SEED_GLOBAL
     assert proc.stderr == ""
 
 
@@ -264,8 +249,8 @@ def test_per_head_builder_prints_every_head(capsys, monkeypatch):
     assert code == 0, err
     head0, head1 = out.split("head 1:")
     assert "head 0:" in head0
-    assert grid_of(head0) == SEED_GRID_LOCAL
-    assert grid_of(head1) == SEED_GRID_GLOBAL
+    assert grid_of(head0) == SEED_LOCAL
+    assert grid_of(head1) == SEED_GLOBAL
 
 
 def test_receptive_per_head_uses_the_union_of_heads(capsys, monkeypatch):

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import assert_canonical_csr, assert_pattern_equals_dense
+from helpers import SEED_GLOBAL, SEED_LOCAL, assert_canonical_csr, assert_pattern_equals_dense
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,25 +34,6 @@ def brute_global(n, idx):
 
 
 # ---------------------------------------------------------------- the seed's grids
-
-SEED_LOCAL = """\
-    T1 T2 T3 T4 T5
-T1  *  *
-T2  *  *  *
-T3     *  *  *
-T4        *  *  *
-T5           *  *"""
-
-# As the notes' annotations describe it ("T3 still local, but +T1"); the notes' drawing drops the left
-# neighbour from T3 on, the annotations do not.
-SEED_GLOBAL = """\
-    T1 T2 T3 T4 T5
-T1  *  *  *  *  *
-T2  *  *  *
-T3  *  *  *  *
-T4  *     *  *  *
-T5  *        *  *"""
-
 
 def test_seed_grid_local():
     assert sa.sliding_window(5, 1).to_string() == SEED_LOCAL
