@@ -389,15 +389,23 @@ def _builder_help(name, command, out):
     print(parser.format_help().rstrip("\n"), file=out)
 
 
-def _cmd_show(args, words, out):
+def _pattern_from_args(args, words, out):
+    """``show``/``receptive``: print help and return None, or build the named pattern."""
     if args.help:
         args.parser.print_help(out)
         if args.name:
             _builder_help(args.name, args.command, out)
-        return 0
+        return None
     if not args.name:
-        raise CLIError(f"{PROG} show: missing the builder NAME; known builders: {', '.join(_available())}")
-    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+        raise CLIError(f"{PROG} {args.command}: missing the builder NAME; known builders: {', '.join(_available())}")
+    return build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+
+
+def _cmd_show(args, words, out):
+    built = _pattern_from_args(args, words, out)
+    if built is None:
+        return 0
+    pattern, text = built
     heads = _heads(pattern)
     print(text, file=out)
     for h, p in enumerate(heads):
@@ -422,16 +430,12 @@ def _cmd_show(args, words, out):
 
 
 def _cmd_receptive(args, words, out):
-    if args.help:
-        args.parser.print_help(out)
-        if args.name:
-            _builder_help(args.name, args.command, out)
+    built = _pattern_from_args(args, words, out)
+    if built is None:
         return 0
-    if not args.name:
-        raise CLIError(f"{PROG} receptive: missing the builder NAME; known builders: {', '.join(_available())}")
     import numpy as np
 
-    pattern, text = build_pattern(args.name, words, _parse_globals(args.global_), args.command)
+    pattern, text = built
     if isinstance(pattern, tuple):
         # a layer with per-head patterns mixes information along the union of its heads
         count, merged = len(pattern), pattern[0]
