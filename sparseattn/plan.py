@@ -275,6 +275,12 @@ def _span_of_tiles(lo, hi, T, n_k):
     return k0, k1
 
 
+def _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile):
+    """Work estimate per tile for balancing threads: span and shared keys per row, residuals, overhead."""
+    rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
+    return rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 4 * rs_tile + 64
+
+
 def _structure(p):
     """(band or None, sorted global indices) when ``p`` is a union of one plain band and global tokens."""
     parts = p.parts if isinstance(p, Union) else (p,)
@@ -312,8 +318,7 @@ def _structured_plan(p, band, g, T, chunk):
     sh_ptr, sh_cols, sh_mask = _helpers().shared_globals(lo, hi, is_long, g, T)
     full = (np.zeros(1, np.int64), np.full(1, n_k, np.int64))
     longs = _long_items(g, [full] * len(g), T, chunk)
-    rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
-    cost = rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 64
+    cost = _tile_cost(n_q, T, k0, k1, sh_ptr, 0)
     return dict(
         kind="structured",
         tile_rows=T,
@@ -358,9 +363,8 @@ def _generic_plan(p, T, chunk, long_min):
     long_rows = np.flatnonzero(is_long)
     runs = [_runs_of(indices[indptr[r] : indptr[r + 1]]) for r in long_rows]
     longs = _long_items(long_rows, runs, T, chunk)
-    rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
     rs_tile = np.add.reduceat(np.diff(rs_ptr), np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
-    cost = rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 4 * rs_tile + 64
+    cost = _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile)
     return dict(
         kind="generic",
         tile_rows=T,
