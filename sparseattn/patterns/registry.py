@@ -7,8 +7,6 @@ under the entry point's name the first time the registry is read.
 
 from __future__ import annotations
 
-import inspect
-
 __all__ = ["register_pattern", "get", "available", "examples"]
 
 ENTRY_POINT_GROUP = "sparseattn.patterns"
@@ -84,7 +82,3 @@ def examples(name):
     """The example keyword sets registered with ``name`` (used by the test suite)."""
     get(name)
     return [dict(e) for e in _EXAMPLES.get(name, [])]
-
-
-def signature(name):
-    return inspect.signature(get(name))
