@@ -104,6 +104,21 @@ def _exp64(x):
     return y if x > -708.0 else 0.0
 
 
+@intrinsic
+def _fmax(typingctx, a, b):
+    """``llvm.maxnum``: lets LLVM vectorise max-reductions (Python's ``max`` compiles to a scalar select chain)."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
 def _exp(x):  # pragma: no cover - replaced by the overload in jitted code
     raise NotImplementedError
 
@@ -153,25 +168,31 @@ def _row_update(row, j0, j1, vrow, use_valid, r, m, l, acc, neg, zero):
         for j in range(n):
             y = x[j] if vv[j] else neg
             x[j] = y
-            mx = max(mx, y)
+            mx = _fmax(mx, y)
     else:
         for j in range(n):
-            mx = max(mx, x[j])
-    row[:j0] = zero
-    row[j1:] = zero
+            mx = _fmax(mx, x[j])
+    for j in range(j0):
+        row[j] = zero
+    for j in range(j1, row.shape[0]):
+        row[j] = zero
     if mx <= half:  # nothing allowed in this chunk for this row
-        x[:] = zero
+        for j in range(n):
+            x[j] = zero
         return
     mo = m[r]
-    mn = max(mx, mo)
+    mn = _fmax(mx, mo)
     ssum = zero
     for j in range(n):
         p = _exp(x[j] - mn)
         x[j] = p
         ssum += p
-    alpha = _exp(mo - mn) if mo > half else zero
-    l[r] = l[r] * alpha + ssum
     m[r] = mn
+    if mo <= half:  # first allowed keys of this row: its sum and output are still zero
+        l[r] = ssum
+        return
+    alpha = _exp(mo - mn)
+    l[r] = l[r] * alpha + ssum
     if alpha != 1:
         a = acc[r]
         for c in range(a.shape[0]):
