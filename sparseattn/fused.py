@@ -37,10 +37,12 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _run_ranges(fn, args_before, args_after, bounds, n_threads):
-    """``fn(*args_before, bounds[i], bounds[i + 1], *args_after)`` for every range, on ``n_threads`` threads.
+def _run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None):
+    """``fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)`` for every range, on ``n_threads`` threads.
 
     Ranges are handed out dynamically; the calling thread works too.
+    ``extra = per_thread()`` is made once by each thread that takes a range
+    (scratch buffers a thread reuses across its ranges); ``()`` when omitted.
     """
     global _pool, _pool_size
     n_ranges = len(bounds) - 1
@@ -48,11 +50,14 @@ def _run_ranges(fn, args_before, args_after, bounds, n_threads):
     counter = itertools.count()
 
     def worker():
+        extra = None
         while True:
             i = next(counter)  # atomic under the GIL
             if i >= n_ranges:
                 return
-            fn(*args_before, bounds[i], bounds[i + 1], *args_after)
+            if extra is None:
+                extra = tuple(per_thread()) if per_thread is not None else ()
+            fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)
 
     if n_threads == 1:
         worker()
@@ -123,6 +128,22 @@ def _blas_single_thread():
                 for c, nt in zip(libs, _blas_saved):
                     if nt != 1:
                         c.set_num_threads(nt)
+
+
+def panel_buffers(n_k, d, dv, dtype):
+    """One thread's K^T panel buffer and its slice tags for the micro-kernel span path.
+
+    ``(kp, packed)``: ``kp`` holds ``ceil(n_k / 2L)`` panels of ``d x 2L`` keys
+    (about the size of one slice of k: O(n d) per thread), filled on first use;
+    ``packed[p]`` is the slice whose keys panel ``p`` holds (-1: none).  Empty
+    arrays select the BLAS path, used when ``dv`` is not a multiple of 2L
+    (L = 8 float32 lanes, 4 float64 lanes of a 256-bit vector).
+    """
+    width = 2 * (32 // np.dtype(dtype).itemsize)  # 2L
+    if dv % width:
+        return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64)
+    n_panels = -(-n_k // width)
+    return np.empty(n_panels * d * width, dtype=dtype), np.full(n_panels, -1, dtype=np.int64)
 
 
 def _split_items(plan, n_slices, n_workers):
@@ -216,6 +237,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,
+                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt),
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows

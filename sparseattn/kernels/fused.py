@@ -34,6 +34,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .simd import lanes, pack_panel, pv_block, qk_block
+
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp"]
 
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
@@ -236,11 +238,70 @@ def _add_into(acc, tmp, rows):
             acc[r, c] += tmp[r, c]
 
 
+@njit(nogil=True, fastmath=_FM)
+def _span_simd(
+    qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
+    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero,
+):  # fmt: skip
+    """One tile's contiguous span ``[k0, k1)`` through the micro-kernels (see :mod:`.simd`).
+
+    Chunks start on panel boundaries (2L keys).  Per 6-row register block only
+    the panels that its rows' runs touch are computed (QK^T) and only the keys
+    inside the union of its runs are summed (P.V), so the masked corners of a
+    band tile cost almost nothing.  K^T panels are packed on first use per
+    slice into the thread's buffer ``kp`` (``packed[p] == s`` when panel ``p`` holds slice ``s``).
+    """
+    d = ks.shape[1]
+    n_k = ks.shape[0]
+    L2 = 2 * lanes(qbuf)
+    ng = (rows + 5) // 6
+    vf = vs.reshape(n_k * dv)
+    a = k0 // L2 * L2
+    nch = (k1 - a + chunk - 1) // chunk
+    step = ((k1 - a + nch - 1) // nch + L2 - 1) // L2 * L2
+    while a < k1:
+        b = min(k1, a + step)
+        pa = a // L2
+        lds = (b - a + L2 - 1) // L2 * L2
+        # 1. scores, block by block, only where some row of the block has its run
+        for g in range(ng):
+            lo_g = lds
+            hi_g = 0
+            for r in range(6 * g, min(rows, 6 * g + 6)):
+                lo = max(row_lo[t0 + r], a) - a
+                hi = min(row_hi[t0 + r], b) - a
+                if hi > lo:
+                    lo_g = min(lo_g, lo)
+                    hi_g = max(hi_g, hi)
+            glo[g] = lo_g
+            ghi[g] = hi_g
+            for p in range(lo_g // L2, (hi_g + L2 - 1) // L2):
+                pp = pa + p
+                if packed[pp] != s:
+                    pack_panel(ks, pp, n_k, kp, pp * d * L2, zero)
+                    packed[pp] = s
+                qk_block(qbuf, 6 * g * d, d, kp, pp * d * L2, sbuf, 6 * g * lds + p * L2, lds)
+        # 2. online softmax, row by row
+        for r in range(rows):
+            lo = max(row_lo[t0 + r], a) - a
+            hi = min(row_hi[t0 + r], b) - a
+            if hi < lo:
+                hi = lo
+            vrow = kvrow[a:b] if use_valid else kvrow[:0]
+            _row_update(sbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
+        # 3. P.V into the accumulator, over each block's union of runs
+        for g in range(ng):
+            if ghi[g] > glo[g]:
+                for cb in range(0, dv, L2):
+                    pv_block(sbuf, 6 * g * lds, lds, glo[g], ghi[g], vf, a * dv + cb, dv, accf, 6 * g * dv + cb, dv)
+        a = b
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_forward(
     q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-    scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse,
+    scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
 
@@ -249,6 +310,12 @@ def tiles_forward(
     tiles; long rows come out empty here and are overwritten by the long-row
     pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
     several threads.
+
+    ``kp`` and ``packed`` are the calling thread's K^T panel buffer (see
+    :func:`panel_buffers`; reused across its ranges of one call).  When they
+    are non-empty, spans go through the register-blocked micro-kernels of
+    :mod:`sparseattn.kernels.simd` (needs ``dv`` a multiple of 2 vectors);
+    otherwise through BLAS.
     """
     n_q = q.shape[1]
     d = q.shape[2]
@@ -263,16 +330,22 @@ def tiles_forward(
     for t in range(n_tiles):
         max_sh = max(max_sh, sh_ptr[t + 1] - sh_ptr[t])
     g_cap = min(max_sh, chunk)
+    L2 = 2 * lanes(q)
+    simd = packed.shape[0] > 0
+    Tp = (T + 5) // 6 * 6  # rows rounded up to whole 6-row register blocks
     if it_end > it_begin:
-        sbuf = np.empty(T * chunk, dtype=dt)
-        acc = np.empty((T, dv), dtype=dt)
+        sbuf = np.empty(Tp * (chunk + L2), dtype=dt)
+        acc = np.zeros((Tp, dv), dtype=dt)
+        accf = acc.reshape(Tp * dv)
         tmp = np.empty((T, dv), dtype=dt)
         m = np.empty(T, dtype=dt)
         l = np.empty(T, dtype=dt)
         kg = np.empty((max(g_cap, 1), d), dtype=dt)
         vg = np.empty((max(g_cap, 1), dv), dtype=dt)
-        okb = np.empty(chunk, dtype=np.bool_)
-        qbuf = np.empty(T * d, dtype=dt)
+        okb = np.empty(chunk + L2, dtype=np.bool_)
+        qbuf = np.zeros(Tp * d, dtype=dt)  # rows past a short tile's end stay finite
+        glo = np.empty(Tp // 6, dtype=np.int64)
+        ghi = np.empty(Tp // 6, dtype=np.int64)
         for it in range(it_begin, it_end):
             si = it // n_tiles
             t = it - si * n_tiles
@@ -285,6 +358,10 @@ def tiles_forward(
                 m[r] = neg
                 l[r] = zero
             first = True
+            if simd:  # the micro-kernels accumulate into acc
+                for e in range(Tp * dv):
+                    accf[e] = zero
+                first = False
             qt = qbuf[: rows * d].reshape((rows, d))
             qsrc = q[s, t0:t1]
             for r in range(rows):
@@ -293,7 +370,13 @@ def tiles_forward(
             # -- 1. the contiguous span, in chunks of at most `chunk` keys
             k0 = tile_k0[t]
             k1 = tile_k1[t]
-            if k1 > k0:
+            if simd and k1 > k0:
+                _span_simd(
+                    qbuf, k[s], v[s], s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
+                    kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero,
+                )  # fmt: skip
+                first = False
+            if not simd and k1 > k0:
                 nch = (k1 - k0 + chunk - 1) // chunk
                 step = (k1 - k0 + nch - 1) // nch
                 a = k0

@@ -1,0 +1,122 @@
+"""The register-blocked span path (kernels/simd.py) against the float64 reference and the BLAS path."""
+
+import numpy as np
+import pytest
+from helpers import assert_attention_close
+
+import sparseattn as sa
+import sparseattn.fused as fused_mod
+from sparseattn import plan as plan_mod
+from sparseattn._validate import prepare
+from sparseattn.reference import dense_attention
+
+DTYPES = [np.float32, np.float64]
+
+
+def _width(dtype):
+    return 16 if np.dtype(dtype) == np.float32 else 8
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records, for every thread's buffers, whether the micro-kernel path was selected; ``force_blas`` turns it off."""
+    real = fused_mod.panel_buffers
+    state = {"simd": [], "force_blas": False}
+
+    def wrapped(n_k, d, dv, dtype):
+        kp, packed = real(n_k, d, dv, dtype)
+        if state["force_blas"]:
+            kp, packed = kp[:0], packed[:0]
+        state["simd"].append(packed.size > 0)
+        return kp, packed
+
+    monkeypatch.setattr(fused_mod, "panel_buffers", wrapped)
+    plan_mod.clear_plan_cache()
+    yield state
+    plan_mod.clear_plan_cache()
+
+
+def _run(q, k, v, pattern, key_padding_mask=None):
+    prep = prepare(q, k, v, pattern, None, key_padding_mask)
+    out, lse = fused_mod.fused_attention(
+        prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch
+    )
+    return out.reshape(prep.lead + out.shape[1:])
+
+
+def _qkv(rng, lead, n_q, n_k, d, dv, dtype):
+    return (
+        rng.standard_normal(lead + (n_q, d)).astype(dtype),
+        rng.standard_normal(lead + (n_k, d)).astype(dtype),
+        rng.standard_normal(lead + (n_k, dv)).astype(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_panel_buffers_select_the_path(dtype):
+    w = _width(dtype)
+    kp, packed = fused_mod.panel_buffers(100, 24, 2 * w, dtype)
+    assert packed.shape == (-(-100 // w),) and np.all(packed == -1)
+    assert kp.shape == (len(packed) * 24 * w,) and kp.dtype == dtype
+    kp, packed = fused_mod.panel_buffers(100, 24, w + 4, dtype)  # dv not a whole register block
+    assert kp.size == 0 and packed.size == 0
+
+
+# shapes chosen for the micro-kernels' edges: rows not a multiple of 6 or of the tile, keys not
+# a multiple of the panel width, rectangular, d not a multiple of the lanes, several slices per plan
+CASES = [
+    # (n_q, n_k, d, dv in register blocks, pattern)
+    (197, 197, 64, 4, lambda n, m: sa.longformer(n, 50, [0, 100])),
+    (131, 131, 20, 1, lambda n, m: sa.sliding_window(n, left=30, right=2)),
+    (90, 143, 7, 2, lambda n, m: sa.sliding_window(n, 11, n_k=m)),
+    (64, 64, 32, 2, lambda n, m: sa.sliding_window(n, 200)),  # window wider than n: one dense span
+    (150, 150, 16, 3, lambda n, m: sa.sliding_window(n, 9) | sa.random_pattern(n, n, 5, seed=3)),
+    (120, 120, 12, 1, lambda n, m: sa.causal(n)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_simd_spans_match_reference_and_blas(dtype, case, chunked, spy, monkeypatch):
+    if chunked:  # spans cut into several chunks (online-softmax rescaling across chunks)
+        monkeypatch.setattr(plan_mod, "CHUNK", 40)
+    n_q, n_k, d, blocks, make = CASES[case]
+    rng = np.random.default_rng(case)
+    q, k, v = _qkv(rng, (2, 3), n_q, n_k, d, blocks * _width(dtype), dtype)
+    p = make(n_q, n_k)
+    out = _run(q, k, v, p)
+    assert spy["simd"] and all(spy["simd"])
+    assert_attention_close(out, dense_attention(q, k, v, p), dtype)
+    spy["force_blas"] = True
+    spy["simd"].clear()
+    plan_mod.clear_plan_cache()
+    blas = _run(q, k, v, p)
+    assert spy["simd"] and not any(spy["simd"])
+    np.testing.assert_allclose(out, blas, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simd_key_padding_and_per_head(dtype, spy):
+    rng = np.random.default_rng(7)
+    n = 161
+    q, k, v = _qkv(rng, (2, 3), n, n, 24, 2 * _width(dtype), dtype)
+    kpm = np.ones((2, n), bool)
+    kpm[0, 120:] = False  # a padded tail
+    kpm[1, ::4] = False  # scattered padding inside every window
+    heads = [sa.longformer(n, 40, [0]), sa.sliding_window(n, 13), sa.sliding_window(n, 70) | sa.global_tokens(n, [80])]
+    out = _run(q, k, v, heads, key_padding_mask=kpm)
+    assert all(spy["simd"])
+    ref = dense_attention(q, k, v, heads, key_padding_mask=kpm)
+    assert_attention_close(out, ref, dtype)
+
+
+def test_simd_extreme_logits_stay_finite(spy):
+    """Scores in the thousands (exp underflow over most of a row) give the reference's one-hot rows."""
+    rng = np.random.default_rng(9)
+    q, k, v = _qkv(rng, (2,), 100, 100, 16, 16, np.float32)
+    q *= 40.0
+    p = sa.sliding_window(100, 30)
+    out = _run(q, k, v, p)
+    assert all(spy["simd"]) and np.all(np.isfinite(out))
+    assert_attention_close(out, dense_attention(q, k, v, p), np.float32)
