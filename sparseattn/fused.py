@@ -130,20 +130,21 @@ def _blas_single_thread():
                         c.set_num_threads(nt)
 
 
-def panel_buffers(n_k, d, dv, dtype):
-    """One thread's K^T panel buffer and its slice tags for the micro-kernel span path.
+def panel_buffers(n_k, d, dv, dtype, chunk):
+    """One thread's K^T panel cache for the micro-kernel span path: ``(kp, packed)``.
 
-    ``(kp, packed)``: ``kp`` holds ``ceil(n_k / 2L)`` panels of ``d x 2L`` keys
-    (about the size of one slice of k: O(n d) per thread), filled on first use;
-    ``packed[p]`` is the slice whose keys panel ``p`` holds (-1: none).  Empty
-    arrays select the BLAS path, used when ``dv`` is not a multiple of 2L
-    (L = 8 float32 lanes, 4 float64 lanes of a 256-bit vector).
+    ``kp`` holds ``n_slots`` panels of ``d x 2L`` keys (L = 8 float32 or 4
+    float64 lanes of a 256-bit vector), enough for two span chunks of
+    ``chunk`` keys: O(chunk * d) per thread, about 0.5 MiB for d = 64 and the
+    default chunk, so it stays in the core's L2.  ``packed[slot]`` tags the
+    slice and panel a slot holds (-1: none).  Empty arrays select the BLAS
+    path, used when ``dv`` is not a multiple of 2L.
     """
     width = 2 * (32 // np.dtype(dtype).itemsize)  # 2L
     if dv % width:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64)
-    n_panels = -(-n_k // width)
-    return np.empty(n_panels * d * width, dtype=dtype), np.full(n_panels, -1, dtype=np.int64)
+    n_slots = min(-(-n_k // width), 2 * (chunk // width + 2))
+    return np.empty(n_slots * d * width, dtype=dtype), np.full(n_slots, -1, dtype=np.int64)
 
 
 def _split_items(plan, n_slices, n_workers):
@@ -237,7 +238,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,
-                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt),
+                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk),
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows

@@ -23,8 +23,8 @@ def spy(monkeypatch):
     real = fused_mod.panel_buffers
     state = {"simd": [], "force_blas": False}
 
-    def wrapped(n_k, d, dv, dtype):
-        kp, packed = real(n_k, d, dv, dtype)
+    def wrapped(n_k, d, dv, dtype, chunk):
+        kp, packed = real(n_k, d, dv, dtype, chunk)
         if state["force_blas"]:
             kp, packed = kp[:0], packed[:0]
         state["simd"].append(packed.size > 0)
@@ -55,10 +55,12 @@ def _qkv(rng, lead, n_q, n_k, d, dv, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_panel_buffers_select_the_path(dtype):
     w = _width(dtype)
-    kp, packed = fused_mod.panel_buffers(100, 24, 2 * w, dtype)
+    kp, packed = fused_mod.panel_buffers(100, 24, 2 * w, dtype, 1024)  # fewer keys than two chunks
     assert packed.shape == (-(-100 // w),) and np.all(packed == -1)
     assert kp.shape == (len(packed) * 24 * w,) and kp.dtype == dtype
-    kp, packed = fused_mod.panel_buffers(100, 24, w + 4, dtype)  # dv not a whole register block
+    kp, packed = fused_mod.panel_buffers(10**6, 24, 2 * w, dtype, 64)  # long sequence: two chunks' worth
+    assert packed.shape == (2 * (64 // w + 2),) and kp.shape == (len(packed) * 24 * w,)
+    kp, packed = fused_mod.panel_buffers(100, 24, w + 4, dtype, 1024)  # dv not a whole register block
     assert kp.size == 0 and packed.size == 0
 
 

@@ -248,13 +248,18 @@ def _span_simd(
     Chunks start on panel boundaries (2L keys).  Per 6-row register block only
     the panels that its rows' runs touch are computed (QK^T) and only the keys
     inside the union of its runs are summed (P.V), so the masked corners of a
-    band tile cost almost nothing.  K^T panels are packed on first use per
-    slice into the thread's buffer ``kp`` (``packed[p] == s`` when panel ``p`` holds slice ``s``).
+    band tile cost almost nothing.  K^T panels are packed on first use into
+    the thread's direct-mapped panel cache ``kp``: panel ``p`` of slice ``s``
+    lives in slot ``p % n_slots``, tagged ``packed[slot] == s * n_panels + p``
+    (the cache holds two chunks, so a tile's chunk never evicts its own panels
+    and the next tile of a band repacks only the keys it adds).
     """
     d = ks.shape[1]
     n_k = ks.shape[0]
     L2 = 2 * lanes(qbuf)
     ng = (rows + 5) // 6
+    n_panels = (n_k + L2 - 1) // L2
+    n_slots = packed.shape[0]
     vf = vs.reshape(n_k * dv)
     a = k0 // L2 * L2
     nch = (k1 - a + chunk - 1) // chunk
@@ -277,10 +282,11 @@ def _span_simd(
             ghi[g] = hi_g
             for p in range(lo_g // L2, (hi_g + L2 - 1) // L2):
                 pp = pa + p
-                if packed[pp] != s:
-                    pack_panel(ks, pp, n_k, kp, pp * d * L2, zero)
-                    packed[pp] = s
-                qk_block(qbuf, 6 * g * d, d, kp, pp * d * L2, sbuf, 6 * g * lds + p * L2, lds)
+                slot = pp % n_slots
+                if packed[slot] != s * n_panels + pp:
+                    pack_panel(ks, pp, n_k, kp, slot * d * L2, zero)
+                    packed[slot] = s * n_panels + pp
+                qk_block(qbuf, 6 * g * d, d, kp, slot * d * L2, sbuf, 6 * g * lds + p * L2, lds)
         # 2. online softmax, row by row
         for r in range(rows):
             lo = max(row_lo[t0 + r], a) - a
@@ -311,8 +317,8 @@ def tiles_forward(
     pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
     several threads.
 
-    ``kp`` and ``packed`` are the calling thread's K^T panel buffer (see
-    :func:`panel_buffers`; reused across its ranges of one call).  When they
+    ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
+    :func:`sparseattn.fused.panel_buffers`; reused across its ranges of one call).  When they
     are non-empty, spans go through the register-blocked micro-kernels of
     :mod:`sparseattn.kernels.simd` (needs ``dv`` a multiple of 2 vectors);
     otherwise through BLAS.
