@@ -476,12 +476,14 @@ PEER_MODULES = {
 }
 
 
-def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32", heads=12, d=64, group):
-    """Benchmark one method on band(radius) | globals(first n_globals tokens), (heads, n, d) inputs.
+def make_method(method, *, n, radius, n_globals, dtype="float32", heads=12, d=64):
+    """``(fn, info, check)`` for one method on band(radius) | globals(first n_globals tokens).
 
     ``method``: ``sparseattn`` (default path), ``sparseattn-staged``, ``sparseattn-fused``,
     ``dense-numpy``, ``torch-sdpa``, ``torch-flex`` or ``hf-longformer``. Peers
     that are not installed, or ``n`` beyond :data:`PEER_MAX_N`, skip with the reason.
+    ``fn()`` runs the method on (heads, n, d) inputs; ``info`` is the workload's
+    extra_info; ``check(out)`` compares an output with the float64 oracle.
     """
     import pytest
 
@@ -539,7 +541,71 @@ def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32",
     def check(out):
         return assert_matches(to_numpy(out), *ref, n, radius, n_globals, method)
 
-    run(benchmark, fn, group=f"{group}, {heads} heads, d{d}", info=info, check=check)
+    return fn, info, check
+
+
+def bench_attention(benchmark, method, *, n, radius, n_globals, dtype="float32", heads=12, d=64, group):
+    """Benchmark one method (see :func:`make_method`) on band(radius) | globals."""
+    fn, info, check = make_method(method, n=n, radius=radius, n_globals=n_globals, dtype=dtype, heads=heads, d=d)
+    run(benchmark, fn, group=f"{group}, {info['heads']} heads, d{d}", info=info, check=check)
+
+
+def bench_paired(benchmark, a, b, *, label, target=None, budget_s=None, max_rounds=None):
+    """Time two calls alternately (A, B, A, B, ...) and record the ratio of their medians.
+
+    ``a`` and ``b`` are ``(name, fn, info, check)``. Both are checked against the
+    float64 oracle and warmed up first. On a shared machine the load drifts
+    between benchmarks run one after the other; alternating gives both calls
+    the same conditions. pytest-benchmark times each (A, B) pair;
+    ``extra_info["paired"]`` holds both series, their medians and
+    ``ratio = median(B) / median(A)`` (with the per-pair ratios' range), and
+    ``target``, a text such as ``">= 10"`` for the report.
+    """
+    series = {}
+    checked = {}
+    for name, fn, info, check in (a, b):
+        checked[name] = check(fn())  # first call: compile + correctness
+        fn()  # steady-state warm-up
+        series[name] = []
+    (na, fa, ia, _), (nb, fb, ib, _) = a, b
+    t0 = time.perf_counter()
+    fa()
+    fb()
+    pair_s = time.perf_counter() - t0
+    budget_s = (0.5 if quick() else 20.0) if budget_s is None else budget_s
+    max_rounds = (1 if quick() else 15) if max_rounds is None else max_rounds
+    rounds = int(max(1 if quick() else 5, min(max_rounds, budget_s // max(pair_s, 1e-6))))
+
+    def pair():
+        t = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        series[na].append(t1 - t)
+        series[nb].append(t2 - t1)
+
+    benchmark.group = f"paired: {label}"
+    g = session_gemm()
+    benchmark.extra_info.update(
+        paired=dict(label=label, a=na, b=nb, info_a=ia, info_b=ib, target=target, max_rel_error_vs_float64=checked),
+        gemm_gflops=g["in_process"].get("gemm_gflops"),
+        blas_architecture=g["in_process"].get("blas_architecture"),
+        loadavg_1min=os.getloadavg()[0],
+    )
+    benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=0)
+    ta, tb = np.array(series[na]), np.array(series[nb])
+    per_pair = tb / ta
+    benchmark.extra_info["paired"].update(
+        times_a=ta.tolist(),
+        times_b=tb.tolist(),
+        median_a=float(np.median(ta)),
+        median_b=float(np.median(tb)),
+        ratio=float(np.median(tb) / np.median(ta)),
+        pair_ratio_min=float(per_pair.min()),
+        pair_ratio_max=float(per_pair.max()),
+        rounds=len(ta),
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import math
 import os
 import re
 
-__all__ = ["load", "summarize", "fit_slope", "render_markdown", "report", "main"]
+__all__ = ["load", "summarize", "paired_rows", "fit_slope", "render_markdown", "report", "main"]
 
 OURS_PREFIX = "sparseattn"
 _KEY_FIELDS = ("n", "radius", "globals", "dtype")
@@ -167,6 +167,8 @@ def summarize(data):
     gemm, _ = gemm_reference(data)
     groups = {}
     for bench in data["benchmarks"]:
+        if "paired" in (bench.get("extra_info") or {}):
+            continue  # alternating pairs: see paired_rows()
         rec = _record(bench)
         groups.setdefault(rec["group"], []).append(rec)
     result = {}
@@ -211,6 +213,26 @@ def summarize(data):
             "columns": peers + [o for o in ours if o != OURS_PREFIX],
         }
     return result
+
+
+def paired_rows(data):
+    """The alternating-pair benchmarks (``benchmarks/test_paired.py``), one dict each.
+
+    Keys: ``label``, ``a``, ``b`` (the two calls), ``median_a``, ``median_b``
+    (seconds), ``ratio`` (median B / median A), ``pair_ratio_min`` /
+    ``pair_ratio_max`` (range of B / A over the pairs), ``rounds``, ``target``
+    and ``load``.
+    """
+    rows = []
+    for bench in data["benchmarks"]:
+        extra = bench.get("extra_info") or {}
+        p = extra.get("paired")
+        if not isinstance(p, dict) or p.get("ratio") is None:
+            continue
+        row = {k: p.get(k) for k in ("label", "a", "b", "median_a", "median_b", "ratio", "pair_ratio_min", "pair_ratio_max", "rounds", "target")}
+        row["load"] = extra.get("loadavg_1min")
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +340,22 @@ def render_markdown(data, summary, plots=None, title=None):
         "the 1-minute load average when the benchmark started (the machine has the core count above).",
         "",
     ]
+    paired = paired_rows(data)
+    if paired:
+        out += [
+            "## Paired comparisons (alternating calls)",
+            "",
+            "A and B called alternately (A, B, A, B, ...) in one process, so both see the same machine load; "
+            "ratio is median(B) / median(A), with the range of B / A over the individual pairs.",
+            "",
+        ]
+        header = ["comparison", "A", "B", "median A ms", "median B ms", "ratio B / A", "per-pair range", "target", "pairs", "load"]
+        rows = [
+            [p["label"], p["a"], p["b"], _fmt_ms(p["median_a"]), _fmt_ms(p["median_b"]), _fmt(p["ratio"]),
+             f"{_fmt(p['pair_ratio_min'])}–{_fmt(p['pair_ratio_max'])}", p["target"] or "—", _fmt(p["rounds"]), _fmt(p["load"], 2)]
+            for p in paired
+        ]  # fmt: skip
+        out += [_table(header, rows), ""]
     for group, g in summary.items():
         out += [f"## {group}", ""]
         header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "extra / qkvo", "rounds", "load"]

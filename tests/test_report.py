@@ -271,3 +271,34 @@ def test_gemm_reference_prefers_subprocess_and_best_of_start_end():
     mi = {"sparseattn": {"gemm_float32_in_process": g(300.0, "A"), "gemm_float32_in_process_end": g(200.0, "D")}}
     assert rp.gemm_reference({"machine_info": mi})[0] == 300.0
     assert rp.gemm_reference({"machine_info": {}}) == (None, None)
+
+
+def test_paired_comparisons_table(synthetic, tmp_path):
+    """Alternating-pair benchmarks get their own table (ratio of medians, per-pair range) and stay out of the groups."""
+    data, _, _ = synthetic
+    ta = [0.10, 0.12, 0.11, 0.30, 0.105]
+    tb = [1.30, 1.25, 1.40, 1.20, 1.33]
+    paired = {
+        "label": "H1, peer / sparseattn", "a": "sparseattn n=8192", "b": "hf-longformer n=8192", "target": ">= 10",
+        "times_a": ta, "times_b": tb, "median_a": float(np.median(ta)), "median_b": float(np.median(tb)),
+        "ratio": float(np.median(tb) / np.median(ta)), "pair_ratio_min": min(b / a for a, b in zip(ta, tb)),
+        "pair_ratio_max": max(b / a for a, b in zip(ta, tb)), "rounds": 5,
+    }  # fmt: skip
+    data["benchmarks"].append(
+        {"group": "paired: H1", "name": "test_paired_speedup[hf]", "stats": {"median": 1.4, "rounds": 5},
+         "extra_info": {"paired": paired, "loadavg_1min": 1.25}}
+    )  # fmt: skip
+    rows = rp.paired_rows(data)
+    assert len(rows) == 1 and rows[0]["ratio"] == pytest.approx(1.30 / 0.11)
+    assert "paired: H1" not in rp.summarize(data)
+    res = rp.report(_write(tmp_path, data), out_dir=tmp_path / "out", plots=False)
+    md = open(res["markdown"]).read()
+    (table,) = _tables(md, "Paired comparisons (alternating calls)")
+    (row,) = table["rows"]
+    assert row["A"] == "sparseattn n=8192" and row["B"] == "hf-longformer n=8192" and row["target"] == ">= 10"
+    assert _num(row["median A ms"]) == pytest.approx(110.0, rel=1e-3)
+    assert _num(row["median B ms"]) == pytest.approx(1300.0, rel=1e-3)
+    assert _num(row["ratio B / A"]) == pytest.approx(1.30 / 0.11, rel=6e-3)
+    lo, hi = (float(x) for x in row["per-pair range"].split("–"))
+    assert lo == pytest.approx(1.20 / 0.30, rel=6e-3) and hi == pytest.approx(1.30 / 0.10, rel=6e-3)
+    assert row["pairs"] == "5" and _num(row["load"]) == pytest.approx(1.25, abs=0.051)  # 2 significant digits
