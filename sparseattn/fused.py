@@ -9,7 +9,9 @@ The kernels are serial ``nogil`` Numba functions; this module runs disjoint
 work ranges of them on a small pool of Python threads (one per Numba thread,
 ``numba.get_num_threads()``), each thread taking the next cost-balanced range
 as it finishes the last, so a thread delayed by other processes does not hold
-the others up.  The kernels call BLAS (``np.dot`` on tiles), so BLAS is capped
+the others up.  Span products run on the micro-kernels of
+:mod:`sparseattn.kernels.simd`; the rest (other ``d_v``, shared-column gathers,
+long rows) calls BLAS (``np.dot`` on tiles), so BLAS is capped
 at one thread for the duration of the call (through ``threadpoolctl`` when it
 is installed).
 """

@@ -5,7 +5,7 @@ each tile, splits the allowed keys into three kinds of work:
 
 ``span``
     One contiguous key range ``[tile_k0, tile_k1)`` per tile, evaluated as
-    dense GEMMs.  Each row uses only its own run ``[row_lo, row_hi)`` inside
+    dense products.  Each row uses only its own run ``[row_lo, row_hi)`` inside
     the span, so a band is masked only at the span's edges (a band becomes
     exactly one span per tile).
 ``shared``
@@ -53,7 +53,7 @@ from .patterns.builders import GlobalTokens, SlidingWindow
 
 __all__ = ["TilePlan", "build_plan", "get_plan", "clear_plan_cache", "plan_cache_info"]
 
-#: keys per dense GEMM chunk (span chunks and long-row chunks)
+#: keys per dense chunk (span chunks and long-row chunks)
 CHUNK = 1024
 #: a row is "long" when it has more than max(LONG_MIN, LONG_FACTOR * median count) entries
 LONG_MIN = 2048
@@ -87,7 +87,7 @@ class TilePlan:
     tile_rows : int
         ``T``, rows per tile; tile ``t`` holds rows ``[t*T, min(n_q, (t+1)*T))``.
     chunk : int
-        Keys per dense GEMM chunk.
+        Keys per dense chunk.
     tile_k0, tile_k1 : int64 ndarray, shape (n_tiles,)
         Each tile's key span (empty when equal).
     row_lo, row_hi : int64 ndarray, shape (n_q,)
@@ -392,7 +392,7 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
     tile_rows : int, optional
         Rows per tile; chosen from the typical row length when omitted.
     chunk : int, optional
-        Keys per dense GEMM chunk (spans and long rows are cut to this);
+        Keys per dense chunk (spans and long rows are cut to this);
         defaults to :data:`CHUNK`.
     long_min : int, optional
         Defaults to :data:`LONG_MIN`.  Rows longer than ``max(long_min, 8 * median row length)`` are long

@@ -10,7 +10,8 @@ safe to call from threads that Dask or the user already run):
 
 ``tiles_forward``
     Row tiles of ``T`` queries.  Per tile: the contiguous key span (one or a
-    few dense GEMM chunks, each row restricted to its own run inside it), the
+    few dense chunks, each row restricted to its own run inside it; the
+    products run on the register-blocked micro-kernels of :mod:`.simd`), the
     tile's shared gathered columns (a small dense GEMM with a membership
     mask) and each row's residual columns (per-row dot products).  Every part
     feeds one online softmax (running max ``m``, running sum ``l`` and the
@@ -22,7 +23,7 @@ safe to call from threads that Dask or the user already run):
 ``long_rows_merge``
     Merges the partials of every long row with the log-sum-exp formula.
 
-The GEMMs call BLAS through ``np.dot``; the caller caps BLAS at one thread
+The other products call BLAS through ``np.dot``; the caller caps BLAS at one thread
 while these kernels run (they run on several threads already).  ``exp`` is a
 vectorisable polynomial (Numba has no vector math library here).
 """
