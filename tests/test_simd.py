@@ -79,10 +79,10 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("chunked", [False, True])
-def test_simd_spans_match_reference_and_blas(dtype, case, chunked, spy, monkeypatch):
-    if chunked:  # spans cut into several chunks (online-softmax rescaling across chunks)
-        monkeypatch.setattr(plan_mod, "CHUNK", 40)
+@pytest.mark.parametrize("chunk", [None, 40, 1], ids=["chunk-default", "chunk40", "chunk1"])
+def test_simd_spans_match_reference_and_blas(dtype, case, chunk, spy, monkeypatch):
+    if chunk is not None:  # spans cut into several chunks (online-softmax rescaling, panel cache evictions)
+        monkeypatch.setattr(plan_mod, "CHUNK", chunk)
     n_q, n_k, d, blocks, make = CASES[case]
     rng = np.random.default_rng(case)
     q, k, v = _qkv(rng, (2, 3), n_q, n_k, d, blocks * _width(dtype), dtype)
