@@ -10,7 +10,7 @@ work ranges of them on a small pool of Python threads (one per Numba thread,
 ``numba.get_num_threads()``), each thread taking the next cost-balanced range
 as it finishes the last, so a thread delayed by other processes does not hold
 the others up.  Span products run on the micro-kernels of
-:mod:`sparseattn.kernels.simd`; the rest (other ``d_v``, shared-column gathers,
+:mod:`sparseattn.kernels.fused`; the rest (other ``d_v``, shared-column gathers,
 long rows) calls BLAS (``np.dot`` on tiles), so BLAS is capped
 at one thread for the duration of the call (through ``threadpoolctl`` when it
 is installed).
@@ -142,7 +142,9 @@ def panel_buffers(n_k, d, dv, dtype, chunk):
     slice and panel a slot holds (-1: none).  Empty arrays select the BLAS
     path, used when ``dv`` is not a multiple of 2L.
     """
-    width = 2 * (32 // np.dtype(dtype).itemsize)  # 2L
+    from .kernels.fused import block_width
+
+    width = block_width(dtype)  # 2L
     if dv % width:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64)
     n_slots = min(-(-n_k // width), 2 * (chunk // width + 2))

@@ -1,4 +1,4 @@
-"""The register-blocked span path (kernels/simd.py) against the float64 reference and the BLAS path."""
+"""The register-blocked span path (kernels/fused.py: qk_block, pv_block) against the float64 reference and the BLAS path."""
 
 import numpy as np
 import pytest

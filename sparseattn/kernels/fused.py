@@ -11,7 +11,7 @@ safe to call from threads that Dask or the user already run):
 ``tiles_forward``
     Row tiles of ``T`` queries.  Per tile: the contiguous key span (one or a
     few dense chunks, each row restricted to its own run inside it; the
-    products run on the register-blocked micro-kernels of :mod:`.simd`), the
+    products run on the register-blocked micro-kernels below), the
     tile's shared gathered columns (a small dense GEMM with a membership
     mask) and each row's residual columns (per-row dot products).  Every part
     feeds one online softmax (running max ``m``, running sum ``l`` and the
@@ -33,11 +33,10 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
 
-from .simd import lanes, pack_panel, pv_block, qk_block
-
-__all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp"]
+__all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp", "VECTOR_BYTES", "block_width"]
 
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
 # scores are a large finite negative sentinel, and empty rows are detected.
@@ -47,23 +46,16 @@ _FEW_SHARED = 8
 
 
 @intrinsic
-def _f32_from_bits(typingctx, x):
-    sig = types.float32(types.int32)
+def _float_from_bits(typingctx, bits, like):
+    """The float of ``like``'s type (float32 / float64) whose bit pattern is the integer ``bits``."""
+    if not (isinstance(like, types.Float) and isinstance(bits, types.Integer)):
+        return None
+    intty = types.int32 if like.bitwidth == 32 else types.int64  # numba widens int32 sums: cast back
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(args[0], context.get_value_type(like))
 
-    return sig, codegen
-
-
-@intrinsic
-def _f64_from_bits(typingctx, x):
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
+    return like(intty, like), codegen
 
 
 @njit(fastmath=_FM)
@@ -80,7 +72,7 @@ def _exp32(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    y = p * _f32_from_bits((np.int32(t) + np.int32(127)) << np.int32(23))
+    y = p * _float_from_bits((np.int32(t) + np.int32(127)) << np.int32(23), p)
     return y if x > np.float32(-87.0) else np.float32(0.0)
 
 
@@ -103,7 +95,7 @@ def _exp64(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    y = p * _f64_from_bits((np.int64(t) + np.int64(1023)) << np.int64(52))
+    y = p * _float_from_bits((np.int64(t) + np.int64(1023)) << np.int64(52), p)
     return y if x > -708.0 else 0.0
 
 
@@ -239,12 +231,245 @@ def _add_into(acc, tmp, rows):
             acc[r, c] += tmp[r, c]
 
 
+# -- register-blocked micro-kernels for the span products ----------------------------
+# Numba has no vector type, so this section adds one (``Vec``: an LLVM <L x float> /
+# <L x double> value, L = 8 float32 or 4 float64 lanes, one 256-bit register) with
+# load, broadcast-load, store, add, fma and zero intrinsics.  With them QK^T and P.V
+# are written as the classic 6 x 2L register block (12 accumulators, 2 loads and 6
+# broadcasts per step), which LLVM keeps in registers.  On a sliding window's tile
+# shapes (64 rows, ~600 keys, d = 64) they run at 70-85 GFLOP/s on one core of the
+# development machine, where OpenBLAS's sgemm reaches 46-56 (it packs both operands on
+# every call).  LLVM splits the vectors on a CPU without AVX: correct everywhere.  No
+# bounds checks or negative-index wraparound: callers guarantee the indices.
+#
+# They live in this file, not a module of their own, because Numba's disk cache keys a
+# cached function (tiles_forward) on its own source file only: kernels in another file
+# could change without invalidating it.
+
+
+class Vec(types.Type):
+    """A SIMD vector of ``count`` ``dtype`` lanes (only exists inside jitted code)."""
+
+    def __init__(self, dtype, count):
+        self.dtype = dtype
+        self.count = count
+        super().__init__(name=f"Vec({dtype} x {count})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        be = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.count)
+        super().__init__(dmm, fe_type, be)
+
+
+#: bytes per vector register the kernels use (AVX / AVX2)
+VECTOR_BYTES = 32
+_VEC = {t: Vec(t, VECTOR_BYTES * 8 // t.bitwidth) for t in (types.float32, types.float64)}
+
+
+def _vec_of(dtype):
+    return _VEC.get(dtype)
+
+
+def block_width(dtype):
+    """2L, the columns of one register block (and the keys of one K^T panel) for a NumPy float dtype."""
+    return 2 * VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def lanes(x):  # pragma: no cover - replaced by the overload in jitted code
+    """Lanes of one vector of ``x``'s dtype (8 for float32, 4 for float64)."""
+    raise NotImplementedError
+
+
+@overload(lanes)
+def _lanes_overload(x):
+    dt = x.dtype if isinstance(x, types.Array) else x
+    n = _vec_of(dt).count
+    return lambda x: n
+
+
+def _element_ptr(context, builder, arrty, arr, idx):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return cgutils.get_item_pointer2(
+        context, builder, data=ary.data,
+        shape=cgutils.unpack_tuple(builder, ary.shape),
+        strides=cgutils.unpack_tuple(builder, ary.strides),
+        layout=arrty.layout, inds=[idx], wraparound=False, boundscheck=False,
+    )  # fmt: skip
+
+
+def _splat(builder, llvt, x):
+    v = builder.insert_element(ir.Constant(llvt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), llvt.count), [0] * llvt.count)
+    return builder.shuffle_vector(v, ir.Constant(llvt, ir.Undefined), mask)
+
+
+@intrinsic
+def _vload(typingctx, arr, idx):
+    """``arr[idx : idx + lanes]`` of a 1-D contiguous array as a vector."""
+    vt = _vec_of(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        llvt = context.get_value_type(vt)
+        return builder.load(builder.bitcast(p, llvt.as_pointer()), align=arr.dtype.bitwidth // 8)
+
+    return vt(arr, idx), codegen
+
+
+@intrinsic
+def _vbload(typingctx, arr, idx):
+    """``arr[idx]`` in every lane."""
+    vt = _vec_of(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat(builder, context.get_value_type(vt), builder.load(p))
+
+    return vt(arr, idx), codegen
+
+
+@intrinsic
+def _vstore(typingctx, arr, idx, v):
+    """``arr[idx : idx + lanes] = v``."""
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()), align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane (``llvm.fma``)."""
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        name = f"llvm.fma.v{ty.count}f{a.dtype.bitwidth}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def _vadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _vzero(typingctx, arr):
+    """A zero vector of ``arr``'s dtype."""
+    vt = _vec_of(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), None)
+
+    return vt(arr), codegen
+
+
+@njit(nogil=True, inline="always")
+def _zero_block(xf):
+    z = _vzero(xf)
+    return (z, z, z, z, z, z, z, z, z, z, z, z)
+
+
+@njit(nogil=True, inline="always")
+def _rank1(xf, x0, ld, b0, b1, c):
+    """``c[2r + h] += xf[x0 + r * ld] * b_h`` for the 6 rows ``r`` of a register block (``c``: 12 vectors)."""
+    a0 = _vbload(xf, x0)
+    a1 = _vbload(xf, x0 + ld)
+    a2 = _vbload(xf, x0 + 2 * ld)
+    a3 = _vbload(xf, x0 + 3 * ld)
+    a4 = _vbload(xf, x0 + 4 * ld)
+    a5 = _vbload(xf, x0 + 5 * ld)
+    return (
+        _vfma(a0, b0, c[0]), _vfma(a0, b1, c[1]), _vfma(a1, b0, c[2]), _vfma(a1, b1, c[3]),
+        _vfma(a2, b0, c[4]), _vfma(a2, b1, c[5]), _vfma(a3, b0, c[6]), _vfma(a3, b1, c[7]),
+        _vfma(a4, b0, c[8]), _vfma(a4, b1, c[9]), _vfma(a5, b0, c[10]), _vfma(a5, b1, c[11]),
+    )  # fmt: skip
+
+
+@njit(nogil=True, inline="always")
+def _put(of, i, v, add):
+    _vstore(of, i, _vadd(_vload(of, i), v) if add else v)
+
+
+@njit(nogil=True, inline="always")
+def _put_block(of, o0, ld, c, add):
+    """Row ``r`` of the block to ``of[o0 + r * ld :][: 2L]``: stored, or added to what is there when ``add``."""
+    L = lanes(of)
+    _put(of, o0, c[0], add)
+    _put(of, o0 + L, c[1], add)
+    _put(of, o0 + ld, c[2], add)
+    _put(of, o0 + ld + L, c[3], add)
+    _put(of, o0 + 2 * ld, c[4], add)
+    _put(of, o0 + 2 * ld + L, c[5], add)
+    _put(of, o0 + 3 * ld, c[6], add)
+    _put(of, o0 + 3 * ld + L, c[7], add)
+    _put(of, o0 + 4 * ld, c[8], add)
+    _put(of, o0 + 4 * ld + L, c[9], add)
+    _put(of, o0 + 5 * ld, c[10], add)
+    _put(of, o0 + 5 * ld + L, c[11], add)
+
+
+@njit(nogil=True, inline="always")
+def qk_block(qf, q0, d, kp, p0, sf, s0, lds):
+    """``S[r, 0:2L] = sum_c Q[r, c] * Kp[c, 0:2L]`` for the 6 rows ``r`` of one register block.
+
+    ``qf``: flat Q, row ``r`` at ``q0 + r * d``; ``kp``: flat panel, feature ``c``
+    at ``p0 + c * 2L``; ``sf``: flat S, row ``r`` at ``s0 + r * lds``.
+    """
+    L = lanes(qf)
+    c = _zero_block(qf)
+    for e in range(d):
+        c = _rank1(qf, q0 + e, d, _vload(kp, p0 + e * 2 * L), _vload(kp, p0 + e * 2 * L + L), c)
+    _put_block(sf, s0, lds, c, False)
+
+
+@njit(nogil=True, inline="always")
+def pv_block(pf, p0, ldp, k0, k1, vf, v0, ldv, of, o0, ldo):
+    """``O[r, 0:2L] += sum_{k0 <= k < k1} P[r, k] * V[k, 0:2L]`` for 6 rows ``r``.
+
+    ``pf``: flat P, row ``r`` at ``p0 + r * ldp``; ``vf``: flat V, row ``k`` at
+    ``v0 + k * ldv``; ``of``: flat O, row ``r`` at ``o0 + r * ldo``.
+    """
+    L = lanes(pf)
+    c = _zero_block(pf)
+    for k in range(k0, k1):
+        c = _rank1(pf, p0 + k, ldp, _vload(vf, v0 + k * ldv), _vload(vf, v0 + k * ldv + L), c)
+    _put_block(of, o0, ldo, c, True)
+
+
+@njit(nogil=True, inline="always")
+def pack_panel(ks, panel, n_k, kp, p0, zero):
+    """Copy keys ``[panel*2L, panel*2L + 2L)`` of ``ks`` (n_k, d) into ``kp[p0:]`` as (d, 2L); keys past n_k are 0."""
+    L2 = 2 * lanes(kp)
+    d = ks.shape[1]
+    j0 = panel * L2
+    for j in range(L2):
+        jj = j0 + j
+        if jj < n_k:
+            row = ks[jj]
+            for c in range(d):
+                kp[p0 + c * L2 + j] = row[c]
+        else:
+            for c in range(d):
+                kp[p0 + c * L2 + j] = zero
+
+
 @njit(nogil=True, fastmath=_FM)
 def _span_simd(
     qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
     kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero,
 ):  # fmt: skip
-    """One tile's contiguous span ``[k0, k1)`` through the micro-kernels (see :mod:`.simd`).
+    """One tile's contiguous span ``[k0, k1)`` through the micro-kernels (``qk_block``, ``pv_block``).
 
     Chunks start on panel boundaries (2L keys).  Per 6-row register block only
     the panels that its rows' runs touch are computed (QK^T) and only the keys
@@ -289,12 +514,12 @@ def _span_simd(
                     packed[slot] = s * n_panels + pp
                 qk_block(qbuf, 6 * g * d, d, kp, slot * d * L2, sbuf, 6 * g * lds + p * L2, lds)
         # 2. online softmax, row by row
+        vrow = kvrow[a:b] if use_valid else kvrow[:0]
         for r in range(rows):
             lo = max(row_lo[t0 + r], a) - a
             hi = min(row_hi[t0 + r], b) - a
             if hi < lo:
                 hi = lo
-            vrow = kvrow[a:b] if use_valid else kvrow[:0]
             _row_update(sbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
         # 3. P.V into the accumulator, over each block's union of runs
         for g in range(ng):
@@ -321,7 +546,7 @@ def tiles_forward(
     ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
     :func:`sparseattn.fused.panel_buffers`; reused across its ranges of one call).  When they
     are non-empty, spans go through the register-blocked micro-kernels of
-    :mod:`sparseattn.kernels.simd` (needs ``dv`` a multiple of 2 vectors);
+    ``qk_block`` / ``pv_block`` (needs ``dv`` a multiple of 2 vectors);
     otherwise through BLAS.
     """
     n_q = q.shape[1]
@@ -382,7 +607,6 @@ def tiles_forward(
                     qbuf, k[s], v[s], s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
                     kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero,
                 )  # fmt: skip
-                first = False
             if not simd and k1 > k0:
                 nch = (k1 - k0 + chunk - 1) // chunk
                 step = (k1 - k0 + nch - 1) // nch
