@@ -62,6 +62,13 @@ def small_chunks(monkeypatch):
     plan_mod.clear_plan_cache()
 
 
+@pytest.fixture(params=[False, True], ids=["whole", "chunked"])
+def chunking(request):
+    """Runs a test with the default chunks and again with ``small_chunks``."""
+    if request.param:
+        request.getfixturevalue("small_chunks")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "n_q, n_k, per_row", [(50, 50, 5), (37, 90, 20), (90, 31, 3), (64, 64, 64), (20, 200, 150)]
@@ -73,10 +80,8 @@ def test_random_patterns(dtype, n_q, n_k, per_row):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunked", [False, True])
-def test_band_and_globals(dtype, chunked, request):
-    if chunked:
-        request.getfixturevalue("small_chunks")
+@pytest.mark.usefixtures("chunking")
+def test_band_and_globals(dtype):
     rng = np.random.default_rng(1)
     p = sa.longformer(150, 24, [0, 7, 149])
     check(*qkv(rng, (2,), 150, 150, 8, dtype, dv=5), p, dtype, scale=0.3)
@@ -85,11 +90,9 @@ def test_band_and_globals(dtype, chunked, request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunked", [False, True])
-def test_generic_plans_match(dtype, chunked, request):
+@pytest.mark.usefixtures("chunking")
+def test_generic_plans_match(dtype):
     """Dilated, unions with random entries, long rows and dense masks through the CSR planner."""
-    if chunked:
-        request.getfixturevalue("small_chunks")
     rng = np.random.default_rng(2)
     n = 120
     dense = np.abs(np.subtract.outer(np.arange(n), np.arange(n))) <= 5
@@ -129,10 +132,8 @@ def test_empty_rows_and_empty_pattern(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunked", [False, True])
-def test_key_padding(dtype, chunked, request):
-    if chunked:
-        request.getfixturevalue("small_chunks")
+@pytest.mark.usefixtures("chunking")
+def test_key_padding(dtype):
     rng = np.random.default_rng(5)
     n = 100
     pad = np.zeros((2, n), dtype=bool)
