@@ -429,6 +429,18 @@ def fused_available():
         return False
 
 
+def machine_extra():
+    """The session's GEMM rates with their BLAS kernel names, and the 1-minute load average, for extra_info."""
+    g = session_gemm()
+    return dict(
+        gemm_gflops=g["in_process"].get("gemm_gflops"),
+        blas_architecture=g["in_process"].get("blas_architecture"),
+        gemm_gflops_hardware_default=g["hardware_default"].get("gemm_gflops"),
+        blas_architecture_hardware_default=g["hardware_default"].get("blas_architecture"),
+        loadavg_1min=os.getloadavg()[0],  # the machine is shared: say how busy it was
+    )
+
+
 def run(benchmark, fn, *, group, info, check=None, budget_s=None, max_rounds=None):
     """Time ``fn`` with pytest-benchmark after an untimed first call (compilation) and a memory probe.
 
@@ -455,12 +467,7 @@ def run(benchmark, fn, *, group, info, check=None, budget_s=None, max_rounds=Non
     extra["rounds"] = rounds
     if getattr(fn, "setup_s", None) is not None:
         extra["setup_s"] = fn.setup_s
-    g = session_gemm()
-    extra["gemm_gflops"] = g["in_process"].get("gemm_gflops")
-    extra["blas_architecture"] = g["in_process"].get("blas_architecture")
-    extra["gemm_gflops_hardware_default"] = g["hardware_default"].get("gemm_gflops")
-    extra["blas_architecture_hardware_default"] = g["hardware_default"].get("blas_architecture")
-    extra["loadavg_1min"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
+    extra.update(machine_extra())
     benchmark.extra_info.update(extra)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     stats = getattr(benchmark, "stats", None)
@@ -561,13 +568,12 @@ def bench_paired(benchmark, a, b, *, label, target=None, budget_s=None, max_roun
     ``ratio = median(B) / median(A)`` (with the per-pair ratios' range), and
     ``target``, a text such as ``">= 10"`` for the report.
     """
-    series = {}
     checked = {}
-    for name, fn, info, check in (a, b):
+    for name, fn, _, check in (a, b):
         checked[name] = check(fn())  # first call: compile + correctness
         fn()  # steady-state warm-up
-        series[name] = []
     (na, fa, ia, _), (nb, fb, ib, _) = a, b
+    series = {na: [], nb: []}
     t0 = time.perf_counter()
     fa()
     fb()
@@ -586,12 +592,9 @@ def bench_paired(benchmark, a, b, *, label, target=None, budget_s=None, max_roun
         series[nb].append(t2 - t1)
 
     benchmark.group = f"paired: {label}"
-    g = session_gemm()
     benchmark.extra_info.update(
         paired=dict(label=label, a=na, b=nb, info_a=ia, info_b=ib, target=target, max_rel_error_vs_float64=checked),
-        gemm_gflops=g["in_process"].get("gemm_gflops"),
-        blas_architecture=g["in_process"].get("blas_architecture"),
-        loadavg_1min=os.getloadavg()[0],
+        **machine_extra(),
     )
     benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=0)
     ta, tb = np.array(series[na]), np.array(series[nb])
