@@ -97,7 +97,7 @@ def _staged(prep, return_weights):
 
 def _fused_available():
     try:
-        from . import fused  # noqa: F401
+        from . import forward  # noqa: F401
     except ImportError:
         return False
     return True
@@ -161,7 +161,7 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ret
     use_fused = path == "fused" or (path == "auto" and not return_weights and _fused_available())
     weights = None
     if use_fused:
-        from .fused import fused_attention
+        from .forward import fused_attention
 
         out, _ = fused_attention(
             prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch

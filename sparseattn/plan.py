@@ -249,9 +249,9 @@ def _runs_of(cols):
 # -- numba helpers (imported lazily: building plans needs numba) ------------------
 class _Helpers:
     def __getattr__(self, name):
-        from .kernels import fused
+        from .kernels import planning
 
-        return getattr(fused, "plan_" + name)
+        return getattr(planning, "plan_" + name)
 
 
 def _helpers():

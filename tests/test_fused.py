@@ -12,7 +12,7 @@ from helpers import assert_attention_close
 import sparseattn as sa
 from sparseattn import plan as plan_mod
 from sparseattn._validate import prepare
-from sparseattn.fused import fused_attention
+from sparseattn.forward import fused_attention
 from sparseattn.patterns import available, examples, get
 from sparseattn.reference import dense_attention
 
@@ -182,7 +182,7 @@ def test_fused_equals_staged_on_registered_builders(name, kwargs, dtype):
 
 
 def test_vectorised_exp_accuracy():
-    from sparseattn.kernels.fused import vexp
+    from sparseattn.kernels.simd import vexp
 
     x = np.concatenate([-np.logspace(-8, 2.9, 5000), [0.0, -86.9, -87.5, -700.0, -1e30]])
     for dtype, tol in ((np.float32, 3e-7), (np.float64, 1e-13)):
@@ -234,7 +234,7 @@ def test_million_tokens_row_slices_and_memory():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_serial_kernels_match_threaded(dtype, monkeypatch):
     """parallel=False (for callers with their own threads) gives the threaded result."""
-    import sparseattn.fused as fused_mod
+    import sparseattn.forward as fused_mod
 
     monkeypatch.setattr(fused_mod, "_PARALLEL_MIN_FLOP", 0)  # force the threaded kernels at this size
     rng = np.random.default_rng(8)
@@ -249,7 +249,8 @@ def test_serial_kernels_match_threaded(dtype, monkeypatch):
 
 def test_blas_thread_count_is_restored():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from sparseattn.fused import _blas_single_thread, _numba_blas_controllers
+    from sparseattn._threads import _numba_blas_controllers
+    from sparseattn._threads import blas_single_thread as _blas_single_thread
 
     libs = _numba_blas_controllers()
     before = [c.get_num_threads() for c in libs]

@@ -1,11 +1,11 @@
-"""The register-blocked span path (kernels/fused.py: qk_block, pv_block) against the float64 reference and the BLAS path."""
+"""The register-blocked span path (kernels/simd.py: qk_block, pv_block) against the float64 reference and the BLAS path."""
 
 import numpy as np
 import pytest
 from helpers import assert_attention_close
 
 import sparseattn as sa
-import sparseattn.fused as fused_mod
+import sparseattn.forward as fused_mod
 from sparseattn import plan as plan_mod
 from sparseattn._validate import prepare
 from sparseattn.reference import dense_attention

@@ -10,7 +10,7 @@ work ranges of them on a small pool of Python threads (one per Numba thread,
 ``numba.get_num_threads()``), each thread taking the next cost-balanced range
 as it finishes the last, so a thread delayed by other processes does not hold
 the others up.  Span products run on the micro-kernels of
-:mod:`sparseattn.kernels.fused`; the rest (other ``d_v``, shared-column gathers,
+:mod:`sparseattn.kernels.simd`; the rest (other ``d_v``, shared-column gathers,
 long rows) calls BLAS (``np.dot`` on tiles), so BLAS is capped
 at one thread for the duration of the call (through ``threadpoolctl`` when it
 is installed).
@@ -18,13 +18,9 @@ is installed).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
+from ._threads import blas_single_thread, run_ranges
 from .plan import get_plan
 
 __all__ = ["fused_attention"]
@@ -33,103 +29,6 @@ __all__ = ["fused_attention"]
 _PARALLEL_MIN_FLOP = 1 << 22
 #: cost-balanced runs of tiles per thread (more runs absorb threads that get delayed)
 _WORK_SPLIT = 8
-
-_pool = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None):
-    """``fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)`` for every range, on ``n_threads`` threads.
-
-    Ranges are handed out dynamically; the calling thread works too.
-    ``extra = per_thread()`` is made once by each thread that takes a range
-    (scratch buffers a thread reuses across its ranges); ``()`` when omitted.
-    """
-    global _pool, _pool_size
-    n_ranges = len(bounds) - 1
-    n_threads = max(1, min(n_threads, n_ranges))
-    counter = itertools.count()
-
-    def worker():
-        extra = None
-        while True:
-            i = next(counter)  # atomic under the GIL
-            if i >= n_ranges:
-                return
-            if extra is None:
-                extra = tuple(per_thread()) if per_thread is not None else ()
-            fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)
-
-    if n_threads == 1:
-        worker()
-        return
-    with _pool_lock:
-        if _pool is None or _pool_size < n_threads - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="sparseattn")
-            _pool_size = n_threads - 1
-        pool = _pool
-    futures = [pool.submit(worker) for _ in range(n_threads - 1)]
-    try:
-        worker()
-    finally:
-        for f in futures:
-            f.result()
-
-_blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
-_blas_lock = threading.Lock()
-_blas_depth = 0
-_blas_saved = []
-
-
-def _numba_blas_controllers():
-    global _blas
-    if _blas is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba's np.dot calls)
-
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is optional
-            _blas = False
-        else:
-            ctl = ThreadpoolController().select(user_api="blas")
-            # numba's np.dot goes through scipy.linalg.cython_blas: cap that library only
-            ours = [c for c in ctl.lib_controllers if "scipy.libs" in c.filepath or "/scipy/" in c.filepath]
-            _blas = ours or list(ctl.lib_controllers)
-    return _blas
-
-
-@contextlib.contextmanager
-def _blas_single_thread():
-    """Cap the BLAS that the kernels call at one thread while they run (they are parallel already).
-
-    Re-entrant and shared between concurrent callers: the first one in saves
-    and sets the thread count, the last one out restores it.  Without
-    threadpoolctl this is a no-op (BLAS may then oversubscribe the cores).
-    """
-    global _blas_depth
-    libs = _numba_blas_controllers()
-    if not libs:  # pragma: no cover
-        yield
-        return
-    with _blas_lock:
-        if _blas_depth == 0:
-            _blas_saved[:] = [c.get_num_threads() for c in libs]
-            for c, nt in zip(libs, _blas_saved):
-                if nt != 1:
-                    c.set_num_threads(1)
-        _blas_depth += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_depth -= 1
-            if _blas_depth == 0:
-                for c, nt in zip(libs, _blas_saved):
-                    if nt != 1:
-                        c.set_num_threads(nt)
 
 
 def panel_buffers(n_k, d, dv, dtype, chunk):
@@ -142,7 +41,7 @@ def panel_buffers(n_k, d, dv, dtype, chunk):
     slice and panel a slot holds (-1: none).  Empty arrays select the BLAS
     path, used when ``dv`` is not a multiple of 2L.
     """
-    from .kernels.fused import block_width
+    from .kernels.simd import block_width
 
     width = block_width(dtype)  # 2L
     if dv % width:
@@ -199,7 +98,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     Examples
     --------
     >>> import numpy as np, sparseattn as sa
-    >>> from sparseattn.fused import fused_attention
+    >>> from sparseattn.forward import fused_attention
     >>> from sparseattn.reference import dense_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 40, 8))
@@ -210,7 +109,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from .kernels.fused import long_rows_merge, long_rows_partial, tiles_forward
+    from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
 
     S, n_q, d = q.shape
     dv = v.shape[2]
@@ -225,7 +124,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     sc = dt.type(scale)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     n_threads = 1 if parallel is False else get_num_threads()
-    with _blas_single_thread():
+    with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
             slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
             if len(slices) == 0:
@@ -234,7 +133,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
             # small problems run in this thread: handing work to the pool costs more than it saves
             par = n_threads > 1 and len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
             bounds = _split_items(plan, len(slices), _WORK_SPLIT * n_threads if par else 1)
-            _run_ranges(
+            run_ranges(
                 tiles_forward,
                 (q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                  plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
@@ -252,7 +151,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 n_jobs = ns * len(plan.it_grp)
                 par = n_threads > 1 and ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP
                 n_ranges = min(n_jobs, _WORK_SPLIT * n_threads) if par else 1
-                _run_ranges(
+                run_ranges(
                     long_rows_partial,
                     (q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
                      plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o),

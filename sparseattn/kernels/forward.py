@@ -1,17 +1,18 @@
 """The fused forward kernels: tile-planned scores, online softmax and P.V.
 
-Raw arrays in, raw arrays out; no validation (``sparseattn.fused`` prepares
+Raw arrays in, raw arrays out; no validation (``sparseattn.forward`` prepares
 everything).  The plan layout is documented in :mod:`sparseattn.plan`.
 
 Three serial, ``nogil`` kernels run one after the other for the slices that
-share a plan; ``sparseattn.fused`` runs disjoint work ranges of the first two
+share a plan; ``sparseattn.forward`` runs disjoint work ranges of the first two
 on several Python threads (no Numba parallel region: faster to compile, and
 safe to call from threads that Dask or the user already run):
 
 ``tiles_forward``
     Row tiles of ``T`` queries.  Per tile: the contiguous key span (one or a
     few dense chunks, each row restricted to its own run inside it; the
-    products run on the register-blocked micro-kernels below), the
+    products run on the register-blocked micro-kernels of
+    :mod:`sparseattn.kernels.simd`), the
     tile's shared gathered columns (a small dense GEMM with a membership
     mask) and each row's residual columns (per-row dot products).  Every part
     feeds one online softmax (running max ``m``, running sum ``l`` and the
@@ -31,117 +32,14 @@ vectorisable polynomial (Numba has no vector math library here).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, overload, register_model
+from numba import njit
 
-__all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge", "vexp", "VECTOR_BYTES", "block_width"]
+from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, lanes, pack_panel, pv_block, qk_block
 
-# Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
-# scores are a large finite negative sentinel, and empty rows are detected.
-_FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
+__all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
+
 #: tiles with at most this many shared columns skip the gather + GEMM for them
 _FEW_SHARED = 8
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits, like):
-    """The float of ``like``'s type (float32 / float64) whose bit pattern is the integer ``bits``."""
-    if not (isinstance(like, types.Float) and isinstance(bits, types.Integer)):
-        return None
-    intty = types.int32 if like.bitwidth == 32 else types.int64  # numba widens int32 sums: cast back
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(like))
-
-    return like(intty, like), codegen
-
-
-@njit(fastmath=_FM)
-def _exp32(x):
-    """``exp(x)`` for float32 ``x <= 0`` (0 below -87); max relative error ~2e-7."""
-    xc = max(x, np.float32(-87.0))
-    t = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - t * np.float32(0.693145751953125) - t * np.float32(1.428606765330187e-06)
-    p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    y = p * _float_from_bits((np.int32(t) + np.int32(127)) << np.int32(23), p)
-    return y if x > np.float32(-87.0) else np.float32(0.0)
-
-
-@njit(fastmath=_FM)
-def _exp64(x):
-    """``exp(x)`` for float64 ``x <= 0`` (0 below -708); max relative error ~3e-16."""
-    xc = max(x, -708.0)
-    t = np.floor(xc * 1.4426950408889634 + 0.5)
-    r = xc - t * 0.6931471803691238 - t * 1.9082149292705877e-10
-    p = 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    y = p * _float_from_bits((np.int64(t) + np.int64(1023)) << np.int64(52), p)
-    return y if x > -708.0 else 0.0
-
-
-@intrinsic
-def _fmax(typingctx, a, b):
-    """``llvm.maxnum``: lets LLVM vectorise max-reductions (Python's ``max`` compiles to a scalar select chain)."""
-    if not (isinstance(a, types.Float) and a == b):
-        return None
-    sig = a(a, b)
-
-    def codegen(context, builder, signature, args):
-        ty = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
-def _exp(x):  # pragma: no cover - replaced by the overload in jitted code
-    raise NotImplementedError
-
-
-@overload(_exp, fastmath=_FM)
-def _exp_overload(x):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: _exp32(x)
-    return lambda x: _exp64(x)
-
-
-def _neg(x):  # pragma: no cover - replaced by the overload in jitted code
-    raise NotImplementedError
-
-
-@overload(_neg)
-def _neg_overload(x):
-    """The masked-score sentinel of x's dtype: finite, far below any real score."""
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: np.float32(-1e30)
-    return lambda x: np.float64(-1e300)
-
-
-@njit(cache=True, nogil=True, fastmath=_FM)
-def vexp(x, out):
-    """``out[i] = exp(x[i])`` for ``x <= 0`` with the kernels' polynomial (tests and timing)."""
-    for i in range(x.shape[0]):
-        out[i] = _exp(x[i])
 
 
 @njit(fastmath=True)
@@ -212,17 +110,6 @@ def _one_key_update(x, vj, r, m, l, acc, half, zero):
         l[r] += p
 
 
-@njit(nogil=True)
-def _mm_nt(a, b, out):
-    """``out = a @ b.T`` through BLAS (one shared call site keeps compile time down)."""
-    np.dot(a, b.T, out)
-
-
-@njit(nogil=True)
-def _mm_nn(a, b, out):
-    """``out = a @ b`` through BLAS."""
-    np.dot(a, b, out)
-
 
 @njit(fastmath=_FM)
 def _add_into(acc, tmp, rows):
@@ -230,238 +117,6 @@ def _add_into(acc, tmp, rows):
         for c in range(acc.shape[1]):
             acc[r, c] += tmp[r, c]
 
-
-# -- register-blocked micro-kernels for the span products ----------------------------
-# Numba has no vector type, so this section adds one (``Vec``: an LLVM <L x float> /
-# <L x double> value, L = 8 float32 or 4 float64 lanes, one 256-bit register) with
-# load, broadcast-load, store, add, fma and zero intrinsics.  With them QK^T and P.V
-# are written as the classic 6 x 2L register block (12 accumulators, 2 loads and 6
-# broadcasts per step), which LLVM keeps in registers.  On a sliding window's tile
-# shapes (64 rows, ~600 keys, d = 64) they run at 70-85 GFLOP/s on one core of the
-# development machine, where OpenBLAS's sgemm reaches 46-56 (it packs both operands on
-# every call).  LLVM splits the vectors on a CPU without AVX: correct everywhere.  No
-# bounds checks or negative-index wraparound: callers guarantee the indices.
-#
-# They live in this file, not a module of their own, because Numba's disk cache keys a
-# cached function (tiles_forward) on its own source file only: kernels in another file
-# could change without invalidating it.
-
-
-class Vec(types.Type):
-    """A SIMD vector of ``count`` ``dtype`` lanes (only exists inside jitted code)."""
-
-    def __init__(self, dtype, count):
-        self.dtype = dtype
-        self.count = count
-        super().__init__(name=f"Vec({dtype} x {count})")
-
-
-@register_model(Vec)
-class _VecModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        be = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.count)
-        super().__init__(dmm, fe_type, be)
-
-
-#: bytes per vector register the kernels use (AVX / AVX2)
-VECTOR_BYTES = 32
-_VEC = {t: Vec(t, VECTOR_BYTES * 8 // t.bitwidth) for t in (types.float32, types.float64)}
-
-
-def _vec_of(dtype):
-    return _VEC.get(dtype)
-
-
-def block_width(dtype):
-    """2L, the columns of one register block (and the keys of one K^T panel) for a NumPy float dtype."""
-    return 2 * VECTOR_BYTES // np.dtype(dtype).itemsize
-
-
-def lanes(x):  # pragma: no cover - replaced by the overload in jitted code
-    """Lanes of one vector of ``x``'s dtype (8 for float32, 4 for float64)."""
-    raise NotImplementedError
-
-
-@overload(lanes)
-def _lanes_overload(x):
-    dt = x.dtype if isinstance(x, types.Array) else x
-    n = _vec_of(dt).count
-    return lambda x: n
-
-
-def _element_ptr(context, builder, arrty, arr, idx):
-    ary = context.make_array(arrty)(context, builder, arr)
-    return cgutils.get_item_pointer2(
-        context, builder, data=ary.data,
-        shape=cgutils.unpack_tuple(builder, ary.shape),
-        strides=cgutils.unpack_tuple(builder, ary.strides),
-        layout=arrty.layout, inds=[idx], wraparound=False, boundscheck=False,
-    )  # fmt: skip
-
-
-def _splat(builder, llvt, x):
-    v = builder.insert_element(ir.Constant(llvt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-    mask = ir.Constant(ir.VectorType(ir.IntType(32), llvt.count), [0] * llvt.count)
-    return builder.shuffle_vector(v, ir.Constant(llvt, ir.Undefined), mask)
-
-
-@intrinsic
-def _vload(typingctx, arr, idx):
-    """``arr[idx : idx + lanes]`` of a 1-D contiguous array as a vector."""
-    vt = _vec_of(arr.dtype)
-
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        llvt = context.get_value_type(vt)
-        return builder.load(builder.bitcast(p, llvt.as_pointer()), align=arr.dtype.bitwidth // 8)
-
-    return vt(arr, idx), codegen
-
-
-@intrinsic
-def _vbload(typingctx, arr, idx):
-    """``arr[idx]`` in every lane."""
-    vt = _vec_of(arr.dtype)
-
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return _splat(builder, context.get_value_type(vt), builder.load(p))
-
-    return vt(arr, idx), codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, idx, v):
-    """``arr[idx : idx + lanes] = v``."""
-
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()), align=arr.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-
-    return types.none(arr, idx, v), codegen
-
-
-@intrinsic
-def _vfma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane (``llvm.fma``)."""
-
-    def codegen(context, builder, sig, args):
-        ty = args[0].type
-        name = f"llvm.fma.v{ty.count}f{a.dtype.bitwidth}"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
-        return builder.call(fn, args)
-
-    return a(a, b, c), codegen
-
-
-@intrinsic
-def _vadd(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return a(a, b), codegen
-
-
-@intrinsic
-def _vzero(typingctx, arr):
-    """A zero vector of ``arr``'s dtype."""
-    vt = _vec_of(arr.dtype)
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(context.get_value_type(vt), None)
-
-    return vt(arr), codegen
-
-
-@njit(nogil=True, inline="always")
-def _zero_block(xf):
-    z = _vzero(xf)
-    return (z, z, z, z, z, z, z, z, z, z, z, z)
-
-
-@njit(nogil=True, inline="always")
-def _rank1(xf, x0, ld, b0, b1, c):
-    """``c[2r + h] += xf[x0 + r * ld] * b_h`` for the 6 rows ``r`` of a register block (``c``: 12 vectors)."""
-    a0 = _vbload(xf, x0)
-    a1 = _vbload(xf, x0 + ld)
-    a2 = _vbload(xf, x0 + 2 * ld)
-    a3 = _vbload(xf, x0 + 3 * ld)
-    a4 = _vbload(xf, x0 + 4 * ld)
-    a5 = _vbload(xf, x0 + 5 * ld)
-    return (
-        _vfma(a0, b0, c[0]), _vfma(a0, b1, c[1]), _vfma(a1, b0, c[2]), _vfma(a1, b1, c[3]),
-        _vfma(a2, b0, c[4]), _vfma(a2, b1, c[5]), _vfma(a3, b0, c[6]), _vfma(a3, b1, c[7]),
-        _vfma(a4, b0, c[8]), _vfma(a4, b1, c[9]), _vfma(a5, b0, c[10]), _vfma(a5, b1, c[11]),
-    )  # fmt: skip
-
-
-@njit(nogil=True, inline="always")
-def _put(of, i, v, add):
-    _vstore(of, i, _vadd(_vload(of, i), v) if add else v)
-
-
-@njit(nogil=True, inline="always")
-def _put_block(of, o0, ld, c, add):
-    """Row ``r`` of the block to ``of[o0 + r * ld :][: 2L]``: stored, or added to what is there when ``add``."""
-    L = lanes(of)
-    _put(of, o0, c[0], add)
-    _put(of, o0 + L, c[1], add)
-    _put(of, o0 + ld, c[2], add)
-    _put(of, o0 + ld + L, c[3], add)
-    _put(of, o0 + 2 * ld, c[4], add)
-    _put(of, o0 + 2 * ld + L, c[5], add)
-    _put(of, o0 + 3 * ld, c[6], add)
-    _put(of, o0 + 3 * ld + L, c[7], add)
-    _put(of, o0 + 4 * ld, c[8], add)
-    _put(of, o0 + 4 * ld + L, c[9], add)
-    _put(of, o0 + 5 * ld, c[10], add)
-    _put(of, o0 + 5 * ld + L, c[11], add)
-
-
-@njit(nogil=True, inline="always")
-def qk_block(qf, q0, d, kp, p0, sf, s0, lds):
-    """``S[r, 0:2L] = sum_c Q[r, c] * Kp[c, 0:2L]`` for the 6 rows ``r`` of one register block.
-
-    ``qf``: flat Q, row ``r`` at ``q0 + r * d``; ``kp``: flat panel, feature ``c``
-    at ``p0 + c * 2L``; ``sf``: flat S, row ``r`` at ``s0 + r * lds``.
-    """
-    L = lanes(qf)
-    c = _zero_block(qf)
-    for e in range(d):
-        c = _rank1(qf, q0 + e, d, _vload(kp, p0 + e * 2 * L), _vload(kp, p0 + e * 2 * L + L), c)
-    _put_block(sf, s0, lds, c, False)
-
-
-@njit(nogil=True, inline="always")
-def pv_block(pf, p0, ldp, k0, k1, vf, v0, ldv, of, o0, ldo):
-    """``O[r, 0:2L] += sum_{k0 <= k < k1} P[r, k] * V[k, 0:2L]`` for 6 rows ``r``.
-
-    ``pf``: flat P, row ``r`` at ``p0 + r * ldp``; ``vf``: flat V, row ``k`` at
-    ``v0 + k * ldv``; ``of``: flat O, row ``r`` at ``o0 + r * ldo``.
-    """
-    L = lanes(pf)
-    c = _zero_block(pf)
-    for k in range(k0, k1):
-        c = _rank1(pf, p0 + k, ldp, _vload(vf, v0 + k * ldv), _vload(vf, v0 + k * ldv + L), c)
-    _put_block(of, o0, ldo, c, True)
-
-
-@njit(nogil=True, inline="always")
-def pack_panel(ks, panel, n_k, kp, p0, zero):
-    """Copy keys ``[panel*2L, panel*2L + 2L)`` of ``ks`` (n_k, d) into ``kp[p0:]`` as (d, 2L); keys past n_k are 0."""
-    L2 = 2 * lanes(kp)
-    d = ks.shape[1]
-    j0 = panel * L2
-    for j in range(L2):
-        jj = j0 + j
-        if jj < n_k:
-            row = ks[jj]
-            for c in range(d):
-                kp[p0 + c * L2 + j] = row[c]
-        else:
-            for c in range(d):
-                kp[p0 + c * L2 + j] = zero
 
 
 @njit(nogil=True, fastmath=_FM)
@@ -544,7 +199,7 @@ def tiles_forward(
     several threads.
 
     ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
-    :func:`sparseattn.fused.panel_buffers`; reused across its ranges of one call).  When they
+    :func:`sparseattn.forward.panel_buffers`; reused across its ranges of one call).  When they
     are non-empty, spans go through the register-blocked micro-kernels of
     ``qk_block`` / ``pv_block`` (needs ``dv`` a multiple of 2 vectors);
     otherwise through BLAS.
@@ -827,150 +482,3 @@ def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l
             lse[s, i] = mx + np.log(ltot)
         else:
             lse[s, i] = -np.inf
-
-
-# -- plan-building helpers (used by sparseattn.plan) ------------------------------
-@njit(cache=True, nogil=True)
-def plan_shared_globals(lo, hi, is_long, g, T):
-    """Shared columns per tile for global keys ``g``: rows whose run misses the column use it."""
-    n_q = lo.shape[0]
-    n_tiles = (n_q + T - 1) // T
-    ng = g.shape[0]
-    sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
-    for phase in range(2):
-        if phase == 1:
-            total = sh_ptr[n_tiles]
-            sh_cols = np.empty(total, dtype=np.int64)
-            sh_mask = np.zeros(total * T, dtype=np.uint8)
-        for t in range(n_tiles):
-            r0 = t * T
-            r1 = min(n_q, r0 + T)
-            pos = sh_ptr[t] if phase == 1 else 0
-            cnt = 0
-            for c in range(ng):
-                j = g[c]
-                used = False
-                for r in range(r0, r1):
-                    if not is_long[r] and not (lo[r] <= j < hi[r]):
-                        used = True
-                        if phase == 1:
-                            sh_mask[(pos + cnt) * T + (r - r0)] = 1
-                if used:
-                    if phase == 1:
-                        sh_cols[pos + cnt] = j
-                    cnt += 1
-            if phase == 0:
-                sh_ptr[t + 1] = sh_ptr[t] + cnt
-    return sh_ptr, sh_cols, sh_mask
-
-
-@njit(cache=True, nogil=True)
-def plan_longest_runs(indptr, indices, is_long, min_run):
-    """Each row's longest run of consecutive columns ``[lo, hi)`` (empty if shorter than ``min_run``)."""
-    n_q = indptr.shape[0] - 1
-    lo = np.zeros(n_q, dtype=np.int64)
-    hi = np.zeros(n_q, dtype=np.int64)
-    for i in range(n_q):
-        if is_long[i]:
-            continue
-        best_a = 0
-        best_n = 0
-        e = indptr[i]
-        end = indptr[i + 1]
-        while e < end:
-            f = e + 1
-            while f < end and indices[f] == indices[f - 1] + 1:
-                f += 1
-            if f - e > best_n:
-                best_n = f - e
-                best_a = indices[e]
-            e = f
-        if best_n >= min_run:
-            lo[i] = best_a
-            hi[i] = best_a + best_n
-    return lo, hi
-
-
-@njit(cache=True, nogil=True)
-def plan_leftovers(indptr, indices, is_long, lo, hi, T, n_k):
-    """Split each tile's entries outside the rows' runs into shared columns and per-row residuals.
-
-    A column used by at least a quarter of the tile's rows (and by two or
-    more) becomes shared; the rest stays with its row.
-    """
-    n_q = indptr.shape[0] - 1
-    n_tiles = (n_q + T - 1) // T
-    cnt = np.zeros(n_k, dtype=np.int64)
-    sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
-    rs_ptr = np.zeros(n_q + 1, dtype=np.int64)
-    cols = np.empty(0, dtype=np.int64)
-    sh_cols = np.empty(0, dtype=np.int64)
-    sh_mask = np.empty(0, dtype=np.uint8)
-    rs_cols = np.empty(0, dtype=np.int64)
-    for phase in range(2):
-        if phase == 1:
-            for i in range(n_q):
-                rs_ptr[i + 1] += rs_ptr[i]
-            sh_cols = np.empty(sh_ptr[n_tiles], dtype=np.int64)
-            sh_mask = np.zeros(sh_ptr[n_tiles] * T, dtype=np.uint8)
-            rs_cols = np.empty(rs_ptr[n_q], dtype=np.int64)
-        for t in range(n_tiles):
-            r0 = t * T
-            r1 = min(n_q, r0 + T)
-            nrows = 0
-            for r in range(r0, r1):
-                if not is_long[r]:
-                    nrows += 1
-            thr = max(2, (nrows + 3) // 4)
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                for e in range(indptr[r], indptr[r + 1]):
-                    j = indices[e]
-                    if not (lo[r] <= j < hi[r]):
-                        cnt[j] += 1
-            # distinct shared columns, sorted
-            nsh = 0
-            if cols.shape[0] < 64:
-                cols = np.empty(64, dtype=np.int64)
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                for e in range(indptr[r], indptr[r + 1]):
-                    j = indices[e]
-                    if not (lo[r] <= j < hi[r]) and cnt[j] >= thr:
-                        if nsh == cols.shape[0]:
-                            grown = np.empty(2 * nsh, dtype=np.int64)
-                            grown[:nsh] = cols[:nsh]
-                            cols = grown
-                        cols[nsh] = j
-                        nsh += 1
-                        cnt[j] = -1  # counted once
-            srt = cols[:nsh]  # order of first appearance
-            base = sh_ptr[t]
-            for c in range(nsh):
-                cnt[srt[c]] = -(c + 2)  # slot c is encoded as -(c + 2)
-                if phase == 1:
-                    sh_cols[base + c] = srt[c]
-            if phase == 0:
-                sh_ptr[t + 1] = sh_ptr[t] + nsh
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                pos = rs_ptr[r]
-                for e in range(indptr[r], indptr[r + 1]):
-                    j = indices[e]
-                    if lo[r] <= j < hi[r]:
-                        continue
-                    if cnt[j] <= -2:
-                        if phase == 1:
-                            sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
-                    elif phase == 0:
-                        rs_ptr[r + 1] += 1
-                    else:
-                        rs_cols[pos] = j
-                        pos += 1
-            for r in range(r0, r1):
-                for e in range(indptr[r], indptr[r + 1]):
-                    cnt[indices[e]] = 0
-    return sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols
