@@ -3,6 +3,7 @@
 The public surface::
 
     sparse_attention(q, k, v, pattern, ...)   the one entry point
+    sparse_attention_backward(grad_out, ...)  its gradients (training)
     sliding_window, global_tokens, longformer, causal,
     from_sparse, from_dense, random_pattern,
     bigbird, strided, fixed, block_sparse     pattern builders and presets
@@ -38,6 +39,10 @@ def __getattr__(name):
         from . import attention
 
         return getattr(attention, name)
+    if name == "sparse_attention_backward":
+        from .backward import sparse_attention_backward
+
+        return sparse_attention_backward
     raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
 
 
@@ -56,5 +61,6 @@ __all__ = [
     "register_pattern",
     "sliding_window",
     "sparse_attention",
+    "sparse_attention_backward",
     "strided",
 ]

@@ -103,7 +103,9 @@ def _fused_available():
     return True
 
 
-def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, path="auto"):
+def sparse_attention(
+    q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, return_lse=False, path="auto"
+):
     """Softmax attention evaluated only at a pattern's allowed (query, key) pairs.
 
     ``out[..., i, :] = sum_j softmax_j(scale * q_i . k_j) v_j`` where the softmax
@@ -127,6 +129,10 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ret
         leading shape without the heads axis, followed by ``n_k``.
     return_weights : bool
         Also return an :class:`AttentionWeights` with the probabilities.
+    return_lse : bool
+        Also return the per-row log-sum-exp of the scaled scores over each
+        row's allowed, non-padded keys (what the backward pass needs, see
+        :func:`sparseattn.sparse_attention_backward`).
     path : {"auto", "fused", "staged"}
         ``"fused"``: the tile-planned online-softmax kernel (O(n d) extra
         memory); ``"staged"``: SDDMM -> softmax -> SpMM (stores one score per
@@ -139,6 +145,9 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ret
         In ``np.result_type(q, k, v)`` (float32 stays float32).
     weights : AttentionWeights
         Only with ``return_weights=True``.
+    lse : ndarray, shape (..., n_q)
+        Only with ``return_lse=True``; the output's dtype, ``-inf`` for a row
+        with no allowed key.  Returned last: ``out, weights, lse``.
 
     Examples
     --------
@@ -163,10 +172,15 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ret
     if use_fused:
         from .forward import fused_attention
 
-        out, _ = fused_attention(
+        out, lse = fused_attention(
             prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch
         )
     else:
-        out, _, weights = _staged(prep, return_weights)
+        out, lse, weights = _staged(prep, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)
-    return (out, weights) if return_weights else out
+    result = (out,)
+    if return_weights:
+        result += (weights,)
+    if return_lse:
+        result += (lse.reshape(prep.lead + lse.shape[1:]).astype(prep.out_dtype, copy=False),)
+    return result[0] if len(result) == 1 else result

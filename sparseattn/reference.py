@@ -10,7 +10,7 @@ import numpy as np
 
 from ._validate import prepare
 
-__all__ = ["dense_attention"]
+__all__ = ["dense_attention", "dense_attention_backward"]
 
 
 def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows=None, return_lse=False):
@@ -69,3 +69,51 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     shape = prep.lead + (stop - start,)
     out = out.reshape(shape + (dv,))
     return (out, lse.reshape(shape)) if return_lse else out
+
+
+def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padding_mask=None):
+    """Gradients of :func:`dense_attention` in float64, from the dense masked softmax.
+
+    The analytic gradient of ``out = softmax(scale * q k^T over allowed keys) v``:
+    with ``P`` the dense masked probabilities (zero where not allowed),
+    ``dP = dO v^T``, ``dS = P * (dP - rowsum(P * dP))``, ``dq = scale dS k``,
+    ``dk = scale dS^T q`` and ``dv = P^T dO``; gradients of broadcast inputs
+    are summed over the broadcast axes.  Independent of the engine's kernels
+    (no log-sum-exp, no tiles): the oracle for the backward tests.
+
+    Returns
+    -------
+    dq, dk, dv : ndarray, float64, shapes of ``q``, ``k``, ``v``
+    """
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    S, n_q, _ = prep.q.shape
+    dv_dim = prep.v.shape[-1]
+    go = np.broadcast_to(np.asarray(grad_out, dtype=np.float64), prep.lead + (n_q, dv_dim)).reshape(S, n_q, dv_dim)
+    masks = [p.csr.toarray() for p in prep.patterns]
+    dq = np.zeros(prep.q.shape)
+    dk = np.zeros(prep.k.shape)
+    dvv = np.zeros(prep.v.shape)
+    for s in range(S):
+        mask = masks[prep.slice_pattern[s]].copy()
+        if prep.key_valid is not None:
+            mask &= prep.key_valid[prep.slice_batch[s]][None, :]
+        qs, ks, vs = (x[s].astype(np.float64) for x in (prep.q, prep.k, prep.v))
+        scores = np.where(mask, (qs @ ks.T) * prep.scale, -np.inf)
+        has = mask.any(axis=1)
+        m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)
+        p = np.exp(scores - m[:, None])
+        p /= np.where(has, p.sum(axis=1), 1.0)[:, None]
+        dp = go[s] @ vs.T
+        ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+        dq[s] = prep.scale * ds @ ks
+        dk[s] = prep.scale * ds.T @ qs
+        dvv[s] = p.T @ go[s]
+
+    def reduce(g, x):
+        x = np.asarray(x)
+        g = g.reshape(prep.lead + g.shape[1:])
+        g = g.sum(axis=tuple(range(g.ndim - x.ndim))) if g.ndim > x.ndim else g
+        axes = tuple(i for i, (a, b) in enumerate(zip(x.shape[:-2], g.shape[:-2])) if a == 1 and b != 1)
+        return g.sum(axis=axes, keepdims=True).reshape(x.shape) if axes else g.reshape(x.shape)
+
+    return reduce(dq, q), reduce(dk, k), reduce(dvv, v)

@@ -1,0 +1,155 @@
+"""``sparse_attention_backward``: gradients of :func:`sparseattn.sparse_attention`.
+
+Validation, broadcasting and the reduction of broadcast gradients live here;
+the work is done by the fused backward (:mod:`sparseattn.backward_fused`,
+the default) or the staged one (:mod:`sparseattn.kernels.staged_backward`,
+the cross-check).  Both recompute the probabilities from the forward's
+log-sum-exp, FlashAttention-2's recipe::
+
+    P  = exp(scale * Q K^T - lse)      on the allowed, non-padded pairs only
+    D  = rowsum(dO * O)
+    dS = P * (dO V^T - D)
+    dQ = scale * dS K,   dK = scale * dS^T Q,   dV = P^T dO
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import prepare
+
+__all__ = ["sparse_attention_backward"]
+
+_PATHS = ("auto", "fused", "staged")
+
+
+def _check_like(name, x, shape, what):
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype} with shape {arr.shape}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape} but must have shape {tuple(shape)} ({what})")
+    return arr
+
+
+def _flat(x, n_rows, last, dtype):
+    return np.ascontiguousarray(np.reshape(x, (-1, n_rows) + ((last,) if last is not None else ())), dtype=dtype)
+
+
+def _unbroadcast(g, lead, x):
+    """Sum the gradient ``g`` (lead + (n, last)) over the axes that ``x`` was broadcast along; x's shape and dtype."""
+    g = g.reshape(tuple(lead) + g.shape[1:])
+    extra = g.ndim - x.ndim
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape[:-2], g.shape[:-2])) if a == 1 and b != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def _transposed(csr):
+    """Entries of each column of a canonical CSR: ``(tptr, trow, tpos)`` (rows ascending within a column)."""
+    n_q, n_k = csr.shape
+    indices = np.asarray(csr.indices, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")
+    rows = np.repeat(np.arange(n_q, dtype=np.int64), np.diff(csr.indptr))
+    tptr = np.zeros(n_k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(indices, minlength=n_k), out=tptr[1:])
+    return tptr, rows[order], order
+
+
+def _staged_backward(prep, go, o, ls):
+    from .attention import _concat_patterns
+    from .kernels.staged_backward import cols_backward, rows_backward
+
+    ptr, ind, nnz = _concat_patterns(prep.patterns)
+    S, n_q, d = prep.q.shape
+    n_k, dv = prep.v.shape[1:]
+    slice_off = np.concatenate(([0], np.cumsum(nnz[prep.slice_pattern])))
+    dt = prep.q.dtype
+    use_valid = prep.key_valid is not None
+    key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
+    slice_batch = prep.slice_batch if use_valid else np.zeros(S, dtype=np.int64)
+    pvals = np.empty(int(slice_off[-1]), dtype=dt)
+    dsvals = np.empty_like(pvals)
+    dq = np.empty_like(prep.q)
+    sc = dt.type(prep.scale)
+    rows_backward(prep.q, prep.k, prep.v, go, o, ls, ptr, ind, prep.slice_pattern, slice_off, sc,
+                  key_valid, slice_batch, use_valid, pvals, dsvals, dq)  # fmt: skip
+    trans = [_transposed(p.csr) for p in prep.patterns]
+    tptr = np.stack([t[0] for t in trans])
+    offs = np.concatenate(([0], np.cumsum(nnz)))
+    trow = np.concatenate([t[1] for t in trans])
+    tpos = np.concatenate([t[2] + offs[i] for i, t in enumerate(trans)])
+    tptr = tptr + np.concatenate(([0], np.cumsum([len(t[1]) for t in trans])))[:-1, None]
+    dk = np.empty_like(prep.k)
+    dvv = np.empty_like(prep.v)
+    cols_backward(prep.q, go, tptr, trow, tpos, prep.slice_pattern, slice_off, ptr.astype(np.int64), sc,
+                  pvals, dsvals, dk, dvv)  # fmt: skip
+    return dq, dk, dvv
+
+
+def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=None, key_padding_mask=None,
+                              path="auto"):  # fmt: skip
+    """Gradients of :func:`sparseattn.sparse_attention` with respect to ``q``, ``k`` and ``v``.
+
+    Parameters
+    ----------
+    grad_out : ndarray, shape (..., n_q, d_v)
+        Gradient of the loss with respect to the attention output (the
+        broadcast leading shape of the forward's output).
+    q, k, v, pattern, scale, key_padding_mask
+        Exactly as given to the forward call.
+    out, lse : ndarray
+        The forward's output and log-sum-exp, from
+        ``sparse_attention(..., return_lse=True)``.
+    path : {"auto", "fused", "staged"}
+        ``"fused"`` (``"auto"``): tile by tile from ``lse`` with O(n d) extra
+        memory; ``"staged"``: per-nonzero probabilities and score gradients
+        (memory proportional to nnz x slices), the cross-check.
+
+    Returns
+    -------
+    dq, dk, dv : ndarray
+        Each with the shape and dtype of its input; an input that was
+        broadcast (e.g. ``k`` of shape ``(b, 1, n, d)`` shared by the heads)
+        gets its gradient summed over the broadcast axes.  Rows with no
+        allowed key contribute nothing; keys no row sees get zero gradient.
+
+    Examples
+    --------
+    >>> import numpy as np, sparseattn as sa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 16, 8))
+    >>> p = sa.longformer(16, attention_window=4, global_indices=[0])
+    >>> out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
+    >>> dq, dk, dv = sa.sparse_attention_backward(np.ones_like(out), q, k, v, p, out, lse)
+    >>> dq.shape, dk.shape, dv.shape
+    ((2, 16, 8), (2, 16, 8), (2, 16, 8))
+    >>> bool(np.allclose(dv.sum(axis=1), 16))  # each row's probabilities sum to 1
+    True
+    """
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    S, n_q, _ = prep.q.shape
+    dv_dim = prep.v.shape[-1]
+    out_shape = prep.lead + (n_q, dv_dim)
+    go = _check_like("grad_out", grad_out, out_shape, "the forward output's shape")
+    o = _check_like("out", out, out_shape, "the forward output's shape")
+    ls = _check_like("lse", lse, prep.lead + (n_q,), "the forward output's shape without its last axis")
+    dt = prep.q.dtype
+    go, o = _flat(go, n_q, dv_dim, dt), _flat(o, n_q, dv_dim, dt)
+    ls = _flat(ls, n_q, None, dt)
+    if path == "staged" or path == "auto":  # the fused backward lands next
+        dq, dk, dvv = _staged_backward(prep, go, o, ls)
+    else:
+        from .backward_fused import fused_backward
+
+        dq, dk, dvv = fused_backward(
+            prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
+            prep.key_valid, prep.slice_batch,
+        )  # fmt: skip
+    arrays = [np.asarray(x) for x in (q, k, v)]
+    return tuple(_unbroadcast(g, prep.lead, x) for g, x in zip((dq, dk, dvv), arrays))
