@@ -142,7 +142,7 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     dt = prep.q.dtype
     go, o = _flat(go, n_q, dv_dim, dt), _flat(o, n_q, dv_dim, dt)
     ls = _flat(ls, n_q, None, dt)
-    if path == "staged" or path == "auto":  # the fused backward lands next
+    if path == "staged":
         dq, dk, dvv = _staged_backward(prep, go, o, ls)
     else:
         from .backward_fused import fused_backward

@@ -10,8 +10,9 @@ are built from:
 - ``Vec``: an LLVM ``<L x float>`` / ``<L x double>`` value with load,
   broadcast-load, store, add, fma and zero intrinsics;
 - the 6 x 2L register-block micro-kernels ``qk_block`` (S = Q K^T from packed
-  K^T panels) and ``pv_block`` (O += P V), and ``pack_panel``;
-- ``_mm_nt`` / ``_mm_nn``: the one BLAS call site of each shape.
+  K^T panels), ``pv_block`` (O += P V), ``tn_block`` (O += A^T B, the backward's
+  transposed products), and ``pack_panel``;
+- ``_mm_nt`` / ``_mm_nn`` / ``_mm_tn``: the one BLAS call site of each shape.
 
 Raw arrays in, raw arrays out; no validation.  The kernels that use these
 are cached on disk by Numba; :mod:`sparseattn.kernels` keys that cache on a
@@ -26,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
-__all__ = ["vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block", "pack_panel"]
+__all__ = ["vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block", "tn_block", "pack_panel"]
 
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
 # scores are a large finite negative sentinel, and empty rows are detected.
@@ -143,6 +144,12 @@ def _mm_nt(a, b, out):
 def _mm_nn(a, b, out):
     """``out = a @ b`` through BLAS."""
     np.dot(a, b, out)
+
+
+@njit(nogil=True)
+def _mm_tn(a, b, out):
+    """``out = a.T @ b`` through BLAS."""
+    np.dot(a.T, b, out)
 
 
 
@@ -355,6 +362,22 @@ def pv_block(pf, p0, ldp, k0, k1, vf, v0, ldv, of, o0, ldo):
     c = _zero_block(pf)
     for k in range(k0, k1):
         c = _rank1(pf, p0 + k, ldp, _vload(vf, v0 + k * ldv), _vload(vf, v0 + k * ldv + L), c)
+    _put_block(of, o0, ldo, c, True)
+
+
+@njit(nogil=True, inline="always")
+def tn_block(af, lda, k0, rows, bf, ldb, b0, of, o0, ldo):
+    """``O[kk, 0:2L] += sum_{r < rows} A[r, k0 + kk] * B[r, b0 : b0 + 2L]`` for the 6 columns ``kk`` of A.
+
+    The transposed product of the backward (``dK += dS^T Q``, ``dV += P^T dO``):
+    ``af``: flat A, row ``r`` at ``r * lda`` (reads columns ``k0 .. k0 + 5``);
+    ``bf``: flat B, row ``r`` at ``r * ldb``; ``of``: flat O, row ``kk`` at
+    ``o0 + kk * ldo``.
+    """
+    L = lanes(af)
+    c = _zero_block(af)
+    for r in range(rows):
+        c = _rank1(af, r * lda + k0, 1, _vload(bf, r * ldb + b0), _vload(bf, r * ldb + b0 + L), c)
     _put_block(of, o0, ldo, c, True)
 
 
