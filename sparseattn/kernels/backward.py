@@ -165,12 +165,23 @@ def _span_grad_simd(
             if ghi[g] > glo[g]:
                 for cb in range(0, d, L2):
                     pv_block(dpbuf, 6 * g * lds, lds, glo[g], ghi[g], kf, a * d + cb, d, dqacc, 6 * g * d + cb, d)
-        # 4. dK += dS^T Q and dV += P^T dO, 6 keys at a time, into the thread's key buffers
+        # 4. dK += dS^T Q and dV += P^T dO, 6 keys at a time, into the thread's key buffers,
+        #    over the rows whose runs reach those keys (a band tile's corners are skipped)
         for kk in range(kmin, kmax, 6):
+            r0 = rows
+            r1 = 0
+            for r in range(rows):
+                lo = max(row_lo[t0 + r], a) - a
+                hi = min(row_hi[t0 + r], b) - a
+                if live[r] and hi > lo and lo < kk + 6 and hi > kk:
+                    r0 = min(r0, r)
+                    r1 = r + 1
+            if r1 <= r0:
+                continue
             for cb in range(0, d, L2):
-                tn_block(dpbuf, lds, kk, rows, qbuf, d, cb, dkf, (a + kk) * d + cb, d)
+                tn_block(dpbuf, lds, kk, r0, r1, qbuf, d, cb, dkf, (a + kk) * d + cb, d)
             for cb in range(0, dv, L2):
-                tn_block(sbuf, lds, kk, rows, dobuf, dv, cb, dvf, (a + kk) * dv + cb, dv)
+                tn_block(sbuf, lds, kk, r0, r1, dobuf, dv, cb, dvf, (a + kk) * dv + cb, dv)
         lohi[0] = min(lohi[0], a + kmin)
         lohi[1] = max(lohi[1], a + kmax)
         a = b

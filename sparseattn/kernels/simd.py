@@ -366,8 +366,8 @@ def pv_block(pf, p0, ldp, k0, k1, vf, v0, ldv, of, o0, ldo):
 
 
 @njit(nogil=True, inline="always")
-def tn_block(af, lda, k0, rows, bf, ldb, b0, of, o0, ldo):
-    """``O[kk, 0:2L] += sum_{r < rows} A[r, k0 + kk] * B[r, b0 : b0 + 2L]`` for the 6 columns ``kk`` of A.
+def tn_block(af, lda, k0, r0, r1, bf, ldb, b0, of, o0, ldo):
+    """``O[kk, 0:2L] += sum_{r0 <= r < r1} A[r, k0 + kk] * B[r, b0 : b0 + 2L]`` for the 6 columns ``kk`` of A.
 
     The transposed product of the backward (``dK += dS^T Q``, ``dV += P^T dO``):
     ``af``: flat A, row ``r`` at ``r * lda`` (reads columns ``k0 .. k0 + 5``);
@@ -376,7 +376,7 @@ def tn_block(af, lda, k0, rows, bf, ldb, b0, of, o0, ldo):
     """
     L = lanes(af)
     c = _zero_block(af)
-    for r in range(rows):
+    for r in range(r0, r1):
         c = _rank1(af, r * lda + k0, 1, _vload(bf, r * ldb + b0), _vload(bf, r * ldb + b0 + L), c)
     _put_block(of, o0, ldo, c, True)
 
