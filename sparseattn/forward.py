@@ -34,8 +34,8 @@ _WORK_SPLIT = 8
 def panel_buffers(n_k, d, dv, dtype, chunk):
     """One thread's K^T panel cache for the micro-kernel span path: ``(kp, packed)``.
 
-    ``kp`` holds ``n_slots`` panels of ``d x 2L`` keys (L = 8 float32 or 4
-    float64 lanes of a 256-bit vector), enough for two span chunks of
+    ``kp`` holds ``n_slots`` panels of ``d x 2L`` keys (L lanes of the
+    micro-kernels' vector, :data:`sparseattn.kernels.VECTOR_BYTES`), enough for two span chunks of
     ``chunk`` keys: O(chunk * d) per thread, about 0.5 MiB for d = 64 and the
     default chunk, so it stays in the core's L2.  ``packed[slot]`` tags the
     slice and panel a slot holds (-1: none).  Empty arrays select the BLAS

@@ -27,6 +27,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
+from . import VECTOR_BYTES  # 32 (AVX2) or 64 (AVX-512), chosen once per process
+
 __all__ = ["vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block", "tn_block", "pack_panel"]
 
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
@@ -155,7 +157,8 @@ def _mm_tn(a, b, out):
 
 # -- register-blocked micro-kernels for the span products ----------------------------
 # Numba has no vector type, so this section adds one (``Vec``: an LLVM <L x float> /
-# <L x double> value, L = 8 float32 or 4 float64 lanes, one 256-bit register) with
+# <L x double> value: one 256-bit register, L = 8 float32 or 4 float64 lanes, or one
+# 512-bit register, L = 16 or 8, see sparseattn.kernels.VECTOR_BYTES) with
 # load, broadcast-load, store, add, fma and zero intrinsics.  With them QK^T and P.V
 # are written as the classic 6 x 2L register block (12 accumulators, 2 loads and 6
 # broadcasts per step), which LLVM keeps in registers.  On a sliding window's tile
@@ -181,8 +184,6 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, be)
 
 
-#: bytes per vector register the kernels use (AVX / AVX2)
-VECTOR_BYTES = 32
 _VEC = {t: Vec(t, VECTOR_BYTES * 8 // t.bitwidth) for t in (types.float32, types.float64)}
 
 
