@@ -1,9 +1,9 @@
 """The fused backward path: the forward's tile plan, walked again from the saved log-sum-exp.
 
 :func:`fused_backward` is called by :func:`sparseattn.sparse_attention_backward`
-after validation.  It allocates the three gradients, ``D = rowsum(dO * O)``
-(one value per row) and, per worker thread, a pair of key buffers; nothing
-proportional to ``nnz * heads``.
+after validation.  It allocates the three gradients
+and, per worker thread, a pair of key buffers; nothing proportional to
+``nnz * heads`` (``D = rowsum(dO * O)`` is computed per tile).
 
 Race-free ``dK`` / ``dV``.  A query tile's rows are its own, so ``dQ`` is
 written directly; but many query tiles touch the same key, so their ``dK`` /
@@ -79,12 +79,12 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     n_k = k.shape[1]
     dv = v.shape[2]
     dt = q.dtype
-    dq = np.zeros_like(q)
+    dq = np.empty_like(q)  # every row is written: by its tile, long rows again by the long-row pass
     dk = np.zeros_like(k)
     dvv = np.zeros_like(v)
     if S == 0 or n_q == 0 or n_k == 0:
+        dq[...] = 0
         return dq, dk, dvv
-    dsum = np.einsum("snc,snc->sn", dout, out)
     use_valid = key_valid is not None
     kv = np.ascontiguousarray(key_valid, dtype=bool) if use_valid else np.ones((1, 1), dtype=bool)
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
@@ -105,7 +105,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             # ranges never cross a slice: a thread's key buffers hold one slice at a time
             bounds = np.union1d(bounds, np.arange(0, ns * n_tiles + 1, max(1, n_tiles))).astype(np.int64)
             locks = [threading.Lock() for _ in range(ns)]
-            const = (q, k, v, dout, lse, dsum, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
+            const = (q, k, v, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                      plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
                      plan.rs_cols, sc, kv, sb, use_valid)  # fmt: skip
 
@@ -127,7 +127,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                 n_ranges = min(ns, n_threads) if par else 1
                 run_ranges(
                     long_rows_backward,
-                    (q, k, v, dout, lse, dsum, slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr,
+                    (q, k, v, dout, out, lse, slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr,
                      plan.it_a, plan.it_b, sc, kv, sb, use_valid, dq, dk, dvv),
                     (),
                     [i * ns // n_ranges for i in range(n_ranges + 1)],

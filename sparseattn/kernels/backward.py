@@ -167,15 +167,14 @@ def _span_grad_simd(
                     pv_block(dpbuf, 6 * g * lds, lds, glo[g], ghi[g], kf, a * d + cb, d, dqacc, 6 * g * d + cb, d)
         # 4. dK += dS^T Q and dV += P^T dO, 6 keys at a time, into the thread's key buffers,
         #    over the rows whose runs reach those keys (a band tile's corners are skipped)
+        #    (at register-block granularity: the blocks whose union of runs meets the keys)
         for kk in range(kmin, kmax, 6):
             r0 = rows
             r1 = 0
-            for r in range(rows):
-                lo = max(row_lo[t0 + r], a) - a
-                hi = min(row_hi[t0 + r], b) - a
-                if live[r] and hi > lo and lo < kk + 6 and hi > kk:
-                    r0 = min(r0, r)
-                    r1 = r + 1
+            for g in range(ng):
+                if ghi[g] > glo[g] and glo[g] < kk + 6 and ghi[g] > kk:
+                    r0 = min(r0, 6 * g)
+                    r1 = min(rows, 6 * g + 6)
             if r1 <= r0:
                 continue
             for cb in range(0, d, L2):
@@ -189,7 +188,7 @@ def _span_grad_simd(
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
-    q, k, v, dout, lse, dsum, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+    q, k, v, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
@@ -240,7 +239,10 @@ def tiles_backward(
             li = lse[s, t0 + r]
             live[r] = li != ninf
             lse_t[r] = li if live[r] else zero
-            dsum_t[r] = dsum[s, t0 + r]
+            dd = zero
+            for c in range(dv):
+                dd += dout[s, t0 + r, c] * out[s, t0 + r, c]
+            dsum_t[r] = dd  # D = rowsum(dO * O)
             for c in range(d):
                 qbuf[r * d + c] = q[s, t0 + r, c] * scale
             for c in range(dv):
@@ -349,7 +351,7 @@ def flush_keys(dk_s, dv_s, dkb, dvb, lohi, mark, cols):
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_backward(
-    q, k, v, dout, lse, dsum, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
+    q, k, v, dout, out, lse, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
     scale, key_valid, slice_batch, use_valid, dq, dk, dvv, si_begin, si_end,
 ):  # fmt: skip
     """Gradients of the long rows of slices ``slices[si_begin:si_end]``: ``dq`` rows set, ``dk`` / ``dvv`` added to.
@@ -378,6 +380,7 @@ def long_rows_backward(
     dp_buf = np.empty(max_rows * max_w, dtype=dt)
     tk = np.empty((max_w, d), dtype=dt)
     tv = np.empty((max_w, dvd), dtype=dt)
+    dsum_g = np.empty(max_rows, dtype=dt)
     for si in range(si_begin, si_end):
         s = slices[si]
         kb = slice_batch[s]
@@ -393,8 +396,11 @@ def long_rows_backward(
                 for c in range(d):
                     qg[rr, c] = q[s, i, c] * scale
                     dqg[rr, c] = zero
+                dd = zero
                 for c in range(dvd):
                     dog[rr, c] = dout[s, i, c]
+                    dd += dout[s, i, c] * out[s, i, c]
+                dsum_g[rr] = dd
             for it in range(grp_it_ptr[g], grp_it_ptr[g + 1]):
                 a = it_a[it]
                 b = it_b[it]
@@ -408,7 +414,7 @@ def long_rows_backward(
                     i = lg_rows[r0 + rr]
                     li = lse[s, i]
                     hi = wd if li != ninf else 0
-                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum[s, i], zero)
+                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero)
                 _mm_nn(dpm, k[s, a:b], tq)
                 for rr in range(nr):
                     for c in range(d):
