@@ -72,14 +72,18 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
 
 
 def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padding_mask=None):
-    """Gradients of :func:`dense_attention` in float64, from the dense masked softmax.
+    """Gradients of :func:`dense_attention` in float64, from the masked softmax, row by row.
 
     The analytic gradient of ``out = softmax(scale * q k^T over allowed keys) v``:
-    with ``P`` the dense masked probabilities (zero where not allowed),
-    ``dP = dO v^T``, ``dS = P * (dP - rowsum(P * dP))``, ``dq = scale dS k``,
-    ``dk = scale dS^T q`` and ``dv = P^T dO``; gradients of broadcast inputs
-    are summed over the broadcast axes.  Independent of the engine's kernels
-    (no log-sum-exp, no tiles): the oracle for the backward tests.
+    for row ``i`` with allowed, non-padded keys ``J``, ``p = softmax(scale * q_i k_J^T)``,
+    ``dp = dO_i v_J^T``, ``ds = p * (dp - p . dp)``, ``dq_i = scale * ds k_J``, and
+    ``dk_J += scale * ds q_i``, ``dv_J += p dO_i``; gradients of broadcast inputs
+    are summed over the broadcast axes.  Every product runs over the allowed
+    pairs only (never ``0 * x`` for a masked pair), so a NaN or an infinity
+    reaches exactly the gradients of the rows and keys that use it: the
+    non-finite policy of :func:`sparseattn.sparse_attention`, carried through
+    IEEE arithmetic.  Independent of the engine's kernels (no log-sum-exp, no
+    tiles): the oracle for the backward tests.  Meant for small ``n``.
 
     Returns
     -------
@@ -89,25 +93,29 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     go = np.broadcast_to(np.asarray(grad_out, dtype=np.float64), prep.lead + (n_q, dv_dim)).reshape(S, n_q, dv_dim)
-    masks = [p.csr.toarray() for p in prep.patterns]
+    csrs = [p.csr for p in prep.patterns]
     dq = np.zeros(prep.q.shape)
     dk = np.zeros(prep.k.shape)
     dvv = np.zeros(prep.v.shape)
-    for s in range(S):
-        mask = masks[prep.slice_pattern[s]].copy()
-        if prep.key_valid is not None:
-            mask &= prep.key_valid[prep.slice_batch[s]][None, :]
-        qs, ks, vs = (x[s].astype(np.float64) for x in (prep.q, prep.k, prep.v))
-        scores = np.where(mask, (qs @ ks.T) * prep.scale, -np.inf)
-        has = mask.any(axis=1)
-        m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)
-        p = np.exp(scores - m[:, None])
-        p /= np.where(has, p.sum(axis=1), 1.0)[:, None]
-        dp = go[s] @ vs.T
-        ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
-        dq[s] = prep.scale * ds @ ks
-        dk[s] = prep.scale * ds.T @ qs
-        dvv[s] = p.T @ go[s]
+    with np.errstate(invalid="ignore", over="ignore"):
+        for s in range(S):
+            csr = csrs[prep.slice_pattern[s]]
+            valid = prep.key_valid[prep.slice_batch[s]] if prep.key_valid is not None else None
+            qs, ks, vs = (x[s].astype(np.float64) for x in (prep.q, prep.k, prep.v))
+            for i in range(n_q):
+                cols = csr.indices[csr.indptr[i] : csr.indptr[i + 1]]
+                if valid is not None:
+                    cols = cols[valid[cols]]
+                if cols.size == 0:
+                    continue
+                scores = (ks[cols] @ qs[i]) * prep.scale
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                dp = vs[cols] @ go[s, i]
+                ds = p * (dp - p @ dp)
+                dq[s, i] = prep.scale * (ds @ ks[cols])
+                dk[s, cols] += prep.scale * ds[:, None] * qs[i][None, :]
+                dvv[s, cols] += p[:, None] * go[s, i][None, :]
 
     def reduce(g, x):
         x = np.asarray(x)
