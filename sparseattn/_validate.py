@@ -141,8 +141,34 @@ def check_scale_dtype(scale, compute, given):
         )
 
 
-def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False):
-    """Validate and broadcast the arguments of an attention call."""
+ADVICE = (
+    "Pass fewer batch entries or heads per call (or a shorter sequence), use path='fused' "
+    "(it stores no per-nonzero scores), or split the work across processes (e.g. with Dask)."
+)
+
+
+def _copy_bytes(name, x, lead, S, compute):
+    """Bytes of the contiguous (S, n, last) copy ``prepare`` makes of ``x``, with why (0: no copy)."""
+    size = S * x.shape[-2] * x.shape[-1] * np.dtype(compute).itemsize
+    why = []
+    if x.dtype != compute:
+        why.append(f"cast to {np.dtype(compute).name}")
+    if int(np.prod(x.shape[:-2], dtype=np.int64)) != S:
+        why.append(f"repeated over the broadcast dims {tuple(lead)}")
+    elif not x.flags.c_contiguous:
+        zero = any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape))
+        why.append("made contiguous (it has zero strides: broadcast)" if zero else "made contiguous")
+    return (f"{name} {', '.join(why)}", size) if why else (name, 0)
+
+
+def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention"):
+    """Validate and broadcast the arguments of an attention call.
+
+    Before copying anything, the bytes of the contiguous input copies, the
+    output and the log-sum-exp are checked against the memory available
+    (:mod:`sparseattn._memory`); a call that cannot fit raises
+    :class:`~sparseattn._memory.InsufficientMemoryError` naming ``caller``.
+    """
     user_scale = scale
     q = _check_array("q", q)
     k = _check_array("k", k)
@@ -239,6 +265,14 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
         compute = np.float64
 
     check_scale_dtype(scale, compute, user_scale)
+
+    from ._memory import check as check_memory
+
+    items = dict(_copy_bytes(name, x, lead, S, compute) for name, x in (("q", q), ("k", k), ("v", v)))
+    item = np.dtype(compute).itemsize
+    items["output"] = S * n_q * dv * item * (1 if out_dtype == compute else 2)
+    items["log-sum-exp"] = S * n_q * item
+    check_memory(items, caller, ADVICE)
 
     def flat(x, n, last):
         x = np.broadcast_to(x, lead + x.shape[-2:]).reshape(S, n, last)

@@ -69,6 +69,25 @@ class AttentionWeights:
         return sp.csr_array((data.copy(), cols.astype(idx), indptr.astype(idx)), shape=self.shape)
 
 
+def _check_staged_memory(prep, slice_pattern, return_weights):
+    """The staged path stores one score per nonzero and slice: refuse up front if that cannot fit."""
+    from ._memory import check
+    from ._validate import ADVICE
+
+    nnz = np.array([p.nnz for p in prep.patterns], dtype=np.int64)
+    total = int(nnz[slice_pattern].sum())
+    idx = 4 if int(nnz.sum()) < 2**31 - 1 else 8
+    why = "return_weights=True" if return_weights else "path='staged' or non-finite inputs"
+    check(
+        {
+            f"per-nonzero scores of the staged path ({why}): {total} values": total * prep.q.dtype.itemsize,
+            "the patterns' CSR": int(nnz.sum()) * idx * 2 + len(prep.patterns) * (prep.n_q + 1) * idx * 2,
+        },
+        "sparse_attention",
+        ADVICE,
+    )
+
+
 def _staged(prep, return_weights, slices=None):
     """The staged kernels over all slices, or over ``slices`` (an int64 index array) only."""
     from .kernels.staged import csr_softmax, sddmm, spmm
@@ -77,6 +96,7 @@ def _staged(prep, return_weights, slices=None):
     if slices is not None:
         q, k, v, slice_pattern = q[slices], k[slices], v[slices], slice_pattern[slices]
         slice_batch = slice_batch[slices] if slice_batch is not None else None
+    _check_staged_memory(prep, slice_pattern, return_weights)
     ptr, ind, nnz = _concat_patterns(prep.patterns)
     S = q.shape[0]
     slice_nnz = nnz[slice_pattern]

@@ -79,13 +79,21 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     >>> bool(np.allclose(out, v))   # each token sees only itself
     True
     """
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention")
     n_q = prep.n_q
     start, stop = (0, n_q) if rows is None else rows
     if not 0 <= start <= stop <= n_q:
         raise ValueError(f"rows must satisfy 0 <= start <= stop <= n_q = {n_q}, got {rows}")
     S = prep.q.shape[0]
     dv = prep.v.shape[-1]
+    from ._memory import check
+
+    cells = (stop - start) * prep.n_k
+    check(
+        {"dense masks": len(prep.patterns) * cells, "dense float64 scores and weights of one slice": 6 * 8 * cells},
+        "dense_attention",
+        "It builds dense (rows, n_k) masks: pass rows=(start, stop) to compute a slice of the rows.",
+    )
     out = np.zeros((S, stop - start, dv))
     lse = np.full((S, stop - start), -np.inf)
     masks = [p.rows(start, stop).toarray() for p in prep.patterns]
@@ -124,7 +132,7 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     -------
     dq, dk, dv : ndarray, float64, shapes of ``q``, ``k``, ``v``
     """
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward")
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     go = np.broadcast_to(np.asarray(grad_out, dtype=np.float64), prep.lead + (n_q, dv_dim)).reshape(S, n_q, dv_dim)
