@@ -30,6 +30,8 @@ from .patterns import (
     strided,
 )
 
+from ._memory import InsufficientMemoryError
+
 __version__ = "0.1.0"
 
 
@@ -48,6 +50,7 @@ def __getattr__(name):
 
 __all__ = [
     "AttentionWeights",
+    "InsufficientMemoryError",
     "Pattern",
     "bigbird",
     "block_sparse",

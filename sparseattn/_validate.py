@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,6 +33,14 @@ class Prepared:
     slice_batch: np.ndarray | None  # (S,) int64 row of key_valid per slice
     out_dtype: np.dtype
 
+    @cached_property
+    def nonfinite(self):
+        """(S,) bool: slice ``s`` has a NaN or an infinity in ``q``, ``k`` or ``v`` (one pass over each)."""
+        flags = np.zeros(self.q.shape[0], dtype=bool)
+        for x in (self.q, self.k, self.v):
+            scan_nonfinite(x, flags)
+        return flags
+
     @property
     def n_q(self):
         return self.q.shape[1]
@@ -38,6 +48,53 @@ class Prepared:
     @property
     def n_k(self):
         return self.k.shape[1]
+
+
+_INT_VIEW = {
+    np.dtype(np.float32): (np.int32, 0x7FFF_FFFF, 0x7F80_0000),
+    np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+#: below this many elements the scan runs in the calling thread
+_SCAN_PARALLEL_MIN = 1 << 22
+
+
+def scan_nonfinite(x, flags):
+    """``flags[s] |= x[s]`` holds a NaN or an infinity, for ``x`` (S, n, d) C-contiguous float32/float64."""
+    from ._threads import run_ranges
+    from .kernels.finite import nonfinite_slices
+
+    S = x.shape[0]
+    if x.size == 0:
+        return flags
+    it, abs_mask, exp_mask = _INT_VIEW[x.dtype]
+    bits = x.reshape(S, -1).view(it)
+    n_threads = 1
+    if x.size >= _SCAN_PARALLEL_MIN and S > 1:
+        from numba import get_num_threads
+
+        n_threads = min(get_num_threads(), S)
+    bounds = [i * S // n_threads for i in range(n_threads + 1)]
+    run_ranges(nonfinite_slices, (bits, it(abs_mask), it(exp_mask)), (flags,), bounds, n_threads)
+    return flags
+
+
+def first_nonfinite(name, user, flat, lead):
+    """``ValueError`` naming the user's array and the index of its first NaN/inf (``flat``: its (S, n, d) copy)."""
+    flags = scan_nonfinite(flat, np.zeros(flat.shape[0], dtype=bool))
+    if not flags.any():
+        return None
+    s = int(np.argmax(flags))
+    i, t = (int(a) for a in np.argwhere(~np.isfinite(flat[s]))[0])
+    user_lead = np.shape(user)[:-2]
+    lead_idx = np.unravel_index(s, lead) if lead else ()
+    lead_idx = lead_idx[len(lead_idx) - len(user_lead):] if user_lead else ()
+    idx = tuple(0 if n == 1 else int(j) for j, n in zip(lead_idx, user_lead)) + (i, t)
+    value = flat[s, i, t]
+    return ValueError(
+        f"{name} holds a non-finite value ({value}) at index {idx} (shape {np.shape(user)}); "
+        f"check_finite=True refuses NaN and +-inf; without it they propagate under IEEE rules "
+        f"to the rows that use them (see the non-finite policy in sparse_attention's docs)"
+    )
 
 
 def _check_array(name, x):
@@ -71,8 +128,48 @@ def check_scale(scale, d):
     return scale
 
 
-def prepare(q, k, v, pattern, scale=None, key_padding_mask=None):
-    """Validate and broadcast the arguments of an attention call."""
+def check_scale_dtype(scale, compute, given):
+    """``scale`` must stay finite once cast to the compute dtype (``given``: the user's value)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cast = compute(scale)
+    if not np.isfinite(cast):
+        raise ValueError(
+            f"scale={given!r} is not finite in {np.dtype(compute).name}, the compute dtype of these inputs "
+            f"(largest finite {np.dtype(compute).name}: {np.finfo(compute).max:.4g}); pass a smaller scale "
+            f"or float64 inputs"
+        )
+
+
+ADVICE = (
+    "Pass fewer batch entries or heads per call (or a shorter sequence), use path='fused' "
+    "(it stores no per-nonzero scores), or split the work across processes (e.g. with Dask)."
+)
+
+
+def _copy_bytes(name, x, lead, S, compute):
+    """Bytes of the contiguous (S, n, last) copy ``prepare`` makes of ``x``, with why (0: no copy)."""
+    size = S * x.shape[-2] * x.shape[-1] * np.dtype(compute).itemsize
+    why = []
+    if x.dtype != compute:
+        why.append(f"cast to {np.dtype(compute).name}")
+    if int(np.prod(x.shape[:-2], dtype=np.int64)) != S:
+        why.append(f"repeated over the broadcast dims {tuple(lead)}")
+    elif not x.flags.c_contiguous:
+        zero = any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape))
+        why.append("made contiguous (it has zero strides: broadcast)" if zero else "made contiguous")
+    return (f"{name} {', '.join(why)}", size) if why else (name, 0)
+
+
+def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention"):
+    """Validate and broadcast the arguments of an attention call.
+
+    Before copying anything, the bytes of the contiguous input copies, the
+    output and the log-sum-exp are checked against the memory available
+    (:mod:`sparseattn._memory`); a call that cannot fit raises
+    :class:`~sparseattn._memory.InsufficientMemoryError` naming ``caller``.
+    """
+    user_scale = scale
     q = _check_array("q", q)
     k = _check_array("k", k)
     v = _check_array("v", v)
@@ -167,14 +264,30 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None):
     if out_dtype.itemsize > 8:
         compute = np.float64
 
+    check_scale_dtype(scale, compute, user_scale)
+
+    from ._memory import check as check_memory
+
+    items = dict(_copy_bytes(name, x, lead, S, compute) for name, x in (("q", q), ("k", k), ("v", v)))
+    item = np.dtype(compute).itemsize
+    items["output"] = S * n_q * dv * item * (1 if out_dtype == compute else 2)
+    items["log-sum-exp"] = S * n_q * item
+    check_memory(items, caller, ADVICE)
+
     def flat(x, n, last):
         x = np.broadcast_to(x, lead + x.shape[-2:]).reshape(S, n, last)
         return np.ascontiguousarray(x, dtype=compute)
 
+    qf, kf, vf = flat(q, n_q, d), flat(k, n_k, d), flat(v, n_k, dv)
+    if check_finite:
+        for name, user, x in (("q", q, qf), ("k", k, kf), ("v", v, vf)):
+            err = first_nonfinite(name, user, x, lead)
+            if err is not None:
+                raise err
     return Prepared(
-        q=flat(q, n_q, d),
-        k=flat(k, n_k, d),
-        v=flat(v, n_k, dv),
+        q=qf,
+        k=kf,
+        v=vf,
         lead=tuple(lead),
         patterns=patterns,
         slice_pattern=slice_pattern,

@@ -69,30 +69,77 @@ class AttentionWeights:
         return sp.csr_array((data.copy(), cols.astype(idx), indptr.astype(idx)), shape=self.shape)
 
 
-def _staged(prep, return_weights):
+def _check_staged_memory(prep, slice_pattern, return_weights):
+    """The staged path stores one score per nonzero and slice: refuse up front if that cannot fit."""
+    from ._memory import check
+    from ._validate import ADVICE
+
+    nnz = np.array([p.nnz for p in prep.patterns], dtype=np.int64)
+    total = int(nnz[slice_pattern].sum())
+    idx = 4 if int(nnz.sum()) < 2**31 - 1 else 8
+    why = "return_weights=True" if return_weights else "path='staged' or non-finite inputs"
+    check(
+        {
+            f"per-nonzero scores of the staged path ({why}): {total} values": total * prep.q.dtype.itemsize,
+            "the patterns' CSR": int(nnz.sum()) * idx * 2 + len(prep.patterns) * (prep.n_q + 1) * idx * 2,
+        },
+        "sparse_attention",
+        ADVICE,
+    )
+
+
+def _staged(prep, return_weights, slices=None):
+    """The staged kernels over all slices, or over ``slices`` (an int64 index array) only."""
     from .kernels.staged import csr_softmax, sddmm, spmm
 
+    q, k, v, slice_pattern, slice_batch = prep.q, prep.k, prep.v, prep.slice_pattern, prep.slice_batch
+    if slices is not None:
+        q, k, v, slice_pattern = q[slices], k[slices], v[slices], slice_pattern[slices]
+        slice_batch = slice_batch[slices] if slice_batch is not None else None
+    _check_staged_memory(prep, slice_pattern, return_weights)
     ptr, ind, nnz = _concat_patterns(prep.patterns)
-    S = prep.q.shape[0]
-    slice_nnz = nnz[prep.slice_pattern]
+    S = q.shape[0]
+    slice_nnz = nnz[slice_pattern]
     slice_off = np.concatenate(([0], np.cumsum(slice_nnz)))
-    dt = prep.q.dtype
+    dt = q.dtype
     vals = np.empty(int(slice_off[-1]), dtype=dt)
     use_valid = prep.key_valid is not None
     key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
-    slice_batch = prep.slice_batch if use_valid else np.zeros(S, dtype=np.int64)
+    slice_batch = slice_batch if use_valid else np.zeros(S, dtype=np.int64)
     scale = dt.type(prep.scale)
-    sddmm(prep.q, prep.k, ptr, ind, prep.slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
+    sddmm(q, k, ptr, ind, slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
     lse = np.empty((S, prep.n_q), dtype=dt)
-    csr_softmax(vals, ptr, prep.slice_pattern, slice_off, prep.n_q, lse)
-    out = np.zeros((S, prep.n_q, prep.v.shape[-1]), dtype=dt)
-    spmm(vals, ptr, ind, prep.slice_pattern, slice_off, prep.v, out)
+    csr_softmax(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, prep.n_q, lse)
+    out = np.zeros((S, prep.n_q, v.shape[-1]), dtype=dt)
+    spmm(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, v, out)
     weights = None
     if return_weights:
         weights = AttentionWeights(
             vals, ptr, ind, prep.slice_pattern, slice_off, prep.lead, (prep.n_q, prep.n_k), prep.key_valid, prep.slice_batch
         )
     return out, lse, weights
+
+
+def _fused(prep):
+    """The fused kernels for the slices whose inputs are all finite, the staged ones for the rest.
+
+    The fused kernels run with fast-math and a finite sentinel for masked
+    scores, so they assume finite inputs; a slice with a NaN or an infinity in
+    ``q``, ``k`` or ``v`` goes through the staged kernels, which follow the
+    non-finite policy exactly (IEEE arithmetic over each row's allowed keys).
+    """
+    from .forward import fused_attention
+
+    bad = prep.nonfinite
+    skip = bad if bad.any() else None
+    out, lse = fused_attention(
+        prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch,
+        skip=skip,
+    )  # fmt: skip
+    if skip is not None:
+        slices = np.flatnonzero(bad)
+        out[slices], lse[slices], _ = _staged(prep, False, slices)
+    return out, lse
 
 
 def _fused_available():
@@ -104,7 +151,8 @@ def _fused_available():
 
 
 def sparse_attention(
-    q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, return_lse=False, path="auto"
+    q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, return_lse=False, path="auto",
+    check_finite=False,
 ):
     """Softmax attention evaluated only at a pattern's allowed (query, key) pairs.
 
@@ -137,7 +185,12 @@ def sparse_attention(
         ``"fused"``: the tile-planned online-softmax kernel (O(n d) extra
         memory); ``"staged"``: SDDMM -> softmax -> SpMM (stores one score per
         nonzero and per head).  ``"auto"`` picks fused, or staged when weights
-        are requested.
+        are requested.  Slices (one batch entry and head) whose ``q``, ``k``
+        or ``v`` hold a NaN or an infinity always run on the staged kernels
+        (see *Non-finite inputs*).
+    check_finite : bool
+        Raise a ``ValueError`` naming the array and the index of its first
+        NaN or infinity instead of computing (SciPy's name for this check).
 
     Returns
     -------
@@ -148,6 +201,19 @@ def sparse_attention(
     lse : ndarray, shape (..., n_q)
         Only with ``return_lse=True``; the output's dtype, ``-inf`` for a row
         with no allowed key.  Returned last: ``out, weights, lse``.
+
+    Notes
+    -----
+    *Non-finite inputs.*  The result is what IEEE arithmetic gives for
+    softmax attention over each row's allowed, non-padded keys only: a NaN or
+    an infinity in ``q[i]`` makes row ``i`` NaN (output and log-sum-exp) if
+    the row has any allowed key; a NaN or an infinity in ``k[j]`` or ``v[j]``
+    affects exactly the rows that attend key ``j``, never another row, and is
+    never turned into zeros.  Scores are ``s_j = scale * q_i . k_j``, the row
+    max propagates NaN, the weights are ``exp(s_j - max)``: a ``+inf`` score,
+    or all scores ``-inf``, give a NaN row; a ``-inf`` score among finite
+    ones gets weight 0, and ``0 * inf`` in ``v`` gives NaN in that column.
+    Every path and :func:`sparseattn.reference.dense_attention` follow this.
 
     Examples
     --------
@@ -166,15 +232,11 @@ def sparse_attention(
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
     if return_weights and path == "fused":
         raise ValueError("return_weights=True needs the staged path: use path='staged' or 'auto'")
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite)
     use_fused = path == "fused" or (path == "auto" and not return_weights and _fused_available())
     weights = None
     if use_fused:
-        from .forward import fused_attention
-
-        out, lse = fused_attention(
-            prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch
-        )
+        out, lse = _fused(prep)
     else:
         out, lse, weights = _staged(prep, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)

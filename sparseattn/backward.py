@@ -132,7 +132,7 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     """
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="sparse_attention_backward")
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     out_shape = prep.lead + (n_q, dv_dim)

@@ -66,7 +66,7 @@ def _split_items(plan, n_slices, n_workers):
     return np.maximum.accumulate(bounds)
 
 
-def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None):
+def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None):
     """Fused sparse attention forward over flattened slices.
 
     Parameters
@@ -87,6 +87,10 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
         ``None`` (default): run on ``numba.get_num_threads()`` threads when
         the work is large enough.  ``False``: only in the calling thread (for
         callers that bring their own threads, e.g. Dask workers).
+    skip : bool ndarray, shape (S,), optional
+        Slices to leave out: their rows of ``out`` and ``lse`` are left
+        uninitialised for the caller to fill (``sparse_attention`` computes
+        slices with non-finite inputs on the staged kernels).
 
     Returns
     -------
@@ -126,7 +130,10 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     n_threads = 1 if parallel is False else get_num_threads()
     with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
-            slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
+            mine = slice_pattern == p_idx
+            if skip is not None:
+                mine &= ~np.asarray(skip, dtype=bool)
+            slices = np.flatnonzero(mine).astype(np.int64)
             if len(slices) == 0:
                 continue
             plan = get_plan(pattern)

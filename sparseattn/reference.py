@@ -13,6 +13,43 @@ from ._validate import prepare
 __all__ = ["dense_attention", "dense_attention_backward"]
 
 
+def _scores(q, k):
+    """``q @ k.T`` with IEEE results for NaN and infinities.
+
+    Finite rows go through BLAS; the rows of ``q`` and of ``k`` that hold a
+    NaN or an infinity are recomputed element by element (IEEE products and
+    sums, independent of how the BLAS treats them).  Entries outside
+    ``mask`` are discarded by the caller.
+    """
+    fq, fk = np.isfinite(q).all(axis=1), np.isfinite(k).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.where(fq[:, None], q, 0.0) @ np.where(fk[:, None], k, 0.0).T
+        for i in np.flatnonzero(~fq):
+            out[i] = (q[i] * k).sum(axis=1)
+        for j in np.flatnonzero(~fk):
+            out[:, j] = (q * k[j]).sum(axis=1)
+    return out
+
+
+def _weighted_values(p, v, mask):
+    """``p @ v`` summed over each row's allowed keys only (``mask``), IEEE for NaN and infinities.
+
+    A key the row does not attend never enters its sum, so an infinity in
+    ``v[j]`` cannot leak into other rows as ``0 * inf``; for an allowed key,
+    a weight of 0 times an infinity is NaN, as IEEE arithmetic gives it.
+    """
+    fp, fv = np.isfinite(p).all(axis=1), np.isfinite(v).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.where(fp[:, None], p, 0.0) @ np.where(fv[:, None], v, 0.0)
+        for j in np.flatnonzero(~fv):
+            rows = np.flatnonzero(mask[:, j] & fp)
+            out[rows] += p[rows, j][:, None] * v[j][None, :]
+        for i in np.flatnonzero(~fp):
+            cols = np.flatnonzero(mask[i])
+            out[i] = (p[i, cols][:, None] * v[cols]).sum(axis=0)
+    return out
+
+
 def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows=None, return_lse=False):
     """Masked softmax attention computed densely in float64.
 
@@ -42,13 +79,21 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     >>> bool(np.allclose(out, v))   # each token sees only itself
     True
     """
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention")
     n_q = prep.n_q
     start, stop = (0, n_q) if rows is None else rows
     if not 0 <= start <= stop <= n_q:
         raise ValueError(f"rows must satisfy 0 <= start <= stop <= n_q = {n_q}, got {rows}")
     S = prep.q.shape[0]
     dv = prep.v.shape[-1]
+    from ._memory import check
+
+    cells = (stop - start) * prep.n_k
+    check(
+        {"dense masks": len(prep.patterns) * cells, "dense float64 scores and weights of one slice": 6 * 8 * cells},
+        "dense_attention",
+        "It builds dense (rows, n_k) masks: pass rows=(start, stop) to compute a slice of the rows.",
+    )
     out = np.zeros((S, stop - start, dv))
     lse = np.full((S, stop - start), -np.inf)
     masks = [p.rows(start, stop).toarray() for p in prep.patterns]
@@ -57,15 +102,17 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
         if prep.key_valid is not None:
             mask &= prep.key_valid[prep.slice_batch[s]][None, :]
         qs = prep.q[s, start:stop].astype(np.float64)
-        scores = (qs @ prep.k[s].astype(np.float64).T) * prep.scale
-        scores = np.where(mask, scores, -np.inf)
+        ks = prep.k[s].astype(np.float64)
+        vs = prep.v[s].astype(np.float64)
+        scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)
         has = mask.any(axis=1)
-        m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)
-        p = np.exp(scores - m[:, None])  # exp(-inf) = 0 for masked keys
-        den = p.sum(axis=1)
-        safe = np.where(has, den, 1.0)
-        out[s] = (p / safe[:, None]) @ prep.v[s].astype(np.float64)
-        lse[s] = np.where(has, m + np.log(safe), -np.inf)
+        with np.errstate(invalid="ignore", over="ignore"):
+            m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)  # max propagates NaN
+            p = np.where(mask, np.exp(scores - m[:, None]), 0.0)  # IEEE: -inf - -inf and inf - inf are NaN
+            den = p.sum(axis=1)
+            safe = np.where(has, den, 1.0)
+            out[s] = _weighted_values(p / safe[:, None], vs, mask)
+            lse[s] = np.where(has, m + np.log(safe), -np.inf)
     shape = prep.lead + (stop - start,)
     out = out.reshape(shape + (dv,))
     return (out, lse.reshape(shape)) if return_lse else out
@@ -89,7 +136,7 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     -------
     dq, dk, dv : ndarray, float64, shapes of ``q``, ``k``, ``v``
     """
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward")
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     go = np.broadcast_to(np.asarray(grad_out, dtype=np.float64), prep.lead + (n_q, dv_dim)).reshape(S, n_q, dv_dim)

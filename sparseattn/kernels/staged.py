@@ -41,8 +41,16 @@ def sddmm(q, k, ptr, ind, slice_pat, slice_off, scale, key_valid, slice_batch, u
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def csr_softmax(vals, ptr, slice_pat, slice_off, n_q, lse):
-    """Row-wise max-subtracted softmax in place; rows without a finite score become all zeros."""
+def csr_softmax(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid, n_q, lse):
+    """Row-wise max-subtracted softmax in place, plain IEEE arithmetic over the row's usable keys.
+
+    Padded keys (``use_valid`` and ``key_valid`` False) are excluded and get
+    weight 0; a row with no usable key becomes all zeros with ``lse = -inf``.
+    Otherwise the row is ``exp(x - max) / sum`` as IEEE arithmetic gives it:
+    the max propagates NaN, so a NaN score, a ``+inf`` score (``inf - inf``)
+    or all scores ``-inf`` (``-inf - -inf``) make the whole row NaN, and a
+    ``-inf`` score among finite ones gets weight 0.
+    """
     S = slice_pat.shape[0]
     neg_inf = -np.inf
     for r in prange(S * n_q):
@@ -50,31 +58,45 @@ def csr_softmax(vals, ptr, slice_pat, slice_off, n_q, lse):
         i = r - s * n_q
         p = slice_pat[s]
         base = slice_off[s] - ptr[p, 0]
-        a = base + ptr[p, i]
-        b = base + ptr[p, i + 1]
+        a = ptr[p, i]
+        b = ptr[p, i + 1]
         m = neg_inf  # float64 max and sum: the staged path favours accuracy
+        n_used = 0
         for e in range(a, b):
-            if vals[e] > m:
-                m = vals[e]
-        if m == neg_inf:
-            for e in range(a, b):
-                vals[e] = 0
+            if use_valid and not key_valid[slice_batch[s], ind[e]]:
+                vals[base + e] = 0
+                continue
+            n_used += 1
+            x = vals[base + e]
+            if x > m or x != x:
+                m = x
+            if m != m:
+                break
+        if n_used == 0:
             lse[s, i] = neg_inf
             continue
         total = 0.0
         for e in range(a, b):
-            x = np.exp(vals[e] - m)
-            vals[e] = x
+            if use_valid and not key_valid[slice_batch[s], ind[e]]:
+                vals[base + e] = 0
+                continue
+            x = np.exp(vals[base + e] - m)
+            vals[base + e] = x
             total += x
         inv = 1.0 / total
         for e in range(a, b):
-            vals[e] = vals[e] * inv
+            vals[base + e] = vals[base + e] * inv
         lse[s, i] = m + np.log(total)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def spmm(vals, ptr, ind, slice_pat, slice_off, v, out):
-    """``out[s, i] = sum_e vals[e] * v[s, ind[e]]`` over row ``i``'s nonzeros (``out`` zeroed)."""
+def spmm(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid, v, out):
+    """``out[s, i] = sum_e vals[e] * v[s, ind[e]]`` over row ``i``'s usable keys (``out`` zeroed).
+
+    Padded keys are skipped; every other entry is added even when its weight
+    is 0, so that ``0 * inf`` gives NaN as IEEE arithmetic does (a key the row
+    may attend whose value is not finite).
+    """
     S, n_q, dv = out.shape
     for r in prange(S * n_q):
         s = r // n_q
@@ -82,9 +104,9 @@ def spmm(vals, ptr, ind, slice_pat, slice_off, v, out):
         p = slice_pat[s]
         base = slice_off[s] - ptr[p, 0]
         for e in range(ptr[p, i], ptr[p, i + 1]):
-            w = vals[base + e]
-            if w == 0:
-                continue
             j = ind[e]
+            if use_valid and not key_valid[slice_batch[s], j]:
+                continue
+            w = vals[base + e]
             for t in range(dv):
                 out[s, i, t] += w * v[s, j, t]

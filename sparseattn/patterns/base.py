@@ -16,9 +16,11 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["Pattern", "as_pattern", "index_dtype_for"]
+__all__ = ["Pattern", "as_pattern", "index_dtype_for", "checked_csr"]
 
 _INT32_MAX = np.iinfo(np.int32).max
+#: largest size or integer parameter a builder accepts: sums of two stay inside int64 index arithmetic
+INDEX_MAX = 2**62
 
 
 def index_dtype_for(nnz, n_cols):
@@ -34,6 +36,8 @@ def _check_size(name, value):
     value = int(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > INDEX_MAX:
+        raise ValueError(f"{name} must be <= 2**62 (what int64 index arithmetic can hold), got {value}")
     return value
 
 
@@ -207,22 +211,22 @@ class Pattern:
     def __or__(self, other):
         from .algebra import union
 
-        return union(self, as_pattern(other, "other"))
+        return union(self, as_pattern(other, "the right operand of |"))
 
     def __ror__(self, other):
         from .algebra import union
 
-        return union(as_pattern(other, "other"), self)
+        return union(as_pattern(other, "the left operand of |"), self)
 
     def __and__(self, other):
         from .algebra import intersection
 
-        return intersection(self, as_pattern(other, "other"))
+        return intersection(self, as_pattern(other, "the right operand of &"))
 
     def __rand__(self, other):
         from .algebra import intersection
 
-        return intersection(as_pattern(other, "other"), self)
+        return intersection(as_pattern(other, "the left operand of &"), self)
 
     @property
     def T(self):
@@ -287,16 +291,136 @@ class CSRPattern(Pattern):
         return f"nnz={len(self._indices)}"
 
 
-def _canonical_from_scipy(m, argname):
+def _index_array(argname, what, x, shape):
+    """A 1-D integer index array as int64; a float, bool or object one is a ``ValueError``."""
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{argname} has a malformed {what}: expected a 1-D integer array, got shape {x.shape} "
+                         f"(matrix shape {shape})")  # fmt: skip
+    if x.dtype == bool or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{argname} has {what} of dtype {x.dtype}; sparse indices must be integers "
+                         f"(matrix shape {shape})")  # fmt: skip
+    if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{argname} has {what} value {int(x.max())}, beyond int64 (matrix shape {shape})")
+    return x.astype(np.int64, copy=False)
+
+
+def _check_compressed(argname, indptr, indices, n_major, n_minor, shape, axes=("row", "column")):
+    """Check CSR/CSC structure in O(nnz), vectorised; returns int64 ``(indptr, indices[:nnz])``."""
+    major, minor = axes
+    indptr = _index_array(argname, "indptr", indptr, shape)
+    indices = _index_array(argname, "indices", indices, shape)
+    if len(indptr) != n_major + 1:
+        raise ValueError(
+            f"{argname} has an indptr of length {len(indptr)}, but its shape {shape} needs {n_major + 1} "
+            f"({n_major} {major}s + 1)"
+        )
+    if indptr[0] != 0:
+        raise ValueError(f"{argname} has indptr[0] = {int(indptr[0])}, must be 0 (matrix shape {shape})")
+    steps = np.diff(indptr)
+    if steps.size and steps.min() < 0:
+        r = int(np.argmax(steps < 0))
+        raise ValueError(
+            f"{argname} has a decreasing indptr at {major} {r}: indptr[{r}] = {int(indptr[r])} > "
+            f"indptr[{r + 1}] = {int(indptr[r + 1])} (matrix shape {shape}); indptr must be non-decreasing"
+        )
+    nnz = int(indptr[-1])
+    if nnz > len(indices):
+        raise ValueError(
+            f"{argname} has indptr[-1] = {nnz} but only {len(indices)} stored indices (matrix shape {shape})"
+        )
+    indices = indices[:nnz]
+    bad = (indices < 0) | (indices >= n_minor)
+    if bad.any():
+        e = int(np.argmax(bad))
+        r = int(np.searchsorted(indptr, e, side="right")) - 1
+        raise ValueError(
+            f"{argname} has {minor} index {int(indices[e])} in {major} {r}, out of range for shape {shape} "
+            f"({minor}s must lie in [0, {n_minor}))"
+        )
+    return indptr, indices
+
+
+def _check_data(argname, data, nnz, shape):
+    data = np.asarray(data)
+    if data.dtype != bool and not np.issubdtype(data.dtype, np.number):
+        raise TypeError(f"{argname} must hold boolean or numeric values (nonzero = allowed), got dtype {data.dtype}")
+    if data.shape[:1] and data.shape[0] < nnz:
+        raise ValueError(f"{argname} stores {data.shape[0]} values for {nnz} indices (matrix shape {shape})")
+    return data
+
+
+def checked_csr(m, argname="pattern"):
+    """Validate any 2-D scipy sparse matrix/array and return it as a canonical bool CSR ``(indptr, indices, shape)``.
+
+    The raw index arrays are checked before scipy touches them (scipy does
+    not check them by default, and its compiled routines read out of bounds
+    on bad ones): integer dtype, lengths, ``indptr`` starting at 0 and
+    non-decreasing, every index inside the shape.  O(nnz), vectorised.  A bad
+    structure raises ``ValueError`` naming ``argname``, the offending row and
+    value, and the shape.  Indices come back as int64; duplicates are merged
+    and stored zeros dropped.
+    """
     if not sp.issparse(m):
         raise TypeError(f"{argname} must be a scipy sparse matrix/array, got {type(m).__name__}")
-    if m.ndim != 2:
+    shape = tuple(int(x) for x in m.shape)
+    if len(shape) != 2:
         raise ValueError(f"{argname} must be 2-D, got a scipy sparse object with shape {m.shape}")
-    csr = sp.csr_array(m, copy=True)
+    n_rows, n_cols = (_check_size(f"{argname}.shape[{i}]", x) for i, x in enumerate(shape))
+    fmt = m.format
+    if fmt == "csr":
+        indptr, indices = _check_compressed(argname, m.indptr, m.indices, n_rows, n_cols, shape)
+        data = _check_data(argname, m.data, len(indices), shape)[: len(indices)]
+        csr = sp.csr_array((data, indices, indptr), shape=shape)
+    elif fmt == "csc":
+        indptr, indices = _check_compressed(argname, m.indptr, m.indices, n_cols, n_rows, shape, ("column", "row"))
+        data = _check_data(argname, m.data, len(indices), shape)[: len(indices)]
+        csr = sp.csc_array((data, indices, indptr), shape=shape).tocsr()
+    elif fmt == "bsr":
+        R, C = (int(x) for x in m.blocksize)
+        if R < 1 or C < 1 or n_rows % R or n_cols % C:
+            raise ValueError(f"{argname} has block size {(R, C)} that does not divide its shape {shape}")
+        indptr, indices = _check_compressed(argname, m.indptr, m.indices, n_rows // R, n_cols // C, shape,
+                                            ("block row", "block column"))  # fmt: skip
+        data = _check_data(argname, m.data, len(indices), shape)
+        if data.shape[1:] != (R, C):
+            raise ValueError(f"{argname} has blocks of shape {data.shape[1:]}, expected {(R, C)} (matrix shape {shape})")
+        csr = sp.bsr_array((data[: len(indices)], indices, indptr), shape=shape, blocksize=(R, C)).tocsr()
+    elif fmt == "coo":
+        coords = getattr(m, "coords", None) or (m.row, m.col)
+        row = _index_array(argname, "row indices", coords[0], shape)
+        col = _index_array(argname, "column indices", coords[1], shape)
+        data = _check_data(argname, m.data, len(row), shape)
+        if not len(row) == len(col) == len(data):
+            raise ValueError(
+                f"{argname} has {len(row)} row indices, {len(col)} column indices and {len(data)} values; "
+                f"they must have equal lengths (matrix shape {shape})"
+            )
+        for name, idx, bound in (("row", row, n_rows), ("column", col, n_cols)):
+            bad = (idx < 0) | (idx >= bound)
+            if bad.any():
+                e = int(np.argmax(bad))
+                raise ValueError(
+                    f"{argname} has {name} index {int(idx[e])} at entry {e} (row {int(row[e])}, column "
+                    f"{int(col[e])}), out of range for shape {shape} ({name}s must lie in [0, {bound}))"
+                )
+        csr = sp.coo_array((data, (row, col)), shape=shape).tocsr()
+    else:  # dia, lil, dok: scipy converts them with checked Python-level code
+        csr = sp.csr_array(m)
+        indptr, indices = _check_compressed(argname, csr.indptr, csr.indices, n_rows, n_cols, shape)
+        csr = sp.csr_array((_check_data(argname, csr.data, len(indices), shape)[: len(indices)], indices, indptr),
+                           shape=shape)  # fmt: skip
+    if csr.indices.dtype != np.int64:
+        csr = sp.csr_array((csr.data, csr.indices.astype(np.int64), csr.indptr.astype(np.int64)), shape=shape)
     csr.sum_duplicates()
     csr.eliminate_zeros()
     csr.sort_indices()
-    return CSRPattern(csr.indptr, csr.indices, csr.shape)
+    return csr.indptr.astype(np.int64, copy=False), csr.indices.astype(np.int64, copy=False), shape
+
+
+def _canonical_from_scipy(m, argname):
+    indptr, indices, shape = checked_csr(m, argname)
+    return CSRPattern(indptr, indices, shape)
 
 
 def as_pattern(obj, argname="pattern"):
@@ -306,9 +430,9 @@ def as_pattern(obj, argname="pattern"):
     if sp.issparse(obj):
         return _canonical_from_scipy(obj, argname)
     if isinstance(obj, np.ndarray):
-        from .builders import from_dense
+        from .builders import _from_dense
 
-        return from_dense(obj)
+        return _from_dense(obj, argname)
     raise TypeError(
         f"{argname} must be a sparseattn Pattern, a scipy sparse matrix/array or a 2-D boolean ndarray, "
         f"got {type(obj).__name__}"

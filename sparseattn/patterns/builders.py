@@ -8,7 +8,7 @@ import operator
 import numpy as np
 import scipy.sparse as sp
 
-from .base import CSRPattern, Pattern, _canonical_from_scipy, counts_to_indptr, ranges_to_indices
+from .base import INDEX_MAX, CSRPattern, Pattern, _canonical_from_scipy, counts_to_indptr, ranges_to_indices
 from .registry import register_pattern
 
 __all__ = [
@@ -30,6 +30,8 @@ def _check_int(name, value, minimum=None):
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if abs(value) > INDEX_MAX:
+        raise ValueError(f"{name} must be at most 2**62 in size (what int64 index arithmetic can hold), got {value}")
     return value
 
 
@@ -299,11 +301,15 @@ def from_dense(mask):
     mask : array_like, 2-D, boolean or numeric
         ``mask[i, j]`` nonzero means query ``i`` may attend to key ``j``.
     """
+    return _from_dense(mask, "mask")
+
+
+def _from_dense(mask, argname):
     arr = np.asarray(mask)
     if arr.ndim != 2:
-        raise ValueError(f"mask must be a 2-D array, got shape {arr.shape}")
+        raise ValueError(f"{argname} must be a 2-D array (n_q, n_k) when given as an ndarray, got shape {arr.shape}")
     if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
-        raise TypeError(f"mask must be boolean or numeric, got dtype {arr.dtype}")
+        raise TypeError(f"{argname} must be boolean or numeric (nonzero = allowed), got dtype {arr.dtype}")
     m = sp.csr_array(arr != 0)
     m.sort_indices()
     return CSRPattern(m.indptr, m.indices, m.shape)

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .algebra import union
-from .base import Pattern, counts_to_indptr, ranges_to_indices
+from .base import INDEX_MAX, Pattern, checked_csr, counts_to_indptr, ranges_to_indices
 from .builders import SlidingWindow
 from .builders import _check_int as _int
 from .registry import register_pattern
@@ -314,9 +314,8 @@ def bigbird(n, block_size, num_random_blocks, seed=0, *, num_global_blocks=1, wi
 
 def _layout_to_block_csr(layout):
     if sp.issparse(layout):
-        m = sp.csr_array(layout, copy=True)
-        m.sum_duplicates()
-        m.eliminate_zeros()
+        indptr, indices, shape = checked_csr(layout, "layout")
+        m = sp.csr_array((np.ones(len(indices), dtype=bool), indices, indptr), shape=shape)
     else:
         arr = np.asarray(layout)
         if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
@@ -382,6 +381,12 @@ def block_sparse(layout, block_size):
     elif layout.ndim != 2:
         raise ValueError(f"layout must be 2-D, got a scipy sparse object with shape {layout.shape}")
     m = _layout_to_block_csr(layout)
+    for name, nb, b in (("rows", m.shape[0], bq), ("columns", m.shape[1], bk)):
+        if nb * b > INDEX_MAX:
+            raise ValueError(
+                f"layout has {nb} block {name} of {b} tokens: {nb * b} tokens, more than 2**62 (what int64 index "
+                f"arithmetic can hold)"
+            )
     return BlockSparse(m.indptr, m.indices, (bq, bk), m.shape)
 
 
