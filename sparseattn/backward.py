@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import prepare
+from ._validate import first_nonfinite, prepare, scan_nonfinite
 
 __all__ = ["sparse_attention_backward"]
 
@@ -59,23 +59,48 @@ def _transposed(csr):
     return tptr, rows[order], order
 
 
-def _staged_backward(prep, go, o, ls):
+def _check_staged_memory(prep, slice_pattern):
+    """The staged backward stores two values per nonzero and slice: refuse up front if that cannot fit."""
+    from ._memory import check
+    from ._validate import ADVICE
+
+    nnz = np.array([p.nnz for p in prep.patterns], dtype=np.int64)
+    total = int(nnz[slice_pattern].sum())
+    check(
+        {
+            f"per-nonzero probabilities and score gradients of the staged backward: 2 x {total} values": (
+                2 * total * prep.q.dtype.itemsize
+            ),
+            "the patterns' CSR and its transpose": int(nnz.sum()) * 8 * 4 + len(prep.patterns) * (prep.n_q + prep.n_k + 2) * 8,
+        },
+        "sparse_attention_backward",
+        ADVICE,
+    )
+
+
+def _staged_backward(prep, go, o, ls, slices=None):
+    """The staged backward over all slices, or over ``slices`` (an int64 index array) only."""
     from .attention import _concat_patterns
     from .kernels.staged_backward import cols_backward, rows_backward
 
+    q, k, v, slice_pattern, slice_batch = prep.q, prep.k, prep.v, prep.slice_pattern, prep.slice_batch
+    if slices is not None:
+        q, k, v, go, o, ls = (x[slices] for x in (q, k, v, go, o, ls))
+        slice_pattern = slice_pattern[slices]
+        slice_batch = slice_batch[slices] if slice_batch is not None else None
+    _check_staged_memory(prep, slice_pattern)
     ptr, ind, nnz = _concat_patterns(prep.patterns)
-    S, n_q, d = prep.q.shape
-    n_k, dv = prep.v.shape[1:]
-    slice_off = np.concatenate(([0], np.cumsum(nnz[prep.slice_pattern])))
-    dt = prep.q.dtype
+    S = q.shape[0]
+    slice_off = np.concatenate(([0], np.cumsum(nnz[slice_pattern])))
+    dt = q.dtype
     use_valid = prep.key_valid is not None
     key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
-    slice_batch = prep.slice_batch if use_valid else np.zeros(S, dtype=np.int64)
+    slice_batch = slice_batch if use_valid else np.zeros(S, dtype=np.int64)
     pvals = np.empty(int(slice_off[-1]), dtype=dt)
     dsvals = np.empty_like(pvals)
-    dq = np.empty_like(prep.q)
+    dq = np.empty_like(q)
     sc = dt.type(prep.scale)
-    rows_backward(prep.q, prep.k, prep.v, go, o, ls, ptr, ind, prep.slice_pattern, slice_off, sc,
+    rows_backward(q, k, v, go, o, ls, ptr, ind, slice_pattern, slice_off, sc,
                   key_valid, slice_batch, use_valid, pvals, dsvals, dq)  # fmt: skip
     trans = [_transposed(p.csr) for p in prep.patterns]
     tptr = np.stack([t[0] for t in trans])
@@ -83,15 +108,21 @@ def _staged_backward(prep, go, o, ls):
     trow = np.concatenate([t[1] for t in trans])
     tpos = np.concatenate([t[2] + offs[i] for i, t in enumerate(trans)])
     tptr = tptr + np.concatenate(([0], np.cumsum([len(t[1]) for t in trans])))[:-1, None]
-    dk = np.empty_like(prep.k)
-    dvv = np.empty_like(prep.v)
-    cols_backward(prep.q, go, tptr, trow, tpos, prep.slice_pattern, slice_off, ptr.astype(np.int64), sc,
-                  pvals, dsvals, dk, dvv)  # fmt: skip
+    dk = np.empty_like(k)
+    dvv = np.empty_like(v)
+    cols_backward(q, go, tptr, trow, tpos, slice_pattern, slice_off, ptr.astype(np.int64), sc,
+                  key_valid, slice_batch, use_valid, pvals, dsvals, dk, dvv)  # fmt: skip
     return dq, dk, dvv
 
 
+def _bad_lse(ls):
+    """(S,) bool: a slice's log-sum-exp holds a NaN or ``+inf`` (``-inf`` marks a row without keys: fine)."""
+    with np.errstate(invalid="ignore"):
+        return (np.isnan(ls) | (ls == np.inf)).any(axis=1)
+
+
 def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=None, key_padding_mask=None,
-                              path="auto"):  # fmt: skip
+                              path="auto", check_finite=False):  # fmt: skip
     """Gradients of :func:`sparseattn.sparse_attention` with respect to ``q``, ``k`` and ``v``.
 
     Parameters
@@ -117,6 +148,17 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
         gets its gradient summed over the broadcast axes.  Rows with no
         allowed key contribute nothing; keys no row sees get zero gradient.
 
+    Notes
+    -----
+    *Non-finite inputs.*  The gradients are the IEEE evaluation of the
+    formulas in this module's docstring summed over each row's allowed,
+    non-padded pairs only, as the forward's policy (see
+    :func:`sparseattn.sparse_attention`): a NaN or an infinity reaches the
+    gradients of exactly the rows and keys that use it, never another row's
+    or key's (no ``0 * inf`` from a pair outside the pattern), and is never
+    turned into zeros.  :func:`sparseattn.reference.dense_attention_backward`
+    follows the same rule.
+
     Examples
     --------
     >>> import numpy as np, sparseattn as sa
@@ -132,7 +174,8 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     """
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="sparse_attention_backward")
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite,
+                   caller="sparse_attention_backward")  # fmt: skip
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     out_shape = prep.lead + (n_q, dv_dim)
@@ -142,14 +185,36 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     dt = prep.q.dtype
     go, o = _flat(go, n_q, dv_dim, dt), _flat(o, n_q, dv_dim, dt)
     ls = _flat(ls, n_q, None, dt)
+    if check_finite:
+        for name, user, x in (("grad_out", grad_out, go), ("out", out, o)):
+            err = first_nonfinite(name, user, x, prep.lead)
+            if err is not None:
+                raise err
+        bad = np.argwhere(np.isnan(ls) | (ls == np.inf))
+        if len(bad):
+            s, i = (int(a) for a in bad[0])
+            idx = (np.unravel_index(s, prep.lead) if prep.lead else ()) + (i,)
+            raise ValueError(
+                f"lse holds {ls[s, i]} at index {tuple(int(a) for a in idx)} (shape {np.shape(lse)}); "
+                f"check_finite=True refuses NaN and +inf in lse (-inf marks a row without keys)"
+            )
     if path == "staged":
         dq, dk, dvv = _staged_backward(prep, go, o, ls)
     else:
         from .backward_fused import fused_backward
 
+        # the fused kernels assume finite inputs (fast-math, finite sentinels): non-finite slices go staged
+        bad = prep.nonfinite.copy()
+        scan_nonfinite(go, bad)
+        scan_nonfinite(o, bad)
+        bad |= _bad_lse(ls)
+        skip = bad if bad.any() else None
         dq, dk, dvv = fused_backward(
             prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
-            prep.key_valid, prep.slice_batch,
+            prep.key_valid, prep.slice_batch, skip=skip,
         )  # fmt: skip
+        if skip is not None:
+            slices = np.flatnonzero(bad)
+            dq[slices], dk[slices], dvv[slices] = _staged_backward(prep, go, o, ls, slices)
     arrays = [np.asarray(x) for x in (q, k, v)]
     return tuple(_unbroadcast(g, prep.lead, x) for g, x in zip((dq, dk, dvv), arrays))

@@ -54,7 +54,7 @@ def _thread_buffers(n_k, d, dv, dtype, chunk, simd):
 
 
 def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_valid, slice_batch, *,
-                   parallel=None):  # fmt: skip
+                   parallel=None, skip=None):  # fmt: skip
     """Gradients ``(dq, dk, dv)`` of the fused forward over flattened slices.
 
     Parameters
@@ -65,6 +65,10 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
         Gradient of the loss with respect to the output, and the output.
     lse : ndarray, shape (S, n_q)
         The forward's log-sum-exp (``-inf`` for rows without a key).
+    skip : bool ndarray, shape (S,), optional
+        Slices to leave out: their gradients are zeros for the caller to
+        fill (``sparse_attention_backward`` computes slices with non-finite
+        inputs on the staged kernels).
 
     Returns
     -------
@@ -79,7 +83,8 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     n_k = k.shape[1]
     dv = v.shape[2]
     dt = q.dtype
-    dq = np.empty_like(q)  # every row is written: by its tile, long rows again by the long-row pass
+    # every row of a computed slice is written: by its tile, long rows again by the long-row pass
+    dq = np.empty_like(q) if skip is None else np.zeros_like(q)
     dk = np.zeros_like(k)
     dvv = np.zeros_like(v)
     if S == 0 or n_q == 0 or n_k == 0:
@@ -94,7 +99,10 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     simd_ok = d % block_width(dt) == 0 and dv % block_width(dt) == 0
     with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
-            slices = np.flatnonzero(slice_pattern == p_idx).astype(np.int64)
+            mine = slice_pattern == p_idx
+            if skip is not None:
+                mine &= ~np.asarray(skip, dtype=bool)
+            slices = np.flatnonzero(mine).astype(np.int64)
             ns = len(slices)
             if ns == 0:
                 continue

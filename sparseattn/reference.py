@@ -123,7 +123,7 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
 
     The analytic gradient of ``out = softmax(scale * q k^T over allowed keys) v``:
     for row ``i`` with allowed, non-padded keys ``J``, ``p = softmax(scale * q_i k_J^T)``,
-    ``dp = dO_i v_J^T``, ``ds = p * (dp - p . dp)``, ``dq_i = scale * ds k_J``, and
+    ``dp = dO_i v_J^T``, ``ds = p * (dp - dO_i . O_i)`` with ``O_i = p v_J``, ``dq_i = scale * ds k_J``, and
     ``dk_J += scale * ds q_i``, ``dv_J += p dO_i``; gradients of broadcast inputs
     are summed over the broadcast axes.  Every product runs over the allowed
     pairs only (never ``0 * x`` for a masked pair), so a NaN or an infinity
@@ -159,7 +159,7 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
                 p = np.exp(scores - scores.max())
                 p /= p.sum()
                 dp = vs[cols] @ go[s, i]
-                ds = p * (dp - p @ dp)
+                ds = p * (dp - go[s, i] @ (p @ vs[cols]))  # D = dO . O, as the policy states it
                 dq[s, i] = prep.scale * (ds @ ks[cols])
                 dk[s, cols] += prep.scale * ds[:, None] * qs[i][None, :]
                 dvv[s, cols] += p[:, None] * go[s, i][None, :]

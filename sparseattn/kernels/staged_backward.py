@@ -74,8 +74,14 @@ def rows_backward(q, k, v, dout, out, lse, ptr, ind, slice_pat, slice_off, scale
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def cols_backward(q, dout, tptr, trow, tpos, slice_pat, slice_off, ptr, scale, pvals, dsvals, dk, dv_out):
-    """``dk[s, j] = scale * sum ds q[s, i]`` and ``dv_out[s, j] = sum p dout[s, i]`` over column ``j``'s entries."""
+def cols_backward(q, dout, tptr, trow, tpos, slice_pat, slice_off, ptr, scale, key_valid, slice_batch, use_valid,
+                  pvals, dsvals, dk, dv_out):  # fmt: skip
+    """``dk[s, j] = scale * sum ds q[s, i]`` and ``dv_out[s, j] = sum p dout[s, i]`` over column ``j``'s entries.
+
+    A padded key gets zero gradients without touching its column's entries
+    (their ``p`` and ``ds`` are 0, but ``0 * inf`` from a non-finite ``q`` or
+    ``dout`` row must not reach it).
+    """
     S, n_k, d = dk.shape
     dv = dv_out.shape[2]
     for r in prange(S * n_k):
@@ -88,6 +94,8 @@ def cols_backward(q, dout, tptr, trow, tpos, slice_pat, slice_off, ptr, scale, p
             dk[s, j, c] = zero
         for c in range(dv):
             dv_out[s, j, c] = zero
+        if use_valid and not key_valid[slice_batch[s], j]:
+            continue
         for t in range(tptr[p_idx, j], tptr[p_idx, j + 1]):
             i = trow[t]
             e = base + tpos[t]
