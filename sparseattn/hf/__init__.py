@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .layer import LongformerSelfAttention
 
-__all__ = ["LongformerSelfAttention"]
+__all__ = ["LongformerSelfAttention", "patch_longformer"]
 
 
 def __getattr__(name):
