@@ -6,7 +6,8 @@ step of the attention core), HF Longformer's attention core forward + backward a
 with a dense boolean mask forward + backward (peers only where they fit). The backward's
 ``extra_info`` also holds its extra peak memory over the bytes of q, k, v, out and grad_out
 (the three gradients it returns not counted). The ``paired`` tests measure issue 8's ratio
-targets with the two calls alternating in one process.
+targets with the two calls alternating in one process, including the torch adapter's overhead
+(``sparseattn.torch.sparse_attention`` forward + backward against the two NumPy calls it wraps).
 
     SPARSEATTN_BENCH_NS=1024,4096,8192,16384,32768,65536 pytest benchmarks/test_backward.py \
         benchmarks/test_gemm.py --benchmark-json=TRAIN.json
@@ -59,4 +60,11 @@ def test_paired_backward_n_scaling(benchmark):
     benchlib.bench_paired(
         benchmark, _method("sparseattn-bwd", N), _method("sparseattn-bwd", N_LARGE),
         label=f"H1 r256 g1 float32, sparseattn backward n={N_LARGE} / n={N}", target="<= 8.8",
+    )  # fmt: skip
+
+
+def test_paired_torch_adapter_overhead(benchmark):
+    benchlib.bench_paired(
+        benchmark, _method("sparseattn-train", N), _method("sparseattn-torch-train", N),
+        label="H1 r256 g1 float32, torch adapter fwd+bwd / NumPy fwd+bwd", target="<= 1.1",
     )  # fmt: skip

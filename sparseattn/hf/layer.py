@@ -23,19 +23,17 @@ Face) is an extension: see :class:`LongformerSelfAttention`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import inspect
 import math
 import numbers
-import sys
-import types
+import os
 from collections.abc import Mapping
 
 import numpy as np
 
-from .patterns.base import Pattern, counts_to_indptr
-from .patterns.builders import global_tokens, sliding_window
-from .patterns.builders import longformer as _longformer_pattern
+from ..patterns.base import Pattern, counts_to_indptr
+from ..patterns.builders import global_tokens, sliding_window
 
 __all__ = ["LongformerSelfAttention"]
 
@@ -179,7 +177,7 @@ class LongformerSelfAttention:
     Examples
     --------
     >>> import numpy as np
-    >>> from sparseattn.longformer import LongformerSelfAttention
+    >>> from sparseattn.hf import LongformerSelfAttention
     >>> rng = np.random.default_rng(0)
     >>> E = 16
     >>> sd = {f"{p}.{s}": rng.standard_normal((E, E) if s == "weight" else E) / 4
@@ -258,28 +256,65 @@ class LongformerSelfAttention:
 
         ``prefix`` selects the layer inside a whole checkpoint, as for
         :meth:`from_state_dict`.
+
+        Raises
+        ------
+        OSError
+            The file cannot be read: it does not exist, is a directory, or is
+            not readable (the subclass follows the cause, e.g.
+            ``FileNotFoundError``, ``IsADirectoryError``, ``PermissionError``).
+            The message names ``path``.
+        ValueError
+            The file is not a valid safetensors file (truncated, corrupt), holds
+            a tensor NumPy cannot represent (e.g. bfloat16), or lacks the
+            layer's parameters.  The message names ``path``.
         """
         try:
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "from_safetensors needs the 'safetensors' package (pip install 'sparseattn[safetensors]')"
             ) from None
+        try:
+            fspath = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path must be a str or os.PathLike, got {path!r} of type {type(path).__name__}") from None
+        _check_window(attention_window)  # configuration errors first, so that the rest are about the file
+        _check_dilation(dilation, _check_positive_int("num_heads", num_heads))
+        if os.path.isdir(fspath):
+            raise IsADirectoryError(
+                errno.EISDIR, f"from_safetensors needs a .safetensors file, got the directory {fspath!r}", fspath
+            )
         state = {}
-        with safe_open(str(path), framework="np") as f:
-            available = set(f.keys())
-            for name in _PARAM_NAMES:
-                if prefix + name in available:
-                    state[prefix + name] = f.get_tensor(prefix + name)
+        name = None
+        try:
+            with safe_open(fspath, framework="np") as f:
+                available = set(f.keys())
+                for name in _PARAM_NAMES:
+                    if prefix + name in available:
+                        state[prefix + name] = f.get_tensor(prefix + name)
+        except OSError as exc:  # not found, permission, I/O error: keep the subclass, add the path
+            msg = f"cannot read safetensors file {fspath!r}: {exc.strerror or exc}"
+            raise (type(exc)(exc.errno, msg, fspath) if exc.errno is not None else type(exc)(msg)) from exc
+        except SafetensorError as exc:
+            raise ValueError(f"{fspath!r} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
+        except TypeError as exc:  # a dtype NumPy lacks, e.g. bfloat16
+            raise ValueError(
+                f"{fspath!r}: tensor {prefix + name!r} cannot be read as a NumPy array ({exc}); "
+                f"convert the checkpoint to float32 first"
+            ) from exc
         if not state and available:
             shown = sorted(available)[:8]
             raise ValueError(
-                f"{path} holds no parameter starting with prefix {prefix!r} "
+                f"{fspath} holds no parameter starting with prefix {prefix!r} "
                 f"(first keys: {shown}); pass e.g. prefix='longformer.encoder.layer.0.attention.self.'"
             )
-        return cls.from_state_dict(
-            state, prefix, attention_window=attention_window, num_heads=num_heads, dilation=dilation
-        )
+        try:
+            return cls.from_state_dict(
+                state, prefix, attention_window=attention_window, num_heads=num_heads, dilation=dilation
+            )
+        except ValueError as exc:
+            raise ValueError(f"{fspath}: {exc}") from exc
 
     def __repr__(self):
         dil = "" if all(d == 1 for d in self.dilation) else f", dilation={list(self.dilation)}"
@@ -397,7 +432,7 @@ class LongformerSelfAttention:
             The attention context (Hugging Face's ``LongformerSelfAttention``
             output, before ``LongformerSelfOutput``); padded rows are 0.
         """
-        from .attention import sparse_attention
+        from ..attention import sparse_attention
 
         x, is_pad, is_global = self._check_inputs(hidden_states, attention_mask, global_attention_mask)
         b, n, E = x.shape
@@ -463,20 +498,3 @@ class LongformerSelfAttention:
                 scores /= scores.sum(axis=-1, keepdims=True)
                 ctx = np.matmul(scores, v)  # (h, G, d)
                 out[i, rows] = ctx.transpose(1, 0, 2).reshape(len(rows), E)
-
-
-class _LongformerModule(types.ModuleType):
-    """This module doubles as the ``longformer`` pattern builder.
-
-    ``sparseattn.longformer`` is first the builder function exported by the
-    package; importing this submodule rebinds that package attribute to the
-    module.  Making the module callable keeps ``sparseattn.longformer(n, ...)``
-    working after ``import sparseattn.longformer``.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return _longformer_pattern(*args, **kwargs)
-
-
-__signature__ = inspect.signature(_longformer_pattern)
-sys.modules[__name__].__class__ = _LongformerModule

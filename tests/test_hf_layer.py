@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparseattn as sa
-from sparseattn.longformer import LongformerSelfAttention
+from sparseattn.hf import LongformerSelfAttention
 from sparseattn.reference import dense_attention
 
 PROJ = ("query", "key", "value", "query_global", "key_global", "value_global")
@@ -241,6 +241,63 @@ def test_from_safetensors(tmp_path):
         LongformerSelfAttention.from_safetensors(tmp_path / "partial.safetensors", prefix, attention_window=W, num_heads=h)
 
 
+def test_from_safetensors_bad_files(tmp_path):
+    """Unreadable paths are OSError, bad content is ValueError; both name the path."""
+    import os
+    import re
+
+    st = pytest.importorskip("safetensors.numpy")
+    E = 8
+    sd = {k: v.astype(np.float32) for k, v in random_state(E, seed=2).items()}
+    good = tmp_path / "good.safetensors"
+    st.save_file(sd, str(good))
+    raw = good.read_bytes()
+    kw = dict(attention_window=2, num_heads=2)
+    assert LongformerSelfAttention.from_safetensors(good, **kw).embed_dim == E
+
+    content_cases = {
+        "truncated": raw[:-7],  # the header promises more data than the file holds
+        "cut_in_header": raw[:5],
+        "empty": b"",
+        "garbage": b"this is not a safetensors file at all",
+    }
+    for name, data in content_cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+            LongformerSelfAttention.from_safetensors(path, **kw)
+        assert not isinstance(info.value, OSError)
+
+    # a tensor NumPy cannot hold (bfloat16) is bad content too
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    bf16 = tmp_path / "bf16.safetensors"
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}, str(bf16))
+    with pytest.raises(ValueError, match=re.escape(str(bf16)) + ".*bfloat16"):
+        LongformerSelfAttention.from_safetensors(bf16, **kw)
+
+    with pytest.raises(IsADirectoryError, match=re.escape(str(tmp_path))):
+        LongformerSelfAttention.from_safetensors(tmp_path, **kw)
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        LongformerSelfAttention.from_safetensors(missing, **kw)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.safetensors"
+        locked.write_bytes(raw)
+        locked.chmod(0)
+        try:
+            with pytest.raises(PermissionError, match=re.escape(str(locked))):
+                LongformerSelfAttention.from_safetensors(locked, **kw)
+        finally:
+            locked.chmod(0o600)
+    # configuration errors are reported before the file is touched
+    with pytest.raises(ValueError, match="attention_window"):
+        LongformerSelfAttention.from_safetensors(missing, attention_window=3, num_heads=2)
+    with pytest.raises(TypeError, match="path must be"):
+        LongformerSelfAttention.from_safetensors(123, **kw)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
@@ -430,15 +487,29 @@ def test_matches_transformers_model_hidden_layer():
     assert np.abs(out - captured["out"].numpy()[:, :n]).max() <= 1e-5
 
 
-def test_package_builder_still_callable_after_import():
-    """Importing this module must not hide the ``sparseattn.longformer`` pattern builder."""
+def test_longformer_name_is_only_the_pattern_builder():
+    """``sparseattn.longformer`` is the pattern builder; the layer lives in ``sparseattn.hf``."""
     import inspect
 
-    import sparseattn.longformer as mod
+    import sparseattn.hf
 
-    assert sa.longformer is mod
+    assert inspect.isfunction(sa.longformer)
     assert sa.longformer(7, attention_window=2, global_indices=[0]) == (sa.sliding_window(7, 1) | sa.global_tokens(7, [0]))
     assert list(inspect.signature(sa.longformer).parameters) == ["n", "attention_window", "global_indices"]
+    assert not hasattr(sa.longformer, "LongformerSelfAttention")
+    assert sparseattn.hf.LongformerSelfAttention is LongformerSelfAttention
+
+
+def test_hf_imports_without_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import sparseattn.hf as h; from sparseattn.hf import LongformerSelfAttention; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
 
 
 @pytest.mark.compat
