@@ -20,6 +20,8 @@ Importing this module imports torch; ``import sparseattn`` does not.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -119,7 +121,13 @@ class _SparseAttention(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-@torch.compiler.disable
+_COMPILE_REASON = (
+    "sparseattn runs NumPy and Numba code that torch.compile cannot trace: each call is a graph break "
+    "(run it eagerly between compiled regions; fullgraph=True is not possible)"
+)
+
+
+@functools.partial(torch.compiler.disable, reason=_COMPILE_REASON)
 def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None):
     """Differentiable sparse attention on CPU tensors.
 

@@ -254,6 +254,7 @@ def test_from_safetensors_bad_files(tmp_path):
     raw = good.read_bytes()
     kw = dict(attention_window=2, num_heads=2)
     assert LongformerSelfAttention.from_safetensors(good, **kw).embed_dim == E
+    assert LongformerSelfAttention.from_safetensors(os.fsencode(good), **kw).embed_dim == E  # bytes paths too
 
     content_cases = {
         "truncated": raw[:-7],  # the header promises more data than the file holds

@@ -276,7 +276,7 @@ class LongformerSelfAttention:
                 "from_safetensors needs the 'safetensors' package (pip install 'sparseattn[safetensors]')"
             ) from None
         try:
-            fspath = os.fspath(path)
+            fspath = os.fsdecode(os.fspath(path))
         except TypeError:
             raise TypeError(f"path must be a str or os.PathLike, got {path!r} of type {type(path).__name__}") from None
         _check_window(attention_window)  # configuration errors first, so that the rest are about the file
@@ -299,6 +299,8 @@ class LongformerSelfAttention:
         except SafetensorError as exc:
             raise ValueError(f"{fspath!r} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
         except TypeError as exc:  # a dtype NumPy lacks, e.g. bfloat16
+            if name is None:
+                raise
             raise ValueError(
                 f"{fspath!r}: tensor {prefix + name!r} cannot be read as a NumPy array ({exc}); "
                 f"convert the checkpoint to float32 first"
