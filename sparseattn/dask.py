@@ -371,7 +371,7 @@ def _wrap(x, like, da):
     return da.from_array(x, chunks=(-1,) * (x.ndim - 2) + (seq, -1))
 
 
-def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True):
+def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True, pin=False):
     """:func:`sparseattn.sparse_attention` on Dask arrays: a lazy result chunked like ``q``.
 
     Parameters
@@ -401,6 +401,14 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         worker as cores).  False: every task uses the engine's thread pool
         (``numba.get_num_threads()`` threads), for workers started with
         ``threads_per_worker=1`` on machines with more cores than workers.
+    pin : bool
+        False (default): the scheduler places tasks; to balance load it may
+        move whole input chunks between workers.  True: every task is
+        restricted to the worker holding the block it reads most of (its
+        query block, or the key block it slices or splits rows over), so
+        only halos, global keys and split-row partials cross between
+        workers.  Needs a ``distributed`` client and ``q`` and ``k`` whose
+        blocks are in the workers' memory (``client.persist``).
 
     Returns
     -------
@@ -418,8 +426,9 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
             "sparseattn.dask.sparse_attention needs at least one dask array among q, k, v (got NumPy arrays only); "
             "use sparseattn.sparse_attention for NumPy arrays"
         )
-    if not isinstance(serial, (bool, np.bool_)):
-        raise TypeError(f"serial must be True or False, got {serial!r}")
+    for flag, value in (("serial", serial), ("pin", pin)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     kd = k if isinstance(k, da.Array) else (v if isinstance(v, da.Array) else None)
     qd = q if isinstance(q, da.Array) else None
     k = _wrap(k, kd if kd is not None else qd, da)
@@ -500,12 +509,13 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         plans.append(_WindowPlan(*st, n_k, kb) if st is not None else _CSRPlan(p, kb))
 
     token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name,
-                     [p.identity for p in patterns], scale, serial, per_head)  # fmt: skip
+                     [p.identity for p in patterns], scale, serial, per_head, pin)  # fmt: skip
     name = f"sparse-attention-{token}"
     dsk = {}
     lead_blocks = list(itertools.product(*(range(len(c)) for c in lead_chunks)))
     blocks = [plan_blocks for plan_blocks in ([None] * (len(qb) - 1) for _ in plans)]
     pattern_keys = {}
+    home = {}  # task key -> the input block it reads most of (for pin=True)
     for pi, plan in enumerate(plans):
         if plan.kind == "csr":
             key = (f"{name}-pattern", pi)
@@ -538,26 +548,73 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
                         key = (f"{name}-slice-{arr.name}",) + bidx + (lo, hi)
                         dsk.setdefault(key, (_slice_rows, src, lo, hi))
                         parts.append(key)
+                        home[key] = src
                     else:
                         key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
                         dsk[key] = (_take_cols, src, cols)
                         parts.append(key)
+                        home[key] = src
             q_key = (q.name,) + lb + (i, 0)
             long_key = None
             if len(long_rows):
-                long_key = _add_long(dsk, name, lb, mb, i, q_key, spec[-1], long_blocks, k, v, mask, scale, serial, dv, out_dtype)
+                long_key = _add_long(dsk, home, name, lb, mb, i, q_key, spec[-1], long_blocks, k, v, mask, scale, serial, dv, out_dtype)
             if plan.kind == "csr":
                 spec = (pattern_keys[pi],) + spec[1:]
             dsk[(name,) + lb + (i, 0)] = (
                 _block_task, plan.kind, (tuple, list(spec)), q_key, kparts, vparts,
                 mparts if mask is not None else None, shared_key, long_key, scale, serial, dv, out_dtype,
             )  # fmt: skip
+            home[(name,) + lb + (i, 0)] = q_key
     deps = [x for x in (q, k, v, mask) if x is not None]
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    if pin:
+        graph = HighLevelGraph.from_collections(name, _pinned(dsk, home, deps), dependencies=deps)
+    else:
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     out = da.Array(graph, name, lead_chunks + (q.chunks[-2], (dv,)), dtype=out_dtype)
     if out.chunks[:-1] != q_user_chunks[:-1]:
         out = out.rechunk(q_user_chunks[:-1] + ((dv,),))
     return out
+
+
+def _future_of(key, inputs):
+    """The future holding an input block (persisted arrays keep one per block in their graph), or None."""
+    for arr in inputs:
+        if key[0] == arr.name:
+            value = arr.__dask_graph__().get(key)
+            value = getattr(value, "value", value)  # a graph node wrapping the future
+            return value if type(value).__name__ == "Future" else None
+    return None
+
+
+def _pinned(dsk, home, inputs):
+    """A layer whose tasks are restricted to the workers holding their home input blocks."""
+    from dask.highlevelgraph import MaterializedLayer
+
+    try:
+        from distributed import get_client
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("pin=True needs distributed") from exc
+    try:
+        client = get_client()
+    except ValueError:
+        raise ValueError("pin=True needs a distributed Client (none is active)") from None
+    blocks = sorted(set(home.values()), key=str)
+    futures = {key: _future_of(key, inputs) for key in blocks}
+    who = client.who_has([f for f in futures.values() if f is not None])
+    where = {}
+    for key in blocks:
+        f = futures[key]
+        addrs = who.get(f.key) if f is not None else None
+        if not addrs:
+            raise ValueError(
+                f"pin=True needs q and k held in the workers' memory (q, k = client.persist([q, k]) and wait), "
+                f"but block {key} is not"
+            )
+        where[key] = list(addrs)
+    workers = {task: where[src] for task, src in home.items()}
+    return MaterializedLayer(
+        dsk, annotations={"workers": workers.get, "allow_other_workers": lambda key: key not in workers}
+    )
 
 
 def _prepare_mask(key_padding_mask, lead, n_k, lead_chunks, k_chunks, da):
@@ -611,16 +668,18 @@ def _add_shared(dsk, name, lb, mb, plan, k, v, mask):
     return key
 
 
-def _add_long(dsk, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype):
+def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype):
     """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key."""
     qrows = (f"{name}-qrows",) + lb + (i,)
     dsk[qrows] = (_rows_of, q_key, long_local)
+    home[qrows] = q_key
     level = []
     for j, csr in long_blocks:
         key = (f"{name}-split",) + lb + (i, j)
         m_key = None if mask is None else (mask.name,) + mb + (j,)
         dsk[key] = (_long_partial, qrows, (k.name,) + lb + (j, 0), (v.name,) + lb + (j, 0), m_key,
                     None if csr is None else (tuple, list(csr)), scale, serial)  # fmt: skip
+        home[key] = (k.name,) + lb + (j, 0)
         level.append(key)
     if not level:
         key = (f"{name}-split",) + lb + (i, -1)
@@ -632,6 +691,7 @@ def _add_long(dsk, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, 
         for g in range(0, len(level), MERGE_FAN_IN):
             key = (f"{name}-merge",) + lb + (i, depth, g // MERGE_FAN_IN)
             dsk[key] = (_merge_task,) + tuple(level[g : g + MERGE_FAN_IN])
+            home[key] = q_key
             nxt.append(key)
         level, depth = nxt, depth + 1
     return level[0]

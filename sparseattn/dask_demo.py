@@ -49,6 +49,11 @@ def _parser():
     p.add_argument("--no-local", action="store_true", help="skip the local engine's timing (still checks the sample)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="use a running scheduler instead of a LocalCluster")
     p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place the tasks (pin=False): it may move whole chunks to balance load",
+    )
+    p.add_argument(
         "--stealing",
         action="store_true",
         help="keep the scheduler's work stealing on (LocalCluster; off by default: it moves whole chunks to balance load)",
@@ -56,11 +61,35 @@ def _parser():
     return p
 
 
-def _make_chunk(seed, d, dtype, block_info=None):
-    """q, k and v rows of one chunk, stacked: a block of shape (3, rows, d)."""
-    (lo, hi) = block_info[None]["array-location"][1]
+def _make_chunk(seed, lo, hi, d, dtype):
+    """q, k and v rows ``[lo, hi)``, stacked: a block of shape (3, hi - lo, d)."""
     rng = np.random.default_rng([seed, lo])
     return rng.standard_normal((3, hi - lo, d), dtype=np.float64).astype(dtype)
+
+
+def _inputs(client, da, n, c, d, dtype, seed):
+    """q, k, v as dask arrays whose chunk ``j`` is generated on worker ``j % workers`` (round robin).
+
+    The three blocks of a chunk live together, and neighbouring chunks live on
+    different workers, so every block boundary is crossed by its halo: the
+    worst case for traffic.  Returns the arrays and the worker of each chunk.
+    """
+    import operator
+
+    workers = sorted(client.scheduler_info()["workers"])
+    bounds = list(range(0, n, c)) + [n]
+    where = [workers[j % len(workers)] for j in range(len(bounds) - 1)]
+    blocks = [
+        client.submit(_make_chunk, seed, lo, hi, d, dtype, workers=[w], pure=False)
+        for lo, hi, w in zip(bounds[:-1], bounds[1:], where)
+    ]
+    chunks = (tuple(np.diff(bounds).tolist()), (d,))
+    arrays = []
+    for i, label in enumerate("qkv"):
+        parts = client.map(operator.getitem, blocks, [i] * len(blocks), pure=False)  # run where the blocks are
+        name = f"demo-{label}-{seed}-{n}-{c}"
+        arrays.append(da.Array({(name, j, 0): f for j, f in enumerate(parts)}, name, chunks, dtype=dtype))
+    return client.persist(arrays), where  # the arrays' own keys held where their blocks are
 
 
 def _kind(key):
@@ -123,16 +152,14 @@ def main(argv=None):
         client = Client(cluster)
     try:
         n_chunks = -(-n // c)
-        chunks = ((3,), tuple(min(c, n - i * c) for i in range(n_chunks)), (d,))
-        qkv = da.map_blocks(_make_chunk, args.seed, d, dtype, chunks=chunks, dtype=dtype)
-        q, k, v = client.persist([qkv[0], qkv[1], qkv[2]])  # block j of q, k, v on one worker
+        (q, k, v), where = _inputs(client, da, n, c, d, dtype, args.seed)
         wait([q, k, v])
         print(f"n={n} radius={r} globals={g} d={d} {dtype} chunk={c} ({n_chunks} chunks), "
               f"{len(client.scheduler_info()['workers'])} workers x {args.threads} thread(s), "
-              f"serial={not args.engine_threads}, work stealing {'on' if args.stealing or args.scheduler else 'off'}")  # fmt: skip
+              f"serial={not args.engine_threads}, pin={not args.no_pin}, work stealing {'on' if args.stealing or args.scheduler else 'off'}")  # fmt: skip
 
         t0 = time.perf_counter()
-        out_lazy = dask_attention(q, k, v, pattern, serial=not args.engine_threads)
+        out_lazy = dask_attention(q, k, v, pattern, serial=not args.engine_threads, pin=not args.no_pin)
         t_build = time.perf_counter() - t0
         # warm-up on one block per worker (compiles or loads the kernels) ...
         _gather(client, out_lazy.blocks[:2])
@@ -144,11 +171,11 @@ def main(argv=None):
         moved = _transfers(client)
         print(f"graph build {t_build * 1e3:.1f} ms; dask (attention + gather) {t_dask:.2f} s")
 
-        boundaries = max(n_chunks - 1, 1)
+        boundaries = max(sum(a != b for a, b in zip(where[:-1], where[1:])), 1)
         target = 3 * (r + g) * d * dtype.itemsize * 2
         total = sum(moved.values())
         print(f"bytes moved between workers: {total} in total, {total / boundaries:.0f} per block boundary "
-              f"(target <= {target}: 3 * (radius + globals) * d * itemsize * 2)")  # fmt: skip
+              f"between workers (target <= {target}: 3 * (radius + globals) * d * itemsize * 2)")  # fmt: skip
         for kind, nbytes in sorted(moved.items()):
             print(f"  {kind:>7}: {nbytes} ({nbytes / boundaries:.0f} per boundary)")
 
