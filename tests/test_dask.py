@@ -267,3 +267,23 @@ def test_bad_inputs_raise_clear_errors(rng):
         dask_attention(*(da.stack([x, x]) for x in (q, k, v)), [p, p, p])
     with pytest.raises(TypeError, match="serial must be True or False"):
         dask_attention(q, k, v, p, serial="yes")
+
+
+# ------------------------------------------------------------------------------------------
+# traffic: the demo on the test cluster, tasks pinned to their data, transfers from the workers' logs
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_moves_only_halos_between_workers(client, capsys):
+    import re
+
+    from sparseattn.dask_demo import main
+
+    n, chunk, radius, d = 16384, 2048, 32, 16
+    argv = ["--n", str(n), "--chunk", str(chunk), "--radius", str(radius), "--d", str(d), "--check-rows", "256"]
+    assert main(argv + ["--scheduler", client.scheduler.address]) == 0
+    text = capsys.readouterr().out
+    assert "OK" in text and "MISMATCH" not in text
+    per_boundary = float(re.search(r"([0-9.]+) per block boundary", text).group(1))
+    halo = 4 * radius * d * 4  # k and v, both directions, float32
+    assert halo <= per_boundary <= 3 * (radius + 1) * d * 4 * 2, text
