@@ -76,6 +76,8 @@ def _inputs(client, da, n, c, d, dtype, seed):
     """
     import operator
 
+    from distributed import wait
+
     workers = sorted(client.scheduler_info()["workers"])
     bounds = list(range(0, n, c)) + [n]
     where = [workers[j % len(workers)] for j in range(len(bounds) - 1)]
@@ -86,10 +88,15 @@ def _inputs(client, da, n, c, d, dtype, seed):
     chunks = (tuple(np.diff(bounds).tolist()), (d,))
     arrays = []
     for i, label in enumerate("qkv"):
-        parts = client.map(operator.getitem, blocks, [i] * len(blocks), pure=False)  # run where the blocks are
         name = f"demo-{label}-{seed}-{n}-{c}"
+        # the block's own key, computed on the worker holding the chunk: like a persisted array
+        parts = [
+            client.submit(operator.getitem, b, i, key=(name, j, 0), workers=[w], pure=False)
+            for j, (b, w) in enumerate(zip(blocks, where))
+        ]
+        wait(parts)
         arrays.append(da.Array({(name, j, 0): f for j, f in enumerate(parts)}, name, chunks, dtype=dtype))
-    return client.persist(arrays), where  # the arrays' own keys held where their blocks are
+    return arrays, where
 
 
 def _kind(key):
