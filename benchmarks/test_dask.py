@@ -52,7 +52,20 @@ def _inputs(n, chunk):
 
 
 def _gather(client, x):
-    blocks = client.gather(client.compute(x.to_delayed().ravel().tolist(), optimize_graph=False))
+    """Compute ``x`` on the cluster and fetch its blocks straight into this process.
+
+    ``client.persist`` keeps the graph's layers and their annotations (worker
+    restrictions of ``pin=True``); ``to_delayed`` would merge them into one
+    layer without annotations, and ``client.compute(x)`` would concatenate the
+    blocks on a worker first.
+    """
+    from dask.core import flatten
+    from distributed import futures_of
+
+    held = client.persist(x, optimize_graph=False)
+    futures = {f.key: f for f in futures_of(held)}
+    blocks = client.gather([futures[key] for key in flatten(held.__dask_keys__())])
+    del held, futures
     return np.concatenate(blocks, axis=-2)
 
 

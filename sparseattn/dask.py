@@ -262,7 +262,7 @@ def _ranges(bounds, lo, hi):
         return []
     j0 = int(np.searchsorted(bounds, lo, side="right")) - 1
     j1 = int(np.searchsorted(bounds, hi, side="left"))
-    return [(j, max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]) for j in range(j0, j1)]
+    return [(j, int(max(lo, bounds[j]) - bounds[j]), int(min(hi, bounds[j + 1]) - bounds[j])) for j in range(j0, j1)]
 
 
 class _WindowPlan:
