@@ -137,3 +137,46 @@ def test_dask_4m(benchmark, client):
         n=n, chunk=CHUNK, radius=RADIUS, globals=GLOBALS, d=D, dtype="float32", max_abs_error_vs_float64=err,
         worker_peak_rss=client.run(peak_rss), input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [65536, 4096])
+def test_graph_build_4m(benchmark, chunk):
+    """Building (not running) the graph of a 4,194,304-token band + global pattern: target well under 1 s."""
+    import sparseattn as sa
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    n = 4194304
+    x = da.zeros((n, D), chunks=(chunk, D), dtype=np.float32)
+    pattern = sa.sliding_window(n, RADIUS) | sa.global_tokens(n, [0])
+
+    def build():
+        out = dask_attention(x, x, x, pattern)
+        return len(out.__dask_graph__().layers[out.name])  # materialise the layer's tasks
+
+    n_tasks = benchmark.pedantic(build, rounds=1 if benchlib.quick() else 5, iterations=1, warmup_rounds=0)
+    assert "csr" not in pattern.__dict__
+    benchmark.extra_info.update(n=n, chunk=chunk, tasks=n_tasks, target="< 1 s", **benchlib.machine_extra())
+
+
+def test_serial_vs_engine_threads(benchmark, client):
+    """serial=True (kernels in the worker's thread) against serial=False (the engine's pool) on 1-thread workers."""
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    n = 16384 if benchlib.quick() else 262144
+    chunk = n // 8
+    q, k, v = client.persist(list(_inputs(n, chunk)))
+    distributed.wait([q, k, v])
+    qa, ka, va = (_gather(client, x) for x in (q, k, v))
+    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
+    serial = dask_attention(q, k, v, pattern, serial=True)
+    pooled = dask_attention(q, k, v, pattern, serial=False)
+
+    def check(out):
+        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
+
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2)
+    benchlib.bench_paired(
+        benchmark, ("serial=True", lambda: _gather(client, serial), info, check),
+        ("serial=False", lambda: _gather(client, pooled), info, check),
+        label=f"dask 2 workers x 1 thread, n={n}: engine threads / serial kernels",
+    )  # fmt: skip

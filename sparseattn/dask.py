@@ -513,7 +513,7 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     name = f"sparse-attention-{token}"
     dsk = {}
     lead_blocks = list(itertools.product(*(range(len(c)) for c in lead_chunks)))
-    blocks = [plan_blocks for plan_blocks in ([None] * (len(qb) - 1) for _ in plans)]
+    blocks = [[None] * (len(qb) - 1) for _ in plans]  # work lists, per pattern and query block
     pattern_keys = {}
     home = {}  # task key -> the input block it reads most of (for pin=True)
     for pi, plan in enumerate(plans):
