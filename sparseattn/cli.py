@@ -822,6 +822,11 @@ def _make_parser():
         p.set_defaults(func=func, parser=p)
 
     sub.add_parser(
+        "dask-demo",
+        help="a million-token band + global attention on Dask worker processes (sparseattn.dask_demo)",
+        add_help=False,
+    )
+    sub.add_parser(
         "report",
         help="turn a pytest-benchmark JSON file into tables and plots (sparseattn.report)",
         description="Delegates to sparseattn.report: run 'sparseattn report --help' for its options.",
@@ -845,6 +850,10 @@ def main(argv=None):
         rest = argv[1:] if traceback else argv
         if rest[:1] == ["report"]:
             return _cmd_report(rest[1:])
+        if rest[:1] == ["dask-demo"]:  # sparseattn.dask_demo parses its own options
+            from .dask_demo import main as dask_demo
+
+            return dask_demo(rest[1:])
         parser = _make_parser()
         args, words = parser.parse_known_args(argv)
         if args.command is None:

@@ -1,0 +1,182 @@
+"""Issue 9: sparseattn on Dask worker processes against the local engine, on the same arrays.
+
+Workload: 1 head, d 64, float32, radius 256, one global token (index 0). q, k and v are generated
+chunk by chunk on a ``distributed.LocalCluster`` of 2 worker processes (1 thread each, work
+stealing off, see docs/dask.md) and kept there; the local engine runs on the same values gathered
+into this process. Each round times, alternately, the local engine and the Dask computation with
+the output gathered into this process (``benchlib.bench_paired``; target: dask / local <= 3).
+Both outputs are checked against the float64 oracle first.
+
+``test_dask_4m`` (full mode only) runs n = 4,194,304 through Dask with the inputs generated inside
+the graph and a reduction of the output per block (sum of squares), so the full output never sits
+in one process; it records the workers' peak resident memory against the size of one input chunk.
+
+    pytest benchmarks/test_dask.py --benchmark-json=DASK.json
+    pytest benchmarks/test_dask.py --quick --benchmark-disable     # smoke test
+"""
+
+import numpy as np
+import pytest
+
+import benchlib
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+RADIUS, GLOBALS, D = 256, 1, 64
+NS = benchlib.sizes([65536, 262144, 1048576], [8192])
+CHUNK = 65536
+
+
+@pytest.fixture(scope="module")
+def client():
+    import dask
+
+    with dask.config.set({"distributed.scheduler.work-stealing": False}):
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        ) as cluster, distributed.Client(cluster) as c:
+            yield c
+
+
+def _make_chunk(seed, d, block_info=None):
+    (lo, hi) = block_info[None]["array-location"][2]
+    rng = np.random.default_rng([seed, lo])
+    return rng.standard_normal((3, 1, hi - lo, d), dtype=np.float32)
+
+
+def _inputs(n, chunk):
+    chunks = ((3,), (1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
+    qkv = da.map_blocks(_make_chunk, 0, D, chunks=chunks, dtype=np.float32)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def _gather(client, x):
+    """Compute ``x`` on the cluster and fetch its blocks straight into this process.
+
+    ``client.persist`` keeps the graph's layers and their annotations (worker
+    restrictions of ``pin=True``); ``to_delayed`` would merge them into one
+    layer without annotations, and ``client.compute(x)`` would concatenate the
+    blocks on a worker first.
+    """
+    from dask.core import flatten
+    from distributed import futures_of
+
+    held = client.persist(x, optimize_graph=False)
+    futures = {f.key: f for f in futures_of(held)}
+    blocks = client.gather([futures[key] for key in flatten(held.__dask_keys__())])
+    del held, futures
+    return np.concatenate(blocks, axis=-2)
+
+
+@pytest.mark.parametrize("n", NS)
+def test_dask_vs_local(benchmark, client, n):
+    import sparseattn as sa
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    chunk = min(CHUNK, max(n // 4, 1024))
+    q, k, v = client.persist(list(_inputs(n, chunk)))
+    distributed.wait([q, k, v])
+    qa, ka, va = (_gather(client, x) for x in (q, k, v))
+    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
+    lazy = dask_attention(q, k, v, pattern)
+
+    def local():
+        return sa.sparse_attention(qa, ka, va, pattern)
+
+    def on_dask():
+        return _gather(client, lazy)
+
+    def check(out):
+        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
+
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2)
+    benchlib.bench_paired(
+        benchmark, ("local engine", local, info, check), ("dask 2 processes", on_dask, info, check),
+        label=f"1 head r256 g1 float32 n={n}, dask / local", target="<= 3",
+    )  # fmt: skip
+
+
+def _sumsq(x):
+    return np.array([[float(np.sum(np.square(x, dtype=np.float64)))]])
+
+
+@pytest.mark.skipif(benchlib.quick(), reason="n = 4,194,304 runs in full mode only")
+def test_dask_4m(benchmark, client):
+    import sparseattn as sa
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    n = 4194304
+    q, k, v = _inputs(n, CHUNK)  # generated inside the graph, chunk by chunk
+    pattern = sa.sliding_window(n, RADIUS) | sa.global_tokens(n, [0])  # no CSR compiled, ever
+    out = dask_attention(q, k, v, pattern)
+    # one number per output block, summed on the workers: the output never sits in one process
+    total = da.map_blocks(_sumsq, out[0], chunks=((1,) * out.numblocks[1], (1,)), dtype=np.float64).sum()
+
+    def run():
+        return client.compute(total).result()
+
+    def peak_rss(dask_worker=None):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    value = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    assert np.isfinite(value) and value > 0
+    # rows across a block boundary against the float64 oracle on the keys they see (band + key 0)
+    r0, m = 10 * CHUNK - 4, 8
+    keys = np.concatenate(([0], np.arange(r0 - RADIUS, r0 + m + RADIUS)))
+    q_rows, k_sub, v_sub, got = client.compute([q[:, r0 : r0 + m], k[:, keys], v[:, keys], out[:, r0 : r0 + m]], sync=True)
+    rows = np.arange(r0, r0 + m)[:, None]
+    mask = (np.abs(rows - keys[None, :]) <= RADIUS) | (keys[None, :] == 0)
+    ref = benchlib.oracle_rows(q_rows, k_sub, v_sub, mask, np.arange(m))
+    err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    assert err <= 2e-4 * max(1.0, float(np.max(np.abs(ref)))), err
+    chunk_bytes = CHUNK * D * 4
+    benchmark.extra_info.update(
+        n=n, chunk=CHUNK, radius=RADIUS, globals=GLOBALS, d=D, dtype="float32", max_abs_error_vs_float64=err,
+        worker_peak_rss=client.run(peak_rss), input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [65536, 4096])
+def test_graph_build_4m(benchmark, chunk):
+    """Building (not running) the graph of a 4,194,304-token band + global pattern: target well under 1 s."""
+    import sparseattn as sa
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    n = 4194304
+    x = da.zeros((n, D), chunks=(chunk, D), dtype=np.float32)
+    pattern = sa.sliding_window(n, RADIUS) | sa.global_tokens(n, [0])
+
+    def build():
+        out = dask_attention(x, x, x, pattern)
+        return len(out.__dask_graph__().layers[out.name])  # materialise the layer's tasks
+
+    n_tasks = benchmark.pedantic(build, rounds=1 if benchlib.quick() else 5, iterations=1, warmup_rounds=0)
+    assert "csr" not in pattern.__dict__
+    benchmark.extra_info.update(n=n, chunk=chunk, tasks=n_tasks, target="< 1 s", **benchlib.machine_extra())
+
+
+def test_serial_vs_engine_threads(benchmark, client):
+    """serial=True (kernels in the worker's thread) against serial=False (the engine's pool) on 1-thread workers."""
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    n = 16384 if benchlib.quick() else 262144
+    chunk = n // 8
+    q, k, v = client.persist(list(_inputs(n, chunk)))
+    distributed.wait([q, k, v])
+    qa, ka, va = (_gather(client, x) for x in (q, k, v))
+    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
+    serial = dask_attention(q, k, v, pattern, serial=True)
+    pooled = dask_attention(q, k, v, pattern, serial=False)
+
+    def check(out):
+        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
+
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2)
+    benchlib.bench_paired(
+        benchmark, ("serial=True", lambda: _gather(client, serial), info, check),
+        ("serial=False", lambda: _gather(client, pooled), info, check),
+        label=f"dask 2 workers x 1 thread, n={n}: engine threads / serial kernels",
+    )  # fmt: skip

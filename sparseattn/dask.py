@@ -1,0 +1,697 @@
+"""Sparse attention on Dask arrays, with a task graph that follows the pattern.
+
+:func:`sparse_attention` takes Dask arrays chunked along the sequence axis
+(and any leading batch / head axes) and returns a lazy Dask array equal to
+:func:`sparseattn.sparse_attention` on the same values.  The adapter holds no
+attention math of its own: every task calls the local engine on NumPy blocks
+(with ``return_lse``) and partial results over disjoint key sets are merged
+with the log-sum-exp formula.
+
+How the graph is built, per output block (query rows ``[a, b)``, one block of
+the leading axes):
+
+* **Ordinary rows** need only the keys their pattern rows touch.  For a
+  sliding window (dilation 1; unions of windows are one window) that is the
+  key range ``[a - left, b + right)``: each key block overlapping it
+  contributes a slice taken *on the worker holding it* by a small task, so a
+  neighbour contributes a halo of ``left`` or ``right`` rows, never its whole
+  chunk, whatever the chunk sizes.  The block then runs the engine on a
+  shifted window over the concatenated range.
+* **Global columns** (a ``global_tokens`` part) are gathered once per block
+  of the leading axes into a small shared block of ``n_globals`` keys; each
+  output block runs them as a second partial (the copies of global keys that
+  fall inside its window range are masked there, so no key counts twice).
+* **Global rows** (full rows) are taken out of the block: one partial per key
+  block, computed where that key block lives, merged in a tree of fan-in 8.
+  No task holds all keys.
+* **Any other pattern** (scipy matrices, dilated windows, presets, per-head
+  sequences, intersections) goes through the generic path: at graph-build
+  time ``pattern.rows(a, b)`` of each query block (never the whole CSR)
+  gives the touched key columns, grouped by key block into slices (dense
+  runs) or gathers (scattered columns); rows much longer than the block's
+  median are split over key blocks like global rows.  The pattern object is
+  one node of the graph, shipped once to the workers, which compute
+  ``pattern.rows(a, b)`` of their block again and remap it onto the keys they
+  received.
+
+The band + global path never calls ``pattern.rows`` while building the
+graph: its work list comes from the pattern's parameters, O(number of blocks
++ number of global tokens).
+
+Examples
+--------
+>>> import numpy as np, dask.array as da, sparseattn as sa
+>>> from sparseattn.dask import sparse_attention
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = rng.standard_normal((3, 2, 100, 16))  # 2 heads, 100 tokens, d = 16
+>>> p = sa.longformer(100, attention_window=8, global_indices=[0])
+>>> dq, dk, dv = (da.from_array(x, chunks=(1, 30, 16)) for x in (q, k, v))
+>>> out = sparse_attention(dq, dk, dv, p)
+>>> out.chunks[1]
+(30, 30, 30, 10)
+>>> ref = sa.sparse_attention(q, k, v, p)
+>>> bool(np.allclose(out.compute(scheduler="synchronous"), ref, rtol=1e-11, atol=1e-12))
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._validate import check_scale
+from .patterns.algebra import Union
+from .patterns.base import CSRPattern, Pattern, as_pattern
+from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
+
+__all__ = ["sparse_attention"]
+
+#: fan-in of the log-sum-exp merge tree of split rows
+MERGE_FAN_IN = 8
+#: generic path: a row is split over key blocks when longer than max(LONG_MIN, LONG_FACTOR * median row)
+LONG_MIN = 2048
+LONG_FACTOR = 8
+
+
+def _import_dask():
+    try:
+        import dask.array as da
+        from dask.highlevelgraph import HighLevelGraph
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "sparseattn.dask needs dask[array] and distributed: pip install 'sparseattn[dask]'"
+        ) from exc
+    return da, HighLevelGraph
+
+
+# ------------------------------------------------------------------------------------------
+# task functions (run on the workers; NumPy blocks in, NumPy blocks out)
+# ------------------------------------------------------------------------------------------
+
+
+def _engine(q, k, v, pattern, scale, kpm, serial):
+    """The local engine's fused forward on one block: ``(out, lse)`` in the compute dtype."""
+    from ._validate import prepare
+    from .forward import fused_attention
+
+    prep = prepare(q, k, v, pattern, scale, kpm)
+    out, lse = fused_attention(
+        prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch,
+        parallel=False if serial else None,
+    )  # fmt: skip
+    return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
+
+
+def _merge(parts):
+    """Log-sum-exp merge of ``(out, lse)`` partials over disjoint key sets (float64 inside)."""
+    parts = [p for p in parts if p is not None]
+    if len(parts) == 1:
+        return parts[0]
+    lses = np.stack([np.asarray(p[1], dtype=np.float64) for p in parts])
+    m = lses.max(axis=0)
+    m = np.where(np.isfinite(m), m, 0.0)  # all -inf: weights become 0, not NaN
+    w = np.exp(lses - m)
+    total = w.sum(axis=0)
+    out = sum(wi[..., None] * np.asarray(p[0], dtype=np.float64) for wi, p in zip(w, parts))
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, m + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+    out /= np.where(total > 0, total, 1.0)[..., None]
+    dt = parts[0][0].dtype
+    return out.astype(dt), lse.astype(dt)
+
+
+def _merge_task(*parts):
+    return _merge(list(parts))
+
+
+def _slice_rows(x, lo, hi):
+    """Positions ``[lo, hi)`` of a block's sequence axis (a copy: only it crosses to other workers)."""
+    return np.array(x[..., lo:hi, :] if _is_data(x) else x[..., lo:hi], copy=True)
+
+
+def _is_data(x):
+    """Float blocks (q, k, v) carry the sequence on axis -2, boolean masks on the last axis."""
+    return x.dtype.kind == "f"
+
+
+def _take_cols(x, cols):
+    """Scattered positions of a block's sequence axis (last axis for masks, axis -2 for data)."""
+    return np.take(x, cols, axis=-2 if _is_data(x) else -1)
+
+
+def _concat(parts, axis):
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts, axis=axis)
+
+
+def _combined_mask(masks, extra):
+    """User padding pieces (or None) joined along keys, OR-ed with ``extra`` (bool (m,)) when given."""
+    mask = None if masks is None else _concat(masks, -1)
+    if extra is not None and extra.any():
+        mask = extra if mask is None else np.logical_or(mask, extra)
+    return mask
+
+
+def _full(n_rows, n_keys):
+    """Every row sees every key: a band wide enough to cover the rectangle (planned from parameters)."""
+    return sliding_window(n_rows, left=n_rows, right=n_keys, n_k=n_keys)
+
+
+def _block_task(kind, spec, q, kparts, vparts, mparts, shared, long_part, scale, serial, dv, out_dtype):
+    """Compute one output block.
+
+    ``kind`` is ``"window"`` (spec: ``left, right, shift, gpos, long_local``: the
+    band in the frame of the key segment, the global keys' positions inside
+    it, the split rows) or ``"csr"`` (spec: ``pattern, a, b, cols,
+    long_local``: the pattern, the block's rows, the sorted key columns that
+    ``kparts`` hold, the split rows).
+    """
+    n_rows = q.shape[-2]
+    k_seg = _concat(kparts, -2) if kparts else None
+    v_seg = _concat(vparts, -2) if vparts else None
+    parts = []
+    if kind == "window":
+        left, right, shift, gpos, long_local = spec
+        if k_seg is not None and k_seg.shape[-2]:
+            m = k_seg.shape[-2]
+            extra = None
+            if len(gpos):
+                extra = np.zeros(m, dtype=bool)
+                extra[gpos] = True
+            mask = _combined_mask(mparts, extra)
+            band = sliding_window(n_rows, left=left - shift, right=right + shift, n_k=m)
+            parts.append(_engine(q, k_seg, v_seg, band, scale, mask, serial))
+        if shared is not None:
+            gk, gv, gm = shared
+            parts.append(_engine(q, gk, gv, _full(n_rows, gk.shape[-2]), scale, gm, serial))
+    else:
+        pattern, a, b, cols, long_local = spec
+        if k_seg is not None and len(cols):
+            m = pattern.rows(a, b)
+            indptr, indices = m.indptr.astype(np.int64), m.indices
+            counts = np.diff(indptr)
+            if len(long_local):
+                keep_row = np.ones(n_rows, dtype=bool)
+                keep_row[long_local] = False
+                indices = indices[np.repeat(keep_row, counts)]
+                counts = np.where(keep_row, counts, 0)
+                indptr = np.concatenate(([0], np.cumsum(counts)))
+            local = np.searchsorted(cols, indices)
+            sub = CSRPattern(indptr, local, (n_rows, len(cols)))
+            mask = _combined_mask(mparts, None)
+            parts.append(_engine(q, k_seg, v_seg, sub, scale, mask, serial))
+    if parts:
+        out = _merge(parts)[0]
+    else:
+        out = np.zeros(q.shape[:-1] + (dv,), dtype=out_dtype)
+    out = out.astype(out_dtype, copy=False)
+    if long_part is not None:
+        out = np.array(out, copy=True) if not out.flags.writeable else out
+        out[..., long_local, :] = long_part[0]
+    return out
+
+
+def _long_partial(q_rows, k, v, mask, csr, scale, serial):
+    """Split rows against one key block: ``(out, lse)``; ``csr`` None means every key of the block."""
+    n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
+    if csr is None:
+        pattern = _full(n_rows, n_keys)
+    else:
+        indptr, indices = csr
+        pattern = CSRPattern(indptr, indices, (n_rows, n_keys))
+    return _engine(q_rows, k, v, pattern, scale, mask, serial)
+
+
+def _rows_of(q, rows):
+    return np.ascontiguousarray(q[..., rows, :])
+
+
+def _empty_partial(q_rows, dv, dtype):
+    shape = q_rows.shape[:-1]
+    return np.zeros(shape + (dv,), dtype=dtype), np.full(shape, -np.inf, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# the per-block work lists (graph-build time)
+# ------------------------------------------------------------------------------------------
+
+
+def _structure(p):
+    """``(left, right, globals)`` for a union of dilation-1 windows and global tokens, else None."""
+    parts = p.parts if isinstance(p, Union) else (p,)
+    left = right = None
+    g = []
+    for part in parts:
+        if isinstance(part, SlidingWindow) and part.dilation == 1:
+            left = part.left if left is None else max(left, part.left)
+            right = part.right if right is None else max(right, part.right)
+        elif isinstance(part, GlobalTokens):
+            g.append(part.indices)
+        else:
+            return None
+    glob = np.unique(np.concatenate(g)).astype(np.int64) if g else np.zeros(0, dtype=np.int64)
+    return left, right, glob
+
+
+def _ranges(bounds, lo, hi):
+    """``[(j, local_lo, local_hi)]`` of the blocks (with edges ``bounds``) overlapping ``[lo, hi)``."""
+    if hi <= lo:
+        return []
+    j0 = int(np.searchsorted(bounds, lo, side="right")) - 1
+    j1 = int(np.searchsorted(bounds, hi, side="left"))
+    return [(j, int(max(lo, bounds[j]) - bounds[j]), int(min(hi, bounds[j + 1]) - bounds[j])) for j in range(j0, j1)]
+
+
+class _WindowPlan:
+    """Work lists of a band (+ global tokens) pattern, from its parameters."""
+
+    kind = "window"
+
+    def __init__(self, left, right, glob, n_k, kb):
+        self.left, self.right, self.glob, self.n_k, self.kb = left, right, glob, n_k, kb
+
+    def block(self, a, b):
+        """``(slices, shared, spec, long_rows, long_csr)`` for query rows ``[a, b)``."""
+        glob, n_k = self.glob, self.n_k
+        slices, shift, gpos = [], 0, np.zeros(0, dtype=np.int64)
+        if self.left is not None:
+            kl = min(max(a - self.left, 0), n_k)
+            kh = min(b + self.right, n_k)
+            slices = _ranges(self.kb, kl, kh)
+            shift = a - kl
+            gpos = glob[(glob >= kl) & (glob < kh)] - kl
+        long_rows = glob[(glob >= a) & (glob < b)]
+        long_blocks = [(j, None) for j in range(len(self.kb) - 1)] if len(long_rows) else []
+        spec = (self.left or 0, self.right or 0, shift, gpos, long_rows - a)
+        return slices, len(glob) > 0, spec, long_rows, long_blocks
+
+    def shared_sources(self):
+        """``[(j, local_cols)]``: where the global keys live."""
+        glob, kb = self.glob, self.kb
+        blk = np.searchsorted(kb, glob, side="right") - 1
+        return [(int(j), glob[blk == j] - kb[j]) for j in np.unique(blk)]
+
+
+class _CSRPlan:
+    """Work lists of any pattern, from ``pattern.rows(a, b)`` of each query block."""
+
+    kind = "csr"
+
+    def __init__(self, pattern, kb):
+        self.pattern, self.kb = pattern, kb
+
+    def block(self, a, b):
+        m = self.pattern.rows(a, b)
+        indptr, indices = m.indptr.astype(np.int64), m.indices.astype(np.int64)
+        counts = np.diff(indptr)
+        kb = self.kb
+        long_local = np.zeros(0, dtype=np.int64)
+        if len(counts) and len(kb) > 2:
+            thr = max(LONG_MIN, LONG_FACTOR * float(np.median(counts)))
+            long_local = np.flatnonzero(counts > thr)
+        row_long = np.zeros(len(counts), dtype=bool)
+        row_long[long_local] = True
+        nz_long = np.repeat(row_long, counts)
+        cols = np.unique(indices[~nz_long])
+        blk = np.searchsorted(kb, cols, side="right") - 1
+        slices, gathers = [], []
+        for j in np.unique(blk):
+            c = cols[blk == j] - kb[j]
+            if c[-1] - c[0] + 1 <= 2 * len(c):
+                slices.append((int(j), int(c[0]), int(c[-1]) + 1))
+            else:
+                gathers.append((int(j), c))
+        # the key columns the block task will hold, in the order it concatenates them
+        pieces = sorted([(j, lo, hi, None) for j, lo, hi in slices] + [(j, None, None, c) for j, c in gathers], key=lambda t: t[0])
+        held = [kb[j] + (np.arange(lo, hi) if c is None else c) for j, lo, hi, c in pieces]
+        held = np.concatenate(held).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+        long_blocks = []
+        if len(long_local):
+            lp = indptr[long_local]
+            lc = counts[long_local]
+            rows_of = np.repeat(np.arange(len(long_local)), lc)
+            idx = indices[np.repeat(lp, lc) + (np.arange(int(lc.sum())) - np.repeat(np.cumsum(lc) - lc, lc))]
+            lblk = np.searchsorted(kb, idx, side="right") - 1
+            for j in np.unique(lblk):
+                sel = lblk == j
+                ptr = np.concatenate(([0], np.cumsum(np.bincount(rows_of[sel], minlength=len(long_local)))))
+                long_blocks.append((int(j), (ptr, idx[sel] - kb[j])))
+        spec = (self.pattern, a, b, held, long_local)
+        return pieces, False, spec, long_local + a, long_blocks
+
+
+# ------------------------------------------------------------------------------------------
+# the public function
+# ------------------------------------------------------------------------------------------
+
+
+def _check_input(name, x, da):
+    if sp.issparse(x):
+        raise TypeError(f"{name} must be a dense floating-point array, got a scipy sparse {type(x).__name__}")
+    if not isinstance(x, (da.Array, np.ndarray)):
+        raise TypeError(f"{name} must be a dask array or a NumPy array, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must be a floating-point array (float32 or float64), got dtype {x.dtype} with shape {x.shape}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (..., n, d), got shape {x.shape}")
+    if isinstance(x, da.Array) and any(np.isnan(c) for c in itertools.chain.from_iterable(x.chunks)):
+        raise ValueError(f"{name} has unknown chunk sizes {x.chunks}; call {name}.compute_chunk_sizes() first")
+
+
+def _wrap(x, like, da):
+    """A NumPy input as a dask array, chunked along the sequence axis like ``like`` (one chunk otherwise)."""
+    if isinstance(x, da.Array):
+        return x
+    seq = like.chunks[-2] if like is not None and like.shape[-2] == x.shape[-2] else -1
+    return da.from_array(x, chunks=(-1,) * (x.ndim - 2) + (seq, -1))
+
+
+def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True, pin=False):
+    """:func:`sparseattn.sparse_attention` on Dask arrays: a lazy result chunked like ``q``.
+
+    Parameters
+    ----------
+    q : dask array, shape (..., n_q, d)
+    k : dask array, shape (..., n_k, d)
+    v : dask array, shape (..., n_k, d_v)
+        Floating-point; chunked along the sequence axis and any leading
+        (batch, heads) axes, with any chunk sizes (uneven, different for q
+        and k, smaller than the window).  NumPy arrays are accepted next to
+        Dask ones and wrapped, chunked along the sequence like a Dask input
+        of the same length (else one chunk); at least one must be a Dask
+        array.  The head dimension is rechunked to one chunk; ``v`` is
+        rechunked to ``k``'s sequence chunks when they differ, and ``k`` and
+        ``v`` to ``q``'s chunks on the leading axes.
+    pattern : Pattern, scipy sparse matrix/array, 2-D bool ndarray, or a sequence of them
+        As for :func:`sparseattn.sparse_attention` (a sequence: one per head,
+        axis -3).
+    scale : float, optional
+        Multiplies the scores; defaults to ``1 / sqrt(d)``.
+    key_padding_mask : bool NumPy or dask array, optional
+        True marks a padded key; broadcasts like the local engine's (the
+        leading shape without the heads axis, then ``n_k``).
+    serial : bool
+        True (default): every task runs the engine's kernels in its own worker
+        thread (Dask supplies the parallelism; use as many threads per
+        worker as cores).  False: every task uses the engine's thread pool
+        (``numba.get_num_threads()`` threads), for workers started with
+        ``threads_per_worker=1`` on machines with more cores than workers.
+    pin : bool
+        False (default): the scheduler places tasks; to balance load it may
+        move whole input chunks between workers.  True: every task is
+        restricted to the worker holding the block it reads most of (its
+        query block, or the key block it slices or splits rows over), so
+        only halos, global keys and split-row partials cross between
+        workers.  Needs a ``distributed`` client and ``q`` and ``k`` whose
+        blocks are in the workers' memory (``client.persist``).
+
+    Returns
+    -------
+    dask array, shape (..., n_q, d_v)
+        Chunked like ``q`` on every axis but the last (one chunk);
+        dtype ``np.result_type(q, k, v)``.
+    """
+    da, HighLevelGraph = _import_dask()
+    from dask.base import tokenize
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_input(name, x, da)
+    if not any(isinstance(x, da.Array) for x in (q, k, v)):
+        raise TypeError(
+            "sparseattn.dask.sparse_attention needs at least one dask array among q, k, v (got NumPy arrays only); "
+            "use sparseattn.sparse_attention for NumPy arrays"
+        )
+    for flag, value in (("serial", serial), ("pin", pin)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    kd = k if isinstance(k, da.Array) else (v if isinstance(v, da.Array) else None)
+    qd = q if isinstance(q, da.Array) else None
+    k = _wrap(k, kd if kd is not None else qd, da)
+    v = _wrap(v, k, da)
+    q = _wrap(q, qd if qd is not None else k, da)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share the head dimension d (last axis): q has shape {q.shape} but k has {k.shape}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of keys n_k (axis -2): k has shape {k.shape} but v has {v.shape}"
+        )
+    try:
+        lead = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"the leading (batch, head) dimensions of q, k and v must broadcast: "
+            f"q has shape {q.shape}, k has {k.shape}, v has {v.shape}"
+        ) from None
+    n_q, d = q.shape[-2:]
+    n_k, dv = v.shape[-2:]
+
+    # -- patterns (the same rules as the local engine) -------------------------------------
+    if isinstance(pattern, (Pattern, np.ndarray)) or sp.issparse(pattern):
+        patterns, per_head = [as_pattern(pattern, "pattern")], False
+    elif isinstance(pattern, (list, tuple)):
+        if len(pattern) == 0:
+            raise ValueError("pattern is an empty sequence; pass one pattern, or one per head")
+        patterns, per_head = [as_pattern(p, f"pattern[{i}]") for i, p in enumerate(pattern)], True
+    else:
+        raise TypeError(
+            "pattern must be a sparseattn Pattern, a scipy sparse matrix/array, a 2-D boolean ndarray, "
+            f"or a sequence of those (one per head); got {type(pattern).__name__}"
+        )
+    for i, p in enumerate(patterns):
+        if p.shape != (n_q, n_k):
+            where = f"pattern[{i}]" if per_head else "pattern"
+            raise ValueError(f"{where} has shape {p.shape} but q, k imply (n_q, n_k) = ({n_q}, {n_k})")
+    if per_head:
+        h = len(patterns)
+        if not lead:
+            raise ValueError(
+                f"{h} per-head patterns were given but q, k, v have no heads axis "
+                f"(shapes {q.shape}, {k.shape}, {v.shape}); use inputs of shape (heads, n, d) or (batch, heads, n, d)"
+            )
+        if lead[-1] not in (1, h):
+            raise ValueError(
+                f"{h} per-head patterns were given but the heads axis (axis -3) has size {lead[-1]} "
+                f"(q {q.shape}, k {k.shape}, v {v.shape}); pass one pattern per head"
+            )
+        lead = lead[:-1] + (h,)
+    scale = check_scale(scale, d)
+    out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+
+    # -- layout: broadcast, one chunk along d, k/v chunked like q on the leading axes -------
+    q = da.broadcast_to(q, lead + (n_q, d)) if q.shape[:-2] != lead else q
+    q_user_chunks = q.chunks
+    if per_head and any(c != 1 for c in q.chunks[-3]):
+        q = q.rechunk({q.ndim - 3: 1})  # one head per task; the output is rechunked back
+    q = q.rechunk({q.ndim - 1: -1})
+    lead_chunks = q.chunks[:-2]
+    k = da.broadcast_to(k, lead + (n_k, d)) if k.shape[:-2] != lead else k
+    k = k.rechunk(lead_chunks + (k.chunks[-2], (d,)))
+    k_chunks = k.chunks[-2]
+    v = da.broadcast_to(v, lead + (n_k, dv)) if v.shape[:-2] != lead else v
+    v = v.rechunk(lead_chunks + (k_chunks, (dv,)))
+    mask = None
+    if key_padding_mask is not None:
+        mask = _prepare_mask(key_padding_mask, lead, n_k, lead_chunks, k_chunks, da)
+
+    # -- work lists, one per distinct pattern ----------------------------------------------
+    qb = np.concatenate(([0], np.cumsum(q.chunks[-2]))).astype(np.int64)
+    kb = np.concatenate(([0], np.cumsum(k_chunks))).astype(np.int64)
+    plans = []
+    for p in patterns:
+        st = _structure(p)
+        plans.append(_WindowPlan(*st, n_k, kb) if st is not None else _CSRPlan(p, kb))
+
+    token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name,
+                     [p.identity for p in patterns], scale, serial, per_head, pin)  # fmt: skip
+    name = f"sparse-attention-{token}"
+    dsk = {}
+    lead_blocks = list(itertools.product(*(range(len(c)) for c in lead_chunks)))
+    blocks = [[None] * (len(qb) - 1) for _ in plans]  # work lists, per pattern and query block
+    pattern_keys = {}
+    home = {}  # task key -> the input block it reads most of (for pin=True)
+    for pi, plan in enumerate(plans):
+        if plan.kind == "csr":
+            key = (f"{name}-pattern", pi)
+            dsk[key] = plan.pattern
+            pattern_keys[pi] = key
+    for lb in lead_blocks:
+        pi = lb[-1] if per_head else 0
+        plan = plans[pi]
+        mb = lb[:-1] if lead else ()
+        shared_key = None
+        for i in range(len(qb) - 1):
+            a, b = int(qb[i]), int(qb[i + 1])
+            if blocks[pi][i] is None:
+                blocks[pi][i] = plan.block(a, b)
+            pieces, uses_shared, spec, long_rows, long_blocks = blocks[pi][i]
+            if uses_shared and shared_key is None:
+                shared_key = _add_shared(dsk, name, lb, mb, plan, k, v, mask)
+            kparts, vparts, mparts = [], [], []
+            for piece in pieces:
+                j, lo, hi = piece[:3]
+                cols = piece[3] if len(piece) > 3 else None
+                for arr, parts, bidx in ((k, kparts, lb + (j, 0)), (v, vparts, lb + (j, 0)), (mask, mparts, mb + (j,))):
+                    if arr is None:
+                        continue
+                    src = (arr.name,) + bidx
+                    full = cols is None and lo == 0 and hi == kb[j + 1] - kb[j]
+                    if full:
+                        parts.append(src)
+                    elif cols is None:
+                        key = (f"{name}-slice-{arr.name}",) + bidx + (lo, hi)
+                        dsk.setdefault(key, (_slice_rows, src, lo, hi))
+                        parts.append(key)
+                        home[key] = src
+                    else:
+                        key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
+                        dsk[key] = (_take_cols, src, cols)
+                        parts.append(key)
+                        home[key] = src
+            q_key = (q.name,) + lb + (i, 0)
+            long_key = None
+            if len(long_rows):
+                long_key = _add_long(dsk, home, name, lb, mb, i, q_key, spec[-1], long_blocks, k, v, mask, scale, serial, dv, out_dtype)
+            if plan.kind == "csr":
+                spec = (pattern_keys[pi],) + spec[1:]
+            dsk[(name,) + lb + (i, 0)] = (
+                _block_task, plan.kind, (tuple, list(spec)), q_key, kparts, vparts,
+                mparts if mask is not None else None, shared_key, long_key, scale, serial, dv, out_dtype,
+            )  # fmt: skip
+            home[(name,) + lb + (i, 0)] = q_key
+    deps = [x for x in (q, k, v, mask) if x is not None]
+    if pin:
+        graph = HighLevelGraph.from_collections(name, _pinned(dsk, home, deps), dependencies=deps)
+    else:
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    out = da.Array(graph, name, lead_chunks + (q.chunks[-2], (dv,)), dtype=out_dtype)
+    if out.chunks[:-1] != q_user_chunks[:-1]:
+        out = out.rechunk(q_user_chunks[:-1] + ((dv,),))
+    return out
+
+
+def _future_of(key, inputs):
+    """The future holding an input block (persisted arrays keep one per block in their graph), or None."""
+    for arr in inputs:
+        if key[0] == arr.name:
+            value = arr.__dask_graph__().get(key)
+            value = getattr(value, "value", value)  # a graph node wrapping the future
+            return value if type(value).__name__ == "Future" else None
+    return None
+
+
+def _pinned(dsk, home, inputs):
+    """A layer whose tasks are restricted to the workers holding their home input blocks."""
+    from dask.highlevelgraph import MaterializedLayer
+
+    try:
+        from distributed import get_client
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("pin=True needs distributed") from exc
+    try:
+        client = get_client()
+    except ValueError:
+        raise ValueError("pin=True needs a distributed Client (none is active)") from None
+    blocks = sorted(set(home.values()), key=str)
+    futures = {key: _future_of(key, inputs) for key in blocks}
+    who = client.who_has([f for f in futures.values() if f is not None])
+    where = {}
+    for key in blocks:
+        f = futures[key]
+        addrs = who.get(f.key) if f is not None else None
+        if not addrs:
+            raise ValueError(
+                f"pin=True needs q and k held in the workers' memory (q, k = client.persist([q, k]) and wait), "
+                f"but block {key} is not"
+            )
+        where[key] = list(addrs)
+    workers = {task: where[src] for task, src in home.items()}
+    return MaterializedLayer(
+        dsk, annotations={"workers": workers.get, "allow_other_workers": lambda key: key not in workers}
+    )
+
+
+def _prepare_mask(key_padding_mask, lead, n_k, lead_chunks, k_chunks, da):
+    kpm = key_padding_mask
+    if not isinstance(kpm, da.Array):
+        kpm = np.asarray(kpm)
+    if kpm.dtype != bool:
+        raise TypeError(
+            f"key_padding_mask must be a boolean array (True = padded key), got dtype {kpm.dtype}; "
+            f"convert 0/1 attention masks with key_padding_mask = (attention_mask == 0)"
+        )
+    target = lead[:-1] + (n_k,)
+    ok = 1 <= kpm.ndim <= len(target) and kpm.shape[-1] == n_k
+    if ok:
+        try:
+            np.broadcast_shapes(kpm.shape, target)
+            ok = np.broadcast_shapes(kpm.shape, target) == target
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"key_padding_mask has shape {kpm.shape} but must broadcast to {target} "
+            f"(batch dims of q/k/v {lead} without the heads axis, then n_k = {n_k})"
+        )
+    if not isinstance(kpm, da.Array):
+        kpm = da.from_array(np.ascontiguousarray(np.broadcast_to(kpm, target)), chunks=lead_chunks[:-1] + (k_chunks,))
+    else:
+        kpm = da.broadcast_to(kpm, target) if kpm.shape != target else kpm
+        kpm = kpm.rechunk(lead_chunks[:-1] + (k_chunks,))
+    return kpm
+
+
+def _add_shared(dsk, name, lb, mb, plan, k, v, mask):
+    """The small shared block of global keys for one block of the leading axes: ``(k, v, mask)``."""
+    srcs = plan.shared_sources()
+    out = []
+    for arr, bidx in ((k, lb), (v, lb), (mask, mb)):
+        if arr is None:
+            out.append(None)
+            continue
+        parts = []
+        for j, cols in srcs:
+            key = (f"{name}-global-{arr.name}",) + bidx + (j,)
+            dsk[key] = (_take_cols, (arr.name,) + bidx + ((j, 0) if arr is not mask else (j,)), cols)
+            parts.append(key)
+        ckey = (f"{name}-globals-{arr.name}",) + bidx
+        dsk[ckey] = (_concat, parts, -2 if arr is not mask else -1)
+        out.append(ckey)
+    key = (f"{name}-shared",) + lb
+    dsk[key] = (tuple, out)
+    return key
+
+
+def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype):
+    """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key."""
+    qrows = (f"{name}-qrows",) + lb + (i,)
+    dsk[qrows] = (_rows_of, q_key, long_local)
+    home[qrows] = q_key
+    level = []
+    for j, csr in long_blocks:
+        key = (f"{name}-split",) + lb + (i, j)
+        m_key = None if mask is None else (mask.name,) + mb + (j,)
+        dsk[key] = (_long_partial, qrows, (k.name,) + lb + (j, 0), (v.name,) + lb + (j, 0), m_key,
+                    None if csr is None else (tuple, list(csr)), scale, serial)  # fmt: skip
+        home[key] = (k.name,) + lb + (j, 0)
+        level.append(key)
+    if not level:
+        key = (f"{name}-split",) + lb + (i, -1)
+        dsk[key] = (_empty_partial, qrows, dv, out_dtype)
+        return key
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for g in range(0, len(level), MERGE_FAN_IN):
+            key = (f"{name}-merge",) + lb + (i, depth, g // MERGE_FAN_IN)
+            dsk[key] = (_merge_task,) + tuple(level[g : g + MERGE_FAN_IN])
+            home[key] = q_key
+            nxt.append(key)
+        level, depth = nxt, depth + 1
+    return level[0]

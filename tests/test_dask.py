@@ -1,0 +1,289 @@
+"""sparseattn.dask against the local engine, on a real LocalCluster of worker processes.
+
+Every case computes the same inputs with :func:`sparseattn.sparse_attention` (the local engine) and
+with :func:`sparseattn.dask.sparse_attention` on a ``distributed.LocalCluster`` of two worker
+processes (one thread each), and compares within the engine's tolerances (float32 2e-5, float64
+1e-11, relative to the output's scale). The locality test counts which input blocks are
+materialised for one output block, with the synchronous scheduler.
+"""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from dask.core import flatten  # noqa: E402
+
+import sparseattn as sa  # noqa: E402
+from sparseattn.dask import sparse_attention as dask_attention  # noqa: E402
+from sparseattn.patterns.base import Pattern  # noqa: E402
+
+from helpers import assert_attention_close  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+    ) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def _arrays(rng, shape_q, shape_k, dtype, d_v=None):
+    q = rng.standard_normal(shape_q).astype(dtype)
+    k = rng.standard_normal(shape_k).astype(dtype)
+    v = rng.standard_normal(shape_k[:-1] + (d_v or shape_k[-1],)).astype(dtype)
+    return q, k, v
+
+
+def _run(client, q, k, v, pattern, q_chunks, k_chunks, v_chunks=None, **kw):
+    """Both engines on the same values; checks the output's chunks and that inputs are untouched."""
+    kw_local = {a: (b.compute() if hasattr(b, "compute") else b) for a, b in kw.items() if a != "serial"}
+    ref = sa.sparse_attention(q, k, v, pattern, **kw_local)
+    saved = [x.copy() for x in (q, k, v)]
+    dq = da.from_array(q, chunks=q_chunks)
+    dk = da.from_array(k, chunks=k_chunks)
+    dv = da.from_array(v, chunks=v_chunks or k_chunks)
+    out = dask_attention(dq, dk, dv, pattern, **kw)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert out.chunks[:-1] == dq.chunks[:-1]
+    got = client.compute(out).result()
+    for x, s in zip((q, k, v), saved):
+        np.testing.assert_array_equal(x, s)
+    assert_attention_close(got, ref.astype(np.float64), ref.dtype)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_band_and_globals_uneven_chunks(client, rng, dtype):
+    n, d = 700, 16
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), dtype)
+    p = sa.sliding_window(n, 24) | sa.global_tokens(n, [0, 333, 699])
+    _run(client, q, k, v, p, (1, (150, 50, 300, 200), d), (2, (100, 260, 40, 300), d))
+
+
+def test_chunks_smaller_than_radius(client, rng):
+    n, d = 400, 8
+    q, k, v = _arrays(rng, (n, d), (n, d), np.float64)
+    p = sa.longformer(n, attention_window=80, global_indices=[5, 390])  # radius 40
+    _run(client, q, k, v, p, (17, d), (9, d))
+
+
+@pytest.mark.parametrize("radius", [30, None])
+def test_causal_windows(client, rng, radius):
+    n, d = 300, 8
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float32)
+    _run(client, q, k, v, sa.causal(n, radius), (1, 64, d), (2, 45, d))
+
+
+def test_rectangular_scipy_with_empty_rows(client, rng):
+    n_q, n_k, d = 150, 260, 8
+    m = sp.random(n_q, n_k, density=0.06, random_state=3, format="lil")
+    m[7, :] = 0
+    m[60:75, :] = 0  # a run of empty rows, one whole q chunk of them below
+    m[120:130, :] = 0
+    m = m.tocsr()
+    q, k, v = _arrays(rng, (2, n_q, d), (2, n_k, d), np.float64, d_v=12)
+    got = _run(client, q, k, v, m, (1, (60, 15, 75), d), (2, (100, 100, 60), d))
+    assert np.all(got[:, 60:75] == 0) and np.all(got[:, 7] == 0)
+
+
+def test_rectangular_band(client, rng):
+    n_q, n_k, d = 120, 90, 8
+    q, k, v = _arrays(rng, (n_q, d), (n_k, d), np.float32)
+    _run(client, q, k, v, sa.sliding_window(n_q, left=5, right=9, n_k=n_k), (50, d), (20, d))
+
+
+def test_per_head_patterns_heads_chunked(client, rng):
+    n, d = 240, 8
+    q, k, v = _arrays(rng, (2, 4, n, d), (2, 4, n, d), np.float64)
+    heads = [
+        sa.sliding_window(n, 3),
+        sa.longformer(n, attention_window=20, global_indices=[17]),
+        sa.sliding_window(n, 4, dilation=2),
+        sa.random_pattern(n, n, 5, seed=1),
+    ]
+    _run(client, q, k, v, heads, (1, 3, 100, d), (2, 2, 70, d))
+
+
+@pytest.mark.parametrize("mask_kind", ["numpy", "dask"])
+def test_batch_with_key_padding(client, rng, mask_kind):
+    n, d = 300, 8
+    q, k, v = _arrays(rng, (3, 2, n, d), (3, 2, n, d), np.float32)
+    p = sa.sliding_window(n, 20) | sa.global_tokens(n, [0, 150])
+    kpm = np.zeros((3, n), dtype=bool)
+    kpm[0, 250:] = True  # trailing padding
+    kpm[1, 0] = True  # a padded global key
+    kpm[1, 140:160] = True  # padding around the other global key
+    kpm[2, :] = True  # everything padded: rows output zeros
+    mask = kpm if mask_kind == "numpy" else da.from_array(kpm, chunks=(2, 70))
+    got = _run(client, q, k, v, p, (2, 1, 80, d), (1, 2, 110, d), key_padding_mask=mask)
+    assert np.all(got[2] == 0)
+
+
+def test_head_dim_chunked(client, rng):
+    n, d = 200, 16
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float64, d_v=10)
+    p = sa.longformer(n, attention_window=16, global_indices=[3])
+    _run(client, q, k, v, p, (1, 60, 4), (2, 50, 8), (1, 50, 5))
+
+
+def test_generic_pattern_with_full_rows_split(client, rng):
+    # an explicit CSR with two full rows: the generic path splits them over the key blocks
+    n, d = 5000, 8
+    band = sa.sliding_window(n, 3) | sa.global_tokens(n, [10, 4000])
+    p = sa.from_sparse(band.csr)
+    q, k, v = _arrays(rng, (n, d), (n, d), np.float64)
+    _run(client, q, k, v, p, (900, d), (700, d))
+
+
+def test_serial_false_uses_engine_threads(client, rng):
+    n, d = 500, 16
+    q, k, v = _arrays(rng, (n, d), (n, d), np.float32)
+    p = sa.longformer(n, attention_window=64, global_indices=[0])
+    _run(client, q, k, v, p, (128, d), (128, d), serial=False)
+
+
+# ------------------------------------------------------------------------------------------
+# locality: which input blocks one output block materialises (synchronous scheduler)
+# ------------------------------------------------------------------------------------------
+
+
+def _recording(n, d, chunk, seed, log, label):
+    def make(block_info=None):
+        (lo, hi), _ = block_info[None]["array-location"]
+        log.append((label, block_info[None]["chunk-location"][0]))
+        r = np.random.default_rng([seed, lo])
+        return r.standard_normal((hi - lo, d))
+
+    return da.map_blocks(make, chunks=((chunk,) * (n // chunk), (d,)), dtype=np.float64)
+
+
+@pytest.mark.parametrize("chunk, radius", [(100, 30), (25, 60)])
+def test_locality_one_output_block(chunk, radius):
+    n, d = 1000, 8
+    log = []
+    q, k, v = (_recording(n, d, chunk, s, log, lab) for s, lab in enumerate("qkv"))
+    p = sa.sliding_window(n, radius) | sa.global_tokens(n, [0])
+    out = dask_attention(q, k, v, p)
+    i = 5
+    a, b = i * chunk, (i + 1) * chunk
+    block = out.blocks[i].compute(scheduler="synchronous")
+    expected_k = {j for j in range(n // chunk) if j * chunk < b + radius and (j + 1) * chunk > a - radius} | {0}
+    assert {j for lab, j in log if lab == "q"} == {i}
+    assert {j for lab, j in log if lab == "k"} == expected_k
+    assert {j for lab, j in log if lab == "v"} == expected_k
+    # values: the local engine on the materialised arrays
+    log.clear()
+    qa, ka, va = (x.compute(scheduler="synchronous") for x in (q, k, v))
+    np.testing.assert_allclose(block, sa.sparse_attention(qa, ka, va, p)[a:b], rtol=1e-11, atol=1e-12)
+    # computing everything materialises each input block exactly once (nothing recomputed)
+    log.clear()
+    out.compute(scheduler="synchronous")
+    assert sorted(log) == sorted((lab, j) for lab in "qkv" for j in range(n // chunk))
+
+
+def test_graph_build_uses_parameters_not_rows(monkeypatch):
+    # a 4,194,304-token band + global graph is built without any pattern.rows call or whole CSR
+    n, d, chunk = 4194304, 64, 65536
+    p = sa.longformer(n, attention_window=512, global_indices=[0, 2_000_000])
+
+    def refuse(self, start, stop):
+        raise AssertionError(f"pattern.rows({start}, {stop}) called while building the graph")
+
+    monkeypatch.setattr(Pattern, "rows", refuse)
+    x = da.zeros((n, d), chunks=(chunk, d), dtype=np.float32)
+    out = dask_attention(x, x, x, p)
+    graph = dict(out.__dask_graph__())
+    assert "csr" not in p.__dict__
+    assert out.numblocks == (n // chunk, 1)
+    # one attention task per block; halo slices: the first and last `radius` rows of each neighbour
+    assert len(graph) < 20 * (n // chunk)
+
+
+def test_generic_graph_needs_only_touched_blocks():
+    n, d = 600, 4
+    m = sp.lil_array((n, n), dtype=bool)
+    m[0:100, 500:510] = True  # rows of block 0 see only block 5's keys
+    m[100:, 0] = True
+    x = da.ones((n, d), chunks=(100, d))
+    out = dask_attention(x, x, x, m.tocsr())
+    first = out.blocks[0]
+    graph = first.__dask_graph__().cull(set(flatten(first.__dask_keys__())))
+    used = {key[1:] for key in graph.keys() if isinstance(key, tuple) and key[0] == x.name}
+    assert used == {(0, 0), (5, 0)}, used
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_numpy_mixed_with_dask_is_accepted(client, rng):
+    n, d = 200, 8
+    q, k, v = _arrays(rng, (n, d), (n, d), np.float64)
+    p = sa.longformer(n, attention_window=10, global_indices=[1])
+    out = dask_attention(q, da.from_array(k, chunks=(60, d)), v, p)
+    assert out.chunks[0] == (60, 60, 60, 20)  # q (NumPy) takes k's sequence chunks
+    assert_attention_close(client.compute(out).result(), sa.sparse_attention(q, k, v, p), np.float64)
+
+
+def test_numpy_only_is_a_type_error(rng):
+    q, k, v = _arrays(rng, (10, 4), (10, 4), np.float64)
+    with pytest.raises(TypeError, match="at least one dask array"):
+        dask_attention(q, k, v, sa.sliding_window(10, 1))
+
+
+def test_k_v_chunked_differently_are_rechunked(client, rng):
+    n, d = 300, 8
+    q, k, v = _arrays(rng, (n, d), (n, d), np.float32)
+    p = sa.sliding_window(n, 12) | sa.global_tokens(n, [299])
+    _run(client, q, k, v, p, (70, d), (90, d), (40, d))
+
+
+def test_bad_inputs_raise_clear_errors(rng):
+    n, d = 50, 4
+    q, k, v = (da.from_array(x, chunks=(20, d)) for x in _arrays(rng, (n, d), (n, d), np.float64))
+    p = sa.sliding_window(n, 2)
+    with pytest.raises(TypeError, match="q must be a floating-point array.*int64"):
+        dask_attention(q.astype(np.int64), k, v, p)
+    with pytest.raises(ValueError, match=r"pattern has shape \(40, 40\) but q, k imply \(n_q, n_k\) = \(50, 50\)"):
+        dask_attention(q, k, v, sa.sliding_window(40, 2))
+    with pytest.raises(ValueError, match="k and v must have the same number of keys"):
+        dask_attention(q, k, v[:40], p)
+    with pytest.raises(ValueError, match="share the head dimension"):
+        dask_attention(q, k[:, :3], v, p)
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(3, 50\) but must broadcast to \(50,\)"):
+        dask_attention(q, k, v, p, key_padding_mask=np.zeros((3, n), dtype=bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be a boolean array"):
+        dask_attention(q, k, v, p, key_padding_mask=np.zeros(n))
+    with pytest.raises(TypeError, match="q must be a dask array or a NumPy array, got list"):
+        dask_attention([[1.0]], k, v, p)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        dask_attention(q, k, v, p, scale=float("inf"))
+    with pytest.raises(ValueError, match="3 per-head patterns"):
+        dask_attention(*(da.stack([x, x]) for x in (q, k, v)), [p, p, p])
+    with pytest.raises(TypeError, match="serial must be True or False"):
+        dask_attention(q, k, v, p, serial="yes")
+
+
+# ------------------------------------------------------------------------------------------
+# traffic: the demo on the test cluster, tasks pinned to their data, transfers from the workers' logs
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_moves_only_halos_between_workers(client, capsys):
+    import re
+
+    from sparseattn.dask_demo import main
+
+    n, chunk, radius, d = 16384, 2048, 32, 16
+    argv = ["--n", str(n), "--chunk", str(chunk), "--radius", str(radius), "--d", str(d), "--check-rows", "256"]
+    assert main(argv + ["--scheduler", client.scheduler.address]) == 0
+    text = capsys.readouterr().out
+    assert "OK" in text and "MISMATCH" not in text
+    per_boundary = float(re.search(r"([0-9.]+) per block boundary", text).group(1))
+    halo = 4 * radius * d * 4  # k and v, both directions, float32
+    assert halo <= per_boundary <= 3 * (radius + 1) * d * 4 * 2, text
