@@ -461,41 +461,40 @@ def _cmd_receptive(args, words, out):
         tokens = np.unique(np.linspace(0, n_q - 1, traced).round().astype(np.int64))
     if args.cover_limit < 1:
         raise CLIError(f"--cover-limit must be >= 1, got {args.cover_limit}")
-    cover = analysis.layers_to_cover(pattern, max_layers=args.cover_limit, tokens=tokens)
+    # one pass: --layers L traces L layers (and looks for full coverage within them), else up to --cover-limit
+    depth = args.layers if args.layers is not None else args.cover_limit
+    table, cover, never = analysis.survey(pattern, depth, tokens=tokens)
     layers = args.layers
     if layers is None:
-        layers = min(cover, 16) if cover is not None else 4
+        layers = min(cover, 16) if cover is not None else min(4, depth)
+    table = table[:layers]
     print(text, file=out)
     print(_summary(pattern), file=out)
     print(file=out)
     who = "each token" if tokens is None else f"each of {len(tokens)} evenly spaced traced tokens (--tokens)"
     print(f"receptive field after L stacked layers (tokens that can influence {who}):", file=out)
     print(f"{'layers':>6}  {'mean tokens':>12}  {'min tokens':>10}  {'fully covered':>13}", file=out)
-    if hasattr(analysis, "coverage_by_layer"):
-        table = np.asarray(analysis.coverage_by_layer(pattern, layers, tokens=tokens))
-    else:  # pragma: no cover - older analysis module
-        table = np.stack([np.asarray(analysis.receptive_field(pattern, L, tokens=tokens)) for L in range(1, layers + 1)])
     for layer, counts in enumerate(table, start=1):
         full = float(np.mean(counts >= n_k)) if counts.size else 0.0
         mean = float(counts.mean()) if counts.size else 0.0
         low = int(counts.min()) if counts.size else 0
         print(f"{layer:>6}  {mean:>12.1f}  {low:>10d}  {full:>12.1%}", file=out)
     scope = "every token" if tokens is None else "every traced token"
-    if cover is None:
+    if cover is not None:
+        print(f"layers until {scope} is influenced by all {n_q} tokens: {cover}", file=out)
+    elif never:
+        print(f"layers until {scope} is influenced by all {n_q} tokens: never (the reach stops growing short of n)", file=out)
+    else:
+        bound = f"--layers {depth}" if args.layers is not None else f"--cover-limit {depth}"
         print(
-            f"layers until {scope} is influenced by all {n_q} tokens: not within {args.cover_limit} "
-            f"(--cover-limit; never, or more layers)",
+            f"layers until {scope} is influenced by all {n_q} tokens: not within {depth} ({bound}; never, or more layers)",
             file=out,
         )
-    else:
-        print(f"layers until {scope} is influenced by all {n_q} tokens: {cover}", file=out)
     if args.png:
         from . import viz
 
-        extra = {}
-        if tokens is not None and "tokens" in inspect.signature(viz.plot_receptive_field).parameters:
-            extra["tokens"] = tokens  # the same sample as the table: no n x n reach for long inputs
-        viz.plot_receptive_field(pattern, layers, args.png, **extra)
+        # the same tokens as the table (all of them when the table traced all)
+        viz.plot_receptive_field(pattern, layers, args.png, tokens=np.arange(n_q) if tokens is None else tokens)
         print(f"wrote {args.png}", file=out)
     return 0
 
@@ -806,7 +805,12 @@ def _make_parser():
         if name == "show":
             p.add_argument("--max-size", type=int, default=64, help="largest pattern side printed as text (default: 64)")
         else:
-            p.add_argument("--layers", type=int, default=None, help="stacked layers to report (default: until covered, at most 16)")
+            p.add_argument(
+                "--layers",
+                type=int,
+                default=None,
+                help="stacked layers to trace and report; bounds the work (default: until covered, at most 16)",
+            )
             p.add_argument(
                 "--tokens",
                 type=int,
@@ -817,7 +821,7 @@ def _make_parser():
                 "--cover-limit",
                 type=int,
                 default=24,
-                help="search at most this many layers for full coverage (default: 24)",
+                help="without --layers: search at most this many layers for full coverage (default: 24)",
             )
         p.set_defaults(func=func, parser=p)
 

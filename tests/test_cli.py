@@ -356,8 +356,13 @@ def test_receptive_band_closed_form(capsys):
         assert mean == pytest.approx(round(counts.mean(), 1), abs=0.051)
         assert low == counts.min()
         assert full == pytest.approx(100 * np.mean(counts == n), abs=0.051)
+    # --layers bounds the work: coverage is looked for within those layers only
+    assert "layers until every token is influenced by all 20 tokens: not within 5 (--layers 5;" in out
     # band of radius 2 over 20 tokens: the ends meet after ceil(19 / 2) = 10 layers
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r))
+    assert code == 0, err
     assert "layers until every token is influenced by all 20 tokens: 10" in out
+    assert sorted(_table(out)) == list(range(1, 11))
 
 
 def test_receptive_band_plus_global_covers_in_two_layers(capsys):
@@ -381,14 +386,18 @@ def test_receptive_sampled_tokens_and_cover_limit(capsys):
         counts = np.minimum(traced + L * r, n - 1) - np.maximum(traced - L * r, 0) + 1
         assert (mean, low, full) == (pytest.approx(counts.mean(), abs=0.051), counts.min(), 0.0)
     assert "each of 5 evenly spaced traced tokens" in out
-    assert "not within 3" in out  # 20 layers are needed
+    assert "not within 2 (--layers 2;" in out  # 20 layers are needed
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r), "--tokens", "5", "--cover-limit", "3")
+    assert code == 0, err
+    assert "not within 3 (--cover-limit 3;" in out
 
 
 def test_receptive_causal_never_covers(capsys):
     pytest.importorskip("sparseattn.analysis")
     code, out, err = run(capsys, "receptive", "causal", "--n", "6", "--layers", "3")
     assert code == 0, err
-    assert "layers until every token is influenced by all 6 tokens: not within 24" in out
+    # token 0 only ever sees itself: a fixed point short of n, so never (not just "not within")
+    assert "layers until every token is influenced by all 6 tokens: never" in out
     # causal over 6 tokens: token i is influenced by tokens 0..i (i + 1 of them) from layer 1 on
     assert _table(out)[3] == (3.5, 1, pytest.approx(100 / 6, abs=0.051))
 
