@@ -59,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        where = "" if self.prog == PROG else f"{self.prog}: "  # main() already starts the line with PROG
+        raise CLIError(f"{where}{message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,6 +749,12 @@ def _cmd_report(argv):
 # --------------------------------------------------------------------------------------------
 
 
+def _version():
+    from . import __version__
+
+    return __version__
+
+
 def _make_parser():
     parser = _Parser(
         prog=PROG,
@@ -755,6 +762,7 @@ def _make_parser():
         allow_abbrev=False,
     )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors (for debugging)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser(
@@ -852,8 +860,12 @@ def main(argv=None):
         parser = _make_parser()
         args, words = parser.parse_known_args(argv)
         if args.command is None:
-            parser.print_help(out)
-            return 0
+            if words:
+                raise CLIError(f"unrecognized arguments: {' '.join(words)} (see '{PROG} --help')")
+            # no command is a usage error (exit 2); 'sparseattn --help' asks for the help and exits 0
+            parser.print_help(sys.stderr)
+            commands = ", ".join(parser._subparsers._group_actions[0].choices)
+            raise CLIError(f"missing COMMAND (one of {commands})")
         if words and args.command not in ("show", "receptive"):
             raise CLIError(f"{PROG} {args.command}: unrecognized argument(s): {' '.join(words)} (see '{PROG} {args.command} --help')")
         return int(args.func(args, words, out) or 0)

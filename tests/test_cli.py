@@ -293,6 +293,7 @@ def test_third_party_builder_help_lists_parameters(capsys, third_party):
         (["demo", "--unknown"], "--unknown"),
         (["demo", "--heads", "two"], "two"),
         (["frobnicate"], "frobnicate"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
         (["receptive", "no_such_builder", "--layers", "2"], "known builders"),
     ],
 )
@@ -313,7 +314,42 @@ def test_unknown_builder_lists_every_known_builder(capsys):
         assert name in err
 
 
-@pytest.mark.parametrize("argv", [[], ["--help"], ["demo", "--help"], ["show", "--help"], ["receptive", "--help"], ["show", "sliding_window", "-h"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["frobnicate"], ["demo", "--unknown"], ["show", "sliding_window", "--n", "5", "--radius", "1", "--x", "1"]],
+)
+def test_usage_errors_exit_2(capsys, argv):
+    # argparse's convention: a bad option or command is a usage error, status 2
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("sparseattn: error:") and "usage:" not in err
+
+
+def test_version(capsys):
+    import sparseattn
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out.strip() == f"sparseattn {sparseattn.__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and out == ""  # the help goes to stderr: stdout stays clean for scripts
+    assert err.startswith("usage: sparseattn")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sparseattn: error: missing COMMAND") and "receptive" in last
+
+
+def test_dir_lists_the_lazy_names():
+    import sparseattn
+
+    names = dir(sparseattn)
+    for name in sparseattn.__all__:
+        assert name in names, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["receptive", "--help"], ["show", "sliding_window", "-h"]])
 def test_help(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 0 and err == ""
