@@ -522,8 +522,21 @@ def test_demo_small(capsys):
     assert "rows [0, 64) and [288, 352)" in out
     diff = float(re.search(r"max \|difference\| = ([0-9.eE+-]+)", out).group(1))
     assert diff < 1e-4
-    for label in ("pattern CSR built in", "one-time work", "steady state:", "measured at n = 256"):
+    for label in ("pattern CSR built in", "one-time work", f"steady state at n = {n}:", "measured at n = 256"):
         assert label in out
+    # sparse peak memory next to dense: the output is allocated by the call, so it is part of the peak
+    sparse_peak, output = re.search(r"peak memory ([0-9.]+ \w+) \(output ([0-9.]+ \w+) included\)", out).groups()
+    assert _bytes(sparse_peak) >= _bytes(output) * 0.99
+    assert _bytes(output) == pytest.approx(2 * n * 16 * 4, rel=0.01)
+    # the dense baseline holds every head's 256 x 256 float32 scores at once
+    dense_peak = _bytes(re.search(r"measured at n = 256: .*?, peak memory ([0-9.]+ \w+)", out).group(1))
+    assert dense_peak >= 2 * 256 * 256 * 4
+    assert re.search(r"time .* vs .*x faster", out) and re.search(r"memory .* vs .*x less", out)
+
+
+def _bytes(text):
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
 
 
 def test_demo_float64_matches_reference_tightly(capsys):
