@@ -1,4 +1,4 @@
-"""The ``sparseattn`` command line: ``demo``, ``show``, ``receptive`` and ``report``.
+"""The ``sparseattn`` command line: ``demo``, ``show``, ``receptive``, ``warmup`` and ``report``.
 
 Run ``sparseattn --help`` (or ``python -m sparseattn --help``) for the list of
 subcommands and ``sparseattn SUBCOMMAND --help`` for each one's options.
@@ -766,6 +766,13 @@ def _cmd_demo(args, words, out):
 # --------------------------------------------------------------------------------------------
 
 
+def _cmd_warmup(args, words, out):
+    from .warmup import warmup
+
+    warmup(out)
+    return 0
+
+
 def _cmd_report(argv):
     try:
         from . import report
@@ -879,6 +886,19 @@ def _make_parser():
                 help="without --layers: search at most this many layers for full coverage (default: 24)",
             )
         p.set_defaults(func=func, parser=p)
+
+    warm = sub.add_parser(
+        "warmup",
+        help="compile every Numba kernel into Numba's cache (for container images and CI)",
+        description=(
+            "Runs one small call of every path with its own kernels (fused and staged forward, return_weights, "
+            "both backward paths, the pattern planner, receptive-field analysis; float32 and float64) so that "
+            "their compiled code lands in Numba's on-disk cache (NUMBA_CACHE_DIR when set). Prints a line per "
+            "kernel compiled; a second run finds everything in the cache."
+        ),
+        allow_abbrev=False,
+    )
+    warm.set_defaults(func=_cmd_warmup)
 
     sub.add_parser(
         "report",
