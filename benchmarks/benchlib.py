@@ -214,6 +214,16 @@ def make_dense_numpy(q, k, v, n, radius, n_globals):
     return run
 
 
+def _tensors(torch, *arrays):
+    """Torch views of writable copies, batch axis added.
+
+    The cached inputs are read-only (a guard against in-place writes), and torch
+    cannot represent read-only memory: ``torch.from_numpy`` warns about it.  The
+    copies are made once, before anything is timed.
+    """
+    return tuple(torch.from_numpy(np.array(a, order="C"))[None] for a in arrays)
+
+
 def _torch():
     import torch
 
@@ -222,7 +232,7 @@ def _torch():
 
 def make_torch_sdpa(q, k, v, n, radius, n_globals):
     torch = _torch()
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a))[None] for a in (q, k, v))
+    tq, tk, tv = _tensors(torch, q, k, v)
     mask = torch.from_numpy(np.concatenate([dense_mask_rows(n, radius, n_globals, r0, min(n, r0 + 4096)) for r0 in range(0, n, 4096)]))
 
     def run():
@@ -249,7 +259,7 @@ def make_torch_flex(q, k, v, n, radius, n_globals):
     torch = _torch()
     from torch.nn.attention.flex_attention import create_block_mask
 
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a))[None] for a in (q, k, v))
+    tq, tk, tv = _tensors(torch, q, k, v)
     is_g = torch.zeros(n, dtype=torch.bool)
     is_g[torch.from_numpy(global_indices(n, n_globals))] = True
 
@@ -294,7 +304,7 @@ def make_hf_longformer(x, n, radius, n_globals):
     layer.query = _Copy()
     for name in ("key", "value", "query_global", "key_global", "value_global"):
         setattr(layer, name, torch.nn.Identity())
-    hidden = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (1, 0, 2)).reshape(1, n, h * d)))
+    hidden = torch.from_numpy(np.array(np.transpose(x, (1, 0, 2)).reshape(1, n, h * d), order="C"))  # writable copy
     am = torch.zeros(1, n, dtype=hidden.dtype)
     am[0, torch.from_numpy(global_indices(n, n_globals))] = 10000.0
     kw = dict(attention_mask=am, is_index_masked=am < 0, is_index_global_attn=am > 0, is_global_attn=bool(n_globals))

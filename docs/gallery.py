@@ -50,7 +50,7 @@ EXTRAS = [
     ),
     (
         "dilated_window",
-        "Dilated window (allenai Longformer): `sliding_window(256, 24, dilation=3)`.",
+        "Dilated window: `sliding_window(256, 24, dilation=3)`, 8 keys on each side over a reach of 24 (allenai Longformer's window of 8 with dilation 3).",
         lambda: sa.sliding_window(256, 24, dilation=3),
     ),
     (

@@ -48,6 +48,14 @@ def __getattr__(name):
     raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
 
 
+_LAZY = ("AttentionWeights", "sparse_attention", "sparse_attention_backward")
+
+
+def __dir__():
+    # the lazy names too, so that tab completion and dir() find the entry point before its first use
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "AttentionWeights",
     "InsufficientMemoryError",

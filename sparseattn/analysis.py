@@ -18,10 +18,16 @@ diagonal can lose a token's own position.  ``residual=True`` adds the diagonal
 to every layer (a residual connection keeps each token's state), which turns
 "exactly ``L``" into "at most ``L``" for any pattern.
 
-Everything is computed with sparse boolean products of the reach rows with
-the pattern's rows; the pattern is never densified, and for long sequences
-``tokens=`` traces only a subset of query tokens (rows are processed in
-chunks, so memory is bounded by the chunk's reach, not by ``n x n``).
+Reach sets are word-packed bitsets (``n / 64`` words per traced token; the
+kernels are in ``sparseattn.kernels.reach``) and pattern rows are packed as
+their nonzero words, loaded only for the tokens a layer expands (a small
+pattern is packed whole once).  While every reached token has its diagonal,
+a layer only expands the tokens reached last layer (a breadth-first search);
+a traced token stops costing anything once it is full or at a fixed point.
+The pattern is never densified, and for long sequences ``tokens=`` traces a
+subset of query tokens (rows are processed in chunks, so memory is bounded by
+the chunk's bitsets, not by ``n x n`` entries).  :func:`survey` returns the
+per-layer table and the layers-to-cover answer of one pass.
 """
 
 from __future__ import annotations
@@ -31,14 +37,13 @@ import hashlib
 import numpy as np
 import scipy.sparse as sp
 
-from .patterns.base import counts_to_indptr
 
-__all__ = ["receptive_field", "coverage_by_layer", "layers_to_cover"]
+__all__ = ["receptive_field", "coverage_by_layer", "layers_to_cover", "survey"]
 
 # patterns up to this many nonzeros are compiled once; larger ones are streamed per row range
 _MATERIALISE_NNZ = 1 << 24
-# target number of reach entries per chunk of traced rows
-_CHUNK_BUDGET = 1 << 24
+# reach words (uint64) per chunk of traced rows: 32 MiB of reach, as much of frontier
+_CHUNK_BUDGET = 1 << 22
 
 
 def _square_pattern(pattern, residual):
@@ -84,141 +89,146 @@ def _check_tokens(tokens, n):
 
 
 class _Rows:
-    """The rows of a pattern the reach touches, as one csr_array plus a column map.
+    """Pattern rows as word-packed bitsets (see ``sparseattn.kernels.reach``), loaded on demand.
 
-    Small patterns are compiled once and rows are gathered from that CSR; large
-    ones are streamed: the touched rows are grouped into runs (gaps of up to
-    ``_GAP`` rows are bridged) and each run is built from the pattern directly.
+    Small patterns are packed whole once; large ones are streamed: the rows a
+    layer needs are grouped into runs (gaps of up to ``_GAP`` rows are
+    bridged), each run is built from the pattern directly and packed.
     """
 
     _GAP = 64
 
     def __init__(self, p):
         self.p = p
-        self.full = p.csr if p.nnz <= _MATERIALISE_NNZ else None
+        n = p.shape[0]
+        self.slot = np.full(max(n, 1), -1, dtype=np.int64)
+        self.wstart = np.zeros(0, dtype=np.int64)
+        self.wend = np.zeros(0, dtype=np.int64)
+        self.widx = np.zeros(0, dtype=np.int64)
+        self.wval = np.zeros(0, dtype=np.uint64)
+        self.loop = np.zeros(0, dtype=bool)
+        if p.nnz <= _MATERIALISE_NNZ and n:
+            m = p.csr
+            self._add(m.indptr, m.indices, 0, n)
 
-    def gather(self, cols):
-        """``(sub, new_cols, self_loops)``: ``sub[new_cols[k]]`` is pattern row ``cols[k]``.
+    def _add(self, indptr, indices, start, stop):
+        from .kernels.reach import pack_rows
 
-        ``self_loops`` tells whether every gathered row ``t`` contains ``t``.
-        """
-        u = np.unique(cols)
-        if self.full is not None:
-            sub, base, starts = self.full[u], np.arange(len(u), dtype=np.int64), u
-            seg = np.searchsorted(u, cols)
-        else:
-            cut = np.flatnonzero(np.diff(u) > self._GAP) + 1
-            starts = u[np.concatenate(([0], cut))]
-            stops = u[np.concatenate((cut - 1, [len(u) - 1]))] + 1
-            parts = [self.p.rows(int(a), int(b)) for a, b in zip(starts, stops)]
-            base = counts_to_indptr(stops - starts)[:-1]
-            seg = np.searchsorted(starts, cols, side="right") - 1
-            sub = parts[0] if len(parts) == 1 else sp.csr_array(sp.vstack(parts, format="csr"))
-        new_cols = base[seg] + (cols - starts[seg])
-        # does row (position of u[m] in sub) hold u[m]?  Compare sorted row-major keys.
-        n = np.int64(sub.shape[1])
-        keys = np.repeat(np.arange(sub.shape[0], dtype=np.int64), np.diff(sub.indptr)) * n + sub.indices
-        useg = np.searchsorted(starts, u, side="right") - 1
-        want = (base[useg] + (u - starts[useg])) * n + u
-        pos = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
-        self_loops = bool(len(keys)) and bool(np.all(keys[pos] == want))
-        return sub, new_cols, self_loops
+        ids = np.arange(start, stop, dtype=np.int64)
+        wptr, widx, wval, loop = pack_rows(
+            np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64), ids
+        )
+        base_slot, base_word = len(self.loop), len(self.widx)
+        new = self.slot[start:stop] < 0
+        self.slot[start:stop][new] = base_slot + np.flatnonzero(new)
+        self.wstart = np.concatenate((self.wstart, base_word + wptr[:-1]))
+        self.wend = np.concatenate((self.wend, base_word + wptr[1:]))
+        self.widx = np.concatenate((self.widx, widx))
+        self.wval = np.concatenate((self.wval, wval))
+        self.loop = np.concatenate((self.loop, loop))
 
-
-def _keys(m):
-    rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
-    return rows * np.int64(m.shape[1]) + m.indices.astype(np.int64)
+    def load(self, bits):
+        """Make sure every token set in the bit vector ``bits`` has its row loaded."""
+        want = _bit_indices(bits)
+        want = want[self.slot[want] < 0]
+        if not len(want):
+            return
+        cut = np.flatnonzero(np.diff(want) > self._GAP) + 1
+        starts = want[np.concatenate(([0], cut))]
+        stops = want[np.concatenate((cut - 1, [len(want) - 1]))] + 1
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            indptr, indices = self.p.row_arrays(a, b)
+            self._add(indptr, indices, a, b)
 
 
-def _from_keys(keys, k, n):
-    rows = keys // n
-    return sp.csr_array(
-        (np.ones(len(keys), dtype=bool), keys - rows * n, counts_to_indptr(np.bincount(rows, minlength=k))),
-        shape=(k, n),
-    )
+def _bit_indices(bits):
+    """Token indices of the set bits of a 1-D uint64 word vector."""
+    return np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")).astype(np.int64)
+
+
+def _any_rows(bits, rows):
+    """OR of the selected rows of a 2-D word array (a 1-D word vector)."""
+    if not rows.any():
+        return np.zeros(bits.shape[1], dtype=np.uint64)
+    return np.bitwise_or.reduce(bits[rows], axis=0)
 
 
 class _Tracer:
-    """Reach sets of a chunk of query tokens, one layer at a time.
+    """Reach sets of a chunk of query tokens, one layer at a time, as bitsets.
 
-    While every token reached so far has a self-loop, reach only grows and only
-    the newly reached tokens (the frontier) need expanding:
-    ``R(L) = R(L-1) | F(L-1) @ A`` -- a breadth-first search costing the
-    pattern rows of each reached token once.  Otherwise (a token without its
-    diagonal) it falls back to the full product ``R(L) = R(L-1) @ A``.
+    While every token a row has reached has its diagonal, reach only grows and
+    only the newly reached tokens (the frontier) are expanded -- a breadth-first
+    search costing the packed rows of each reached token once.  A row that
+    reaches a token without its diagonal falls back to the full product
+    ``R(L) = R(L-1) @ A`` from then on.
+
+    A row stops being worked on (``live`` False) once it is full -- every
+    column then has an entry, so a full row stays full -- or once a layer
+    leaves it unchanged, a fixed point.
     """
 
     def __init__(self, rows, tokens, n):
         self.rows, self.n = rows, n
         self.tokens = tokens
-        self.reach = _identity_rows(tokens, n)
-        self.frontier = self.reach
-        self.monotone = True
-        self.stable = False  # every later layer equals the current one
+        k, nw = len(tokens), (n + 63) // 64
+        self.reach = np.zeros((k, nw), dtype=np.uint64)
+        np.bitwise_or.at(self.reach, (np.arange(k), tokens >> 6), np.left_shift(np.uint64(1), (tokens & 63).astype(np.uint64)))
+        self.frontier = self.reach.copy()
+        self.counts = np.ones(k, dtype=np.int64)
+        self.mono = np.ones(k, dtype=bool)
+        self.live = self.counts < n
+        self.stuck = np.zeros(k, dtype=bool)  # a fixed point short of full
 
-    def _product(self, m):
-        if m.nnz == 0:
-            return m, True
-        sub, new_cols, loops = self.rows.gather(m.indices.astype(np.int64))
-        shifted = sp.csr_array((np.ones(m.nnz, dtype=bool), new_cols, m.indptr), shape=(m.shape[0], sub.shape[0]))
-        out = sp.csr_array(shifted @ sub, dtype=bool)
-        out.eliminate_zeros()
-        out.sort_indices()
-        return out, loops
+    @property
+    def done(self):
+        return not self.live.any()
 
     def step(self):
-        if self.stable:
+        from .kernels.reach import find_loopless, layer_step
+
+        live, rows = self.live, self.rows
+        if not live.any():
             return
-        if self.monotone:
-            reached, loops = self._product(self.frontier)
-            if loops:
-                k = self.reach.shape[0]
-                old = _keys(self.reach)
-                new = np.setdiff1d(_keys(reached), old, assume_unique=True)
-                self.reach = _from_keys(np.union1d(old, new), k, self.n)
-                self.stable = len(new) == 0
-                full = np.flatnonzero(np.diff(self.reach.indptr) == self.n)
-                if len(full):  # a full row cannot grow: do not expand its frontier
-                    new = new[~np.isin(new // self.n, full)]
-                self.frontier = _from_keys(new, k, self.n)
-                return
-            self.monotone = False
-        nxt, _ = self._product(self.reach)
-        self.stable = np.array_equal(nxt.indptr, self.reach.indptr) and np.array_equal(
-            nxt.indices, self.reach.indices
+        rows.load(_any_rows(self.frontier, live & self.mono) | _any_rows(self.reach, live & ~self.mono))
+        switch = find_loopless(self.frontier, live & self.mono, rows.slot, rows.loop)
+        if switch.any():
+            self.mono &= ~switch
+            rows.load(_any_rows(self.reach, switch))
+        changed = layer_step(
+            self.reach, self.frontier, live, self.mono, self.counts,
+            rows.slot, rows.wstart, rows.wend, rows.widx, rows.wval,
         )
-        self.reach = nxt
-
-    def counts(self):
-        return np.diff(self.reach.indptr).astype(np.int64)
-
-    def keep(self, rows):
-        """Drop all but ``rows`` of the chunk."""
-        self.tokens = self.tokens[rows]
-        self.reach = sp.csr_array(self.reach[rows])
-        self.frontier = sp.csr_array(self.frontier[rows])
+        self.stuck |= live & ~changed & (self.counts < self.n)
+        self.live = live & changed & (self.counts < self.n)
 
     def state(self):
+        """A digest of the rows still worked on (for cycle detection)."""
         h = hashlib.blake2b(digest_size=16)
-        for a in (self.tokens, self.reach.indptr, self.reach.indices):
-            h.update(np.asarray(a, dtype=np.int64).tobytes())
+        live = np.flatnonzero(self.live)
+        h.update(live.tobytes())
+        h.update(np.ascontiguousarray(self.reach[live]).tobytes())
         return h.digest()
 
+    def sets(self):
+        """The reach as a canonical boolean csr_array, one row per token of the chunk."""
+        from .kernels.reach import to_csr
+        from .patterns.base import _csr_array
 
-def _identity_rows(tokens, n):
-    k = len(tokens)
-    return sp.csr_array(
-        (np.ones(k, dtype=bool), tokens.copy(), np.arange(k + 1, dtype=np.int64)), shape=(k, n)
-    )
+        indptr, indices = to_csr(self.reach, self.counts)
+        return _csr_array(indptr, indices, (len(self.tokens), self.n))
 
 
 def _chunks(k, n):
-    size = max(16, _CHUNK_BUDGET // max(n, 1))
+    size = max(16, _CHUNK_BUDGET // max((n + 63) // 64, 1))
     for s in range(0, k, size):
         yield s, min(k, s + size)
 
 
-def _trace(p, tokens, layers, keep_sets, per_layer):
+def _trace(p, tokens, layers, keep_sets, per_layer, on_chunk=None):
+    """Counts (per layer, or after ``layers``) and optionally the sets, one pass per chunk.
+
+    ``on_chunk(s, e, tracer)`` is called with each finished chunk.
+    """
     n = p.shape[0]
     rows = _Rows(p)
     k = len(tokens)
@@ -229,22 +239,72 @@ def _trace(p, tokens, layers, keep_sets, per_layer):
         for layer in range(1, layers + 1):
             t.step()
             if per_layer:
-                counts[layer - 1, s:e] = t.counts()
-            if t.stable:  # every later layer gives the same reach
+                counts[layer - 1, s:e] = t.counts
+            if t.done:  # every later layer gives the same reach
                 if per_layer:
-                    counts[layer:, s:e] = t.counts()
+                    counts[layer:, s:e] = t.counts
                 break
         if not per_layer:
-            counts[s:e] = t.counts()
+            counts[s:e] = t.counts
         if keep_sets:
-            sets.append(t.reach)
+            sets.append(t.sets())
+        if on_chunk is not None:
+            on_chunk(s, e, t)
     if keep_sets:
-        m = sp.csr_array(sp.vstack(sets, format="csr")) if sets else sp.csr_array((0, n), dtype=bool)
-        m.sort_indices()
         from .patterns.base import _csr_array
 
+        if len(sets) == 1:
+            return counts, sets[0]
+        m = sp.csr_array(sp.vstack(sets, format="csr")) if sets else sp.csr_array((0, n), dtype=bool)
+        m.sort_indices()
         return counts, _csr_array(m.indptr, m.indices, m.shape)
     return counts
+
+
+def survey(pattern, layers, *, tokens=None, residual=False):
+    """The coverage table and the layers-to-cover answer of up to ``layers`` layers, in one pass.
+
+    Parameters
+    ----------
+    pattern : Pattern, scipy sparse or 2-D bool ndarray
+        A square pattern.
+    layers : int
+        Trace at most this many layers (>= 0); the work is bounded by it.
+    tokens : sequence of int, optional, keyword-only
+        Trace only these query tokens (default: all).
+    residual : bool, keyword-only
+        Add the diagonal to every layer, as in :func:`receptive_field`.
+
+    Returns
+    -------
+    table : ndarray of int64, shape (layers, len(tokens))
+        Row ``L - 1`` equals ``receptive_field(pattern, L, tokens=tokens)``.
+    cover : int or None
+        :func:`layers_to_cover` for the same tokens if it is at most ``layers``, else None.
+    never : bool
+        True when some traced token reached a fixed point short of all ``n``
+        tokens: no number of layers covers it.
+
+    Examples
+    --------
+    >>> import sparseattn as sa
+    >>> from sparseattn.analysis import survey
+    >>> table, cover, never = survey(sa.sliding_window(9, 2), 6, tokens=[0, 4])
+    >>> table.tolist(), cover, never
+    ([[3, 5], [5, 9], [7, 9], [9, 9], [9, 9], [9, 9]], 4, False)
+    """
+    p = _square_pattern(pattern, residual)
+    layers = _check_layers("layers", layers)
+    n = p.shape[0]
+    traced = _check_tokens(tokens, n)
+    stuck = []
+    table = _trace(p, traced, layers, False, per_layer=True, on_chunk=lambda s, e, t: stuck.append(t.stuck.any()))
+    if len(traced) == 0 or n <= 1:
+        return table, 0, False
+    full = np.all(table >= n, axis=1)
+    cover = int(np.argmax(full)) + 1 if full.any() else None
+    never = cover is None and bool(any(stuck) or (tokens is None and p.nnz <= _MATERIALISE_NNZ and _never_covers(p)))
+    return table, cover, never
 
 
 def receptive_field(pattern, layers, return_sets=False, *, tokens=None, residual=False):
@@ -400,24 +460,17 @@ def layers_to_cover(pattern, max_layers=None, *, tokens=None, residual=False):
         t = _Tracer(rows, traced[s:e], n)
         seen = set()
         layer = 0
-        while True:
+        while not t.done:
             layer += 1
             if max_layers is not None and layer > max_layers:
                 return None
             t.step()
-            # a full row stays full: once some row is full, no column of the pattern is empty
-            open_rows = np.flatnonzero(t.counts() < n)
-            if len(open_rows) < len(t.tokens):
-                t.keep(open_rows)
-            if len(t.tokens) == 0:
-                break
-            if t.stable:
+            if t.stuck.any():
                 return None  # a fixed point that is not full
-            if not t.monotone:
+            if not t.mono[t.live].all():
                 key = t.state()
                 if key in seen:
                     return None  # the reach sets cycle without ever filling up
                 seen.add(key)
         answer = max(answer, layer)
     return answer
-

@@ -1,4 +1,4 @@
-"""The ``sparseattn`` command line: ``demo``, ``show``, ``receptive`` and ``report``.
+"""The ``sparseattn`` command line: ``demo``, ``show``, ``receptive``, ``warmup`` and ``report``.
 
 Run ``sparseattn --help`` (or ``python -m sparseattn --help``) for the list of
 subcommands and ``sparseattn SUBCOMMAND --help`` for each one's options.
@@ -59,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        where = "" if self.prog == PROG else f"{self.prog}: "  # main() already starts the line with PROG
+        raise CLIError(f"{where}{message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,41 +462,40 @@ def _cmd_receptive(args, words, out):
         tokens = np.unique(np.linspace(0, n_q - 1, traced).round().astype(np.int64))
     if args.cover_limit < 1:
         raise CLIError(f"--cover-limit must be >= 1, got {args.cover_limit}")
-    cover = analysis.layers_to_cover(pattern, max_layers=args.cover_limit, tokens=tokens)
+    # one pass: --layers L traces L layers (and looks for full coverage within them), else up to --cover-limit
+    depth = args.layers if args.layers is not None else args.cover_limit
+    table, cover, never = analysis.survey(pattern, depth, tokens=tokens)
     layers = args.layers
     if layers is None:
-        layers = min(cover, 16) if cover is not None else 4
+        layers = min(cover, 16) if cover is not None else min(4, depth)
+    table = table[:layers]
     print(text, file=out)
     print(_summary(pattern), file=out)
     print(file=out)
     who = "each token" if tokens is None else f"each of {len(tokens)} evenly spaced traced tokens (--tokens)"
     print(f"receptive field after L stacked layers (tokens that can influence {who}):", file=out)
     print(f"{'layers':>6}  {'mean tokens':>12}  {'min tokens':>10}  {'fully covered':>13}", file=out)
-    if hasattr(analysis, "coverage_by_layer"):
-        table = np.asarray(analysis.coverage_by_layer(pattern, layers, tokens=tokens))
-    else:  # pragma: no cover - older analysis module
-        table = np.stack([np.asarray(analysis.receptive_field(pattern, L, tokens=tokens)) for L in range(1, layers + 1)])
     for layer, counts in enumerate(table, start=1):
         full = float(np.mean(counts >= n_k)) if counts.size else 0.0
         mean = float(counts.mean()) if counts.size else 0.0
         low = int(counts.min()) if counts.size else 0
         print(f"{layer:>6}  {mean:>12.1f}  {low:>10d}  {full:>12.1%}", file=out)
     scope = "every token" if tokens is None else "every traced token"
-    if cover is None:
+    if cover is not None:
+        print(f"layers until {scope} is influenced by all {n_q} tokens: {cover}", file=out)
+    elif never:
+        print(f"layers until {scope} is influenced by all {n_q} tokens: never (the reach stops growing short of n)", file=out)
+    else:
+        bound = f"--layers {depth}" if args.layers is not None else f"--cover-limit {depth}"
         print(
-            f"layers until {scope} is influenced by all {n_q} tokens: not within {args.cover_limit} "
-            f"(--cover-limit; never, or more layers)",
+            f"layers until {scope} is influenced by all {n_q} tokens: not within {depth} ({bound}; never, or more layers)",
             file=out,
         )
-    else:
-        print(f"layers until {scope} is influenced by all {n_q} tokens: {cover}", file=out)
     if args.png:
         from . import viz
 
-        extra = {}
-        if tokens is not None and "tokens" in inspect.signature(viz.plot_receptive_field).parameters:
-            extra["tokens"] = tokens  # the same sample as the table: no n x n reach for long inputs
-        viz.plot_receptive_field(pattern, layers, args.png, **extra)
+        # the same tokens as the table (all of them when the table traced all)
+        viz.plot_receptive_field(pattern, layers, args.png, tokens=np.arange(n_q) if tokens is None else tokens)
         print(f"wrote {args.png}", file=out)
     return 0
 
@@ -562,8 +562,13 @@ def _synthetic_document(n, heads, d, question, seed, dtype):
     return q, k, v
 
 
-def _dense_numpy_attention(q, k, v, mask, scale):
-    """Plain dense masked attention in the working precision (what dense costs)."""
+def _dense_all_heads_attention(q, k, v, mask, scale):
+    """Dense masked attention in the working precision, every head's full score grid at once.
+
+    The demo's dense baseline: what a straightforward dense implementation costs in
+    time and memory (``heads x n x n`` scores).  The benchmarks' ``dense-numpy``
+    is a different baseline: head by head in row blocks, so its memory stays bounded.
+    """
     import numpy as np
 
     s = np.matmul(q, np.swapaxes(k, -1, -2))
@@ -577,6 +582,49 @@ def _dense_numpy_attention(q, k, v, mask, scale):
     tot[tot == 0] = 1
     s /= tot
     return np.matmul(s, v)
+
+
+def _status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _peak_memory(fn):
+    """``(result, seconds, peak bytes)`` of one call of ``fn``.
+
+    The peak is the larger of tracemalloc's peak (NumPy's allocations) and, on
+    Linux, the growth of the resident set's high-water mark (reset through
+    ``/proc/self/clear_refs``), which also sees Numba's own allocations.
+    """
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss0 = _status_kib("VmRSS")
+    except OSError:
+        rss0 = None
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    hwm = _status_kib("VmHWM")
+    if rss0 is not None and hwm is not None:
+        peak = max(peak, (hwm - rss0) * 1024)
+    return result, seconds, peak
 
 
 def _best_time(fn, repeat, budget=2.0):
@@ -641,6 +689,7 @@ def _cmd_demo(args, words, out):
     result = run()  # the untimed warm-up: compiles (or loads) the kernels and builds the tile plan
     t_first = time.perf_counter() - t0
     t_sparse, reps = _best_time(run, args.repeat)
+    _, _, mem_sparse = _peak_memory(run)
     flops = 4.0 * pattern.nnz * d * heads
     print(file=out)
     print(f"sparse_attention (path={args.path!r}):", file=out)
@@ -651,7 +700,8 @@ def _cmd_demo(args, words, out):
         file=out,
     )
     print(
-        f"  steady state: {_fmt_time(t_sparse)} (best of {reps}), {flops / t_sparse / 1e9:.1f} GFLOP/s of useful work",
+        f"  steady state at n = {n}: {_fmt_time(t_sparse)} (best of {reps}), peak memory {_fmt_bytes(mem_sparse)} "
+        f"(output {_fmt_bytes(result.nbytes)} included), {flops / t_sparse / 1e9:.1f} GFLOP/s of useful work",
         file=out,
     )
 
@@ -660,26 +710,19 @@ def _cmd_demo(args, words, out):
     q_m = min(question, n_m - 1)
     mask = _qa_pattern(n_m, radius, q_m).to_dense(max_elements=max(1 << 26, n_m * n_m))
     qm, km, vm = q[:, :n_m].copy(), k[:, :n_m].copy(), v[:, :n_m].copy()
-    import tracemalloc
-
-    # first run under tracemalloc (NumPy reports its allocations to it) for the peak memory
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        t0 = time.perf_counter()
-        _dense_numpy_attention(qm, km, vm, mask, scale)
-        t_dense = time.perf_counter() - t0
-        mem_dense = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    _, t_dense, mem_dense = _peak_memory(lambda: _dense_all_heads_attention(qm, km, vm, mask, scale))
     if args.repeat > 1:
-        t_more, _ = _best_time(lambda: _dense_numpy_attention(qm, km, vm, mask, scale), args.repeat - 1)
+        t_more, _ = _best_time(lambda: _dense_all_heads_attention(qm, km, vm, mask, scale), args.repeat - 1)
         t_dense = min(t_dense, t_more)
     mem_dense += mask.nbytes
     factor = (n / n_m) ** 2
     print(file=out)
-    print(f"dense attention (NumPy, {dtype.name}, boolean mask, {heads} head{'s' if heads > 1 else ''} at once):", file=out)
-    print(f"  measured at n = {n_m}: {_fmt_time(t_dense)}, peak memory {_fmt_bytes(mem_dense)}", file=out)
+    print(
+        f"dense attention (NumPy, {dtype.name}, boolean mask, all {heads} head{'s' if heads > 1 else ''}' n x n scores at once; "
+        f"the benchmarks' dense-numpy goes head by head in row blocks instead):",
+        file=out,
+    )
+    print(f"  measured at n = {n_m}: {_fmt_time(t_dense)}, peak memory {_fmt_bytes(mem_dense)} (mask included)", file=out)
     if n_m < n:
         print(
             f"  extrapolated to n = {n} (x{factor:.0f}, quadratic): {_fmt_time(t_dense * factor)}, "
@@ -687,9 +730,13 @@ def _cmd_demo(args, words, out):
             file=out,
         )
     t_dense_n = t_dense * factor
+    print(file=out)
+    note = " (dense extrapolated)" if n_m < n else ""
+    print(f"sparse vs dense at n = {n}{note}:", file=out)
+    print(f"  time   {_fmt_time(t_sparse):>10} vs {_fmt_time(t_dense_n):>10}   {t_dense_n / t_sparse:.1f}x faster", file=out)
     print(
-        f"  speed-up of sparse over dense at n = {n}: {t_dense_n / t_sparse:.1f}x"
-        + (" (dense time extrapolated)" if n_m < n else ""),
+        f"  memory {_fmt_bytes(mem_sparse):>10} vs {_fmt_bytes(mem_dense * factor):>10}   "
+        f"{mem_dense * factor / max(mem_sparse, 1):.1f}x less",
         file=out,
     )
 
@@ -717,6 +764,13 @@ def _cmd_demo(args, words, out):
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
+
+
+def _cmd_warmup(args, words, out):
+    from .warmup import warmup
+
+    warmup(out)
+    return 0
 
 
 def _cmd_report(argv):
@@ -749,6 +803,12 @@ def _cmd_report(argv):
 # --------------------------------------------------------------------------------------------
 
 
+def _version():
+    from . import __version__
+
+    return __version__
+
+
 def _make_parser():
     parser = _Parser(
         prog=PROG,
@@ -756,6 +816,7 @@ def _make_parser():
         allow_abbrev=False,
     )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors (for debugging)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser(
@@ -806,7 +867,12 @@ def _make_parser():
         if name == "show":
             p.add_argument("--max-size", type=int, default=64, help="largest pattern side printed as text (default: 64)")
         else:
-            p.add_argument("--layers", type=int, default=None, help="stacked layers to report (default: until covered, at most 16)")
+            p.add_argument(
+                "--layers",
+                type=int,
+                default=None,
+                help="stacked layers to trace and report; bounds the work (default: until covered, at most 16)",
+            )
             p.add_argument(
                 "--tokens",
                 type=int,
@@ -817,9 +883,22 @@ def _make_parser():
                 "--cover-limit",
                 type=int,
                 default=24,
-                help="search at most this many layers for full coverage (default: 24)",
+                help="without --layers: search at most this many layers for full coverage (default: 24)",
             )
         p.set_defaults(func=func, parser=p)
+
+    warm = sub.add_parser(
+        "warmup",
+        help="compile every Numba kernel into Numba's cache (for container images and CI)",
+        description=(
+            "Runs one small call of every path with its own kernels (fused and staged forward, return_weights, "
+            "both backward paths, the pattern planner, receptive-field analysis; float32 and float64) so that "
+            "their compiled code lands in Numba's on-disk cache (NUMBA_CACHE_DIR when set). Prints a line per "
+            "kernel compiled; a second run finds everything in the cache."
+        ),
+        allow_abbrev=False,
+    )
+    warm.set_defaults(func=_cmd_warmup)
 
     sub.add_parser(
         "dask-demo",
@@ -857,8 +936,12 @@ def main(argv=None):
         parser = _make_parser()
         args, words = parser.parse_known_args(argv)
         if args.command is None:
-            parser.print_help(out)
-            return 0
+            if words:
+                raise CLIError(f"unrecognized arguments: {' '.join(words)} (see '{PROG} --help')")
+            # no command is a usage error (exit 2); 'sparseattn --help' asks for the help and exits 0
+            parser.print_help(sys.stderr)
+            commands = ", ".join(parser._subparsers._group_actions[0].choices)
+            raise CLIError(f"missing COMMAND (one of {commands})")
         if words and args.command not in ("show", "receptive"):
             raise CLIError(f"{PROG} {args.command}: unrecognized argument(s): {' '.join(words)} (see '{PROG} {args.command} --help')")
         return int(args.func(args, words, out) or 0)

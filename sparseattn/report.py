@@ -2,7 +2,9 @@
 
 ``sparseattn report BENCH.json [--out DIR]`` (or :func:`main`) reads the file
 written by ``pytest benchmarks/ --benchmark-json=BENCH.json`` and writes, under
-``DIR`` (default ``docs/benchmarks``):
+``DIR`` (default: a new folder ``sparseattn-report-<date>-<time>`` in the
+current directory; it never writes into ``docs/`` unless told to with
+``--out docs/benchmarks``):
 
 - ``BENCH.md``: per benchmark group, a table of method, n, radius, global
   tokens, dtype, median time, useful GFLOP/s (4·nnz·d per head), its share of
@@ -13,6 +15,13 @@ written by ``pytest benchmarks/ --benchmark-json=BENCH.json`` and writes, under
 - ``BENCH-<group>-time_vs_n.png`` (log-log, fitted slope in the legend),
   ``BENCH-<group>-time_vs_radius.png`` and ``BENCH-<group>-speedup.png``
   (matplotlib, extra ``viz``; imported only here and only when plotting).
+
+The report's first lines say where the numbers come from: pytest-benchmark's
+``commit_info``.  A run from a dirty tree, without a commit, or (checked with
+``git`` when the report runs inside a repository) at a commit that is not in
+the repository's history is marked **not reproducible from a commit**.  Every
+target shown (the paired comparisons' ``target``, e.g. ``>= 10``) is flagged
+**met** or **missed** for the measured median ratio.
 
 The benchmarks store what the report needs in each benchmark's ``extra_info``:
 ``method``, ``n``, ``radius``, ``globals``, ``dtype``, ``useful_flop``, and
@@ -48,7 +57,7 @@ import math
 import os
 import re
 
-__all__ = ["load", "summarize", "paired_rows", "fit_slope", "render_markdown", "report", "main"]
+__all__ = ["load", "summarize", "paired_rows", "fit_slope", "provenance", "target_verdict", "render_markdown", "new_output_dir", "report", "main"]
 
 OURS_PREFIX = "sparseattn"
 _KEY_FIELDS = ("n", "radius", "globals", "dtype")
@@ -123,6 +132,85 @@ def gemm_reference(data):
             g = max(found, key=lambda x: x["gemm_gflops"])
             return float(g["gemm_gflops"]), f"{label}, kernel {g.get('blas_architecture', '?')}"
     return None, None
+
+
+def _commit_in_history(commit, repo_dir):
+    """True / False when ``git`` can tell whether ``commit`` is in the history of HEAD; None if it cannot."""
+    import subprocess
+
+    try:
+        top = subprocess.run(
+            ["git", "-C", repo_dir, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10
+        )
+        if top.returncode != 0:
+            return None
+        res = subprocess.run(
+            ["git", "-C", repo_dir, "merge-base", "--is-ancestor", commit, "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.returncode == 0
+
+
+def provenance(data, repo_dir=None):
+    """``(reproducible, text)``: whether the run is tied to a clean commit, and a line saying so.
+
+    Parameters
+    ----------
+    data : dict
+        pytest-benchmark output (its ``commit_info``).
+    repo_dir : str, optional
+        A directory inside the project's git repository: the commit is then also
+        checked to be in the history of its HEAD (skipped when git cannot tell).
+
+    Examples
+    --------
+    >>> from sparseattn.report import provenance
+    >>> provenance({"commit_info": {"id": "0123456789abcdef", "dirty": True}})
+    (False, 'commit 0123456789 with uncommitted changes (dirty tree): not reproducible from a commit')
+    >>> provenance({"commit_info": {"id": "0123456789abcdef", "dirty": False}})
+    (True, 'commit 0123456789, clean tree')
+    >>> provenance({})[1]
+    'commit unknown (no commit_info in the JSON): not reproducible from a commit'
+    """
+    info = data.get("commit_info") or {}
+    commit = info.get("id")
+    if not commit or info.get("error"):
+        return False, "commit unknown (no commit_info in the JSON): not reproducible from a commit"
+    if info.get("dirty"):
+        return False, f"commit {commit[:10]} with uncommitted changes (dirty tree): not reproducible from a commit"
+    if repo_dir is not None and _commit_in_history(commit, repo_dir) is False:
+        return False, f"commit {commit[:10]} is not in this repository's history: not reproducible from a commit here"
+    return True, f"commit {commit[:10]}, clean tree"
+
+
+_TARGET = re.compile(r"^\s*(>=|<=|≥|≤|>|<)\s*([0-9.eE+-]+)\s*[x×]?\s*$")
+
+
+def target_verdict(target, value):
+    """``"met"``, ``"missed"``, or None when there is no target or value (or the target is not ``OP NUMBER``).
+
+    Examples
+    --------
+    >>> from sparseattn.report import target_verdict
+    >>> target_verdict(">= 10", 4.06), target_verdict("<= 8.8", 3.3), target_verdict(None, 1.0)
+    ('missed', 'met', None)
+    """
+    if not target or value is None:
+        return None
+    m = _TARGET.match(str(target))
+    if not m:
+        return None
+    op, bound = m.group(1), float(m.group(2))
+    ok = {">=": value >= bound, "≥": value >= bound, ">": value > bound, "<=": value <= bound, "≤": value <= bound, "<": value < bound}[op]
+    return "met" if ok else "missed"
+
+
+def _fmt_target(target, value):
+    verdict = target_verdict(target, value)
+    if not target:
+        return "—"
+    return f"{target}: {'met' if verdict == 'met' else '**missed**' if verdict == 'missed' else '?'}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,19 +370,23 @@ def _series_label(key, vary, keys=None):
     return key[0] + (f" ({extra})" if extra else "")
 
 
-def render_markdown(data, summary, plots=None, title=None):
-    """The markdown report for ``summary`` (from :func:`summarize`); ``plots``: {group: [png names]}."""
+def render_markdown(data, summary, plots=None, title=None, repo_dir=None):
+    """The markdown report for ``summary`` (from :func:`summarize`); ``plots``: {group: [png names]}.
+
+    ``repo_dir``: see :func:`provenance`.
+    """
     plots = plots or {}
     mi = data.get("machine_info") or {}
     sa = mi.get("sparseattn") or {}
     out = [f"# {title or 'Benchmarks'}", ""]
+    reproducible, origin = provenance(data, repo_dir)
+    if not reproducible:
+        out += [f"> **Provenance warning:** {origin}. These figures cannot be re-run from the code in the history.", ""]
     when = data.get("datetime")
-    commit = (data.get("commit_info") or {}).get("id")
     facts = []
     if when:
         facts.append(f"run {when}")
-    if commit:
-        facts.append(f"commit {commit[:10]}{' (dirty tree)' if (data.get('commit_info') or {}).get('dirty') else ''}")
+    facts.append(origin)
     if sa.get("cpu_model") or mi.get("cpu"):
         facts.append(f"CPU {sa.get('cpu_model') or (mi.get('cpu') or {}).get('brand_raw', '?')}, {sa.get('cpu_count', mi.get('cpu', {}).get('count', '?'))} cores")
     if "fused_available" in sa:
@@ -346,13 +438,15 @@ def render_markdown(data, summary, plots=None, title=None):
             "## Paired comparisons (alternating calls)",
             "",
             "A and B called alternately (A, B, A, B, ...) in one process, so both see the same machine load; "
-            "ratio is median(B) / median(A), with the range of B / A over the individual pairs.",
+            "ratio is median(B) / median(A), with the range of B / A over the individual pairs. A target is "
+            "met or **missed** by the median ratio"
+            + (" (quick mode: sizes too small for the targets, so the verdicts are not meaningful)." if sa.get("quick") else "."),
             "",
         ]
         header = ["comparison", "A", "B", "median A ms", "median B ms", "ratio B / A", "per-pair range", "target", "pairs", "load"]
         rows = [
             [p["label"], p["a"], p["b"], _fmt_ms(p["median_a"]), _fmt_ms(p["median_b"]), _fmt(p["ratio"]),
-             f"{_fmt(p['pair_ratio_min'])}–{_fmt(p['pair_ratio_max'])}", p["target"] or "—", _fmt(p["rounds"]), _fmt(p["load"], 2)]
+             f"{_fmt(p['pair_ratio_min'])}–{_fmt(p['pair_ratio_max'])}", _fmt_target(p["target"], p["ratio"]), _fmt(p["rounds"]), _fmt(p["load"], 2)]
             for p in paired
         ]  # fmt: skip
         out += [_table(header, rows), ""]
@@ -389,10 +483,10 @@ def render_markdown(data, summary, plots=None, title=None):
 # --------------------------------------------------------------------------------------------
 
 
-def _figure():
+def _figure(width=7.0):
     from matplotlib.figure import Figure  # lazy: extra 'viz'; no pyplot, no global backend state
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(width, 4.5), layout="constrained")
     return fig, fig.add_subplot()
 
 
@@ -437,7 +531,7 @@ def _plot_speedup(group, g, path):
         for peer, x in sp.items():
             rest = tuple(v for i, v in enumerate(key) if i not in (0, idx))
             lines.setdefault((key[0], peer) + rest, []).append((key[idx], x))
-    fig, ax = _figure()
+    fig, ax = _figure(9.5)  # room for the legend beside the axes
     for (ours, peer, *_), pts in sorted(lines.items(), key=lambda kv: (_method_order(kv[0][0]), kv[0][1:])):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{ours} vs {peer}")
@@ -447,7 +541,8 @@ def _plot_speedup(group, g, path):
     ax.set_ylabel("speed-up  t(peer) / t(ours)")
     ax.set_title(f"{group}\nspeed-up over each peer", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    # outside the axes: inside, it covered the points at the smallest n
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=110)
     return True
 
@@ -472,15 +567,33 @@ def _make_plots(summary, out_dir, stem):
 # --------------------------------------------------------------------------------------------
 
 
-def report(json_path, out_dir="docs/benchmarks", *, plots=True, title=None):
+def new_output_dir(parent=None):
+    """A new, empty folder ``sparseattn-report-<date>-<time>[-k]`` in ``parent`` (default: the current directory)."""
+    import time
+
+    parent = os.getcwd() if parent is None else os.fspath(parent)
+    base = os.path.join(parent, time.strftime("sparseattn-report-%Y%m%d-%H%M%S"))
+    path, k = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            k += 1
+            path = f"{base}-{k}"
+
+
+def report(json_path, out_dir=None, *, plots=True, title=None):
     """Write ``<stem>.md`` and the PNG plots for a pytest-benchmark JSON file.
 
     Parameters
     ----------
     json_path : str or os.PathLike
         Output of ``pytest benchmarks/ --benchmark-json=PATH``.
-    out_dir : str or os.PathLike
-        Directory for the markdown and PNGs (created if missing).
+    out_dir : str or os.PathLike, optional
+        Directory for the markdown and PNGs (created if missing).  Default: a new
+        folder from :func:`new_output_dir` in the current directory, so that a
+        report never overwrites committed files by accident.
     plots : bool
         Draw the PNGs (needs matplotlib, extra ``viz``).  Without matplotlib the
         markdown is still written and ``"plots_skipped"`` says why.
@@ -494,6 +607,8 @@ def report(json_path, out_dir="docs/benchmarks", *, plots=True, title=None):
         (plus ``"plots_skipped"`` when matplotlib is missing).
     """
     data = load(json_path)
+    if out_dir is None:
+        out_dir = new_output_dir()
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a directory path, got {type(out_dir).__name__}")
     os.makedirs(out_dir, exist_ok=True)
@@ -508,13 +623,17 @@ def report(json_path, out_dir="docs/benchmarks", *, plots=True, title=None):
             result["plots_skipped"] = "matplotlib is not installed (pip install 'sparseattn[viz]')"
         else:
             written = _make_plots(summary, out_dir, stem)
-    md = render_markdown(data, summary, written, title=title or f"Benchmarks: {os.path.basename(os.fspath(json_path))}")
+    repo_dir = os.path.dirname(os.path.abspath(os.fspath(json_path)))
+    md = render_markdown(
+        data, summary, written, title=title or f"Benchmarks: {os.path.basename(os.fspath(json_path))}", repo_dir=repo_dir
+    )
     md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(md)
     result["markdown"] = md_path
     result["plots"] = [os.path.join(out_dir, n) for names in written.values() for n in names]
     result["summary"] = summary
+    result["reproducible"], result["provenance"] = provenance(data, repo_dir)
     return result
 
 
@@ -526,15 +645,24 @@ def main(argv=None):
         "table and PNG plots: time vs n (log-log, fitted slope), time vs radius, speed-up over each peer.",
     )
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s)")
-    parser.add_argument("--out", default="docs/benchmarks", metavar="DIR", help="output directory (default: docs/benchmarks)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory (default: a new folder sparseattn-report-DATE-TIME in the current directory; "
+        "pass --out docs/benchmarks to update the docs)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the markdown only")
     args = parser.parse_args(argv)
     for path in args.json:
         if not os.path.isfile(path):
             parser.error(f"{path}: no such file (write it with pytest benchmarks/ --benchmark-json={path})")
+    out = args.out
     for path in args.json:
+        if out is None:
+            out = new_output_dir()  # one new folder for all the files of this run
         try:
-            res = report(path, args.out, plots=not args.no_plots)
+            res = report(path, out, plots=not args.no_plots)
         except ValueError as exc:
             parser.error(str(exc))
         print(f"wrote {res['markdown']}")
@@ -542,6 +670,11 @@ def main(argv=None):
             print(f"wrote {p}")
         if "plots_skipped" in res:
             print(f"plots skipped: {res['plots_skipped']}")
+        if not res["reproducible"]:
+            print(f"warning: {path}: {res['provenance']}")
+        missed = [p["label"] for p in paired_rows(load(path)) if target_verdict(p["target"], p["ratio"]) == "missed"]
+        for label in missed:
+            print(f"target missed: {label}")
     return 0
 
 

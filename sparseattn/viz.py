@@ -333,7 +333,7 @@ def plot_receptive_field(
     >>> sizes[:, 32].tolist()  # a middle token sees 9, 17, 25 tokens
     [9, 17, 25]
     """
-    from .analysis import _check_layers, _check_tokens, _chunks, _Rows, _square_pattern, _Tracer
+    from .analysis import _check_layers, _check_tokens, _square_pattern, _trace
 
     p = _square_pattern(pattern, residual)
     path = _check_path(path)
@@ -352,21 +352,15 @@ def plot_receptive_field(
     k = len(tokens)
     bk = min(n, max_pixels)
     ce = _edges(n, bk)
-    per_layer = np.zeros((layers, k), dtype=np.int64)
     counts = np.zeros((k, bk), dtype=np.int64)
-    rows = _Rows(p)
-    for s, e in _chunks(k, n):
-        t = _Tracer(rows, tokens[s:e], n)
-        for layer in range(layers):
-            t.step()
-            per_layer[layer, s:e] = t.counts()
-            if t.stable:
-                per_layer[layer:, s:e] = t.counts()
-                break
-        reach = t.reach
+
+    def add(s, e, tracer):
+        reach = tracer.sets()
         idx = np.repeat(np.arange(s, e, dtype=np.int64) * bk, np.diff(reach.indptr))
         idx += (reach.indices.astype(np.int64) * bk) // n
         counts.reshape(-1)[:] += np.bincount(idx, minlength=counts.size)
+
+    per_layer = _trace(p, tokens, layers, False, per_layer=True, on_chunk=add)
     density = counts / np.diff(ce)
 
     fig = _figure((11.0, 4.8))
@@ -386,6 +380,9 @@ def plot_receptive_field(
     ax2.set_ylabel("receptive field / n")
     ax2.set_ylim(0, 1.05)
     ax2.set_xlim(0.5, layers + 0.5)
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer counts are whole numbers
     ax2.grid(True, alpha=0.3)
     ax2.legend(loc="lower right")
     ax2.set_title(f"coverage ({len(tokens)} traced of n={n})", fontsize=9)

@@ -194,3 +194,23 @@ def test_streamed_rows_match_compiled(seed, monkeypatch):
         counts, sets = receptive_field(sa.from_dense(a), L, return_sets=True)
         np.testing.assert_array_equal(sets.toarray(), e)
     assert layers_to_cover(sa.sliding_window(n, 3) | sa.from_dense(a)) == cover
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_survey_matches_dense_powers_and_cover(seed):
+    from sparseattn.analysis import survey
+
+    rng = np.random.default_rng(500 + seed)
+    n = int(rng.integers(2, 40))
+    a = random_dense(rng, n, float(rng.uniform(0.03, 0.3)), diag=True if seed % 3 else None)
+    layers = int(rng.integers(1, 8))
+    table, cover, never = survey(a, layers)
+    expect = np.stack([dense_reach(a, L).sum(axis=1) for L in range(1, layers + 1)])
+    np.testing.assert_array_equal(table, expect)
+    full = [L for L in range(1, layers + 1) if dense_reach(a, L).all()]
+    assert cover == (full[0] if full else None)
+    truth = layers_to_cover(a)
+    if full:
+        assert truth == cover
+    if never:
+        assert truth is None

@@ -293,6 +293,7 @@ def test_third_party_builder_help_lists_parameters(capsys, third_party):
         (["demo", "--unknown"], "--unknown"),
         (["demo", "--heads", "two"], "two"),
         (["frobnicate"], "frobnicate"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
         (["receptive", "no_such_builder", "--layers", "2"], "known builders"),
     ],
 )
@@ -313,7 +314,42 @@ def test_unknown_builder_lists_every_known_builder(capsys):
         assert name in err
 
 
-@pytest.mark.parametrize("argv", [[], ["--help"], ["demo", "--help"], ["show", "--help"], ["receptive", "--help"], ["show", "sliding_window", "-h"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["frobnicate"], ["demo", "--unknown"], ["show", "sliding_window", "--n", "5", "--radius", "1", "--x", "1"]],
+)
+def test_usage_errors_exit_2(capsys, argv):
+    # argparse's convention: a bad option or command is a usage error, status 2
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("sparseattn: error:") and "usage:" not in err
+
+
+def test_version(capsys):
+    import sparseattn
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out.strip() == f"sparseattn {sparseattn.__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and out == ""  # the help goes to stderr: stdout stays clean for scripts
+    assert err.startswith("usage: sparseattn")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sparseattn: error: missing COMMAND") and "receptive" in last
+
+
+def test_dir_lists_the_lazy_names():
+    import sparseattn
+
+    names = dir(sparseattn)
+    for name in sparseattn.__all__:
+        assert name in names, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["show", "--help"], ["receptive", "--help"], ["show", "sliding_window", "-h"]])
 def test_help(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 0 and err == ""
@@ -356,8 +392,13 @@ def test_receptive_band_closed_form(capsys):
         assert mean == pytest.approx(round(counts.mean(), 1), abs=0.051)
         assert low == counts.min()
         assert full == pytest.approx(100 * np.mean(counts == n), abs=0.051)
+    # --layers bounds the work: coverage is looked for within those layers only
+    assert "layers until every token is influenced by all 20 tokens: not within 5 (--layers 5;" in out
     # band of radius 2 over 20 tokens: the ends meet after ceil(19 / 2) = 10 layers
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r))
+    assert code == 0, err
     assert "layers until every token is influenced by all 20 tokens: 10" in out
+    assert sorted(_table(out)) == list(range(1, 11))
 
 
 def test_receptive_band_plus_global_covers_in_two_layers(capsys):
@@ -381,14 +422,18 @@ def test_receptive_sampled_tokens_and_cover_limit(capsys):
         counts = np.minimum(traced + L * r, n - 1) - np.maximum(traced - L * r, 0) + 1
         assert (mean, low, full) == (pytest.approx(counts.mean(), abs=0.051), counts.min(), 0.0)
     assert "each of 5 evenly spaced traced tokens" in out
-    assert "not within 3" in out  # 20 layers are needed
+    assert "not within 2 (--layers 2;" in out  # 20 layers are needed
+    code, out, err = run(capsys, "receptive", "sliding_window", "--n", str(n), "--radius", str(r), "--tokens", "5", "--cover-limit", "3")
+    assert code == 0, err
+    assert "not within 3 (--cover-limit 3;" in out
 
 
 def test_receptive_causal_never_covers(capsys):
     pytest.importorskip("sparseattn.analysis")
     code, out, err = run(capsys, "receptive", "causal", "--n", "6", "--layers", "3")
     assert code == 0, err
-    assert "layers until every token is influenced by all 6 tokens: not within 24" in out
+    # token 0 only ever sees itself: a fixed point short of n, so never (not just "not within")
+    assert "layers until every token is influenced by all 6 tokens: never" in out
     # causal over 6 tokens: token i is influenced by tokens 0..i (i + 1 of them) from layer 1 on
     assert _table(out)[3] == (3.5, 1, pytest.approx(100 / 6, abs=0.051))
 
@@ -477,8 +522,21 @@ def test_demo_small(capsys):
     assert "rows [0, 64) and [288, 352)" in out
     diff = float(re.search(r"max \|difference\| = ([0-9.eE+-]+)", out).group(1))
     assert diff < 1e-4
-    for label in ("pattern CSR built in", "one-time work", "steady state:", "measured at n = 256"):
+    for label in ("pattern CSR built in", "one-time work", f"steady state at n = {n}:", "measured at n = 256"):
         assert label in out
+    # sparse peak memory next to dense: the output is allocated by the call, so it is part of the peak
+    sparse_peak, output = re.search(r"peak memory ([0-9.]+ \w+) \(output ([0-9.]+ \w+) included\)", out).groups()
+    assert _bytes(sparse_peak) >= _bytes(output) * 0.99
+    assert _bytes(output) == pytest.approx(2 * n * 16 * 4, rel=0.01)
+    # the dense baseline holds every head's 256 x 256 float32 scores at once
+    dense_peak = _bytes(re.search(r"measured at n = 256: .*?, peak memory ([0-9.]+ \w+)", out).group(1))
+    assert dense_peak >= 2 * 256 * 256 * 4
+    assert re.search(r"time .* vs .*x faster", out) and re.search(r"memory .* vs .*x less", out)
+
+
+def _bytes(text):
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
 
 
 def test_demo_float64_matches_reference_tightly(capsys):

@@ -315,3 +315,24 @@ def test_import_is_light():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ))
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_band_global_row_counts_match_built_rows(seed):
+    # the interval-arithmetic row counts of window | global (what nnz uses) against the merged rows
+    from sparseattn.patterns.algebra import Union, _fold
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    left, right = (int(x) for x in rng.integers(0, 8, size=2))
+    dilation = int(rng.integers(1, 4))
+    g = rng.choice(n, size=int(rng.integers(0, min(n, 5) + 1)), replace=False)
+    p = sa.sliding_window(n, left=left, right=right, dilation=dilation) | sa.global_tokens(n, g)
+    if seed % 3 == 0:
+        p = p | sa.global_tokens(n, rng.choice(n, size=1))
+    assert isinstance(p, Union)
+    start = int(rng.integers(0, n + 1))
+    stop = int(rng.integers(start, n + 1))
+    indptr, _ = _fold(p.parts, start, stop, union=True)
+    np.testing.assert_array_equal(p._row_counts(start, stop), np.diff(indptr))
+    assert p.nnz == int(p.to_dense().sum())

@@ -295,10 +295,96 @@ def test_paired_comparisons_table(synthetic, tmp_path):
     md = open(res["markdown"]).read()
     (table,) = _tables(md, "Paired comparisons (alternating calls)")
     (row,) = table["rows"]
-    assert row["A"] == "sparseattn n=8192" and row["B"] == "hf-longformer n=8192" and row["target"] == ">= 10"
+    assert row["A"] == "sparseattn n=8192" and row["B"] == "hf-longformer n=8192"
+    assert row["target"] == ">= 10: met"  # 1.30 / 0.11 = 11.8
     assert _num(row["median A ms"]) == pytest.approx(110.0, rel=1e-3)
     assert _num(row["median B ms"]) == pytest.approx(1300.0, rel=1e-3)
     assert _num(row["ratio B / A"]) == pytest.approx(1.30 / 0.11, rel=6e-3)
     lo, hi = (float(x) for x in row["per-pair range"].split("–"))
     assert lo == pytest.approx(1.20 / 0.30, rel=6e-3) and hi == pytest.approx(1.30 / 0.10, rel=6e-3)
     assert row["pairs"] == "5" and _num(row["load"]) == pytest.approx(1.25, abs=0.051)  # 2 significant digits
+
+
+@pytest.mark.parametrize(
+    "target, value, verdict",
+    [(">= 10", 4.06, "missed"), (">= 10", 10.0, "met"), ("<= 8.8", 3.33, "met"), ("<= 2.5", 2.51, "missed"),
+     ("> 1", 1.0, "missed"), ("< 1", 0.5, "met"), ("≥ 1.5", 1.74, "met"), ("fast", 3.0, None), (None, 3.0, None), (">= 2", None, None)],
+)  # fmt: skip
+def test_target_verdict(target, value, verdict):
+    assert rp.target_verdict(target, value) == verdict
+
+
+def test_missed_target_is_flagged_in_table_and_output(synthetic, tmp_path, capsys):
+    data, _, _ = synthetic
+    paired = {"label": "peer / ours", "a": "A", "b": "B", "target": ">= 10", "median_a": 1.0, "median_b": 4.0,
+              "ratio": 4.0, "pair_ratio_min": 3.9, "pair_ratio_max": 4.1, "rounds": 3}  # fmt: skip
+    data["benchmarks"].append({"group": "p", "name": "t", "stats": {"median": 4.0}, "extra_info": {"paired": paired}})
+    path = _write(tmp_path, data)
+    assert rp.main([str(path), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert "target missed: peer / ours" in capsys.readouterr().out
+    (table,) = _tables((tmp_path / "o" / "BENCH.md").read_text(), "Paired comparisons (alternating calls)")
+    assert table["rows"][0]["target"] == ">= 10: **missed**"
+
+
+@pytest.mark.parametrize(
+    "info, ok, words",
+    [
+        (None, False, "commit unknown"),
+        ({"id": "ab" * 20, "dirty": True}, False, "dirty tree"),
+        ({"id": "ab" * 20, "dirty": False}, True, "clean tree"),
+    ],
+)
+def test_provenance_marked_in_report(synthetic, tmp_path, info, ok, words):
+    data, _, _ = synthetic
+    data.pop("commit_info", None)
+    if info is not None:
+        data["commit_info"] = info
+    res = rp.report(_write(tmp_path, data), out_dir=tmp_path / "o", plots=False)
+    md = open(res["markdown"]).read()
+    head = md.split("## ")[0]
+    assert res["reproducible"] is ok and words in res["provenance"]
+    assert words in head
+    assert ("Provenance warning" in head) is (not ok)
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_default_output_is_a_new_folder_and_changes_no_tracked_file(synthetic, tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    data, _, _ = synthetic
+    repo = tmp_path / "repo"
+    (repo / "docs" / "benchmarks").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@example.org")
+    _git(repo, "config", "user.name", "t")
+    bench = repo / "docs" / "benchmarks" / "BENCH.json"
+    committed_md = repo / "docs" / "benchmarks" / "BENCH.md"
+    committed_md.write_text("committed report\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "docs")
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    data["commit_info"] = {"id": head, "dirty": False}
+    bench.write_text(json.dumps(data))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "json")
+    monkeypatch.chdir(repo)
+    assert rp.main([str(bench), "--no-plots"]) == 0
+    assert rp.main([str(bench), "--no-plots"]) == 0  # a second run: another new folder, nothing overwritten
+    assert _git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    assert committed_md.read_text() == "committed report\n"
+    made = sorted(p for p in repo.iterdir() if p.name.startswith("sparseattn-report-"))
+    assert len(made) == 2 and all((p / "BENCH.md").exists() for p in made)
+    # a commit in the history and a clean tree: no warning
+    assert "Provenance warning" not in (made[0] / "BENCH.md").read_text()
+    # a commit that is not in this repository's history is marked
+    data["commit_info"] = {"id": "0" * 40, "dirty": False}
+    bench.write_text(json.dumps(data))
+    res = rp.report(bench, out_dir=tmp_path / "o", plots=False)
+    assert not res["reproducible"] and "not in this repository's history" in res["provenance"]

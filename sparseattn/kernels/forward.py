@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, lanes, pack_panel, pv_block, qk_block
+from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, as_readonly, lanes, pack_panel, pv_block, qk_block
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 
@@ -320,15 +320,15 @@ def tiles_forward(
                     for e in range(dv):
                         vg[c, e] = v[s, j, e]
                 sm = sbuf[: rows * nc].reshape((rows, nc))
-                _mm_nt(qt, kg[:nc], sm)
+                _mm_nt(qt, as_readonly(kg[:nc]), sm)  # the call site of k's slices: one specialisation
                 for r in range(rows):
                     for c in range(nc):
                         ok = sh_mask[(c0 + c) * T + r] != 0
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
-                    _row_update(sm[r], 0, nc, okb, True, r, m, l, acc, neg, zero)
-                _mm_nn(sm, vg[:nc], tmp[:rows])
+                    _row_update(sm[r], np.int64(0), nc, okb, np.bool_(True), r, m, l, acc, neg, zero)  # typed, not literal: one specialisation
+                _mm_nn(sm, as_readonly(vg[:nc]), tmp[:rows])
                 _add_into(acc, tmp, rows)
                 c0 = cb
             # -- 3. per-row residual columns
@@ -350,7 +350,7 @@ def tiles_forward(
                         sr[e] = x
                         if use_valid:
                             okb[e] = key_valid[kb, j]
-                    _row_update(sr, 0, ne, okb, use_valid, r, m, l, acc, neg, zero)
+                    _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
                     for e in range(ne):
                         p = sr[e]
                         if p != zero:
@@ -422,7 +422,7 @@ def long_rows_partial(
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
-            _row_update(sm[rr], 0, wd, vrow, use_valid, rr, m, l, o, neg, zero)
+            _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
         _mm_nn(sm, v[s, a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]

@@ -136,6 +136,26 @@ def vexp(x, out):
 
 
 
+@intrinsic
+def as_readonly(typingctx, arr):
+    """The same array typed read-only.
+
+    The inputs q, k, v reach the kernels read-only; passing a writable scratch
+    array to the same BLAS call site would compile a second specialisation of
+    it (and of ``np.dot``), so scratch operands are retyped at those call sites.
+    """
+    if not isinstance(arr, types.Array) or not arr.mutable:
+        return None
+    ro = arr.copy(readonly=True)
+
+    def codegen(context, builder, signature, args):
+        from numba.core.imputils import impl_ret_borrowed
+
+        return impl_ret_borrowed(context, builder, ro, args[0])
+
+    return ro(arr), codegen
+
+
 @njit(nogil=True)
 def _mm_nt(a, b, out):
     """``out = a @ b.T`` through BLAS (one shared call site keeps compile time down)."""

@@ -72,6 +72,46 @@ class Union(_Combine):
     def _rows(self, start, stop):
         return _fold(self.parts, start, stop, union=True)
 
+    def _row_counts(self, start, stop):
+        counts = _band_global_counts(self.parts, start, stop)
+        return super()._row_counts(start, stop) if counts is None else counts
+
+
+def _band_global_counts(parts, start, stop):
+    """Row counts of one sliding window | global tokens by interval arithmetic, else None.
+
+    A global row is full; an ordinary row ``i`` holds its window plus the global
+    columns outside it.  Global column ``g`` lies in the window of the rows
+    ``g - m * dilation`` for ``-left <= m * dilation <= right``.
+    """
+    from .builders import GlobalTokens, SlidingWindow
+
+    bands = [p for p in parts if isinstance(p, SlidingWindow)]
+    globs = [p for p in parts if isinstance(p, GlobalTokens)]
+    if len(bands) != 1 or len(bands) + len(globs) != len(parts):
+        return None
+    band = bands[0]
+    n_q, n_k = band.shape
+    if n_q != n_k:
+        return None
+    counts = band._row_counts(start, stop).astype(np.int64)
+    if not globs:
+        return counts
+    g = np.unique(np.concatenate([p.indices for p in globs])).astype(np.int64)
+    d = band.dilation
+    m = np.arange(-(band.left // d), band.right // d + 1, dtype=np.int64)
+    if len(g) * len(m) > 1 << 26:
+        return None  # very many global tokens: merge the rows instead
+    rows = (g[:, None] - m[None, :] * d).ravel()  # rows whose window holds g
+    rows = rows[(rows >= start) & (rows < stop)]
+    inside = np.bincount(rows - start, minlength=stop - start)
+    counts += len(g) - inside
+    is_global = np.zeros(stop - start, dtype=bool)
+    gi = g[(g >= start) & (g < stop)] - start
+    is_global[gi] = True
+    counts[is_global] = n_k
+    return counts
+
 
 class Intersection(_Combine):
     """Entries allowed by every part."""

@@ -143,12 +143,19 @@ def sliding_window(n, radius=None, *, left=None, right=None, dilation=1, n_k=Non
     n : int
         Number of queries (and keys, unless ``n_k`` is given).
     radius : int, optional
-        Tokens seen on each side.
+        The reach on each side, in tokens: offsets ``j - i`` up to ``radius``
+        away are candidates.  With ``dilation=1`` the query sees all
+        ``radius`` tokens on each side; with ``dilation > 1`` only every
+        ``dilation``-th offset is kept, i.e. ``radius // dilation`` keys on
+        each side.
     left, right : int, optional
-        Tokens seen before / after the query; default to ``radius``.
+        The reach before / after the query, as ``radius``; default to ``radius``.
     dilation : int
-        Only offsets that are multiples of ``dilation`` are kept (the
-        allenai Longformer's dilated windows); ``dilation=1`` is a plain band.
+        Keep only the offsets that are multiples of ``dilation``, within the
+        reach (the reach is kept and the key count drops); ``dilation=1`` is a
+        plain band.  The allenai Longformer's dilated window of ``w`` keys per
+        side keeps the key count and widens the reach instead: that window is
+        ``sliding_window(n, w * dilation, dilation=dilation)``.
     n_k : int, optional
         Number of keys for a rectangular pattern (defaults to ``n``).
 
@@ -186,9 +193,11 @@ def causal(n, radius=None, *, dilation=1):
     n : int
         Number of tokens.
     radius : int, optional
-        How many earlier tokens each query sees; ``None`` means all of them.
+        The reach backwards, in tokens (``None``: back to the first token).
+        With ``dilation > 1`` the query sees ``radius // dilation`` earlier
+        keys within that reach, not ``radius``.
     dilation : int
-        Keep only offsets that are multiples of ``dilation``.
+        Keep only offsets that are multiples of ``dilation``, within the reach.
     """
     n = _check_int("n", n, 0)
     left = max(n - 1, 0) if radius is None else _check_int("radius", radius, 0)
