@@ -97,17 +97,34 @@ def first_nonfinite(name, user, flat, lead):
     )
 
 
+#: the dtype policy: input dtype -> compute dtype (the output keeps np.result_type of the inputs)
+DTYPE_POLICY = (
+    "float32 and float64 are computed as such; float16 is computed in float32 and returned as float16; "
+    "longdouble is computed in float64 and returned as longdouble"
+)
+
+
 def _check_array(name, x):
     if sp.issparse(x):
         raise TypeError(f"{name} must be a dense floating-point array, got a scipy sparse {type(x).__name__}")
-    arr = np.asarray(x)
-    if arr.dtype.kind != "f":
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{name} must be a floating-point array, could not convert {type(x).__name__}: {e}") from None
+    if arr.dtype.kind != "f" or arr.dtype.names is not None:
+        hint = f"; cast it with {name}.astype(np.float32)" if arr.dtype.kind in "biuf" else ""
         raise TypeError(
-            f"{name} must be a floating-point array (float32 or float64), got dtype {arr.dtype} "
-            f"with shape {arr.shape}; cast it with {name}.astype(np.float32)"
+            f"{name} must be a floating-point array (float16, float32, float64 or longdouble), got dtype "
+            f"{arr.dtype} with shape {arr.shape}{hint} ({DTYPE_POLICY})"
         )
     if arr.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., n, d), got shape {arr.shape}")
+    if arr.dtype.itemsize > 8 and arr.size:
+        big = np.abs(arr[np.isfinite(arr)]).max(initial=0)
+        if big > np.finfo(np.float64).max:
+            raise ValueError(
+                f"{name} holds {str(big)}, beyond float64's range: longdouble inputs are computed in float64"
+            )
     return arr
 
 
@@ -259,10 +276,8 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
         slice_batch = np.arange(S, dtype=np.int64) // H
 
     # -- dtypes and layout ------------------------------------------------------
-    out_dtype = np.result_type(q, k, v)
-    compute = np.float64 if out_dtype == np.float64 else np.float32
-    if out_dtype.itemsize > 8:
-        compute = np.float64
+    out_dtype = np.result_type(q, k, v)  # float16, float32, float64 or longdouble
+    compute = np.float64 if out_dtype.itemsize >= 8 else np.float32  # DTYPE_POLICY
 
     check_scale_dtype(scale, compute, user_scale)
 

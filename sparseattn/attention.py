@@ -195,7 +195,11 @@ def sparse_attention(
     Returns
     -------
     out : ndarray, shape (..., n_q, d_v)
-        In ``np.result_type(q, k, v)`` (float32 stays float32).
+        In ``np.result_type(q, k, v)`` (float32 stays float32).  float32 and
+        float64 are computed as such; float16 is computed in float32 and
+        returned as float16; longdouble is computed in float64 (not in
+        extended precision) and returned as longdouble.  Other dtypes raise
+        a ``TypeError``.
     weights : AttentionWeights
         Only with ``return_weights=True``.
     lse : ndarray, shape (..., n_q)
