@@ -215,6 +215,12 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
     elif isinstance(pattern, (list, tuple)):
         if len(pattern) == 0:
             raise ValueError("pattern is an empty sequence; pass one pattern, or one per head")
+        if not any(_is_pattern_like(p) for p in pattern):
+            raise TypeError(
+                f"pattern is a {type(pattern).__name__} of {type(pattern[0]).__name__}; a sequence is read as one "
+                f"pattern per head, each a Pattern, a scipy sparse matrix or a 2-D boolean ndarray (for a dense "
+                f"mask written as nested lists, pass np.array(mask, dtype=bool))"
+            )
         patterns = [as_pattern(p, f"pattern[{i}]") for i, p in enumerate(pattern)]
         per_head = True
     else:
