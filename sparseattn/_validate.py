@@ -286,6 +286,7 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
     compute = np.float64 if out_dtype.itemsize >= 8 else np.float32  # DTYPE_POLICY
 
     check_scale_dtype(scale, compute, user_scale)
+    scale = float(compute(scale))  # what the kernels multiply by; the reference uses the same value
 
     from ._memory import check as check_memory
 
