@@ -104,9 +104,9 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
         qs = prep.q[s, start:stop].astype(np.float64)
         ks = prep.k[s].astype(np.float64)
         vs = prep.v[s].astype(np.float64)
-        scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)
         has = mask.any(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
+            scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)  # inf * 0 is NaN, as IEEE says
             m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)  # max propagates NaN
             p = np.where(mask, np.exp(scores - m[:, None]), 0.0)  # IEEE: -inf - -inf and inf - inf are NaN
             den = p.sum(axis=1)
