@@ -73,6 +73,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     ----------
     q, k, v : ndarray, shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv)
         C-contiguous, one float dtype (float32 or float64); not modified.
+        The kernels run with fast-math and assume finite values: callers
+        send slices with a NaN or an infinity elsewhere (``skip=``), as
+        :func:`sparseattn.sparse_attention` does.
     patterns : list of Pattern
         The distinct patterns, each of shape ``(n_q, n_k)``.
     slice_pattern : int64 ndarray, shape (S,)
