@@ -22,9 +22,12 @@ from .patterns.base import Pattern, as_pattern
 class Prepared:
     """Validated, broadcast view of one attention call."""
 
-    q: np.ndarray  # (S, n_q, d) compute dtype, C-contiguous
-    k: np.ndarray  # (S, n_k, d)
-    v: np.ndarray  # (S, n_k, dv)
+    qc: np.ndarray  # (S_q, n_q, d) compute dtype, C-contiguous: q's distinct slices, stored once
+    kc: np.ndarray  # (S_k, n_k, d)
+    vc: np.ndarray  # (S_v, n_k, dv)
+    qmap: np.ndarray  # (S,) int64: slice s reads qc[qmap[s]] (and likewise for k, v)
+    kmap: np.ndarray
+    vmap: np.ndarray
     lead: tuple  # broadcast leading shape; S = prod(lead)
     patterns: list  # P Pattern objects of shape (n_q, n_k)
     slice_pattern: np.ndarray  # (S,) int64 index into patterns
@@ -35,19 +38,41 @@ class Prepared:
 
     @cached_property
     def nonfinite(self):
-        """(S,) bool: slice ``s`` has a NaN or an infinity in ``q``, ``k`` or ``v`` (one pass over each)."""
-        flags = np.zeros(self.q.shape[0], dtype=bool)
-        for x in (self.q, self.k, self.v):
-            scan_nonfinite(x, flags)
+        """(S,) bool: slice ``s`` has a NaN or an infinity in ``q``, ``k`` or ``v`` (one pass over each stored array)."""
+        flags = np.zeros(len(self.qmap), dtype=bool)
+        for x, mp in ((self.qc, self.qmap), (self.kc, self.kmap), (self.vc, self.vmap)):
+            flags |= scan_nonfinite(x, np.zeros(x.shape[0], dtype=bool))[mp]
         return flags
+
+    def _full(self, x, mp, name):
+        if x.shape[0] == len(mp) and np.array_equal(mp, np.arange(len(mp))):
+            return x
+        from ._memory import check
+
+        check({f"{name} repeated over the broadcast dims {self.lead}": len(mp) * x[0].nbytes if len(x) else 0},
+              "sparse_attention", ADVICE)  # fmt: skip
+        return x[mp]
+
+    @cached_property
+    def q(self):
+        """(S, n_q, d): one row block per slice (materialises a broadcast input; the fused forward does not need it)."""
+        return self._full(self.qc, self.qmap, "q")
+
+    @cached_property
+    def k(self):
+        return self._full(self.kc, self.kmap, "k")
+
+    @cached_property
+    def v(self):
+        return self._full(self.vc, self.vmap, "v")
 
     @property
     def n_q(self):
-        return self.q.shape[1]
+        return self.qc.shape[1]
 
     @property
     def n_k(self):
-        return self.k.shape[1]
+        return self.kc.shape[1]
 
 
 _INT_VIEW = {
@@ -78,18 +103,22 @@ def scan_nonfinite(x, flags):
     return flags
 
 
-def first_nonfinite(name, user, flat, lead):
-    """``ValueError`` naming the user's array and the index of its first NaN/inf (``flat``: its (S, n, d) copy)."""
-    flags = scan_nonfinite(flat, np.zeros(flat.shape[0], dtype=bool))
+def first_nonfinite(name, user, compact, own):
+    """``ValueError`` naming the user's array and the index of its first NaN/inf, or None.
+
+    ``compact`` is its (prod(own), n, d) copy in the compute dtype, ``own`` its
+    leading shape aligned to the broadcast shape (1 on broadcast axes).
+    """
+    flags = scan_nonfinite(compact, np.zeros(compact.shape[0], dtype=bool))
     if not flags.any():
         return None
     s = int(np.argmax(flags))
-    i, t = (int(a) for a in np.argwhere(~np.isfinite(flat[s]))[0])
+    i, t = (int(a) for a in np.argwhere(~np.isfinite(compact[s]))[0])
     user_lead = np.shape(user)[:-2]
-    lead_idx = np.unravel_index(s, lead) if lead else ()
-    lead_idx = lead_idx[len(lead_idx) - len(user_lead):] if user_lead else ()
-    idx = tuple(0 if n == 1 else int(j) for j, n in zip(lead_idx, user_lead)) + (i, t)
-    value = flat[s, i, t]
+    lead_idx = np.unravel_index(s, own) if own else ()
+    idx = tuple(int(j) for j in lead_idx[len(lead_idx) - len(user_lead):]) if user_lead else ()
+    idx = idx + (i, t)
+    value = compact[s, i, t]
     return ValueError(
         f"{name} holds a non-finite value ({value}) at index {idx} (shape {np.shape(user)}); "
         f"check_finite=True refuses NaN and +-inf; without it they propagate under IEEE rules "
@@ -97,17 +126,34 @@ def first_nonfinite(name, user, flat, lead):
     )
 
 
+#: the dtype policy: input dtype -> compute dtype (the output keeps np.result_type of the inputs)
+DTYPE_POLICY = (
+    "float32 and float64 are computed as such; float16 is computed in float32 and returned as float16; "
+    "longdouble is computed in float64 and returned as longdouble"
+)
+
+
 def _check_array(name, x):
     if sp.issparse(x):
         raise TypeError(f"{name} must be a dense floating-point array, got a scipy sparse {type(x).__name__}")
-    arr = np.asarray(x)
-    if arr.dtype.kind != "f":
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{name} must be a floating-point array, could not convert {type(x).__name__}: {e}") from None
+    if arr.dtype.kind != "f" or arr.dtype.names is not None:
+        hint = f"; cast it with {name}.astype(np.float32)" if arr.dtype.kind in "biuf" else ""
         raise TypeError(
-            f"{name} must be a floating-point array (float32 or float64), got dtype {arr.dtype} "
-            f"with shape {arr.shape}; cast it with {name}.astype(np.float32)"
+            f"{name} must be a floating-point array (float16, float32, float64 or longdouble), got dtype "
+            f"{arr.dtype} with shape {arr.shape}{hint} ({DTYPE_POLICY})"
         )
     if arr.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., n, d), got shape {arr.shape}")
+    if arr.dtype.itemsize > 8 and arr.size:
+        big = np.abs(arr[np.isfinite(arr)]).max(initial=0)
+        if big > np.finfo(np.float64).max:
+            raise ValueError(
+                f"{name} holds {str(big)}, beyond float64's range: longdouble inputs are computed in float64"
+            )
     return arr
 
 
@@ -147,15 +193,20 @@ ADVICE = (
 )
 
 
-def _copy_bytes(name, x, lead, S, compute):
-    """Bytes of the contiguous (S, n, last) copy ``prepare`` makes of ``x``, with why (0: no copy)."""
-    size = S * x.shape[-2] * x.shape[-1] * np.dtype(compute).itemsize
+def _own_lead(x, lead):
+    """``x``'s leading shape aligned to ``lead`` (1 on the axes it is broadcast along)."""
+    own = (1,) * (len(lead) - (x.ndim - 2)) + x.shape[:-2]
+    return tuple(1 if o == 1 else L for o, L in zip(own, lead))
+
+
+def _copy_bytes(name, x, own, compute):
+    """Bytes of the contiguous compact copy ``prepare`` makes of ``x``, with why (0: used in place)."""
+    n_own = int(np.prod(own, dtype=np.int64))
+    size = n_own * x.shape[-2] * x.shape[-1] * np.dtype(compute).itemsize
     why = []
     if x.dtype != compute:
         why.append(f"cast to {np.dtype(compute).name}")
-    if int(np.prod(x.shape[:-2], dtype=np.int64)) != S:
-        why.append(f"repeated over the broadcast dims {tuple(lead)}")
-    elif not x.flags.c_contiguous:
+    if not x.flags.c_contiguous:
         zero = any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape))
         why.append("made contiguous (it has zero strides: broadcast)" if zero else "made contiguous")
     return (f"{name} {', '.join(why)}", size) if why else (name, 0)
@@ -198,6 +249,12 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
     elif isinstance(pattern, (list, tuple)):
         if len(pattern) == 0:
             raise ValueError("pattern is an empty sequence; pass one pattern, or one per head")
+        if not any(_is_pattern_like(p) for p in pattern):
+            raise TypeError(
+                f"pattern is a {type(pattern).__name__} of {type(pattern[0]).__name__}; a sequence is read as one "
+                f"pattern per head, each a Pattern, a scipy sparse matrix or a 2-D boolean ndarray (for a dense "
+                f"mask written as nested lists, pass np.array(mask, dtype=bool))"
+            )
         patterns = [as_pattern(p, f"pattern[{i}]") for i, p in enumerate(pattern)]
         per_head = True
     else:
@@ -259,35 +316,41 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
         slice_batch = np.arange(S, dtype=np.int64) // H
 
     # -- dtypes and layout ------------------------------------------------------
-    out_dtype = np.result_type(q, k, v)
-    compute = np.float64 if out_dtype == np.float64 else np.float32
-    if out_dtype.itemsize > 8:
-        compute = np.float64
+    out_dtype = np.result_type(q, k, v)  # float16, float32, float64 or longdouble
+    compute = np.float64 if out_dtype.itemsize >= 8 else np.float32  # DTYPE_POLICY
 
     check_scale_dtype(scale, compute, user_scale)
+    scale = float(compute(scale))  # what the kernels multiply by; the reference uses the same value
 
     from ._memory import check as check_memory
 
-    items = dict(_copy_bytes(name, x, lead, S, compute) for name, x in (("q", q), ("k", k), ("v", v)))
+    owns = [_own_lead(x, lead) for x in (q, k, v)]
+    items = dict(_copy_bytes(name, x, own, compute) for name, x, own in zip("qkv", (q, k, v), owns))
     item = np.dtype(compute).itemsize
     items["output"] = S * n_q * dv * item * (1 if out_dtype == compute else 2)
     items["log-sum-exp"] = S * n_q * item
     check_memory(items, caller, ADVICE)
 
-    def flat(x, n, last):
-        x = np.broadcast_to(x, lead + x.shape[-2:]).reshape(S, n, last)
-        return np.ascontiguousarray(x, dtype=compute)
+    def compact(x, own):
+        """x's distinct slices, stored once, and the slice -> stored slice map (broadcast axes are not repeated)."""
+        n_own = int(np.prod(own, dtype=np.int64))
+        xs = np.reshape(x, (n_own,) + x.shape[-2:]) if x.ndim > 2 or n_own != 1 else x[None]
+        mp = np.broadcast_to(np.arange(n_own, dtype=np.int64).reshape(own), lead).reshape(S)
+        return np.ascontiguousarray(xs, dtype=compute), np.ascontiguousarray(mp)
 
-    qf, kf, vf = flat(q, n_q, d), flat(k, n_k, d), flat(v, n_k, dv)
+    (qc, qmap), (kc, kmap), (vc, vmap) = (compact(x, own) for x, own in zip((q, k, v), owns))
     if check_finite:
-        for name, user, x in (("q", q, qf), ("k", k, kf), ("v", v, vf)):
-            err = first_nonfinite(name, user, x, lead)
+        for name, user, x, own in (("q", q, qc, owns[0]), ("k", k, kc, owns[1]), ("v", v, vc, owns[2])):
+            err = first_nonfinite(name, user, x, own)
             if err is not None:
                 raise err
     return Prepared(
-        q=qf,
-        k=kf,
-        v=vf,
+        qc=qc,
+        kc=kc,
+        vc=vc,
+        qmap=qmap,
+        kmap=kmap,
+        vmap=vmap,
         lead=tuple(lead),
         patterns=patterns,
         slice_pattern=slice_pattern,

@@ -76,12 +76,16 @@ def _check_staged_memory(prep, slice_pattern, return_weights):
 
     nnz = np.array([p.nnz for p in prep.patterns], dtype=np.int64)
     total = int(nnz[slice_pattern].sum())
+    S = len(slice_pattern)
+    copies = sum(S * x[0].nbytes for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap))
+                 if len(x) and len(x) != len(mp))  # fmt: skip
     idx = 4 if int(nnz.sum()) < 2**31 - 1 else 8
     why = "return_weights=True" if return_weights else "path='staged' or non-finite inputs"
     check(
         {
-            f"per-nonzero scores of the staged path ({why}): {total} values": total * prep.q.dtype.itemsize,
+            f"per-nonzero scores of the staged path ({why}): {total} values": total * prep.qc.dtype.itemsize,
             "the patterns' CSR": int(nnz.sum()) * idx * 2 + len(prep.patterns) * (prep.n_q + 1) * idx * 2,
+            "broadcast inputs repeated per slice": copies,
         },
         "sparse_attention",
         ADVICE,
@@ -92,11 +96,13 @@ def _staged(prep, return_weights, slices=None):
     """The staged kernels over all slices, or over ``slices`` (an int64 index array) only."""
     from .kernels.staged import csr_softmax, sddmm, spmm
 
-    q, k, v, slice_pattern, slice_batch = prep.q, prep.k, prep.v, prep.slice_pattern, prep.slice_batch
-    if slices is not None:
-        q, k, v, slice_pattern = q[slices], k[slices], v[slices], slice_pattern[slices]
-        slice_batch = slice_batch[slices] if slice_batch is not None else None
+    sl = np.arange(len(prep.slice_pattern)) if slices is None else slices
+    slice_pattern, slice_batch = prep.slice_pattern[sl], prep.slice_batch
+    slice_batch = slice_batch[sl] if slice_batch is not None else None
     _check_staged_memory(prep, slice_pattern, return_weights)
+    # one row block per slice: the staged kernels index q[s]; a broadcast input is repeated here
+    q, k, v = (x if x.shape[0] == len(sl) and np.array_equal(mp[sl], sl) else x[mp[sl]]
+               for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap)))  # fmt: skip
     ptr, ind, nnz = _concat_patterns(prep.patterns)
     S = q.shape[0]
     slice_nnz = nnz[slice_pattern]
@@ -120,8 +126,11 @@ def _staged(prep, return_weights, slices=None):
     return out, lse, weights
 
 
-def _fused(prep):
+def _fused(prep, parallel=None):
     """The fused kernels for the slices whose inputs are all finite, the staged ones for the rest.
+
+    ``parallel`` is passed to :func:`~sparseattn.forward.fused_attention`
+    (``False``: the calling thread only, as the Dask adapter's tasks want).
 
     The fused kernels run with fast-math and a finite sentinel for masked
     scores, so they assume finite inputs; a slice with a NaN or an infinity in
@@ -133,8 +142,8 @@ def _fused(prep):
     bad = prep.nonfinite
     skip = bad if bad.any() else None
     out, lse = fused_attention(
-        prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch,
-        skip=skip,
+        prep.qc, prep.kc, prep.vc, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch,
+        skip=skip, maps=(prep.qmap, prep.kmap, prep.vmap), parallel=parallel,
     )  # fmt: skip
     if skip is not None:
         slices = np.flatnonzero(bad)
@@ -195,7 +204,11 @@ def sparse_attention(
     Returns
     -------
     out : ndarray, shape (..., n_q, d_v)
-        In ``np.result_type(q, k, v)`` (float32 stays float32).
+        In ``np.result_type(q, k, v)`` (float32 stays float32).  float32 and
+        float64 are computed as such; float16 is computed in float32 and
+        returned as float16; longdouble is computed in float64 (not in
+        extended precision) and returned as longdouble.  Other dtypes raise
+        a ``TypeError``.
     weights : AttentionWeights
         Only with ``return_weights=True``.
     lse : ndarray, shape (..., n_q)

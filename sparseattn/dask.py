@@ -92,15 +92,17 @@ def _import_dask():
 
 
 def _engine(q, k, v, pattern, scale, kpm, serial):
-    """The local engine's fused forward on one block: ``(out, lse)`` in the compute dtype."""
+    """The local engine's forward on one block: ``(out, lse)`` in the compute dtype.
+
+    Through ``attention._fused``, so a block whose inputs hold a NaN or an
+    infinity follows the engine's non-finite policy (its slices run on the
+    staged kernels) instead of meeting the fast-math fused kernels.
+    """
     from ._validate import prepare
-    from .forward import fused_attention
+    from .attention import _fused
 
     prep = prepare(q, k, v, pattern, scale, kpm)
-    out, lse = fused_attention(
-        prep.q, prep.k, prep.v, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid, prep.slice_batch,
-        parallel=False if serial else None,
-    )  # fmt: skip
+    out, lse = _fused(prep, parallel=False if serial else None)
     return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
 
 

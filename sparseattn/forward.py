@@ -66,13 +66,17 @@ def _split_items(plan, n_slices, n_workers):
     return np.maximum.accumulate(bounds)
 
 
-def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None):
+def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None,
+                    maps=None):  # fmt: skip
     """Fused sparse attention forward over flattened slices.
 
     Parameters
     ----------
     q, k, v : ndarray, shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv)
         C-contiguous, one float dtype (float32 or float64); not modified.
+        The kernels run with fast-math and assume finite values: callers
+        send slices with a NaN or an infinity elsewhere (``skip=``), as
+        :func:`sparseattn.sparse_attention` does.
     patterns : list of Pattern
         The distinct patterns, each of shape ``(n_q, n_k)``.
     slice_pattern : int64 ndarray, shape (S,)
@@ -87,6 +91,12 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
         ``None`` (default): run on ``numba.get_num_threads()`` threads when
         the work is large enough.  ``False``: only in the calling thread (for
         callers that bring their own threads, e.g. Dask workers).
+    maps : (qmap, kmap, vmap), optional
+        int64 arrays of shape (S,): slice ``s`` reads ``q[qmap[s]]``,
+        ``k[kmap[s]]`` and ``v[vmap[s]]``, so an input broadcast over slices
+        (e.g. ``k`` shared by the heads) is stored once; then ``q``, ``k``,
+        ``v`` hold only the distinct slices.  Default: slice ``s`` reads row
+        block ``s`` of each.
     skip : bool ndarray, shape (S,), optional
         Slices to leave out: their rows of ``out`` and ``lse`` are left
         uninitialised for the caller to fill (``sparse_attention`` computes
@@ -115,8 +125,13 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
 
     from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
 
-    S, n_q, d = q.shape
+    slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
+    S = len(slice_pattern)
+    n_q, d = q.shape[1:]
     dv = v.shape[2]
+    if maps is None:
+        maps = (np.arange(S, dtype=np.int64),) * 3
+    qmap, kmap, vmap = (np.ascontiguousarray(m, dtype=np.int64) for m in maps)
     dt = q.dtype
     out = np.empty((S, n_q, dv), dtype=dt)
     lse = np.empty((S, n_q), dtype=dt)
@@ -126,7 +141,6 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     kv = np.ascontiguousarray(key_valid, dtype=bool) if use_valid else np.ones((1, 1), dtype=bool)
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
     sc = dt.type(scale)
-    slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     n_threads = 1 if parallel is False else get_num_threads()
     with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
@@ -142,7 +156,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
             bounds = _split_items(plan, len(slices), _WORK_SPLIT * n_threads if par else 1)
             run_ranges(
                 tiles_forward,
-                (q, k, v, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
+                (q, k, v, qmap, kmap, vmap, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                  plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
                  plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid),
                 (out, lse),
@@ -160,7 +174,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 n_ranges = min(n_jobs, _WORK_SPLIT * n_threads) if par else 1
                 run_ranges(
                     long_rows_partial,
-                    (q, k, v, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
+                    (q, k, v, qmap, kmap, vmap, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
                      plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o),
                     (),
                     [i * n_jobs // n_ranges for i in range(n_ranges + 1)],

@@ -84,8 +84,8 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     start, stop = (0, n_q) if rows is None else rows
     if not 0 <= start <= stop <= n_q:
         raise ValueError(f"rows must satisfy 0 <= start <= stop <= n_q = {n_q}, got {rows}")
-    S = prep.q.shape[0]
-    dv = prep.v.shape[-1]
+    S = len(prep.qmap)
+    dv = prep.vc.shape[-1]
     from ._memory import check
 
     cells = (stop - start) * prep.n_k
@@ -101,12 +101,12 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
         mask = masks[prep.slice_pattern[s]].copy()
         if prep.key_valid is not None:
             mask &= prep.key_valid[prep.slice_batch[s]][None, :]
-        qs = prep.q[s, start:stop].astype(np.float64)
-        ks = prep.k[s].astype(np.float64)
-        vs = prep.v[s].astype(np.float64)
-        scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)
+        qs = prep.qc[prep.qmap[s], start:stop].astype(np.float64)
+        ks = prep.kc[prep.kmap[s]].astype(np.float64)
+        vs = prep.vc[prep.vmap[s]].astype(np.float64)
         has = mask.any(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
+            scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)  # inf * 0 is NaN, as IEEE says
             m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)  # max propagates NaN
             p = np.where(mask, np.exp(scores - m[:, None]), 0.0)  # IEEE: -inf - -inf and inf - inf are NaN
             den = p.sum(axis=1)

@@ -287,3 +287,26 @@ def test_demo_moves_only_halos_between_workers(client, capsys):
     per_boundary = float(re.search(r"([0-9.]+) per block boundary", text).group(1))
     halo = 4 * radius * d * 4  # k and v, both directions, float32
     assert halo <= per_boundary <= 3 * (radius + 1) * d * 4 * 2, text
+
+
+@pytest.mark.parametrize("array", ["q", "k", "v"])
+def test_nonfinite_inputs_follow_the_engines_policy(client, rng, array):
+    # a NaN near a block boundary and an inf (in the global token for q and v): the local engine's
+    # non-finite policy (IEEE arithmetic over each row's allowed keys, no leak into rows that do not
+    # attend them), which the fast-math fused kernels alone would not give.  An inf in k goes into a
+    # band key: a global key's -inf score would differ (docs/dask.md, "Non-finite inputs")
+    n, d = 300, 8
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float32)
+    x = {"q": q, "k": k, "v": v}[array]
+    x[1, 99, 2] = np.nan
+    x[0, 150 if array == "k" else 0, 3] = np.inf
+    p = sa.sliding_window(n, 12) | sa.global_tokens(n, [0])
+    ref = sa.sparse_attention(q, k, v, p)
+    out = dask_attention(da.from_array(q, chunks=(1, 100, d)), da.from_array(k, chunks=(1, 70, d)),
+                         da.from_array(v, chunks=(1, 70, d)), p)  # fmt: skip
+    got = client.compute(out).result()
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(test(got), test(ref), err_msg=test.__name__)
+    assert not np.isfinite(got).all()  # the bad values show, never as silent zeros
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-5, atol=2e-5)

@@ -4,6 +4,7 @@
 ``forward``: the tile-planned online-softmax forward (see ``sparseattn.plan``).
 ``staged``: SDDMM -> row softmax -> SpMM (materialises one score per nonzero).
 ``planning``: the generic planner's O(nnz) passes.
+``finite``: which slices of an input hold a NaN or an infinity (the non-finite routing).
 
 Numba's on-disk cache (``cache=True``) keys a compiled function on the
 modification time and size of the file that defines it, not of the files it

@@ -186,13 +186,15 @@ def _span_simd(
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_forward(
-    q, k, v, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+    q, k, v, qmap, kmap, vmap, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
     scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
 
-    Item ``it = si * n_tiles + t`` is tile ``t`` of slice ``slices[si]``.
+    Item ``it = si * n_tiles + t`` is tile ``t`` of slice ``slices[si]``;
+    slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]`` and ``v[vmap[s]]`` (an
+    input broadcast over slices is stored once).
     Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of those
     tiles; long rows come out empty here and are overwritten by the long-row
     pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
@@ -237,6 +239,7 @@ def tiles_forward(
             si = it // n_tiles
             t = it - si * n_tiles
             s = slices[si]
+            sq, sk, sv = qmap[s], kmap[s], vmap[s]  # a broadcast input is one array shared by its slices
             kb = slice_batch[s]
             t0 = t * T
             t1 = min(n_q, t0 + T)
@@ -250,7 +253,7 @@ def tiles_forward(
                     accf[e] = zero
                 first = False
             qt = qbuf[: rows * d].reshape((rows, d))
-            qsrc = q[s, t0:t1]
+            qsrc = q[sq, t0:t1]
             for r in range(rows):
                 for c in range(d):
                     qt[r, c] = qsrc[r, c] * scale
@@ -259,7 +262,7 @@ def tiles_forward(
             k1 = tile_k1[t]
             if simd and k1 > k0:
                 _span_simd(
-                    qbuf, k[s], v[s], s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
+                    qbuf, k[sk], v[sv], sk, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
                     kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero,
                 )  # fmt: skip
             if not simd and k1 > k0:
@@ -270,7 +273,7 @@ def tiles_forward(
                     b = min(k1, a + step)
                     wd = b - a
                     sm = sbuf[: rows * wd].reshape((rows, wd))
-                    _mm_nt(qt, k[s, a:b], sm)
+                    _mm_nt(qt, k[sk, a:b], sm)
                     vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
                     for r in range(rows):
                         lo = max(row_lo[t0 + r], a) - a
@@ -279,10 +282,10 @@ def tiles_forward(
                             hi = lo
                         _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
-                        _mm_nn(sm, v[s, a:b], acc[:rows])
+                        _mm_nn(sm, v[sv, a:b], acc[:rows])
                         first = False
                     else:
-                        _mm_nn(sm, v[s, a:b], tmp[:rows])
+                        _mm_nn(sm, v[sv, a:b], tmp[:rows])
                         _add_into(acc, tmp, rows)
                     a = b
             if first:
@@ -299,8 +302,8 @@ def tiles_forward(
                     j = sh_cols[c]
                     if use_valid and not key_valid[kb, j]:
                         continue
-                    kj = k[s, j]
-                    vj = v[s, j]
+                    kj = k[sk, j]
+                    vj = v[sv, j]
                     for r in range(rows):
                         if sh_mask[c * T + r] == 0:
                             continue
@@ -316,9 +319,9 @@ def tiles_forward(
                 for c in range(nc):
                     j = sh_cols[c0 + c]
                     for e in range(d):
-                        kg[c, e] = k[s, j, e]
+                        kg[c, e] = k[sk, j, e]
                     for e in range(dv):
-                        vg[c, e] = v[s, j, e]
+                        vg[c, e] = v[sv, j, e]
                 sm = sbuf[: rows * nc].reshape((rows, nc))
                 _mm_nt(qt, as_readonly(kg[:nc]), sm)  # the call site of k's slices: one specialisation
                 for r in range(rows):
@@ -343,7 +346,7 @@ def tiles_forward(
                     qi = qt[r]
                     for e in range(ne):
                         j = rs_cols[e0 + e]
-                        kj = k[s, j]
+                        kj = k[sk, j]
                         x = zero
                         for c in range(d):
                             x += qi[c] * kj[c]
@@ -356,7 +359,7 @@ def tiles_forward(
                         if p != zero:
                             j = rs_cols[e0 + e]
                             for c in range(dv):
-                                acc[r, c] += p * v[s, j, c]
+                                acc[r, c] += p * v[sv, j, c]
                     e0 = eb
             # -- finalise
             for r in range(rows):
@@ -374,7 +377,7 @@ def tiles_forward(
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_partial(
-    q, k, v, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
+    q, k, v, qmap, kmap, vmap, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
     scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, job_begin, job_end,
 ):  # fmt: skip
     """Partial softmax of the (slice, long-row chunk) jobs ``[job_begin, job_end)``, ``job = si * n_items + it``.
@@ -404,6 +407,7 @@ def long_rows_partial(
         si = job // n_items
         it = job - si * n_items
         s = slices[si]
+        sq, sk, sv = qmap[s], kmap[s], vmap[s]
         kb = slice_batch[s]
         g = it_grp[it]
         r0 = grp_ptr[g]
@@ -414,16 +418,16 @@ def long_rows_partial(
         qg = qbuf[: nr * d].reshape((nr, d))
         for rr in range(nr):
             for c in range(d):
-                qg[rr, c] = q[s, lg_rows[r0 + rr], c] * scale
+                qg[rr, c] = q[sq, lg_rows[r0 + rr], c] * scale
         sm = sbuf[: nr * wd].reshape((nr, wd))
-        _mm_nt(qg, k[s, a:b], sm)
+        _mm_nt(qg, k[sk, a:b], sm)
         o = part_o[si, it_off[it] : it_off[it] + nr]
         for rr in range(nr):
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
             _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
-        _mm_nn(sm, v[s, a:b], o)
+        _mm_nn(sm, v[sv, a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
             part_l[si, it_off[it] + rr] = l[rr]

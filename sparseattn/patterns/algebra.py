@@ -13,7 +13,8 @@ __all__ = ["union", "intersection", "transpose", "Union", "Intersection"]
 
 def _same_shape(op, a, b):
     if a.shape != b.shape:
-        raise ValueError(f"pattern {op}: shapes differ, left is {a.shape} and right is {b.shape}")
+        sym = {"union": "a | b", "intersection": "a & b"}[op]
+        raise ValueError(f"pattern {op} ({sym}): shapes differ, left is {a.shape} and right is {b.shape}")
 
 
 _SMALL = 1 << 16  # below this many entries a NumPy merge beats starting Numba's threads

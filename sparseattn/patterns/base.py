@@ -371,11 +371,11 @@ def checked_csr(m, argname="pattern"):
     if fmt == "csr":
         indptr, indices = _check_compressed(argname, m.indptr, m.indices, n_rows, n_cols, shape)
         data = _check_data(argname, m.data, len(indices), shape)[: len(indices)]
-        csr = sp.csr_array((data, indices, indptr), shape=shape)
+        csr = sp.csr_array((data.copy(), indices.copy(), indptr.copy()), shape=shape)  # never edit the user's arrays
     elif fmt == "csc":
         indptr, indices = _check_compressed(argname, m.indptr, m.indices, n_cols, n_rows, shape, ("column", "row"))
         data = _check_data(argname, m.data, len(indices), shape)[: len(indices)]
-        csr = sp.csc_array((data, indices, indptr), shape=shape).tocsr()
+        csr = sp.csc_array((data.copy(), indices.copy(), indptr.copy()), shape=shape).tocsr()
     elif fmt == "bsr":
         R, C = (int(x) for x in m.blocksize)
         if R < 1 or C < 1 or n_rows % R or n_cols % C:
@@ -385,7 +385,8 @@ def checked_csr(m, argname="pattern"):
         data = _check_data(argname, m.data, len(indices), shape)
         if data.shape[1:] != (R, C):
             raise ValueError(f"{argname} has blocks of shape {data.shape[1:]}, expected {(R, C)} (matrix shape {shape})")
-        csr = sp.bsr_array((data[: len(indices)], indices, indptr), shape=shape, blocksize=(R, C)).tocsr()
+        csr = sp.bsr_array((data[: len(indices)].copy(), indices.copy(), indptr.copy()), shape=shape,
+                           blocksize=(R, C)).tocsr()  # fmt: skip
     elif fmt == "coo":
         coords = getattr(m, "coords", None) or (m.row, m.col)
         row = _index_array(argname, "row indices", coords[0], shape)
@@ -404,12 +405,12 @@ def checked_csr(m, argname="pattern"):
                     f"{argname} has {name} index {int(idx[e])} at entry {e} (row {int(row[e])}, column "
                     f"{int(col[e])}), out of range for shape {shape} ({name}s must lie in [0, {bound}))"
                 )
-        csr = sp.coo_array((data, (row, col)), shape=shape).tocsr()
+        csr = sp.coo_array((data.copy(), (row.copy(), col.copy())), shape=shape).tocsr()
     else:  # dia, lil, dok: scipy converts them with checked Python-level code
-        csr = sp.csr_array(m)
+        csr = sp.csr_array(m, copy=True)
         indptr, indices = _check_compressed(argname, csr.indptr, csr.indices, n_rows, n_cols, shape)
-        csr = sp.csr_array((_check_data(argname, csr.data, len(indices), shape)[: len(indices)], indices, indptr),
-                           shape=shape)  # fmt: skip
+        data = _check_data(argname, csr.data, len(indices), shape)[: len(indices)]
+        csr = sp.csr_array((data.copy(), indices.copy(), indptr.copy()), shape=shape)
     if csr.indices.dtype != np.int64:
         csr = sp.csr_array((csr.data, csr.indices.astype(np.int64), csr.indptr.astype(np.int64)), shape=shape)
     csr.sum_duplicates()

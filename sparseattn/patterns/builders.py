@@ -378,6 +378,8 @@ def random_pattern(n_q, n_k, per_row, seed=0):
     per_row = _check_int("per_row", per_row, 0)
     if per_row > n_k:
         raise ValueError(f"per_row must be <= n_k = {n_k}, got {per_row}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r} of type {type(seed).__name__}")
     seed = operator.index(seed)
     return RandomPattern(n_q, n_k, per_row, seed)
 
