@@ -23,6 +23,8 @@ import benchlib
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
+from sparseattn.dask_demo import gather as _gather  # noqa: E402  (blocks fetched without a concatenation on a worker)
+
 RADIUS, GLOBALS, D = 256, 1, 64
 NS = benchlib.sizes([65536, 262144, 1048576], [8192])
 CHUNK = 65536
@@ -49,24 +51,6 @@ def _inputs(n, chunk):
     chunks = ((3,), (1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
     qkv = da.map_blocks(_make_chunk, 0, D, chunks=chunks, dtype=np.float32)
     return qkv[0], qkv[1], qkv[2]
-
-
-def _gather(client, x):
-    """Compute ``x`` on the cluster and fetch its blocks straight into this process.
-
-    ``client.persist`` keeps the graph's layers and their annotations (worker
-    restrictions of ``pin=True``); ``to_delayed`` would merge them into one
-    layer without annotations, and ``client.compute(x)`` would concatenate the
-    blocks on a worker first.
-    """
-    from dask.core import flatten
-    from distributed import futures_of
-
-    held = client.persist(x, optimize_graph=False)
-    futures = {f.key: f for f in futures_of(held)}
-    blocks = client.gather([futures[key] for key in flatten(held.__dask_keys__())])
-    del held, futures
-    return np.concatenate(blocks, axis=-2)
 
 
 @pytest.mark.parametrize("n", NS)

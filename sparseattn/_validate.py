@@ -212,18 +212,13 @@ def _copy_bytes(name, x, own, compute):
     return (f"{name} {', '.join(why)}", size) if why else (name, 0)
 
 
-def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention"):
-    """Validate and broadcast the arguments of an attention call.
+def check_shapes_and_patterns(q, k, v, pattern):
+    """The shape rules of an attention call and its pattern(s), for any arrays with ``.shape`` (NumPy or Dask).
 
-    Before copying anything, the bytes of the contiguous input copies, the
-    output and the log-sum-exp are checked against the memory available
-    (:mod:`sparseattn._memory`); a call that cannot fit raises
-    :class:`~sparseattn._memory.InsufficientMemoryError` naming ``caller``.
+    Returns ``(lead, n_q, d, n_k, dv, patterns, per_head)``: the broadcast
+    leading shape (its heads axis set to the number of per-head patterns) and
+    the patterns, each checked against ``(n_q, n_k)``.
     """
-    user_scale = scale
-    q = _check_array("q", q)
-    k = _check_array("k", k)
-    v = _check_array("v", v)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must share the head dimension d (last axis): q has shape {q.shape} but k has {k.shape}"
@@ -281,6 +276,22 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
                 f"(q {q.shape}, k {k.shape}, v {v.shape}); pass one pattern per head"
             )
         lead = lead[:-1] + (h,)
+    return tuple(lead), n_q, d, n_k, dv, patterns, per_head
+
+
+def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention"):
+    """Validate and broadcast the arguments of an attention call.
+
+    Before copying anything, the bytes of the contiguous input copies, the
+    output and the log-sum-exp are checked against the memory available
+    (:mod:`sparseattn._memory`); a call that cannot fit raises
+    :class:`~sparseattn._memory.InsufficientMemoryError` naming ``caller``.
+    """
+    user_scale = scale
+    q = _check_array("q", q)
+    k = _check_array("k", k)
+    v = _check_array("v", v)
+    lead, n_q, d, n_k, dv, patterns, per_head = check_shapes_and_patterns(q, k, v, pattern)
 
     S = int(np.prod(lead, dtype=np.int64)) if lead else 1
     H = lead[-1] if lead else 1

@@ -61,9 +61,9 @@ import itertools
 import numpy as np
 import scipy.sparse as sp
 
-from ._validate import check_scale
+from ._validate import check_scale, check_shapes_and_patterns
 from .patterns.algebra import Union
-from .patterns.base import CSRPattern, Pattern, as_pattern
+from .patterns.base import CSRPattern
 from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
 
 __all__ = ["sparse_attention"]
@@ -436,53 +436,8 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     k = _wrap(k, kd if kd is not None else qd, da)
     v = _wrap(v, k, da)
     q = _wrap(q, qd if qd is not None else k, da)
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must share the head dimension d (last axis): q has shape {q.shape} but k has {k.shape}"
-        )
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"k and v must have the same number of keys n_k (axis -2): k has shape {k.shape} but v has {v.shape}"
-        )
-    try:
-        lead = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
-    except ValueError:
-        raise ValueError(
-            f"the leading (batch, head) dimensions of q, k and v must broadcast: "
-            f"q has shape {q.shape}, k has {k.shape}, v has {v.shape}"
-        ) from None
-    n_q, d = q.shape[-2:]
-    n_k, dv = v.shape[-2:]
-
-    # -- patterns (the same rules as the local engine) -------------------------------------
-    if isinstance(pattern, (Pattern, np.ndarray)) or sp.issparse(pattern):
-        patterns, per_head = [as_pattern(pattern, "pattern")], False
-    elif isinstance(pattern, (list, tuple)):
-        if len(pattern) == 0:
-            raise ValueError("pattern is an empty sequence; pass one pattern, or one per head")
-        patterns, per_head = [as_pattern(p, f"pattern[{i}]") for i, p in enumerate(pattern)], True
-    else:
-        raise TypeError(
-            "pattern must be a sparseattn Pattern, a scipy sparse matrix/array, a 2-D boolean ndarray, "
-            f"or a sequence of those (one per head); got {type(pattern).__name__}"
-        )
-    for i, p in enumerate(patterns):
-        if p.shape != (n_q, n_k):
-            where = f"pattern[{i}]" if per_head else "pattern"
-            raise ValueError(f"{where} has shape {p.shape} but q, k imply (n_q, n_k) = ({n_q}, {n_k})")
-    if per_head:
-        h = len(patterns)
-        if not lead:
-            raise ValueError(
-                f"{h} per-head patterns were given but q, k, v have no heads axis "
-                f"(shapes {q.shape}, {k.shape}, {v.shape}); use inputs of shape (heads, n, d) or (batch, heads, n, d)"
-            )
-        if lead[-1] not in (1, h):
-            raise ValueError(
-                f"{h} per-head patterns were given but the heads axis (axis -3) has size {lead[-1]} "
-                f"(q {q.shape}, k {k.shape}, v {v.shape}); pass one pattern per head"
-            )
-        lead = lead[:-1] + (h,)
+    # the same shape and pattern rules as the local engine
+    lead, n_q, d, n_k, dv, patterns, per_head = check_shapes_and_patterns(q, k, v, pattern)
     scale = check_scale(scale, d)
     out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
 

@@ -135,7 +135,7 @@ def _warm_up(radius, d, dtype):
     sa.sparse_attention(x, x, x, sa.sliding_window(len(x), radius) | sa.global_tokens(len(x), [0]))
 
 
-def _gather(client, x):
+def gather(client, x):
     """Compute ``x`` on the cluster and fetch its blocks straight into this process.
 
     ``client.persist`` keeps the graph's layers and their annotations (worker
@@ -192,7 +192,7 @@ def main(argv=None):
         _clear_logs(client)
         # ... then the whole computation, output gathered into this process
         t0 = time.perf_counter()
-        out = _gather(client, out_lazy)
+        out = gather(client, out_lazy)
         t_dask = time.perf_counter() - t0
         moved = _transfers(client)
         print(f"graph build {t_build * 1e3:.1f} ms; dask (attention + gather) {t_dask:.2f} s")
