@@ -20,6 +20,17 @@ def _same_shape(op, a, b):
 _SMALL = 1 << 16  # below this many entries a NumPy merge beats starting Numba's threads
 
 
+#: up to this many entries, NumPy merges while Numba's merge is not compiled yet (its compile takes ~2 s)
+_NUMPY_COLD = 1 << 23
+
+
+def _merge_compiled():
+    from .._coldstart import numba_ready
+    from ..kernels.csr_ops import _merge
+
+    return numba_ready(_merge)
+
+
 def _merge_small(a, b, n_rows, union):
     """NumPy merge of two small CSR row blocks through sorted ``row * width + col`` keys."""
     width = int(max(a[1].max(initial=-1), b[1].max(initial=-1))) + 1
@@ -27,7 +38,15 @@ def _merge_small(a, b, n_rows, union):
     for indptr, indices in (a, b):
         rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
         keys.append(rows * width + indices)
-    merged = np.union1d(*keys) if union else np.intersect1d(*keys, assume_unique=True)
+    # each key list is sorted and unique: a stable sort of the two runs is a linear merge (timsort), and a
+    # repeated key is one both sides hold
+    both = np.concatenate(keys)
+    both.sort(kind="stable")
+    same = both[1:] == both[:-1]
+    if union:
+        merged = both[np.concatenate(([True], ~same))] if len(both) else both
+    else:
+        merged = both[:-1][same]
     rows = merged // max(width, 1)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
@@ -39,7 +58,8 @@ def _fold(parts, start, stop, union):
     acc = parts[0]._rows(start, stop)
     for p in parts[1:]:
         nxt = p._rows(start, stop)
-        if len(acc[1]) + len(nxt[1]) <= _SMALL:
+        size = len(acc[1]) + len(nxt[1])
+        if size <= _SMALL or (size <= _NUMPY_COLD and not _merge_compiled()):
             acc = _merge_small(acc, nxt, stop - start, union)
         else:
             from ..kernels.csr_ops import merge_rows
