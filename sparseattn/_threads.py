@@ -59,55 +59,74 @@ def run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None):
             f.result()
 
 
-_blas = None  # the threadpoolctl controllers of the BLAS numba's np.dot calls (False: unavailable)
-_blas_lock = threading.Lock()
-_blas_depth = 0
-_blas_saved = []
+class _BlasCap:
+    """A re-entrant, shared cap of one BLAS library (chosen by ``pick``) at one thread.
+
+    The first caller in saves and sets the thread count, the last one out
+    restores it.  Without threadpoolctl it does nothing.
+    """
+
+    def __init__(self, pick):
+        self._pick = pick
+        self._libs = None  # the threadpoolctl controllers (False: unavailable)
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = []
+
+    def controllers(self):
+        if self._libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:  # pragma: no cover - threadpoolctl is optional
+                self._libs = False
+            else:
+                ctl = ThreadpoolController().select(user_api="blas")
+                self._libs = self._pick(list(ctl.lib_controllers))
+        return self._libs
+
+    @contextlib.contextmanager
+    def __call__(self):
+        libs = self.controllers()
+        if not libs:  # pragma: no cover
+            yield
+            return
+        with self._lock:
+            if self._depth == 0:
+                self._saved[:] = [c.get_num_threads() for c in libs]
+                for c, nt in zip(libs, self._saved):
+                    if nt != 1:
+                        c.set_num_threads(1)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for c, nt in zip(libs, self._saved):
+                        if nt != 1:
+                            c.set_num_threads(nt)
+
+
+def _scipy_blas(libs):
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba's np.dot calls)
+
+    # numba's np.dot goes through scipy.linalg.cython_blas: cap that library only
+    return [c for c in libs if "scipy.libs" in c.filepath or "/scipy/" in c.filepath] or libs
+
+
+def _numpy_blas(libs):
+    import numpy  # noqa: F401  (its BLAS is loaded with it)
+
+    return [c for c in libs if "numpy.libs" in c.filepath or "/numpy/" in c.filepath] or libs
+
+
+#: Cap the BLAS that the kernels call (numba's ``np.dot``) at one thread while they run (they are parallel already).
+blas_single_thread = _BlasCap(_scipy_blas)
+#: Cap NumPy's BLAS at one thread: the blocked path's small products gain nothing from BLAS threads, and
+#: lose a lot to them when another thread (a background compile) holds a core.
+numpy_blas_single_thread = _BlasCap(_numpy_blas)
 
 
 def _numba_blas_controllers():
-    global _blas
-    if _blas is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba's np.dot calls)
-
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is optional
-            _blas = False
-        else:
-            ctl = ThreadpoolController().select(user_api="blas")
-            # numba's np.dot goes through scipy.linalg.cython_blas: cap that library only
-            ours = [c for c in ctl.lib_controllers if "scipy.libs" in c.filepath or "/scipy/" in c.filepath]
-            _blas = ours or list(ctl.lib_controllers)
-    return _blas
-
-
-@contextlib.contextmanager
-def blas_single_thread():
-    """Cap the BLAS that the kernels call at one thread while they run (they are parallel already).
-
-    Re-entrant and shared between concurrent callers: the first one in saves
-    and sets the thread count, the last one out restores it.  Without
-    threadpoolctl this is a no-op (BLAS may then oversubscribe the cores).
-    """
-    global _blas_depth
-    libs = _numba_blas_controllers()
-    if not libs:  # pragma: no cover
-        yield
-        return
-    with _blas_lock:
-        if _blas_depth == 0:
-            _blas_saved[:] = [c.get_num_threads() for c in libs]
-            for c, nt in zip(libs, _blas_saved):
-                if nt != 1:
-                    c.set_num_threads(1)
-        _blas_depth += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_depth -= 1
-            if _blas_depth == 0:
-                for c, nt in zip(libs, _blas_saved):
-                    if nt != 1:
-                        c.set_num_threads(nt)
+    return blas_single_thread.controllers()
