@@ -24,6 +24,8 @@ import tracemalloc
 
 import numpy as np
 
+from sparseattn._memory import status_kib
+
 QUICK_ENV = "SPARSEATTN_BENCH_QUICK"
 NS_ENV = "SPARSEATTN_BENCH_NS"
 
@@ -322,17 +324,6 @@ def make_hf_longformer(x, n, radius, n_globals):
 # --------------------------------------------------------------------------------------------
 
 
-def _status_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _malloc_trim():
     """Hand glibc's free pages back to the OS so that reusing them shows up in the RSS peak."""
     try:
@@ -360,14 +351,14 @@ def measure_peak(fn):
             f.write("5")
     except OSError:
         can_reset = False
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     tracemalloc.start()
     try:
         result = fn()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     info = {"tracemalloc_peak_bytes": int(peak)}
     if can_reset and rss0 is not None and hwm is not None:
         info["rss_peak_delta_bytes"] = max(0, hwm - rss0) * 1024

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["InsufficientMemoryError", "available_bytes", "check", "format_bytes"]
+__all__ = ["InsufficientMemoryError", "available_bytes", "check", "format_bytes", "status_kib"]
 
 
 class InsufficientMemoryError(MemoryError):
@@ -37,14 +37,27 @@ def _read_int(path):
         return None
 
 
-def _meminfo_available():
+def _field_kib(path, field):
+    """The number after ``field:`` in a ``/proc`` file of ``key: value kB`` lines (None when unreadable)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+    return None
+
+
+def status_kib(field):
+    """This process's ``/proc/self/status`` field in KiB (e.g. ``VmRSS``, ``VmHWM``), or None off Linux."""
+    return _field_kib("/proc/self/status", field)
+
+
+def _meminfo_available():
+    kib = _field_kib("/proc/meminfo", "MemAvailable")
+    if kib is not None:
+        return kib * 1024
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

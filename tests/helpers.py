@@ -1,4 +1,4 @@
-"""Shared assertions: one place that checks values and CSR canonical form."""
+"""Shared assertions: one place that checks values and CSR canonical form, and the non-finite tests' setting."""
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,3 +63,33 @@ T2  *  *  *
 T3  *  *  *  *
 T4  *     *  *  *
 T5  *        *  *"""
+
+
+# -- the non-finite tests' setting (test_nonfinite.py, test_backward_nonfinite.py) ----------------
+# A NaN or an infinity goes into one element of one slice, at a band key, a global key or a padded key.
+NF_N, NF_D = 70, 16
+NF_GLOBAL, NF_BAND, NF_PADDED = 5, 20, 60
+NF_SLICE = (1, 0)  # batch 1, head 0
+NF_COL = 3
+
+
+def nf_pattern_and_padding():
+    """The Longformer pattern and the key padding (key NF_PADDED padded in batch 1, where the bad value goes)."""
+    import sparseattn as sa
+
+    kpm = np.zeros((2, NF_N), bool)
+    kpm[1, NF_PADDED] = True
+    return sa.longformer(NF_N, attention_window=8, global_indices=[NF_GLOBAL]), kpm
+
+
+def assert_same_classes(actual, expected, tol, name="", relative=False):
+    """Same NaN / +inf / -inf positions; the finite values close (``relative``: to the largest finite value)."""
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(test(actual), test(expected), err_msg=f"{name}: {test.__name__}")
+    fin = np.isfinite(expected)
+    if not relative:
+        np.testing.assert_allclose(actual[fin], expected[fin], rtol=tol, atol=tol, err_msg=name)
+        return
+    scale = max(float(np.max(np.abs(expected[fin]), initial=0.0)), 1e-30)
+    err = float(np.max(np.abs(actual[fin].astype(np.float64) - expected[fin]), initial=0.0))
+    assert err <= tol * scale, f"{name}: max abs error {err:.3g} vs scale {scale:.3g}"

@@ -11,28 +11,21 @@ other slices must be untouched: they stay on the fused kernels.
 
 import numpy as np
 import pytest
+from helpers import NF_BAND as BAND
+from helpers import NF_COL as COL
+from helpers import NF_D as D
+from helpers import NF_GLOBAL as GLOBAL
+from helpers import NF_N as N
+from helpers import NF_PADDED as PADDED
+from helpers import NF_SLICE as SLICE
+from helpers import assert_same_classes, nf_pattern_and_padding
 
 import sparseattn as sa
 from sparseattn.reference import dense_attention_backward
 
-N, D = 70, 16
-GLOBAL, BAND, PADDED = 5, 20, 60
-PATTERN = sa.longformer(N, attention_window=8, global_indices=[GLOBAL])
-KPM = np.zeros((2, N), bool)
-KPM[1, PADDED] = True  # key 60 is padded in batch 1, where the bad value goes
-SLICE = (1, 0)  # batch 1, head 0
-COL = 3
+PATTERN, KPM = nf_pattern_and_padding()
 #: relative to the gradient's largest finite entry
 TOL = {np.float32: 2e-4, np.float64: 1e-9}
-
-
-def assert_same_classes(name, actual, expected, tol):
-    for test in (np.isnan, np.isposinf, np.isneginf):
-        np.testing.assert_array_equal(test(actual), test(expected), err_msg=f"{name}: {test.__name__}")
-    fin = np.isfinite(expected)
-    scale = max(float(np.max(np.abs(expected[fin]), initial=0.0)), 1e-30)
-    err = float(np.max(np.abs(actual[fin].astype(np.float64) - expected[fin]), initial=0.0))
-    assert err <= tol * scale, f"{name}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 def inputs(dtype, seed=0):
@@ -77,7 +70,7 @@ def test_backward_nonfinite_policy_on_both_paths(dtype, value, where, array):
             np.testing.assert_array_equal(a, c)
         for name, g, e in zip(("dq", "dk", "dv"), grads, ref):
             assert g.dtype == dtype
-            assert_same_classes(f"{path} {name}", g, e, TOL[dtype])
+            assert_same_classes(g, e, TOL[dtype], name=f"{path} {name}", relative=True)
 
 
 def test_finite_slices_keep_the_fused_result():

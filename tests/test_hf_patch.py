@@ -113,7 +113,7 @@ def test_masked_lm_trains_patched_like_stock():
         model.train()  # attention dropout is 0, hidden dropout 0: deterministic
     loss_s = stock(input_ids=ids, attention_mask=am, global_attention_mask=gm, labels=labels).loss
     loss_p = patched(input_ids=ids, attention_mask=am, global_attention_mask=gm, labels=labels).loss
-    assert abs(float(loss_s) - float(loss_p)) <= 1e-4
+    assert abs(loss_s.item() - loss_p.item()) <= 1e-4
     loss_s.backward()
     loss_p.backward()
     assert assert_grads_close(patched, stock) > 30
