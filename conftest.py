@@ -1,4 +1,5 @@
-"""Root pytest configuration: doctests that need an optional dependency skip when it is not installed.
+"""Root pytest configuration: the cold-start mode for tests and benchmarks, and doctests that need an optional
+dependency skip when it is not installed.
 
 The tests use ``pytest.importorskip``; doctests (``--doctest-modules`` and
 ``--doctest-glob='*.md'``) cannot, so this hook reads each doctest's examples
@@ -7,9 +8,15 @@ and marks it skipped when they use an extra that is missing -- e.g. the
 """
 
 import importlib.util
+import os
 import re
 
 import pytest
+
+# Tests and benchmarks check and time the path they ask for: in a fresh environment, path="auto" would
+# otherwise answer on the blocked path while the fused kernels compile in the background
+# (sparseattn._coldstart); the tests of that behaviour set the variable themselves.
+os.environ.setdefault("SPARSEATTN_COLD_START", "wait")
 
 collect_ignore = []
 if importlib.util.find_spec("torch") is None:  # sparseattn.torch imports torch at module level

@@ -85,12 +85,20 @@ _SCAN_PARALLEL_MIN = 1 << 22
 
 def scan_nonfinite(x, flags):
     """``flags[s] |= x[s]`` holds a NaN or an infinity, for ``x`` (S, n, d) C-contiguous float32/float64."""
-    from ._threads import run_ranges
-    from .kernels.finite import nonfinite_slices
-
     S = x.shape[0]
     if x.size == 0:
         return flags
+    from . import _coldstart
+
+    if _coldstart.compiling() and not _coldstart.in_compile_thread():
+        # a background compile holds Numba's compiler lock: do not queue behind it for this small kernel
+        from .blocked import nonfinite_slices as numpy_scan
+
+        flags |= numpy_scan(x)
+        return flags
+    from ._threads import run_ranges
+    from .kernels.finite import nonfinite_slices
+
     it, abs_mask, exp_mask = _INT_VIEW[x.dtype]
     bits = x.reshape(S, -1).view(it)
     n_threads = 1

@@ -10,7 +10,7 @@ from .patterns.base import index_dtype_for
 
 __all__ = ["sparse_attention", "AttentionWeights"]
 
-_PATHS = ("auto", "fused", "staged")
+_PATHS = ("auto", "fused", "staged", "blocked")
 
 
 def _concat_patterns(patterns):
@@ -151,6 +151,24 @@ def _fused(prep, parallel=None):
     return out, lse
 
 
+def _blocked(prep):
+    """The blocked path (NumPy/BLAS) for the finite slices, the staged kernels for the rest."""
+    from .blocked import blocked_attention, nonfinite_slices
+
+    bad = np.zeros(len(prep.qmap), dtype=bool)
+    for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap)):
+        bad |= nonfinite_slices(x)[mp]
+    skip = bad if bad.any() else None
+    out, lse = blocked_attention(
+        prep.qc, prep.kc, prep.vc, (prep.qmap, prep.kmap, prep.vmap), prep.patterns, prep.slice_pattern, prep.scale,
+        prep.key_valid, prep.slice_batch, skip=skip,
+    )  # fmt: skip
+    if skip is not None:
+        slices = np.flatnonzero(bad)
+        out[slices], lse[slices], _ = _staged(prep, False, slices)
+    return out, lse
+
+
 def _fused_available():
     try:
         from . import forward  # noqa: F401
@@ -190,13 +208,17 @@ def sparse_attention(
         Also return the per-row log-sum-exp of the scaled scores over each
         row's allowed, non-padded keys (what the backward pass needs, see
         :func:`sparseattn.sparse_attention_backward`).
-    path : {"auto", "fused", "staged"}
+    path : {"auto", "fused", "staged", "blocked"}
         ``"fused"``: the tile-planned online-softmax kernel (O(n d) extra
         memory); ``"staged"``: SDDMM -> softmax -> SpMM (stores one score per
-        nonzero and per head).  ``"auto"`` picks fused, or staged when weights
-        are requested.  Slices (one batch entry and head) whose ``q``, ``k``
-        or ``v`` hold a NaN or an infinity always run on the staged kernels
-        (see *Non-finite inputs*).
+        nonzero and per head); ``"blocked"``: NumPy and BLAS over row blocks,
+        no compiled kernels (slower than fused).  ``"auto"`` picks fused, or
+        staged when weights are requested; in a fresh environment, while the
+        fused kernels of the dtype compile in a background thread, it runs
+        blocked (see :mod:`sparseattn._coldstart`; ``SPARSEATTN_COLD_START=wait``
+        compiles in the calling thread instead).  Slices (one batch entry and
+        head) whose ``q``, ``k`` or ``v`` hold a NaN or an infinity always run
+        on the staged kernels (see *Non-finite inputs*).
     check_finite : bool
         Raise a ``ValueError`` naming the array and the index of its first
         NaN or infinity instead of computing (SciPy's name for this check).
@@ -243,13 +265,27 @@ def sparse_attention(
     """
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    if return_weights and path == "fused":
-        raise ValueError("return_weights=True needs the staged path: use path='staged' or 'auto'")
+    if return_weights and path in ("fused", "blocked"):
+        raise ValueError(f"return_weights=True needs the staged path: use path='staged' or 'auto', not {path!r}")
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite)
     use_fused = path == "fused" or (path == "auto" and not return_weights and _fused_available())
     weights = None
-    if use_fused:
+    if path == "auto" and use_fused and prep.n_q and len(prep.qmap):
+        from . import _coldstart
+
+        if not _coldstart.fused_ready(prep.qc.dtype):
+            for p in prep.patterns:
+                p.csr  # built here, before the background thread holds Numba's compiler lock
+            _coldstart.start(prep.qc.dtype)
+            path = "blocked"
+    if path == "blocked":
+        out, lse = _blocked(prep)
+    elif use_fused:
         out, lse = _fused(prep)
+        if path == "auto":
+            from . import _coldstart
+
+            _coldstart.mark_ready(prep.qc.dtype)
     else:
         out, lse, weights = _staged(prep, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)

@@ -584,17 +584,6 @@ def _dense_all_heads_attention(q, k, v, mask, scale):
     return np.matmul(s, v)
 
 
-def _status_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _peak_memory(fn):
     """``(result, seconds, peak bytes)`` of one call of ``fn``.
 
@@ -605,11 +594,13 @@ def _peak_memory(fn):
     import gc
     import tracemalloc
 
+    from ._memory import status_kib
+
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss0 = _status_kib("VmRSS")
+        rss0 = status_kib("VmRSS")
     except OSError:
         rss0 = None
     tracemalloc.start()
@@ -621,7 +612,7 @@ def _peak_memory(fn):
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if rss0 is not None and hwm is not None:
         peak = max(peak, (hwm - rss0) * 1024)
     return result, seconds, peak
@@ -685,20 +676,35 @@ def _cmd_demo(args, words, out):
     def run():
         return sparseattn.sparse_attention(q, k, v, pattern, path=args.path)
 
+    from . import _coldstart
+
     t0 = time.perf_counter()
     result = run()  # the untimed warm-up: compiles (or loads) the kernels and builds the tile plan
     t_first = time.perf_counter() - t0
+    background = _coldstart.compiling()
+    if background:  # the first call ran on the blocked path: time the fused kernels, not the stopgap
+        _coldstart.wait()
+        t_compiled = max(s for s, _, _ in _coldstart.status().values())
+        run()  # builds the tile plan
     t_sparse, reps = _best_time(run, args.repeat)
     _, _, mem_sparse = _peak_memory(run)
     flops = 4.0 * pattern.nnz * d * heads
     print(file=out)
     print(f"sparse_attention (path={args.path!r}):", file=out)
     print(f"  pattern CSR built in {_fmt_time(t_csr)} (once; cached on the pattern)", file=out)
-    print(
-        f"  first call {_fmt_time(t_first)}, of which ~{_fmt_time(max(t_first - t_sparse, 0.0))} is one-time work: "
-        f"Numba compilation (or loading compiled kernels from its disk cache) and the tile plan",
-        file=out,
-    )
+    if background:
+        print(
+            f"  first call {_fmt_time(t_first)} on the blocked path (NumPy/BLAS) while the fused kernels compiled in a "
+            f"background thread; they were ready {_fmt_time(t_compiled)} later (once per environment: they are now "
+            f"in Numba's cache)",
+            file=out,
+        )
+    else:
+        print(
+            f"  first call {_fmt_time(t_first)}, of which ~{_fmt_time(max(t_first - t_sparse, 0.0))} is one-time "
+            f"work: Numba compilation (or loading compiled kernels from its disk cache) and the tile plan",
+            file=out,
+        )
     print(
         f"  steady state at n = {n}: {_fmt_time(t_sparse)} (best of {reps}), peak memory {_fmt_bytes(mem_sparse)} "
         f"(output {_fmt_bytes(result.nbytes)} included), {flops / t_sparse / 1e9:.1f} GFLOP/s of useful work",
@@ -837,7 +843,7 @@ def _make_parser():
     demo.add_argument("--d", type=int, default=64, help="head dimension (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the synthetic document (default: 0)")
     demo.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision (default: float32)")
-    demo.add_argument("--path", choices=("auto", "fused", "staged"), default="auto", help="engine path (default: auto)")
+    demo.add_argument("--path", choices=("auto", "fused", "staged", "blocked"), default="auto", help="engine path (default: auto)")
     demo.add_argument("--repeat", type=int, default=3, help="timed repetitions, best is reported (default: 3)")
     demo.add_argument("--dense-n", type=int, default=2048, help="size at which dense attention is measured (default: 2048)")
     demo.add_argument("--check-rows", type=int, default=256, help="rows per slice checked against the reference (default: 256)")

@@ -12,7 +12,7 @@ from sparseattn.patterns import registry
 from sparseattn.reference import dense_attention
 
 DTYPES = [np.float32, np.float64]
-PATHS = ["staged", "auto"]  # "auto" is the fused kernel once it is installed
+PATHS = ["staged", "auto", "blocked"]  # "auto" is the fused kernel (the tests run with SPARSEATTN_COLD_START=wait)
 
 
 def qkv(rng, lead, n_q, n_k, d, dv=None, dtype=np.float64, scale=1.0):
@@ -143,8 +143,9 @@ def test_return_weights_rows_sum_to_one_and_reproduce_output(rng):
             np.testing.assert_array_equal(stored.toarray(), allowed)
     with pytest.raises(ValueError, match="2 indices"):
         w.to_scipy(0)
-    with pytest.raises(ValueError, match="return_weights=True needs the staged path"):
-        sa.sparse_attention(q, k, v, p, return_weights=True, path="fused")
+    for path in ("fused", "blocked"):
+        with pytest.raises(ValueError, match=f"return_weights=True needs the staged path.*not '{path}'"):
+            sa.sparse_attention(q, k, v, p, return_weights=True, path=path)
 
 
 @pytest.mark.parametrize("name,kw", [pytest.param(n, kw, id=f"{n}-{i}") for n in registry.available() for i, kw in enumerate(registry.examples(n))])

@@ -156,7 +156,7 @@ def check_case(c):
     dtype = np.result_type(q, k, v)
     ref = dense_attention(q, k, v, c["pattern"], **kw)
     results = {}
-    for path in ("fused", "staged"):
+    for path in ("fused", "staged", "blocked"):
         out = sa.sparse_attention(q, k, v, c["pattern"], path=path, **kw)
         assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape, ref.shape)
         assert_matches(out, ref, dtype)

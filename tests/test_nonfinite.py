@@ -11,25 +11,20 @@ attended, never zeros).
 
 import numpy as np
 import pytest
+from helpers import NF_BAND as BAND
+from helpers import NF_COL as COL
+from helpers import NF_D as D
+from helpers import NF_GLOBAL as GLOBAL
+from helpers import NF_N as N
+from helpers import NF_PADDED as PADDED
+from helpers import NF_SLICE as SLICE
+from helpers import assert_same_classes, nf_pattern_and_padding
 
 import sparseattn as sa
 from sparseattn.reference import dense_attention
 
-N, D = 70, 16
-GLOBAL, BAND, PADDED = 5, 20, 60
-PATTERN = sa.longformer(N, attention_window=8, global_indices=[GLOBAL])
-KPM = np.zeros((2, N), bool)
-KPM[1, PADDED] = True  # key 60 is padded in batch 1, where the bad value goes
-SLICE = (1, 0)  # batch 1, head 0
-COL = 3
+PATTERN, KPM = nf_pattern_and_padding()
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
-
-
-def assert_same_classes(actual, expected, tol):
-    for test in (np.isnan, np.isposinf, np.isneginf):
-        np.testing.assert_array_equal(test(actual), test(expected), err_msg=test.__name__)
-    fin = np.isfinite(expected)
-    np.testing.assert_allclose(actual[fin], expected[fin], rtol=tol, atol=tol)
 
 
 def inputs(dtype, seed=0):
@@ -76,7 +71,7 @@ def test_nonfinite_policy_on_every_path(dtype, value, where, array):
         # score +inf gives a NaN row (inf - inf); -inf gives weight 0; NaN (inf * 0) a NaN row
         assert (np.isnan(rows).all(axis=1) | np.isfinite(rows).all(axis=1)).all()
 
-    for path in ("fused", "staged"):
+    for path in ("fused", "staged", "blocked"):
         out, lse = sa.sparse_attention(q, k, v, PATTERN, key_padding_mask=KPM, return_lse=True, path=path)
         for a, c in zip((q, k, v), copies):
             np.testing.assert_array_equal(a, c)
@@ -85,7 +80,7 @@ def test_nonfinite_policy_on_every_path(dtype, value, where, array):
         assert_same_classes(lse, ref_lse, TOL[dtype])
 
 
-@pytest.mark.parametrize("path", ["fused", "staged"])
+@pytest.mark.parametrize("path", ["fused", "staged", "blocked"])
 def test_all_scores_minus_inf_give_nan_not_an_empty_row(path):
     # k[0] = -inf in one coordinate and q > 0 there: the only allowed score is -inf (-inf - -inf is NaN)
     q = np.ones((3, 4))

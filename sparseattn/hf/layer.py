@@ -425,7 +425,7 @@ class LongformerSelfAttention:
             merged form with 2 = global is accepted too.  Default: no padding.
         global_attention_mask : array, shape (batch, n), optional
             1 = global token.  Default: no global token.
-        path : {"auto", "fused", "staged"}
+        path : {"auto", "fused", "staged", "blocked"}
             Passed to :func:`sparseattn.sparse_attention` for the band part.
 
         Returns

@@ -1,0 +1,186 @@
+"""A first call in seconds: compile the fused kernels in the background, answer on the blocked path meanwhile.
+
+In a fresh environment (an empty Numba cache) the fused forward's kernels
+take several seconds to compile.  With ``path="auto"``, the first call of a
+dtype whose fused kernels are neither loaded in this process nor in Numba's
+on-disk cache starts a background thread that compiles them (by running a
+small fused call, which also stores them in the cache), and this call and the
+next ones run on the blocked path (:mod:`sparseattn.blocked`: NumPy and BLAS,
+nothing to compile) until the thread is done.  When the kernels are in the
+cache, nothing changes: the first call loads them (about a second) and runs
+fused.
+
+The environment variable ``SPARSEATTN_COLD_START`` chooses:
+
+``background`` (default)
+    as above.
+``wait``
+    compile in the caller's thread, as a plain Numba program does: every
+    ``auto`` call runs the fused kernels (the test suite and the benchmarks
+    use this, so that what they measure does not depend on compile timing).
+
+The two paths agree to rounding (float32: about 1e-6 relative), not bit for
+bit; ``path="fused"`` always waits for the fused kernels.  A process that
+exits while the thread still compiles waits for it (with a line on stderr),
+so the compiled kernels reach the cache and the next process starts warm; a
+``fork`` waits for it too (a child must not inherit Numba's compiler lock
+held).  ``sparseattn warmup`` compiles everything ahead of time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+__all__ = ["mode", "fused_ready", "numba_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
+
+_MODES = ("background", "wait")
+_lock = threading.Lock()
+_threads = {}  # dtype name -> Thread compiling its fused kernels
+_ready = set()  # dtype names whose fused kernels can run without compiling in the caller's thread
+_times = {}  # dtype name -> (start, end or None)
+_errors = {}  # dtype name -> exception raised by the background compile
+_hooks = []
+
+
+def mode():
+    """``SPARSEATTN_COLD_START``: ``"background"`` (default) or ``"wait"``."""
+    value = os.environ.get("SPARSEATTN_COLD_START", "").strip().lower() or "background"
+    if value not in _MODES:
+        raise ValueError(f"SPARSEATTN_COLD_START must be one of {_MODES}, got {os.environ['SPARSEATTN_COLD_START']!r}")
+    return value
+
+
+def _kernels():
+    from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
+
+    return tiles_forward, long_rows_partial, long_rows_merge
+
+
+def _cached(disp, want=None):
+    """Whether Numba's on-disk cache holds ``disp`` compiled for this CPU and source (for dtype ``want``).
+
+    Reads the cache index (no compilation, no loading), through Numba's cache
+    internals; if they change, the answer is False.
+    """
+    try:
+        cache = disp._cache
+        codegen = disp.targetctx.codegen()
+        for key in cache._cache_file._load_index():
+            sig = key[0]
+            if want is not None and not any(getattr(t, "dtype", None) == want for t in sig):
+                continue
+            if cache._index_key(sig, codegen) == key:
+                return True
+    except Exception:  # noqa: BLE001 - any surprise in Numba's internals means "not known to be cached"
+        return False
+    return False
+
+
+def numba_ready(disp):
+    """True when calling the Numba function ``disp`` needs no compilation: compiled in this process or cached."""
+    return bool(disp.signatures) or _cached(disp)
+
+
+def _in_disk_cache(dtype_name):
+    """Whether Numba's cache holds the fused forward's kernels for this dtype (see :func:`_cached`)."""
+    import numba
+    import numpy as np
+
+    want = numba.from_dtype(np.dtype(dtype_name))
+    return all(_cached(disp, want) for disp in _kernels())
+
+
+def fused_ready(dtype):
+    """True when an ``auto`` call of this dtype should run the fused kernels now."""
+    name = __import__("numpy").dtype(dtype).name
+    if name in _ready or mode() == "wait":
+        return True
+    with _lock:
+        t = _threads.get(name)
+        if t is not None:
+            if t.is_alive():
+                return False
+            _ready.add(name)
+            return True
+    if _in_disk_cache(name):
+        _ready.add(name)
+        return True
+    return False
+
+
+def mark_ready(dtype):
+    """The fused kernels of ``dtype`` ran in this process."""
+    _ready.add(__import__("numpy").dtype(dtype).name)
+
+
+def _compile(name):
+    from .warmup import _forward
+
+    try:
+        _forward(name, path="fused")()
+    except BaseException as e:  # noqa: BLE001 - kept for status(); the foreground compiles (and raises) itself
+        _errors[name] = e
+    finally:
+        _times[name] = (_times[name][0], time.perf_counter())
+
+
+def start(dtype):
+    """Start compiling the fused kernels of ``dtype`` in a background thread (once per process and dtype)."""
+    name = __import__("numpy").dtype(dtype).name
+    with _lock:
+        if name in _threads:
+            return
+        if not _hooks:
+            import atexit
+
+            atexit.register(_at_exit)
+            os.register_at_fork(before=wait)
+            _hooks.append(True)
+        _times[name] = (time.perf_counter(), None)
+        t = threading.Thread(target=_compile, args=(name,), name=f"sparseattn-compile-{name}", daemon=True)
+        _threads[name] = t
+        t.start()
+
+
+def compiling():
+    """True while a background compile runs (the caller must then not ask Numba to compile anything)."""
+    return any(t.is_alive() for t in list(_threads.values()))
+
+
+def in_compile_thread():
+    """True in one of the background compile threads."""
+    return threading.current_thread().name.startswith("sparseattn-compile-")
+
+
+def wait(timeout=None):
+    """Wait for the background compiles to finish; returns True when none is left running."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in list(_threads.values()):
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return not compiling()
+
+
+def status():
+    """``{dtype: (seconds since start or total seconds, finished, error)}`` of the background compiles."""
+    now = time.perf_counter()
+    return {
+        name: ((end if end is not None else now) - t0, end is not None, _errors.get(name))
+        for name, (t0, end) in _times.items()
+    }
+
+
+def _at_exit():
+    if compiling():
+        print(
+            "sparseattn: finishing the background compilation of the fused kernels into Numba's cache "
+            "(once per environment; `sparseattn warmup` does it ahead of time)",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            wait()
+        except KeyboardInterrupt:
+            pass

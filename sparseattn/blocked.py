@@ -1,0 +1,176 @@
+"""The blocked path: sparse attention from NumPy and BLAS alone, no compiled kernels.
+
+Rows are taken in blocks; a block's allowed keys are gathered once (the sorted
+union of its rows' columns), its scores come from one batched BLAS product
+over every slice that shares the pattern, and a boolean mask of the block's
+CSR entries keeps each row to its own keys.  Rows far longer than the typical
+row (global tokens) run alone, over key chunks merged with the log-sum-exp
+formula, so no block's union grows to the whole sequence.
+
+It is what ``path="auto"`` runs while the fused kernels of a dtype are being
+compiled in a background thread (a fresh environment, see
+:mod:`sparseattn._coldstart`), and ``path="blocked"`` selects it outright.  It
+computes the same quantities as the fused path (softmax over each row's
+allowed, non-padded keys; zeros and ``-inf`` for a row without any); a dense
+block costs more arithmetic than the fused kernels' tiles, so it is slower
+once the kernels exist.  Like the fused kernels it assumes finite inputs: the
+caller sends slices with a NaN or an infinity to the staged kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["blocked_attention", "nonfinite_slices"]
+
+#: rows per block
+_BLOCK = 128
+#: a block whose dense (rows x union) grid exceeds this many times its nonzeros is split in two
+_WASTE = 16
+#: elements of a (slices, rows, keys) score grid computed at once
+_GRID = 1 << 22
+
+
+def nonfinite_slices(x):
+    """(S,) bool: slice ``x[s]`` holds a NaN or an infinity (NumPy; one slice at a time)."""
+    return np.array([not np.isfinite(x[s]).all() for s in range(x.shape[0])], dtype=bool)
+
+
+def _gather_rows(indptr, indices, rows):
+    """The columns of ``rows`` concatenated, and each one's position in ``rows``."""
+    counts = indptr[rows + 1] - indptr[rows]
+    total = int(counts.sum())
+    owner = np.repeat(np.arange(len(rows)), counts)
+    starts = np.repeat(indptr[rows] - (np.cumsum(counts) - counts), counts)
+    return indices[starts + np.arange(total)], owner
+
+
+def _blocks(indptr, indices, rows):
+    """Split ``rows`` into blocks whose dense (rows x union of columns) grid stays near their nonzeros."""
+    todo = [rows[i : i + _BLOCK] for i in range(0, len(rows), _BLOCK)]
+    while todo:
+        blk = todo.pop()
+        cols, owner = _gather_rows(indptr, indices, blk)
+        union, pos = np.unique(cols, return_inverse=True)
+        if len(blk) > 8 and len(blk) * len(union) > _WASTE * max(len(cols), 1):
+            half = len(blk) // 2
+            todo += [blk[:half], blk[half:]]
+            continue
+        yield blk, union, owner, pos.reshape(-1)
+
+
+def _softmax_block(scores, mask, v, dt):
+    """Masked softmax of (G, R, U) ``scores`` against (G or 1, R, U) ``mask``, times (G, U, dv) ``v``."""
+    has = mask.any(axis=2)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scores = np.where(mask, scores, dt.type(-np.inf))
+        m = np.where(has, scores.max(axis=2), dt.type(0))
+        w = np.exp(scores - m[..., None])  # masked entries: exp(-inf) = 0
+        den = w.sum(axis=2)
+        out = np.matmul(w, v)
+        out /= np.where(has, den, dt.type(1))[..., None]
+        lse = np.where(has, m + np.log(den), dt.type(-np.inf))
+    return out, lse
+
+
+def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
+    """Sparse attention over flattened slices on NumPy/BLAS; arguments as for ``forward.fused_attention``.
+
+    ``qc``, ``kc``, ``vc`` hold the distinct slices and ``maps = (qmap, kmap,
+    vmap)`` says which one slice ``s`` reads.  Returns ``out`` (S, n_q, dv)
+    and ``lse`` (S, n_q) in ``qc``'s dtype; rows of skipped slices are left
+    uninitialised.
+
+    Examples
+    --------
+    >>> import numpy as np, sparseattn as sa
+    >>> from sparseattn.reference import dense_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 40, 8))
+    >>> p = sa.longformer(40, attention_window=6, global_indices=[3])
+    >>> out = sa.sparse_attention(q, k, v, p, path="blocked")
+    >>> bool(np.allclose(out, dense_attention(q, k, v, p), rtol=1e-11, atol=1e-12))
+    True
+    """
+    from ._threads import numpy_blas_single_thread
+
+    with numpy_blas_single_thread():
+        return _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip)
+
+
+def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip):
+    qmap, kmap, vmap = maps
+    S = len(slice_pattern)
+    n_q, dv = qc.shape[1], vc.shape[2]
+    dt = qc.dtype
+    out = np.empty((S, n_q, dv), dtype=dt)
+    lse = np.empty((S, n_q), dtype=dt)
+    sc = dt.type(scale)
+    for p_idx, pattern in enumerate(patterns):
+        mine = slice_pattern == p_idx
+        if skip is not None:
+            mine &= ~skip
+        slices = np.flatnonzero(mine)
+        if len(slices) == 0:
+            continue
+        csr = pattern.csr
+        indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
+        counts = np.diff(indptr)
+        mean = counts.mean() if n_q else 0.0
+        long = counts > max(4 * _BLOCK, 8 * mean)
+        # slices that share a row of key_valid share the masks
+        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
+        for group in groups:
+            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
+            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
+                if len(union) == 0:  # rows without an allowed key
+                    out[group[:, None], blk[None, :]] = 0
+                    lse[group[:, None], blk[None, :]] = -np.inf
+                    continue
+                mask = np.zeros((len(blk), len(union)), dtype=bool)
+                mask[owner, pos] = True
+                if valid is not None:
+                    mask &= valid[union][None, :]
+                per = max(1, _GRID // max(1, len(blk) * len(union)))
+                for g0 in range(0, len(group), per):
+                    sl = group[g0 : g0 + per]
+                    q = qc[qmap[sl][:, None], blk[None, :]]
+                    k = kc[kmap[sl][:, None], union[None, :]]
+                    v = vc[vmap[sl][:, None], union[None, :]]
+                    scores = np.matmul(q, k.transpose(0, 2, 1))
+                    scores *= sc
+                    o, ls = _softmax_block(scores, mask[None], v, dt)
+                    out[sl[:, None], blk[None, :]] = o
+                    lse[sl[:, None], blk[None, :]] = ls
+            for i in np.flatnonzero(long):
+                cols = indices[indptr[i] : indptr[i + 1]]
+                if valid is not None:
+                    cols = cols[valid[cols]]
+                _long_row(qc, kc, vc, qmap, kmap, vmap, group, i, cols, sc, out, lse)
+    return out, lse
+
+
+def _long_row(qc, kc, vc, qmap, kmap, vmap, group, i, cols, sc, out, lse):
+    """Row ``i`` of every slice in ``group`` over key chunks, merged with the log-sum-exp formula."""
+    dt = qc.dtype
+    G, dv = len(group), vc.shape[2]
+    m = np.full(G, -np.inf, dtype=dt)
+    den = np.zeros(G, dtype=dt)
+    acc = np.zeros((G, dv), dtype=dt)
+    q = qc[qmap[group], i][:, None, :]  # (G, 1, d)
+    step = max(1024, _GRID // (G * max(qc.shape[2], dv, 1)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for c0 in range(0, len(cols), step):
+            cc = cols[c0 : c0 + step]
+            k = kc[kmap[group][:, None], cc[None, :]]
+            v = vc[vmap[group][:, None], cc[None, :]]
+            s = np.matmul(q, k.transpose(0, 2, 1))[:, 0, :] * sc  # (G, C)
+            m_new = np.maximum(m, s.max(axis=1))
+            keep = np.where(m == m_new, dt.type(1), np.exp(m - m_new))  # 1 while both are -inf
+            w = np.exp(s - m_new[:, None])
+            den = den * keep + w.sum(axis=1)
+            acc = acc * keep[:, None] + np.matmul(w[:, None, :], v)[:, 0, :]
+            m = m_new
+        has = den > 0 if len(cols) else np.zeros(G, dtype=bool)
+        out[group, i] = np.where(has[:, None], acc / np.where(has, den, dt.type(1))[:, None], dt.type(0))
+        lse[group, i] = np.where(has, m + np.log(np.where(has, den, dt.type(1))), dt.type(-np.inf))

@@ -1,0 +1,168 @@
+"""The blocked path (NumPy/BLAS) and the cold start that uses it.
+
+The blocked path runs in every parametrised case of test_attention.py,
+test_nonfinite.py and test_fuzz.py; here are the parts those small cases do
+not reach (long rows merged over key chunks, block splitting, the BLAS
+thread cap, the NumPy merge of large patterns) and the cold start itself, in
+fresh processes with an empty Numba cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from helpers import assert_attention_close
+
+import sparseattn as sa
+from sparseattn import _coldstart, blocked
+from sparseattn.reference import dense_attention
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
+    """Global rows run alone over chunks of keys (1024 here) merged with the log-sum-exp formula."""
+    monkeypatch.setattr(blocked, "_GRID", 1 << 10)
+    n = 2600
+    p = sa.longformer(n, 6, [0, 1300, n - 1])
+    counts = np.diff(p.csr.indptr)
+    assert (counts == n).sum() == 3 and counts.max() > 8 * counts.mean()  # three long rows
+    q, k, v = (rng.standard_normal((2, 2, n, 8)).astype(dtype) for _ in range(3))
+    kpm = np.zeros((2, n), bool)
+    kpm[1, 1000:2200] = True  # the long rows lose keys in the middle chunks
+    kpm[1, 1300] = True  # a padded global key
+    out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, path="blocked", return_lse=True)
+    ref, ref_lse = dense_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True)
+    assert_attention_close(out, ref, dtype)
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(lse, ref_lse, rtol=tol, atol=tol)
+
+
+def test_row_whose_keys_are_all_padded_is_zero_with_lse_minus_inf(rng):
+    n = 1200
+    p = sa.sliding_window(n, 3) | sa.global_tokens(n, [5])
+    q, k, v = (rng.standard_normal((1, 1, n, 4)) for _ in range(3))
+    kpm = np.ones((1, n), bool)
+    out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, path="blocked", return_lse=True)
+    assert (out == 0).all() and (lse == -np.inf).all()
+
+
+def test_blocks_cover_every_row_once_and_bound_the_dense_grid():
+    """Scattered columns split a block until its (rows x union) grid is within _WASTE x its nonzeros."""
+    n = 3000
+    p = sa.random_pattern(n, n, 7, seed=3) | sa.sliding_window(n, 2)
+    csr = p.csr
+    indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
+    rows = np.arange(n)
+    seen = []
+    for blk, union, owner, pos in blocked._blocks(indptr, indices, rows):
+        nnz = int(indptr[blk + 1].sum() - indptr[blk].sum())
+        assert len(blk) <= 8 or len(blk) * len(union) <= blocked._WASTE * nnz
+        # the (owner, pos) pairs are exactly the block's CSR entries
+        got = np.zeros((len(blk), len(union)), bool)
+        got[owner, pos] = True
+        np.testing.assert_array_equal(got, csr[blk][:, union].toarray())
+        assert np.array_equal(union, np.unique(csr[blk].indices))
+        seen.append(blk)
+    seen = np.sort(np.concatenate(seen))
+    np.testing.assert_array_equal(seen, rows)
+
+
+def test_numpy_blas_threads_are_restored(rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from sparseattn._threads import numpy_blas_single_thread
+
+    libs = numpy_blas_single_thread.controllers()
+    before = [c.get_num_threads() for c in libs]
+    q, k, v = (rng.standard_normal((2, 300, 16)) for _ in range(3))
+    with numpy_blas_single_thread():
+        assert all(c.get_num_threads() == 1 for c in libs)
+        sa.sparse_attention(q, k, v, sa.sliding_window(300, 9), path="blocked")  # re-enters the cap
+        assert all(c.get_num_threads() == 1 for c in libs)
+    assert [c.get_num_threads() for c in libs] == before
+    assert threadpoolctl.threadpool_info()
+
+
+@pytest.mark.parametrize("union", [True, False])
+def test_numpy_merge_matches_numba_merge(union):
+    """Patterns merge in NumPy while Numba's merge is not compiled yet: the same CSR as the Numba merge."""
+    from sparseattn.kernels.csr_ops import merge_rows
+    from sparseattn.patterns.algebra import _merge_small
+
+    n = 4000
+    a = (sa.random_pattern(n, n, 40, seed=1) | sa.sliding_window(n, 30)).csr
+    b = (sa.random_pattern(n, n, 40, seed=2) | sa.sliding_window(n, 20)).csr
+    a, b = ((m.indptr.astype(np.int64), m.indices.astype(np.int64)) for m in (a, b))
+    assert len(a[1]) + len(b[1]) > 1 << 16  # the size where the Numba merge would run when compiled
+    ptr, ind = _merge_small(a, b, n, union)
+    ptr_nb, ind_nb = merge_rows(a, b, union)
+    np.testing.assert_array_equal(ptr, ptr_nb)
+    np.testing.assert_array_equal(ind, ind_nb)
+
+
+def test_cold_start_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("SPARSEATTN_COLD_START", "later")
+    with pytest.raises(ValueError, match="SPARSEATTN_COLD_START must be one of .*'later'"):
+        _coldstart.mode()
+    monkeypatch.setenv("SPARSEATTN_COLD_START", "wait")
+    assert _coldstart.mode() == "wait" and _coldstart.fused_ready(np.float32)
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    import sparseattn as sa
+    from sparseattn import _coldstart
+    from sparseattn.reference import dense_attention
+
+    rng = np.random.default_rng(0)
+    n = 1500
+    q, k, v = (rng.standard_normal((3, n, 32), dtype=np.float32) for _ in range(3))
+    p = sa.longformer(n, 128, [0, 700])
+    first = sa.sparse_attention(q, k, v, p)
+    report = {"compiling_after_first_call": _coldstart.compiling()}
+    ref = dense_attention(q, k, v, p)
+    report["first_err"] = float(np.abs(first - ref).max() / np.abs(ref).max())
+    if sys.argv[1] == "wait":
+        _coldstart.wait()
+        later = sa.sparse_attention(q, k, v, p)
+        report["later_err"] = float(np.abs(later - ref).max() / np.abs(ref).max())
+        report["status"] = {k: [v[1], repr(v[2])] for k, v in _coldstart.status().items()}
+    print(json.dumps(report))
+    """
+)
+
+
+def _run(tmp_path, cache, how):
+    env = {k: v for k, v in os.environ.items() if k != "SPARSEATTN_COLD_START"}  # the default: background
+    env["NUMBA_CACHE_DIR"] = str(cache)
+    script = tmp_path / "first_call.py"
+    script.write_text(_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), how], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_cold_start_answers_on_the_blocked_path_and_fills_the_cache(tmp_path):
+    """Fresh processes, empty Numba cache, default mode.
+
+    1. The first call returns (correct) while the fused kernels still compile
+       in the background; the process exits without waiting itself, so the
+       exit hook finishes the compile (saying so on stderr).
+    2. A second process with that cache finds the kernels there: its first
+       call runs fused, with no background compile.
+    """
+    cache = tmp_path / "numba-cache"
+    report, err = _run(tmp_path, cache, "exit")
+    assert report["compiling_after_first_call"] is True
+    assert report["first_err"] < 2e-5
+    assert "finishing the background compilation" in err
+    report, err = _run(tmp_path, cache, "wait")
+    assert report["compiling_after_first_call"] is False  # loaded from the cache, no thread started
+    assert report["status"] == {}
+    assert report["first_err"] < 2e-5 and report["later_err"] < 2e-5
+    assert "finishing" not in err
