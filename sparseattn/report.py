@@ -21,7 +21,9 @@ The report's first lines say where the numbers come from: pytest-benchmark's
 ``git`` when the report runs inside a repository) at a commit that is not in
 the repository's history is marked **not reproducible from a commit**.  Every
 target shown (the paired comparisons' ``target``, e.g. ``>= 10``) is flagged
-**met** or **missed** for the measured median ratio.
+**met** or **missed** for the measured median ratio; so is every absolute target
+a benchmark lists in ``extra_info["targets"]`` (``label``, ``value``, ``unit``,
+``target``), shown in a *Targets* table.
 
 The benchmarks store what the report needs in each benchmark's ``extra_info``:
 ``method``, ``n``, ``radius``, ``globals``, ``dtype``, ``useful_flop``, and
@@ -57,7 +59,7 @@ import math
 import os
 import re
 
-__all__ = ["load", "summarize", "paired_rows", "fit_slope", "provenance", "target_verdict", "render_markdown", "new_output_dir", "report", "main"]
+__all__ = ["load", "summarize", "paired_rows", "target_rows", "fit_slope", "provenance", "target_verdict", "render_markdown", "new_output_dir", "report", "main"]
 
 OURS_PREFIX = "sparseattn"
 _KEY_FIELDS = ("n", "radius", "globals", "dtype")
@@ -323,6 +325,25 @@ def paired_rows(data):
     return rows
 
 
+def target_rows(data):
+    """The absolute targets the benchmarks list in ``extra_info["targets"]``, one dict each.
+
+    Keys: ``label``, ``value``, ``unit``, ``target`` (e.g. ``"<= 6"``),
+    ``verdict`` (:func:`target_verdict`) and ``load``.
+    """
+    rows = []
+    for bench in data["benchmarks"]:
+        extra = bench.get("extra_info") or {}
+        for t in extra.get("targets") or []:
+            if not isinstance(t, dict):
+                continue
+            row = {k: t.get(k) for k in ("label", "value", "unit", "target")}
+            row["verdict"] = target_verdict(row["target"], row["value"])
+            row["load"] = extra.get("loadavg_1min")
+            rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # markdown
 # --------------------------------------------------------------------------------------------
@@ -450,6 +471,12 @@ def render_markdown(data, summary, plots=None, title=None, repo_dir=None):
             for p in paired
         ]  # fmt: skip
         out += [_table(header, rows), ""]
+    targets = target_rows(data)
+    if targets:
+        out += ["## Targets", ""]
+        rows = [[t["label"], f"{_fmt(t['value'])} {t['unit'] or ''}".strip(), _fmt_target(t["target"], t["value"]), _fmt(t["load"], 2)]
+                for t in targets]  # fmt: skip
+        out += [_table(["measure", "value", "target", "load"], rows), ""]
     for group, g in summary.items():
         out += [f"## {group}", ""]
         header = ["method", "n", "radius", "globals", "dtype", "median ms", "GFLOP/s", "% GEMM", "growth", "peak MiB", "extra / qkvo", "rounds", "load"]
@@ -672,7 +699,9 @@ def main(argv=None):
             print(f"plots skipped: {res['plots_skipped']}")
         if not res["reproducible"]:
             print(f"warning: {path}: {res['provenance']}")
-        missed = [p["label"] for p in paired_rows(load(path)) if target_verdict(p["target"], p["ratio"]) == "missed"]
+        data = load(path)
+        missed = [p["label"] for p in paired_rows(data) if target_verdict(p["target"], p["ratio"]) == "missed"]
+        missed += [t["label"] for t in target_rows(data) if t["verdict"] == "missed"]
         for label in missed:
             print(f"target missed: {label}")
     return 0

@@ -326,6 +326,24 @@ def test_missed_target_is_flagged_in_table_and_output(synthetic, tmp_path, capsy
     assert table["rows"][0]["target"] == ">= 10: **missed**"
 
 
+def test_absolute_targets_table_and_output(synthetic, tmp_path, capsys):
+    """``extra_info["targets"]`` entries get a Targets table with their verdicts; a missed one is printed."""
+    data, _, _ = synthetic
+    targets = [{"label": "first call", "value": 0.61, "unit": "s", "target": "<= 6"},
+               {"label": "peak per worker", "value": 9.5, "unit": "chunks", "target": "<= 8"}]  # fmt: skip
+    data["benchmarks"].append({"group": "cold", "name": "t", "stats": {"median": 30.0},
+                               "extra_info": {"targets": targets, "loadavg_1min": 0.5}})  # fmt: skip
+    rows = rp.target_rows(data)
+    assert [r["verdict"] for r in rows] == ["met", "missed"]
+    path = _write(tmp_path, data)
+    assert rp.main([str(path), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "target missed: peak per worker" in out and "target missed: first call" not in out
+    (table,) = _tables((tmp_path / "o" / "BENCH.md").read_text(), "Targets")
+    assert [r["target"] for r in table["rows"]] == ["<= 6: met", "<= 8: **missed**"]
+    assert table["rows"][0]["value"] == "0.61 s" and table["rows"][1]["measure"] == "peak per worker"
+
+
 @pytest.mark.parametrize(
     "info, ok, words",
     [
