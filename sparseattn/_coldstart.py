@@ -1,14 +1,15 @@
 """A first call in seconds: compile the fused kernels in the background, answer on the blocked path meanwhile.
 
-In a fresh environment (an empty Numba cache) the fused forward's kernels
-take several seconds to compile.  With ``path="auto"``, the first call of a
-dtype whose fused kernels are neither loaded in this process nor in Numba's
-on-disk cache starts a background thread that compiles them (by running a
-small fused call, which also stores them in the cache), and this call and the
-next ones run on the blocked path (:mod:`sparseattn.blocked`: NumPy and BLAS,
-nothing to compile) until the thread is done.  When the kernels are in the
-cache, nothing changes: the first call loads them (about a second) and runs
-fused.
+In a fresh environment (an empty Numba cache) the fused kernels take seconds
+to compile (the forward's about 10 s, the backward's more).  With
+``path="auto"``, the first forward (or backward) call of a dtype whose fused
+forward (or backward) kernels are neither loaded in this process nor in
+Numba's on-disk cache starts a background thread that compiles them (by
+running a small fused call, which also stores them in the cache), and this
+call and the next ones run on the blocked path (:mod:`sparseattn.blocked`:
+NumPy and BLAS, nothing to compile) until the thread is done.  When the
+kernels are in the cache, nothing changes: the first call loads them (about
+a second) and runs fused.
 
 The environment variable ``SPARSEATTN_COLD_START`` chooses:
 
@@ -37,11 +38,13 @@ import time
 __all__ = ["mode", "fused_ready", "numba_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
 
 _MODES = ("background", "wait")
+_KINDS = ("forward", "backward")
 _lock = threading.Lock()
-_threads = {}  # dtype name -> Thread compiling its fused kernels
-_ready = set()  # dtype names whose fused kernels can run without compiling in the caller's thread
-_times = {}  # dtype name -> (start, end or None)
-_errors = {}  # dtype name -> exception raised by the background compile
+# keys: "forward float32", "backward float64", ...
+_threads = {}  # key -> Thread compiling those fused kernels
+_ready = set()  # keys whose fused kernels can run without compiling in the caller's thread
+_times = {}  # key -> (start, end or None)
+_errors = {}  # key -> exception raised by the background compile
 _hooks = []
 
 
@@ -53,10 +56,14 @@ def mode():
     return value
 
 
-def _kernels():
-    from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
+def _kernels(kind):
+    if kind == "forward":
+        from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
 
-    return tiles_forward, long_rows_partial, long_rows_merge
+        return tiles_forward, long_rows_partial, long_rows_merge
+    from .kernels.backward import flush_keys, long_rows_backward, tiles_backward
+
+    return tiles_backward, long_rows_backward, flush_keys
 
 
 def _cached(disp, want=None):
@@ -84,54 +91,65 @@ def numba_ready(disp):
     return bool(disp.signatures) or _cached(disp)
 
 
-def _in_disk_cache(dtype_name):
-    """Whether Numba's cache holds the fused forward's kernels for this dtype (see :func:`_cached`)."""
+def _in_disk_cache(key):
+    """Whether Numba's cache holds the fused kernels of ``key`` (``"forward float32"``...; see :func:`_cached`)."""
     import numba
     import numpy as np
 
+    kind, dtype_name = key.split()
     want = numba.from_dtype(np.dtype(dtype_name))
-    return all(_cached(disp, want) for disp in _kernels())
+    return all(_cached(disp, want) for disp in _kernels(kind))
 
 
-def fused_ready(dtype):
-    """True when an ``auto`` call of this dtype should run the fused kernels now."""
-    name = __import__("numpy").dtype(dtype).name
-    if name in _ready or mode() == "wait":
+def _key(dtype, kind):
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    return f"{kind} {__import__('numpy').dtype(dtype).name}"
+
+
+def fused_ready(dtype, kind="forward"):
+    """True when an ``auto`` call of this dtype (``kind``: forward or backward) should run the fused kernels now."""
+    key = _key(dtype, kind)
+    if key in _ready or mode() == "wait" or in_compile_thread():
         return True
     with _lock:
-        t = _threads.get(name)
+        t = _threads.get(key)
         if t is not None:
             if t.is_alive():
                 return False
-            _ready.add(name)
+            _ready.add(key)
             return True
-    if _in_disk_cache(name):
-        _ready.add(name)
+    if _in_disk_cache(key):
+        _ready.add(key)
         return True
     return False
 
 
-def mark_ready(dtype):
-    """The fused kernels of ``dtype`` ran in this process."""
-    _ready.add(__import__("numpy").dtype(dtype).name)
+def mark_ready(dtype, kind="forward"):
+    """The fused kernels of ``dtype`` and ``kind`` ran in this process."""
+    _ready.add(_key(dtype, kind))
 
 
-def _compile(name):
-    from .warmup import _forward
+def _compile(key):
+    from .warmup import _backward, _forward
 
+    kind, name = key.split()
     try:
-        _forward(name, path="fused")()
+        if kind == "forward":
+            _forward(name, path="fused")()
+        else:
+            _backward(name, "fused")()
     except BaseException as e:  # noqa: BLE001 - kept for status(); the foreground compiles (and raises) itself
-        _errors[name] = e
+        _errors[key] = e
     finally:
-        _times[name] = (_times[name][0], time.perf_counter())
+        _times[key] = (_times[key][0], time.perf_counter())
 
 
-def start(dtype):
-    """Start compiling the fused kernels of ``dtype`` in a background thread (once per process and dtype)."""
-    name = __import__("numpy").dtype(dtype).name
+def start(dtype, kind="forward"):
+    """Start compiling the fused kernels of ``dtype`` and ``kind`` in a background thread (once per process)."""
+    key = _key(dtype, kind)
     with _lock:
-        if name in _threads:
+        if key in _threads:
             return
         if not _hooks:
             import atexit
@@ -139,9 +157,10 @@ def start(dtype):
             atexit.register(_at_exit)
             os.register_at_fork(before=wait)
             _hooks.append(True)
-        _times[name] = (time.perf_counter(), None)
-        t = threading.Thread(target=_compile, args=(name,), name=f"sparseattn-compile-{name}", daemon=True)
-        _threads[name] = t
+        _times[key] = (time.perf_counter(), None)
+        name = "sparseattn-compile-" + key.replace(" ", "-")
+        t = threading.Thread(target=_compile, args=(key,), name=name, daemon=True)
+        _threads[key] = t
         t.start()
 
 
@@ -164,11 +183,11 @@ def wait(timeout=None):
 
 
 def status():
-    """``{dtype: (seconds since start or total seconds, finished, error)}`` of the background compiles."""
+    """``{"forward float32": (seconds so far or in all, finished, error), ...}`` of the background compiles."""
     now = time.perf_counter()
     return {
-        name: ((end if end is not None else now) - t0, end is not None, _errors.get(name))
-        for name, (t0, end) in _times.items()
+        key: ((end if end is not None else now) - t0, end is not None, _errors.get(key))
+        for key, (t0, end) in _times.items()
     }
 
 

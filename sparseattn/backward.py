@@ -20,7 +20,7 @@ from ._validate import first_nonfinite, prepare, scan_nonfinite
 
 __all__ = ["sparse_attention_backward"]
 
-_PATHS = ("auto", "fused", "staged")
+_PATHS = ("auto", "fused", "staged", "blocked")
 
 
 def _check_like(name, x, shape, what):
@@ -135,10 +135,15 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     out, lse : ndarray
         The forward's output and log-sum-exp, from
         ``sparse_attention(..., return_lse=True)``.
-    path : {"auto", "fused", "staged"}
+    path : {"auto", "fused", "staged", "blocked"}
         ``"fused"`` (``"auto"``): tile by tile from ``lse`` with O(n d) extra
         memory; ``"staged"``: per-nonzero probabilities and score gradients
-        (memory proportional to nnz x slices), the cross-check.
+        (memory proportional to nnz x slices), the cross-check;
+        ``"blocked"``: NumPy and BLAS over row blocks, no compiled kernels,
+        what ``"auto"`` runs while the fused backward of the dtype compiles
+        in a background thread in a fresh environment (see
+        :mod:`sparseattn._coldstart`).  Slices with a NaN or an infinity in
+        any input run on the staged kernels.
 
     Returns
     -------
@@ -198,18 +203,36 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
                 f"lse holds {ls[s, i]} at index {tuple(int(a) for a in idx)} (shape {np.shape(lse)}); "
                 f"check_finite=True refuses NaN and +inf in lse (-inf marks a row without keys)"
             )
+    if path == "auto" and S and n_q:
+        from . import _coldstart
+
+        if _coldstart.fused_ready(dt, "backward"):
+            path = "fused"
+        else:
+            for p in prep.patterns:
+                p.csr  # built here, before the background thread holds Numba's compiler lock
+            _coldstart.start(dt, "backward")
+            path = "blocked"
     if path == "staged":
         dq, dk, dvv = _staged_backward(prep, go, o, ls)
     else:
-        from .backward_fused import fused_backward
+        # the fused kernels (fast-math, finite sentinels) and the blocked path assume finite inputs:
+        # non-finite slices go staged
+        if path == "blocked":
+            from .blocked import blocked_backward as run, nonfinite_slices
 
-        # the fused kernels assume finite inputs (fast-math, finite sentinels): non-finite slices go staged
-        bad = prep.nonfinite.copy()
-        scan_nonfinite(go, bad)
-        scan_nonfinite(o, bad)
+            bad = np.zeros(S, dtype=bool)
+            for x in (prep.q, prep.k, prep.v, go, o):
+                bad |= nonfinite_slices(x)
+        else:
+            from .backward_fused import fused_backward as run
+
+            bad = prep.nonfinite.copy()
+            scan_nonfinite(go, bad)
+            scan_nonfinite(o, bad)
         bad |= _bad_lse(ls)
         skip = bad if bad.any() else None
-        dq, dk, dvv = fused_backward(
+        dq, dk, dvv = run(
             prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
             prep.key_valid, prep.slice_batch, skip=skip,
         )  # fmt: skip

@@ -174,3 +174,91 @@ def _long_row(qc, kc, vc, qmap, kmap, vmap, group, i, cols, sc, out, lse):
         has = den > 0 if len(cols) else np.zeros(G, dtype=bool)
         out[group, i] = np.where(has[:, None], acc / np.where(has, den, dt.type(1))[:, None], dt.type(0))
         lse[group, i] = np.where(has, m + np.log(np.where(has, den, dt.type(1))), dt.type(-np.inf))
+
+
+def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
+    """Gradients on NumPy/BLAS, from the forward's ``lse``: the fused backward's recipe over the same blocks.
+
+    ``q``, ``k``, ``v``, ``go`` (grad of the output), ``o`` and ``ls`` hold
+    one row block per slice: shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv),
+    (S, n_q, dv), (S, n_q, dv), (S, n_q).  Returns ``dq``, ``dk``, ``dv`` of
+    q's, k's and v's shapes; the rows of skipped slices are left zero for the
+    caller to fill.  Per block, with ``P = exp(scale Q K^T - lse)`` on the
+    allowed pairs: ``dV += P^T dO``, ``dS = P (dO V^T - D)`` with ``D =
+    rowsum(dO o)``, ``dQ = scale dS K``, ``dK += scale dS^T Q``.
+    """
+    from ._threads import numpy_blas_single_thread
+
+    with numpy_blas_single_thread():
+        return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip)
+
+
+def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip):
+    dt = q.dtype
+    sc = dt.type(scale)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    D = np.einsum("snd,snd->sn", go, o)
+    for p_idx, pattern in enumerate(patterns):
+        mine = slice_pattern == p_idx
+        if skip is not None:
+            mine &= ~skip
+        slices = np.flatnonzero(mine)
+        if len(slices) == 0:
+            continue
+        csr = pattern.csr
+        indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
+        counts = np.diff(indptr)
+        mean = counts.mean() if len(counts) else 0.0
+        long = counts > max(4 * _BLOCK, 8 * mean)
+        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
+        for group in groups:
+            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
+            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
+                if len(union) == 0:
+                    continue
+                mask = np.zeros((len(blk), len(union)), dtype=bool)
+                mask[owner, pos] = True
+                if valid is not None:
+                    mask &= valid[union][None, :]
+                per = max(1, _GRID // max(1, len(blk) * len(union)))
+                for g0 in range(0, len(group), per):
+                    sl = group[g0 : g0 + per]
+                    rows, keys = (sl[:, None], blk[None, :]), (sl[:, None], union[None, :])
+                    qb, kb, vb, gb = q[rows], k[keys], v[keys], go[rows]
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        s = np.matmul(qb, kb.transpose(0, 2, 1))
+                        s *= sc
+                        p = np.where(mask[None], np.exp(s - ls[rows][..., None]), dt.type(0))
+                    ds = np.matmul(gb, vb.transpose(0, 2, 1))
+                    ds -= D[rows][..., None]
+                    ds *= p
+                    dq[rows] = np.matmul(ds, kb) * sc
+                    dk[keys] += np.matmul(ds.transpose(0, 2, 1), qb) * sc
+                    dv[keys] += np.matmul(p.transpose(0, 2, 1), gb)
+            for i in np.flatnonzero(long):
+                cols = indices[indptr[i] : indptr[i + 1]]
+                if valid is not None:
+                    cols = cols[valid[cols]]
+                _long_row_backward(q, k, v, go, ls, D, group, i, cols, sc, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _long_row_backward(q, k, v, go, ls, D, group, i, cols, sc, dq, dk, dv):
+    """Row ``i``'s gradient contributions in every slice of ``group``, over key chunks."""
+    dt = q.dtype
+    G = len(group)
+    qi, gi = q[group, i][:, None, :], go[group, i][:, None, :]  # (G, 1, d), (G, 1, dv)
+    li, di = ls[group, i][:, None], D[group, i][:, None]
+    acc = np.zeros((G, q.shape[2]), dtype=dt)
+    step = max(1024, _GRID // (G * max(q.shape[2], v.shape[2], 1)))
+    for c0 in range(0, len(cols), step):
+        cc = cols[c0 : c0 + step]
+        keys = (group[:, None], cc[None, :])
+        kc, vc = k[keys], v[keys]
+        with np.errstate(over="ignore", invalid="ignore"):
+            p = np.exp(np.matmul(qi, kc.transpose(0, 2, 1))[:, 0, :] * sc - li)  # (G, C)
+        ds = p * (np.matmul(gi, vc.transpose(0, 2, 1))[:, 0, :] - di)
+        acc += np.matmul(ds[:, None, :], kc)[:, 0, :]
+        dk[keys] += ds[:, :, None] * (qi * sc)
+        dv[keys] += p[:, :, None] * gi
+    dq[group, i] = acc * sc

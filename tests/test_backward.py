@@ -11,7 +11,7 @@ from sparseattn.patterns import registry
 from sparseattn.reference import dense_attention_backward
 
 DTYPES = [np.float32, np.float64]
-PATHS = ["fused", "staged"]
+PATHS = ["fused", "staged", "blocked"]
 #: float64 within 1e-9, float32 within 2e-4, relative to the gradient's largest entry
 GRAD_RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
 
@@ -247,7 +247,7 @@ def test_return_lse_matches_the_reference(rng, dtype):
     kpm[0, 10:20] = True
     q, k, v = qkv(rng, (1, 2, n, 16), (1, 2, n, 16), 16, dtype)
     _, ref_lse = dense_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True)
-    for path in ("fused", "staged"):
+    for path in ("fused", "staged", "blocked"):
         out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True, path=path)
         assert lse.shape == out.shape[:-1] and lse.dtype == dtype
         np.testing.assert_allclose(lse, ref_lse, rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -1,7 +1,7 @@
 """The backward's non-finite policy: the forward's, carried through the gradients.
 
 A NaN or an infinity goes into one element of q, k, v or grad_out of one
-slice, at a band, a global or a padded position; both backward paths must
+slice, at a band, a global or a padded position; every backward path (fused, staged, blocked) must
 match the float64 row-by-row reference (``dense_attention_backward``) class by
 class (NaN, +inf, -inf, finite values close).  The gradients of rows and keys
 that never meet the bad element must equal those of clean inputs (no leak,
@@ -37,7 +37,7 @@ def inputs(dtype, seed=0):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["band", "global", "padded"])
 @pytest.mark.parametrize("array", ["q", "k", "v", "grad_out"])
-def test_backward_nonfinite_policy_on_both_paths(dtype, value, where, array):
+def test_backward_nonfinite_policy_on_every_path(dtype, value, where, array):
     pos = {"band": BAND, "global": GLOBAL, "padded": PADDED}[where]
     q, k, v, go = inputs(dtype)
     clean_ref = dense_attention_backward(go, q, k, v, PATTERN, key_padding_mask=KPM)
@@ -64,7 +64,7 @@ def test_backward_nonfinite_policy_on_both_paths(dtype, value, where, array):
         assert np.isnan(ref[0][SLICE][rows]).all()  # NaN, never zeros
 
     copies = [a.copy() for a in (go, q, k, v, out, lse)]
-    for path in ("fused", "staged"):
+    for path in ("fused", "staged", "blocked"):
         grads = sa.sparse_attention_backward(go, q, k, v, PATTERN, out, lse, key_padding_mask=KPM, path=path)
         for a, c in zip((go, q, k, v, out, lse), copies):
             np.testing.assert_array_equal(a, c)
@@ -96,7 +96,7 @@ def test_nan_in_out_or_lse_reaches_only_that_row():
             o[SLICE + (BAND, COL)] = np.nan
         else:
             ls[SLICE + (BAND,)] = np.nan
-        for path in ("fused", "staged"):
+        for path in ("fused", "staged", "blocked"):
             dq, dk, dv = sa.sparse_attention_backward(go, q, k, v, PATTERN, o, ls, path=path)
             assert np.isnan(dq[SLICE][BAND]).all(), (name, path)
             keys = PATTERN.csr.toarray()[BAND]

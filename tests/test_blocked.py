@@ -41,6 +41,27 @@ def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
     np.testing.assert_allclose(lse, ref_lse, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_backward_over_key_chunks(rng, dtype, monkeypatch):
+    """The blocked backward of the same long rows (three globals, key chunks of 1024, padding) against float64."""
+    from test_backward import assert_grads_close
+
+    from sparseattn.reference import dense_attention_backward
+
+    monkeypatch.setattr(blocked, "_GRID", 1 << 10)
+    n = 2600
+    p = sa.longformer(n, 6, [0, 1300, n - 1])
+    q, k, v = (rng.standard_normal((2, 2, n, 8)).astype(dtype) for _ in range(3))
+    kpm = np.zeros((2, n), bool)
+    kpm[1, 1000:2200] = True
+    kpm[1, 1300] = True
+    out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True)
+    go = rng.standard_normal(out.shape).astype(dtype)
+    grads = sa.sparse_attention_backward(go, q, k, v, p, out, lse, key_padding_mask=kpm, path="blocked")
+    ref = dense_attention_backward(go, q, k, v, p, key_padding_mask=kpm)
+    assert_grads_close(grads, ref, (q, k, v))
+
+
 def test_row_whose_keys_are_all_padded_is_zero_with_lse_minus_inf(rng):
     n = 1200
     p = sa.sliding_window(n, 3) | sa.global_tokens(n, [5])
@@ -113,24 +134,30 @@ def test_cold_start_mode_is_checked(monkeypatch):
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, sys
     import numpy as np
     import sparseattn as sa
     from sparseattn import _coldstart
-    from sparseattn.reference import dense_attention
+    from sparseattn.reference import dense_attention, dense_attention_backward
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
 
     rng = np.random.default_rng(0)
     n = 1500
-    q, k, v = (rng.standard_normal((3, n, 32), dtype=np.float32) for _ in range(3))
+    q, k, v, go = (rng.standard_normal((3, n, 32), dtype=np.float32) for _ in range(4))
     p = sa.longformer(n, 128, [0, 700])
-    first = sa.sparse_attention(q, k, v, p)
-    report = {"compiling_after_first_call": _coldstart.compiling()}
+    first, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
+    report = {"forward_compiling": sorted(key for key, (_, done, _) in _coldstart.status().items() if not done)}
+    grads = sa.sparse_attention_backward(go, q, k, v, p, first, lse)
+    report["compiling"] = sorted(key for key, (_, done, _) in _coldstart.status().items() if not done)
     ref = dense_attention(q, k, v, p)
-    report["first_err"] = float(np.abs(first - ref).max() / np.abs(ref).max())
+    report["first_err"] = rel(first, ref)
+    report["grad_err"] = max(rel(g, r) for g, r in zip(grads, dense_attention_backward(go, q, k, v, p)))
     if sys.argv[1] == "wait":
         _coldstart.wait()
         later = sa.sparse_attention(q, k, v, p)
-        report["later_err"] = float(np.abs(later - ref).max() / np.abs(ref).max())
+        report["later_err"] = rel(later, ref)
         report["status"] = {k: [v[1], repr(v[2])] for k, v in _coldstart.status().items()}
     print(json.dumps(report))
     """
@@ -150,19 +177,21 @@ def _run(tmp_path, cache, how):
 def test_cold_start_answers_on_the_blocked_path_and_fills_the_cache(tmp_path):
     """Fresh processes, empty Numba cache, default mode.
 
-    1. The first call returns (correct) while the fused kernels still compile
-       in the background; the process exits without waiting itself, so the
-       exit hook finishes the compile (saying so on stderr).
+    1. The first forward and backward calls return (correct) while the fused
+       kernels still compile in the background; the process exits without
+       waiting itself, so the exit hook finishes the compiles (saying so on
+       stderr).
     2. A second process with that cache finds the kernels there: its first
-       call runs fused, with no background compile.
+       calls run fused, with no background compile.
     """
     cache = tmp_path / "numba-cache"
     report, err = _run(tmp_path, cache, "exit")
-    assert report["compiling_after_first_call"] is True
-    assert report["first_err"] < 2e-5
+    assert report["forward_compiling"] == ["forward float32"]  # the forward answered while it compiled
+    assert "backward float32" in report["compiling"]  # and so did the backward
+    assert report["first_err"] < 2e-5 and report["grad_err"] < 2e-4
     assert "finishing the background compilation" in err
     report, err = _run(tmp_path, cache, "wait")
-    assert report["compiling_after_first_call"] is False  # loaded from the cache, no thread started
+    assert report["forward_compiling"] == report["compiling"] == []  # loaded from the cache, no thread started
     assert report["status"] == {}
-    assert report["first_err"] < 2e-5 and report["later_err"] < 2e-5
+    assert report["first_err"] < 2e-5 and report["later_err"] < 2e-5 and report["grad_err"] < 2e-4
     assert "finishing" not in err
