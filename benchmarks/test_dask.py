@@ -41,16 +41,22 @@ def client():
             yield c
 
 
-def _make_chunk(seed, d, block_info=None):
-    (lo, hi) = block_info[None]["array-location"][2]
-    rng = np.random.default_rng([seed, lo])
-    return rng.standard_normal((3, 1, hi - lo, d), dtype=np.float32)
+def _make_chunk(seed, which, d, block_info=None):
+    (lo, hi) = block_info[None]["array-location"][1]
+    rng = np.random.default_rng([seed, which, lo])
+    return rng.standard_normal((1, hi - lo, d), dtype=np.float32)
 
 
 def _inputs(n, chunk):
-    chunks = ((3,), (1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
-    qkv = da.map_blocks(_make_chunk, 0, D, chunks=chunks, dtype=np.float32)
-    return qkv[0], qkv[1], qkv[2]
+    """q, k, v generated chunk by chunk, one task per block of each array.
+
+    One array per task, not the three stacked: a block of ``x[0]`` cut out of a
+    stacked block is a view that keeps the whole stack (all three inputs of
+    the chunk) alive for as long as any one of them is needed.
+    """
+    chunks = ((1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
+    return tuple(da.map_blocks(_make_chunk, 0, i, D, chunks=chunks, dtype=np.float32, token=f"bench-{x}")
+                 for i, x in enumerate("qkv"))  # fmt: skip
 
 
 @pytest.mark.parametrize("n", NS)
@@ -81,8 +87,10 @@ def test_dask_vs_local(benchmark, client, n):
     )  # fmt: skip
 
 
-def _sumsq(x):
-    return np.array([[float(np.sum(np.square(x, dtype=np.float64)))]])
+def _sumsq(x, rows=4096):
+    """Sum of squares in float64, a few rows at a time (no float64 copy of the whole block)."""
+    x = x.reshape(-1, x.shape[-1])
+    return np.array([[sum(float(np.sum(np.square(x[i : i + rows], dtype=np.float64))) for i in range(0, len(x), rows))]])
 
 
 @pytest.mark.skipif(benchlib.quick(), reason="n = 4,194,304 runs in full mode only")
