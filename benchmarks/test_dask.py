@@ -41,22 +41,38 @@ def client():
             yield c
 
 
-def _make_chunk(seed, which, d, block_info=None):
-    (lo, hi) = block_info[None]["array-location"][1]
-    rng = np.random.default_rng([seed, which, lo])
-    return rng.standard_normal((1, hi - lo, d), dtype=np.float32)
+def _chunk_seed(seed, j):
+    return np.random.SeedSequence([seed, j])
 
 
-def _inputs(n, chunk):
-    """q, k, v generated chunk by chunk, one task per block of each array.
+def _make_chunk(chunk_seed, which, rows, d):
+    rng = np.random.default_rng(chunk_seed.spawn(3)[which])
+    return rng.standard_normal((1, rows, d), dtype=np.float32)
 
-    One array per task, not the three stacked: a block of ``x[0]`` cut out of a
-    stacked block is a view that keeps the whole stack (all three inputs of
-    the chunk) alive for as long as any one of them is needed.
+
+def _inputs(n, chunk, seed=0):
+    """q, k, v generated chunk by chunk, each block by its own task, from one small seed task per chunk.
+
+    The three blocks of chunk j hang off the same seed task, so the scheduler
+    makes them on one worker, as projections of the same hidden states would
+    be (root tasks of three separate arrays are spread over the workers); and
+    they are three arrays, not views of one stacked block, which would keep
+    all three alive as long as any one of them is needed.
     """
-    chunks = ((1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
-    return tuple(da.map_blocks(_make_chunk, 0, i, D, chunks=chunks, dtype=np.float32, token=f"bench-{x}")
-                 for i, x in enumerate("qkv"))  # fmt: skip
+    from dask.base import tokenize
+
+    bounds = list(range(0, n, chunk)) + [n]
+    token = tokenize(n, chunk, seed, D)
+    seeds = f"bench-seed-{token}"
+    graph = {(seeds, j): (_chunk_seed, seed, j) for j in range(len(bounds) - 1)}
+    arrays = []
+    for which, x in enumerate("qkv"):
+        name = f"bench-{x}-{token}"
+        layer = {(name, 0, j, 0): (_make_chunk, (seeds, j), which, hi - lo, D)
+                 for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}  # fmt: skip
+        chunks = ((1,), tuple(np.diff(bounds).tolist()), (D,))
+        arrays.append(da.Array({**graph, **layer}, name, chunks, dtype=np.float32))
+    return tuple(arrays)
 
 
 @pytest.mark.parametrize("n", NS)
