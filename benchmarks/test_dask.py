@@ -9,7 +9,8 @@ Both outputs are checked against the float64 oracle first.
 
 ``test_dask_4m`` (full mode only) runs n = 4,194,304 through Dask with the inputs generated inside
 the graph and a reduction of the output per block (sum of squares), so the full output never sits
-in one process; it records the workers' peak resident memory against the size of one input chunk.
+in one process; it records, per worker, the peak of task results held (``sparseattn._dask_probe``) and the
+peak resident set above the warmed-up runtime, in bytes and in input chunks.
 
     pytest benchmarks/test_dask.py --benchmark-json=DASK.json
     pytest benchmarks/test_dask.py --quick --benchmark-disable     # smoke test
@@ -121,13 +122,15 @@ def test_dask_4m(benchmark, client):
     # one number per output block, summed on the workers: the output never sits in one process
     total = da.map_blocks(_sumsq, out[0], chunks=((1,) * out.numblocks[1], (1,)), dtype=np.float64).sum()
 
+    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask_demo import _warm_up
+
+    client.run(_warm_up, RADIUS, D, np.float32)  # kernels loaded in every worker before the probe starts
+    reports = {}
+
     def run():
-        return client.compute(total).result()
-
-    def peak_rss(dask_worker=None):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        value, reports["workers"] = memory_peaks(client, lambda: client.compute(total).result())
+        return value
 
     value = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     assert np.isfinite(value) and value > 0
@@ -143,7 +146,17 @@ def test_dask_4m(benchmark, client):
     chunk_bytes = CHUNK * D * 4
     benchmark.extra_info.update(
         n=n, chunk=CHUNK, radius=RADIUS, globals=GLOBALS, d=D, dtype="float32", max_abs_error_vs_float64=err,
-        worker_peak_rss=client.run(peak_rss), input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
+        input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
+        # per worker: peak of task results held (exact, at every transition) and peak resident set above the
+        # warmed-up runtime, in bytes and in input chunks; the target is ~2 chunks of each input (q, k, v)
+        worker_memory={
+            w: dict(managed_peak_bytes=r["managed_peak"], managed_peak_chunks=r["managed_peak"] / chunk_bytes,
+                    rss_before_bytes=r["rss_before"], rss_peak_bytes=r["rss_peak"],
+                    rss_peak_delta_bytes=r["rss_peak_delta"],
+                    rss_peak_delta_chunks=None if r["rss_peak_delta"] is None else r["rss_peak_delta"] / chunk_bytes,
+                    held_at_managed_peak=sorted(r["held_at_peak"].items(), key=lambda kv: -kv[1])[:24])
+            for w, r in reports["workers"].items()
+        },
     )  # fmt: skip
 
 
