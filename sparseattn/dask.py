@@ -22,8 +22,9 @@ the leading axes):
   output block runs them as a second partial (the copies of global keys that
   fall inside its window range are masked there, so no key counts twice).
 * **Global rows** (full rows) are taken out of the block: one partial per key
-  block, computed where that key block lives, merged in a tree of fan-in 8.
-  No task holds all keys.
+  block, computed where that key block lives after that block's own task,
+  merged in a chain and written into the block by a small task.  No task
+  holds all keys.
 * **Any other pattern** (scipy matrices, dilated windows, presets, per-head
   sequences, intersections) goes through the generic path: at graph-build
   time ``pattern.rows(a, b)`` of each query block (never the whole CSR)
@@ -68,7 +69,8 @@ from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
 
 __all__ = ["sparse_attention"]
 
-#: fan-in of the log-sum-exp merge tree of split rows
+#: fan-in of each step of the log-sum-exp merge chain of split rows (2: a chain in key-block order,
+#: which dask.order follows block by block; a balanced tree made it generate key blocks early)
 MERGE_FAN_IN = 2
 #: generic path: a row is split over key blocks when longer than max(LONG_MIN, LONG_FACTOR * median row)
 LONG_MIN = 2048
