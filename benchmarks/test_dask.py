@@ -9,7 +9,8 @@ Both outputs are checked against the float64 oracle first.
 
 ``test_dask_4m`` (full mode only) runs n = 4,194,304 through Dask with the inputs generated inside
 the graph and a reduction of the output per block (sum of squares), so the full output never sits
-in one process; it records the workers' peak resident memory against the size of one input chunk.
+in one process; it records, per worker, the peak of task results held (``sparseattn._dask_probe``) and the
+peak resident set above the warmed-up runtime, in bytes and in input chunks.
 
     pytest benchmarks/test_dask.py --benchmark-json=DASK.json
     pytest benchmarks/test_dask.py --quick --benchmark-disable     # smoke test
@@ -41,16 +42,38 @@ def client():
             yield c
 
 
-def _make_chunk(seed, d, block_info=None):
-    (lo, hi) = block_info[None]["array-location"][2]
-    rng = np.random.default_rng([seed, lo])
-    return rng.standard_normal((3, 1, hi - lo, d), dtype=np.float32)
+def _chunk_seed(seed, j):
+    return np.random.SeedSequence([seed, j])
 
 
-def _inputs(n, chunk):
-    chunks = ((3,), (1,), tuple(min(chunk, n - s) for s in range(0, n, chunk)), (D,))
-    qkv = da.map_blocks(_make_chunk, 0, D, chunks=chunks, dtype=np.float32)
-    return qkv[0], qkv[1], qkv[2]
+def _make_chunk(chunk_seed, which, rows, d):
+    rng = np.random.default_rng(chunk_seed.spawn(3)[which])
+    return rng.standard_normal((1, rows, d), dtype=np.float32)
+
+
+def _inputs(n, chunk, seed=0):
+    """q, k, v generated chunk by chunk, each block by its own task, from one small seed task per chunk.
+
+    The three blocks of chunk j hang off the same seed task, so the scheduler
+    makes them on one worker, as projections of the same hidden states would
+    be (root tasks of three separate arrays are spread over the workers); and
+    they are three arrays, not views of one stacked block, which would keep
+    all three alive as long as any one of them is needed.
+    """
+    from dask.base import tokenize
+
+    bounds = list(range(0, n, chunk)) + [n]
+    token = tokenize(n, chunk, seed, D)
+    seeds = f"bench-seed-{token}"
+    graph = {(seeds, j): (_chunk_seed, seed, j) for j in range(len(bounds) - 1)}
+    arrays = []
+    for which, x in enumerate("qkv"):
+        name = f"bench-{x}-{token}"
+        layer = {(name, 0, j, 0): (_make_chunk, (seeds, j), which, hi - lo, D)
+                 for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}  # fmt: skip
+        chunks = ((1,), tuple(np.diff(bounds).tolist()), (D,))
+        arrays.append(da.Array({**graph, **layer}, name, chunks, dtype=np.float32))
+    return tuple(arrays)
 
 
 @pytest.mark.parametrize("n", NS)
@@ -81,8 +104,10 @@ def test_dask_vs_local(benchmark, client, n):
     )  # fmt: skip
 
 
-def _sumsq(x):
-    return np.array([[float(np.sum(np.square(x, dtype=np.float64)))]])
+def _sumsq(x, rows=4096):
+    """Sum of squares in float64, a few rows at a time (no float64 copy of the whole block)."""
+    x = x.reshape(-1, x.shape[-1])
+    return np.array([[sum(float(np.sum(np.square(x[i : i + rows], dtype=np.float64))) for i in range(0, len(x), rows))]])
 
 
 @pytest.mark.skipif(benchlib.quick(), reason="n = 4,194,304 runs in full mode only")
@@ -97,13 +122,15 @@ def test_dask_4m(benchmark, client):
     # one number per output block, summed on the workers: the output never sits in one process
     total = da.map_blocks(_sumsq, out[0], chunks=((1,) * out.numblocks[1], (1,)), dtype=np.float64).sum()
 
+    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask_demo import _warm_up
+
+    client.run(_warm_up, RADIUS, D, np.float32)  # kernels loaded in every worker before the probe starts
+    reports = {}
+
     def run():
-        return client.compute(total).result()
-
-    def peak_rss(dask_worker=None):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        value, reports["workers"] = memory_peaks(client, lambda: client.compute(total).result())
+        return value
 
     value = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     assert np.isfinite(value) and value > 0
@@ -119,7 +146,17 @@ def test_dask_4m(benchmark, client):
     chunk_bytes = CHUNK * D * 4
     benchmark.extra_info.update(
         n=n, chunk=CHUNK, radius=RADIUS, globals=GLOBALS, d=D, dtype="float32", max_abs_error_vs_float64=err,
-        worker_peak_rss=client.run(peak_rss), input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
+        input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
+        # per worker: peak of task results held (exact, at every transition) and peak resident set above the
+        # warmed-up runtime, in bytes and in input chunks; the target is ~2 chunks of each input (q, k, v)
+        worker_memory={
+            w: dict(managed_peak_bytes=r["managed_peak"], managed_peak_chunks=r["managed_peak"] / chunk_bytes,
+                    rss_before_bytes=r["rss_before"], rss_peak_bytes=r["rss_peak"],
+                    rss_peak_delta_bytes=r["rss_peak_delta"],
+                    rss_peak_delta_chunks=None if r["rss_peak_delta"] is None else r["rss_peak_delta"] / chunk_bytes,
+                    held_at_managed_peak=sorted(r["held_at_peak"].items(), key=lambda kv: -kv[1])[:24])
+            for w, r in reports["workers"].items()
+        },
     )  # fmt: skip
 
 

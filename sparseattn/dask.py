@@ -22,8 +22,9 @@ the leading axes):
   output block runs them as a second partial (the copies of global keys that
   fall inside its window range are masked there, so no key counts twice).
 * **Global rows** (full rows) are taken out of the block: one partial per key
-  block, computed where that key block lives, merged in a tree of fan-in 8.
-  No task holds all keys.
+  block, computed where that key block lives after that block's own task,
+  merged in a chain and written into the block by a small task.  No task
+  holds all keys.
 * **Any other pattern** (scipy matrices, dilated windows, presets, per-head
   sequences, intersections) goes through the generic path: at graph-build
   time ``pattern.rows(a, b)`` of each query block (never the whole CSR)
@@ -68,8 +69,9 @@ from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
 
 __all__ = ["sparse_attention"]
 
-#: fan-in of the log-sum-exp merge tree of split rows
-MERGE_FAN_IN = 8
+#: fan-in of each step of the log-sum-exp merge chain of split rows (2: a chain in key-block order,
+#: which dask.order follows block by block; a balanced tree made it generate key blocks early)
+MERGE_FAN_IN = 2
 #: generic path: a row is split over key blocks when longer than max(LONG_MIN, LONG_FACTOR * median row)
 LONG_MIN = 2048
 LONG_FACTOR = 8
@@ -162,8 +164,10 @@ def _full(n_rows, n_keys):
     return sliding_window(n_rows, left=n_rows, right=n_keys, n_k=n_keys)
 
 
-def _block_task(kind, spec, q, kparts, vparts, mparts, shared, long_part, scale, serial, dv, out_dtype):
-    """Compute one output block.
+def _block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv, out_dtype, after=()):
+    """Compute one output block (its split rows, if any, are written in later by :func:`_write_rows`).
+
+    ``after`` holds small results this task only waits for (unused): see the graph builder.
 
     ``kind`` is ``"window"`` (spec: ``left, right, shift, gpos, long_local``: the
     band in the frame of the key segment, the global keys' positions inside
@@ -174,7 +178,7 @@ def _block_task(kind, spec, q, kparts, vparts, mparts, shared, long_part, scale,
     n_rows = q.shape[-2]
     k_seg = _concat(kparts, -2) if kparts else None
     v_seg = _concat(vparts, -2) if vparts else None
-    parts = []
+    part = None
     if kind == "window":
         left, right, shift, gpos, long_local = spec
         if k_seg is not None and k_seg.shape[-2]:
@@ -185,10 +189,10 @@ def _block_task(kind, spec, q, kparts, vparts, mparts, shared, long_part, scale,
                 extra[gpos] = True
             mask = _combined_mask(mparts, extra)
             band = sliding_window(n_rows, left=left - shift, right=right + shift, n_k=m)
-            parts.append(_engine(q, k_seg, v_seg, band, scale, mask, serial))
+            part = _engine(q, k_seg, v_seg, band, scale, mask, serial)
+        del k_seg, v_seg
         if shared is not None:
-            gk, gv, gm = shared
-            parts.append(_engine(q, gk, gv, _full(n_rows, gk.shape[-2]), scale, gm, serial))
+            part = _merge_shared(part, q, shared, scale, serial, dv)
     else:
         pattern, a, b, cols, long_local = spec
         if k_seg is not None and len(cols):
@@ -204,20 +208,62 @@ def _block_task(kind, spec, q, kparts, vparts, mparts, shared, long_part, scale,
             local = np.searchsorted(cols, indices)
             sub = CSRPattern(indptr, local, (n_rows, len(cols)))
             mask = _combined_mask(mparts, None)
-            parts.append(_engine(q, k_seg, v_seg, sub, scale, mask, serial))
-    if parts:
-        out = _merge(parts)[0]
-    else:
-        out = np.zeros(q.shape[:-1] + (dv,), dtype=out_dtype)
-    out = out.astype(out_dtype, copy=False)
-    if long_part is not None:
-        out = np.array(out, copy=True) if not out.flags.writeable else out
-        out[..., long_local, :] = long_part[0]
+            part = _engine(q, k_seg, v_seg, sub, scale, mask, serial)
+    if part is None:
+        return np.zeros(q.shape[:-1] + (dv,), dtype=out_dtype)
+    return part[0].astype(out_dtype, copy=False)
+
+
+#: rows per engine call against the shared block of global keys (bounds that partial's extra memory)
+SHARED_ROWS = 8192
+
+
+def _merge_shared(part, q, shared, scale, serial, dv):
+    """Merge the partial of every row against the shared global keys into ``part`` (``(out, lse)`` or None).
+
+    Row tiles of :data:`SHARED_ROWS` at a time, merged in place, so the extra
+    memory is a tile's, not a second output block and its float64 copies.
+    """
+    gk, gv, gm = shared
+    n_rows, n_g = q.shape[-2], gk.shape[-2]
+    for t0 in range(0, max(n_rows, 1), SHARED_ROWS):
+        t1 = min(t0 + SHARED_ROWS, n_rows)
+        g_out, g_lse = _engine(q[..., t0:t1, :], gk, gv, _full(t1 - t0, n_g), scale, gm, serial)
+        if part is None:  # no other keys: the shared partial is the block's result
+            part = (np.empty(q.shape[:-1] + (dv,), dtype=g_out.dtype), np.empty(q.shape[:-1], dtype=g_lse.dtype))
+            if not n_rows:
+                return part
+        else:
+            g_out, g_lse = _merge([(part[0][..., t0:t1, :], part[1][..., t0:t1]), (g_out, g_lse)])
+        part[0][..., t0:t1, :] = g_out
+        part[1][..., t0:t1] = g_lse
+    return part
+
+
+def _write_rows(out, rows, part):
+    """The block ``out`` with its split ``rows`` set from their merged partial ``part``.
+
+    Writes in place when ``out`` is writeable: it is the block task's own
+    result and this task its only reader, and writing the same rows again
+    (a retried task) gives the same block.
+    """
+    out = out if out.flags.writeable else np.array(out, copy=True)
+    out[..., rows, :] = part[0]
     return out
 
 
-def _long_partial(q_rows, k, v, mask, csr, scale, serial):
-    """Split rows against one key block: ``(out, lse)``; ``csr`` None means every key of the block."""
+def _after(*_):
+    """A token: a dependency that orders a task after another without moving the other's result."""
+    return None
+
+
+def _long_partial(q_rows, k, v, mask, csr, scale, serial, after=None):
+    """Split rows against one key block: ``(out, lse)``; ``csr`` None means every key of the block.
+
+    ``after`` is an ordering token (unused): the partial waits for the block
+    task that reads this key block, so that the key block is released when
+    both are done rather than held from an early partial to a late block task.
+    """
     n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
     if csr is None:
         pattern = _full(n_rows, n_keys)
@@ -483,6 +529,9 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         plan = plans[pi]
         mb = lb[:-1] if lead else ()
         shared_key = None
+        readers = {}  # key block j -> (rows read, the block task reading the most of it, its q block)
+        pending = []  # query blocks with split rows
+        taken = {}  # key block j -> the slices and gathers taken out of it (for any block task)
         for i in range(len(qb) - 1):
             a, b = int(qb[i]), int(qb[i + 1])
             if blocks[pi][i] is None:
@@ -490,6 +539,11 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
             pieces, uses_shared, spec, long_rows, long_blocks = blocks[pi][i]
             if uses_shared and shared_key is None:
                 shared_key = _add_shared(dsk, name, lb, mb, plan, k, v, mask)
+                for j, _ in plan.shared_sources():
+                    taken.setdefault(j, set()).update(
+                        (f"{name}-global-{arr.name}",) + bidx + (j,) for arr, bidx in ((k, lb), (v, lb), (mask, mb))
+                        if arr is not None
+                    )  # fmt: skip
             kparts, vparts, mparts = [], [], []
             for piece in pieces:
                 j, lo, hi = piece[:3]
@@ -506,22 +560,47 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
                         dsk.setdefault(key, (_slice_rows, src, lo, hi))
                         parts.append(key)
                         home[key] = src
+                        taken.setdefault(j, set()).add(key)
                     else:
                         key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
                         dsk[key] = (_take_cols, src, cols)
                         parts.append(key)
                         home[key] = src
+                        taken.setdefault(j, set()).add(key)
             q_key = (q.name,) + lb + (i, 0)
-            long_key = None
-            if len(long_rows):
-                long_key = _add_long(dsk, home, name, lb, mb, i, q_key, spec[-1], long_blocks, k, v, mask, scale, serial, dv, out_dtype)
             if plan.kind == "csr":
                 spec = (pattern_keys[pi],) + spec[1:]
-            dsk[(name,) + lb + (i, 0)] = (
+            out_key = (name,) + lb + (i, 0)
+            main_key = (f"{name}-main",) + lb + (i, 0) if len(long_rows) else out_key
+            dsk[main_key] = (
                 _block_task, plan.kind, (tuple, list(spec)), q_key, kparts, vparts,
-                mparts if mask is not None else None, shared_key, long_key, scale, serial, dv, out_dtype,
+                mparts if mask is not None else None, shared_key, scale, serial, dv, out_dtype, [],
             )  # fmt: skip
-            home[(name,) + lb + (i, 0)] = q_key
+            home[main_key] = q_key
+            for piece in pieces:  # the block task reading most of key block j
+                j, lo, hi = piece[:3]
+                cols = piece[3] if len(piece) > 3 else None
+                size = hi - lo if cols is None else len(cols)
+                if size > readers.get(j, (0, None))[0]:
+                    readers[j] = (size, main_key, q_key)
+            if len(long_rows):
+                pending.append((i, q_key, main_key, out_key, spec[-1], long_blocks))
+        # split rows last, once every block task of this block of the leading axes is known
+        after = {}
+        for i, q_key, main_key, out_key, long_local, long_blocks in pending:
+            long_key = _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial,
+                                 dv, out_dtype, readers, after)  # fmt: skip
+            dsk[out_key] = (_write_rows, main_key, long_local, long_key)
+            home[out_key] = q_key
+        # the block task reading most of key block j also waits for everything else cut out of that
+        # block (halo slices and gathers for other block tasks, global keys): then nothing is left to
+        # hold key block j once it and its split partial have run
+        for j, (_, main_key, _) in readers.items():
+            task = dsk[main_key]
+            own = set(task[4]) | set(task[5]) | set(task[6] or ())
+            extra = sorted(taken.get(j, set()) - own, key=str)
+            if extra:
+                dsk[main_key] = task[:-1] + (task[-1] + extra,)
     deps = [x for x in (q, k, v, mask) if x is not None]
     if pin:
         graph = HighLevelGraph.from_collections(name, _pinned(dsk, home, deps), dependencies=deps)
@@ -625,8 +704,15 @@ def _add_shared(dsk, name, lb, mb, plan, k, v, mask):
     return key
 
 
-def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype):
-    """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key."""
+def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype,
+              readers, after):  # fmt: skip
+    """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key.
+
+    The partial over key block ``j`` waits for a token of the block task that
+    reads the most of that key block (``readers``; tokens cached in
+    ``after``), so that the scheduler runs it next to that block task instead
+    of generating or keeping every key block early for the split rows.
+    """
     qrows = (f"{name}-qrows",) + lb + (i,)
     dsk[qrows] = (_rows_of, q_key, long_local)
     home[qrows] = q_key
@@ -634,21 +720,26 @@ def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, 
     for j, csr in long_blocks:
         key = (f"{name}-split",) + lb + (i, j)
         m_key = None if mask is None else (mask.name,) + mb + (j,)
+        token = None
+        if j in readers:
+            _, reader, reader_q = readers[j]
+            token = (f"{name}-after",) + reader[1:]
+            if token not in after:
+                dsk[token] = (_after, reader)
+                home[token] = reader_q
+                after[token] = True
         dsk[key] = (_long_partial, qrows, (k.name,) + lb + (j, 0), (v.name,) + lb + (j, 0), m_key,
-                    None if csr is None else (tuple, list(csr)), scale, serial)  # fmt: skip
+                    None if csr is None else (tuple, list(csr)), scale, serial, token)  # fmt: skip
         home[key] = (k.name,) + lb + (j, 0)
         level.append(key)
     if not level:
         key = (f"{name}-split",) + lb + (i, -1)
         dsk[key] = (_empty_partial, qrows, dv, out_dtype)
         return key
-    depth = 0
-    while len(level) > 1:
-        nxt = []
-        for g in range(0, len(level), MERGE_FAN_IN):
-            key = (f"{name}-merge",) + lb + (i, depth, g // MERGE_FAN_IN)
-            dsk[key] = (_merge_task,) + tuple(level[g : g + MERGE_FAN_IN])
-            home[key] = q_key
-            nxt.append(key)
-        level, depth = nxt, depth + 1
-    return level[0]
+    acc = level[0]
+    for step, g in enumerate(range(1, len(level), MERGE_FAN_IN - 1)):
+        key = (f"{name}-merge",) + lb + (i, step)
+        dsk[key] = (_merge_task, acc) + tuple(level[g : g + MERGE_FAN_IN - 1])
+        home[key] = q_key
+        acc = key
+    return acc

@@ -310,3 +310,43 @@ def test_nonfinite_inputs_follow_the_engines_policy(client, rng, array):
     assert not np.isfinite(got).all()  # the bad values show, never as silent zeros
     fin = np.isfinite(ref)
     np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-5, atol=2e-5)
+
+
+def _root_block(which, d, block_info=None):
+    lo, hi = block_info[None]["array-location"][1]
+    return np.random.default_rng([which, lo]).standard_normal((1, hi - lo, d), dtype=np.float32)
+
+
+def _root_inputs(n, chunk, d):
+    """q, k, v of shape (1, n, d), every block made by its own task with no dependency (a root task)."""
+    return [da.map_blocks(_root_block, which, d, chunks=((1,), (chunk,) * (n // chunk), (d,)), dtype=np.float32,
+                          token=f"root-{x}") for which, x in enumerate("qkv")]  # fmt: skip
+
+
+def _sumsq(x):
+    return np.array([[float(np.sum(np.square(x, dtype=np.float64)))]])
+
+
+def test_worker_memory_does_not_grow_with_n(client):
+    # issue 9: n = 4,194,304 through dask without any process holding more than ~2 chunks of each
+    # input. A band + global pattern on inputs generated chunk by chunk, reduced per block: the peak of
+    # managed memory (task results held) on every worker, in chunks, must not grow with the number of
+    # chunks. Inputs made by root tasks, one per block of each array: before the graph ordered its tasks
+    # (main at 1847bb9's parent), that peak was 22 chunks with 16 chunks and 49 with 32.
+    from sparseattn._dask_probe import memory_peaks
+
+    chunk, d, radius = 32768, 32, 128
+    chunk_bytes = chunk * d * 4
+    peaks = {}
+    client.run(lambda: sa.sparse_attention(*(np.ones((300, d), np.float32),) * 3, sa.sliding_window(300, 64)))
+    for n_chunks in (16, 32):
+        n = n_chunks * chunk
+        q, k, v = _root_inputs(n, chunk, d)
+        out = dask_attention(q, k, v, sa.sliding_window(n, radius) | sa.global_tokens(n, [0]))
+        total = da.map_blocks(_sumsq, out[0], chunks=((1,) * n_chunks, (1,)), dtype=np.float64).sum()
+        value, reports = memory_peaks(client, lambda: client.compute(total).result())
+        assert np.isfinite(value) and value > 0
+        peaks[n_chunks] = max(r["managed_peak"] for r in reports.values()) / chunk_bytes
+    # q, k, v of the blocks in flight and of their neighbours (halos), output blocks: measured 15-16
+    assert peaks[32] <= 20, peaks
+    assert peaks[32] <= peaks[16] + 5, peaks
