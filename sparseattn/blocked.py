@@ -73,6 +73,45 @@ def _softmax_block(scores, mask, v, dt):
     return out, lse
 
 
+def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
+    """The work of a call, in the order both directions take it.
+
+    Yields ``("block", slices, rows, union, mask)`` for a block of ordinary
+    rows (``mask``: (rows, union) bool, the allowed, non-padded pairs; a block
+    of rows without any key has an empty union) and ``("long", slices, i,
+    cols)`` for a long row ``i`` and its non-padded keys.  ``slices`` share
+    the pattern and the ``key_valid`` row; they come in groups small enough
+    that a (slices, rows, union) grid has at most ``_GRID`` elements.
+    """
+    for p_idx, pattern in enumerate(patterns):
+        mine = slice_pattern == p_idx
+        if skip is not None:
+            mine &= ~skip
+        slices = np.flatnonzero(mine)
+        if len(slices) == 0:
+            continue
+        csr = pattern.csr
+        indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
+        counts = np.diff(indptr)
+        mean = counts.mean() if len(counts) else 0.0
+        long = counts > max(4 * _BLOCK, 8 * mean)
+        # slices that share a row of key_valid share the masks
+        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
+        for group in groups:
+            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
+            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
+                mask = np.zeros((len(blk), len(union)), dtype=bool)
+                mask[owner, pos] = True
+                if valid is not None:
+                    mask &= valid[union][None, :]
+                per = max(1, _GRID // max(1, len(blk) * len(union)))
+                for g0 in range(0, len(group), per):
+                    yield "block", group[g0 : g0 + per], blk, union, mask
+            for i in np.flatnonzero(long):
+                cols = indices[indptr[i] : indptr[i + 1]]
+                yield "long", group, i, (cols if valid is None else cols[valid[cols]])
+
+
 def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
     """Sparse attention over flattened slices on NumPy/BLAS; arguments as for ``forward.fused_attention``.
 
@@ -106,47 +145,21 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
     out = np.empty((S, n_q, dv), dtype=dt)
     lse = np.empty((S, n_q), dtype=dt)
     sc = dt.type(scale)
-    for p_idx, pattern in enumerate(patterns):
-        mine = slice_pattern == p_idx
-        if skip is not None:
-            mine &= ~skip
-        slices = np.flatnonzero(mine)
-        if len(slices) == 0:
+    for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
+        if kind == "long":
+            _long_row(qc, kc, vc, qmap, kmap, vmap, sl, *work, sc, out, lse)
             continue
-        csr = pattern.csr
-        indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
-        counts = np.diff(indptr)
-        mean = counts.mean() if n_q else 0.0
-        long = counts > max(4 * _BLOCK, 8 * mean)
-        # slices that share a row of key_valid share the masks
-        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
-        for group in groups:
-            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
-            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
-                if len(union) == 0:  # rows without an allowed key
-                    out[group[:, None], blk[None, :]] = 0
-                    lse[group[:, None], blk[None, :]] = -np.inf
-                    continue
-                mask = np.zeros((len(blk), len(union)), dtype=bool)
-                mask[owner, pos] = True
-                if valid is not None:
-                    mask &= valid[union][None, :]
-                per = max(1, _GRID // max(1, len(blk) * len(union)))
-                for g0 in range(0, len(group), per):
-                    sl = group[g0 : g0 + per]
-                    q = qc[qmap[sl][:, None], blk[None, :]]
-                    k = kc[kmap[sl][:, None], union[None, :]]
-                    v = vc[vmap[sl][:, None], union[None, :]]
-                    scores = np.matmul(q, k.transpose(0, 2, 1))
-                    scores *= sc
-                    o, ls = _softmax_block(scores, mask[None], v, dt)
-                    out[sl[:, None], blk[None, :]] = o
-                    lse[sl[:, None], blk[None, :]] = ls
-            for i in np.flatnonzero(long):
-                cols = indices[indptr[i] : indptr[i + 1]]
-                if valid is not None:
-                    cols = cols[valid[cols]]
-                _long_row(qc, kc, vc, qmap, kmap, vmap, group, i, cols, sc, out, lse)
+        blk, union, mask = work
+        rows = (sl[:, None], blk[None, :])
+        if len(union) == 0:  # rows without an allowed key
+            out[rows], lse[rows] = 0, -np.inf
+            continue
+        q = qc[qmap[sl][:, None], blk[None, :]]
+        k = kc[kmap[sl][:, None], union[None, :]]
+        v = vc[vmap[sl][:, None], union[None, :]]
+        scores = np.matmul(q, k.transpose(0, 2, 1))
+        scores *= sc
+        out[rows], lse[rows] = _softmax_block(scores, mask[None], v, dt)
     return out, lse
 
 
@@ -198,48 +211,25 @@ def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_va
     sc = dt.type(scale)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     D = np.einsum("snd,snd->sn", go, o)
-    for p_idx, pattern in enumerate(patterns):
-        mine = slice_pattern == p_idx
-        if skip is not None:
-            mine &= ~skip
-        slices = np.flatnonzero(mine)
-        if len(slices) == 0:
+    for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
+        if kind == "long":
+            _long_row_backward(q, k, v, go, ls, D, sl, *work, sc, dq, dk, dv)
             continue
-        csr = pattern.csr
-        indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
-        counts = np.diff(indptr)
-        mean = counts.mean() if len(counts) else 0.0
-        long = counts > max(4 * _BLOCK, 8 * mean)
-        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
-        for group in groups:
-            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
-            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
-                if len(union) == 0:
-                    continue
-                mask = np.zeros((len(blk), len(union)), dtype=bool)
-                mask[owner, pos] = True
-                if valid is not None:
-                    mask &= valid[union][None, :]
-                per = max(1, _GRID // max(1, len(blk) * len(union)))
-                for g0 in range(0, len(group), per):
-                    sl = group[g0 : g0 + per]
-                    rows, keys = (sl[:, None], blk[None, :]), (sl[:, None], union[None, :])
-                    qb, kb, vb, gb = q[rows], k[keys], v[keys], go[rows]
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        s = np.matmul(qb, kb.transpose(0, 2, 1))
-                        s *= sc
-                        p = np.where(mask[None], np.exp(s - ls[rows][..., None]), dt.type(0))
-                    ds = np.matmul(gb, vb.transpose(0, 2, 1))
-                    ds -= D[rows][..., None]
-                    ds *= p
-                    dq[rows] = np.matmul(ds, kb) * sc
-                    dk[keys] += np.matmul(ds.transpose(0, 2, 1), qb) * sc
-                    dv[keys] += np.matmul(p.transpose(0, 2, 1), gb)
-            for i in np.flatnonzero(long):
-                cols = indices[indptr[i] : indptr[i + 1]]
-                if valid is not None:
-                    cols = cols[valid[cols]]
-                _long_row_backward(q, k, v, go, ls, D, group, i, cols, sc, dq, dk, dv)
+        blk, union, mask = work
+        if len(union) == 0:
+            continue
+        rows, keys = (sl[:, None], blk[None, :]), (sl[:, None], union[None, :])
+        qb, kb, vb, gb = q[rows], k[keys], v[keys], go[rows]
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = np.matmul(qb, kb.transpose(0, 2, 1))
+            s *= sc
+            p = np.where(mask[None], np.exp(s - ls[rows][..., None]), dt.type(0))
+        ds = np.matmul(gb, vb.transpose(0, 2, 1))
+        ds -= D[rows][..., None]
+        ds *= p
+        dq[rows] = np.matmul(ds, kb) * sc
+        dk[keys] += np.matmul(ds.transpose(0, 2, 1), qb) * sc
+        dv[keys] += np.matmul(p.transpose(0, 2, 1), gb)
     return dq, dk, dv
 
 
