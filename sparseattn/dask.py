@@ -431,8 +431,8 @@ class ContiguousShards:
     >>> from sparseattn.dask import ContiguousShards
     >>> shards = ContiguousShards(["tcp://10.0.0.1:4000", "tcp://10.0.0.2:4000"])
     >>> chunks = (1000,) * 8                     # the sequence axis: 8 blocks
-    >>> [shards.worker(chunks, j)[-11:] for j in (0, 3, 4, 7)]
-    ['0.1:4000', '0.1:4000', '0.2:4000', '0.2:4000']
+    >>> [shards.worker(chunks, j) for j in (0, 3, 4, 7)]
+    ['tcp://10.0.0.1:4000', 'tcp://10.0.0.1:4000', 'tcp://10.0.0.2:4000', 'tcp://10.0.0.2:4000']
     >>> place = shards.annotation(chunks)        # for dask.annotate(workers=place)
     >>> place(("q-name", 0, 5, 0))               # a block key: (name, ..., block, 0)
     ['tcp://10.0.0.2:4000']
@@ -598,6 +598,29 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     dask array, shape (..., n_q, d_v)
         Chunked like ``q`` on every axis but the last (one chunk);
         dtype ``np.result_type(q, k, v)``.
+
+    Examples
+    --------
+    Inputs generated on contiguous shards, and the attention placed with
+    them (on a cluster, ``ContiguousShards(client)``; compute with
+    ``dask.config.set({"optimization.fuse.active": False})`` or
+    ``client.compute(..., optimize_graph=False)``: Dask's low-level fusion
+    drops worker annotations):
+
+    >>> import dask, numpy as np, dask.array as da, sparseattn as sa
+    >>> from sparseattn.dask import ContiguousShards, sparse_attention
+    >>> shards = ContiguousShards(["tcp://10.0.0.1:4000", "tcp://10.0.0.2:4000"])
+    >>> chunks = ((1,), (250,) * 4, (16,))
+    >>> with dask.annotate(workers=shards.annotation(chunks[1])):
+    ...     q, k, v = (da.random.default_rng(i).standard_normal((1, 1000, 16), chunks=chunks) for i in range(3))
+    >>> p = sa.sliding_window(1000, 32) | sa.global_tokens(1000, [0])
+    >>> out = sparse_attention(q, k, v, p, shards=shards)
+    >>> layer = out.__dask_graph__().layers[out.name]
+    >>> layer.annotations["workers"]((out.name, 0, 3, 0))  # output block 3 runs on the second worker
+    ['tcp://10.0.0.2:4000']
+    >>> ref = sa.sparse_attention(*dask.compute(q, k, v, scheduler="synchronous"), p)
+    >>> bool(np.allclose(out.compute(scheduler="synchronous"), ref, rtol=1e-11, atol=1e-12))
+    True
     """
     da, HighLevelGraph = _import_dask()
     from dask.base import tokenize
