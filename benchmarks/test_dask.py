@@ -128,6 +128,38 @@ def test_dask_vs_local(benchmark, client, n):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("n", NS[-1:])
+def test_dask_sharded_vs_local(benchmark, client, n):
+    """As test_dask_vs_local at the largest n, with the inputs made on contiguous shards and the tasks placed with them."""
+    import sparseattn as sa
+    from sparseattn.dask import ContiguousShards
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    chunk = min(CHUNK, max(n // 4, 1024))
+    shards = ContiguousShards(client)
+    q, k, v = client.persist(list(_inputs(n, chunk, shards=shards)), optimize_graph=False)  # keeps the placement
+    distributed.wait([q, k, v])
+    qa, ka, va = (_gather(client, x) for x in (q, k, v))
+    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
+    lazy = dask_attention(q, k, v, pattern, shards=shards)
+
+    def local():
+        return sa.sparse_attention(qa, ka, va, pattern)
+
+    def on_dask():
+        return _gather(client, lazy)
+
+    def check(out):
+        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
+
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2,
+                placement="ContiguousShards")  # fmt: skip
+    benchlib.bench_paired(
+        benchmark, ("local engine", local, info, check), ("dask 2 processes, contiguous shards", on_dask, info, check),
+        label=f"1 head r256 g1 float32 n={n}, dask (contiguous shards) / local", target="<= 3",
+    )  # fmt: skip
+
+
 def _sumsq(x, rows=4096):
     """Sum of squares in float64, a few rows at a time (no float64 copy of the whole block)."""
     x = x.reshape(-1, x.shape[-1])
