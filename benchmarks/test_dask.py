@@ -8,9 +8,12 @@ the output gathered into this process (``benchlib.bench_paired``; target: dask /
 Both outputs are checked against the float64 oracle first.
 
 ``test_dask_4m`` (full mode only) runs n = 4,194,304 through Dask with the inputs generated inside
-the graph and a reduction of the output per block (sum of squares), so the full output never sits
-in one process; it records, per worker, the peak of task results held (``sparseattn._dask_probe``) and the
-peak resident set above the warmed-up runtime, in bytes and in input chunks.
+the graph on contiguous shards (``sparseattn.dask.ContiguousShards``: worker i owns a contiguous range
+of blocks, and the attention tasks are placed with them) and a reduction of the output per block (sum
+of squares), so the full output never sits in one process; it records, per worker, the exact peak of
+input blocks held (the target: <= 2.5 chunks per input), the peak of all task results held
+(``sparseattn._dask_probe``) and the peak resident set above the warmed-up runtime, in bytes and in
+input chunks.
 
     pytest benchmarks/test_dask.py --benchmark-json=DASK.json
     pytest benchmarks/test_dask.py --quick --benchmark-disable     # smoke test
@@ -42,7 +45,8 @@ def client():
             yield c
 
 
-def _chunk_seed(seed, j):
+def _chunk_seed(seed, j, after=None):
+    """The seed of chunk j (``after``: the previous chunk's seed, an ordering dependency only)."""
     return np.random.SeedSequence([seed, j])
 
 
@@ -51,7 +55,7 @@ def _make_chunk(chunk_seed, which, rows, d):
     return rng.standard_normal((1, rows, d), dtype=np.float32)
 
 
-def _inputs(n, chunk, seed=0):
+def _inputs(n, chunk, seed=0, shards=None):
     """q, k, v generated chunk by chunk, each block by its own task, from one small seed task per chunk.
 
     The three blocks of chunk j hang off the same seed task, so the scheduler
@@ -59,20 +63,40 @@ def _inputs(n, chunk, seed=0):
     be (root tasks of three separate arrays are spread over the workers); and
     they are three arrays, not views of one stacked block, which would keep
     all three alive as long as any one of them is needed.
+
+    ``shards`` (a ``sparseattn.dask.ContiguousShards``): chunk j (its seed and
+    its q, k and v blocks) is made on the worker owning block j, and each
+    seed task also waits for the previous chunk's seed in the same shard (the
+    values do not change), so each worker generates its shard in block order,
+    as a sequential reader of its shard would.  With independent seeds, the scheduler sends a
+    worker all its restricted root tasks at once, and the worker starts the
+    first one to arrive, in no particular order: a block generated at the
+    start and held until its turn (measured: one more block of one input).
     """
+    import contextlib
+
+    import dask
     from dask.base import tokenize
 
     bounds = list(range(0, n, chunk)) + [n]
     token = tokenize(n, chunk, seed, D)
     seeds = f"bench-seed-{token}"
-    graph = {(seeds, j): (_chunk_seed, seed, j) for j in range(len(bounds) - 1)}
+    chunks = ((1,), tuple(np.diff(bounds).tolist()), (D,))
+    graph = {}
+    for j in range(len(bounds) - 1):
+        chained = shards is not None and j and shards.worker(chunks[1], j - 1) == shards.worker(chunks[1], j)
+        graph[(seeds, j)] = (_chunk_seed, seed, j) + (((seeds, j - 1),) if chained else ())
     arrays = []
-    for which, x in enumerate("qkv"):
-        name = f"bench-{x}-{token}"
-        layer = {(name, 0, j, 0): (_make_chunk, (seeds, j), which, hi - lo, D)
-                 for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}  # fmt: skip
-        chunks = ((1,), tuple(np.diff(bounds).tolist()), (D,))
-        arrays.append(da.Array({**graph, **layer}, name, chunks, dtype=np.float32))
+    place = contextlib.nullcontext()
+    if shards is not None:
+        blocks, seed_blocks = shards.annotation(chunks[1]), shards.annotation(chunks[1], index=-1)
+        place = dask.annotate(workers=lambda key: blocks(key) or (seed_blocks(key) if len(key) == 2 else None))
+    with place:
+        for which, x in enumerate("qkv"):
+            name = f"bench-{x}-{token}"
+            layer = {(name, 0, j, 0): (_make_chunk, (seeds, j), which, hi - lo, D)
+                     for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}  # fmt: skip
+            arrays.append(da.Array({**graph, **layer}, name, chunks, dtype=np.float32))
     return tuple(arrays)
 
 
@@ -104,6 +128,38 @@ def test_dask_vs_local(benchmark, client, n):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("n", NS[-1:])
+def test_dask_sharded_vs_local(benchmark, client, n):
+    """As test_dask_vs_local at the largest n, with the inputs made on contiguous shards and the tasks placed with them."""
+    import sparseattn as sa
+    from sparseattn.dask import ContiguousShards
+    from sparseattn.dask import sparse_attention as dask_attention
+
+    chunk = min(CHUNK, max(n // 4, 1024))
+    shards = ContiguousShards(client)
+    q, k, v = client.persist(list(_inputs(n, chunk, shards=shards)), optimize_graph=False)  # keeps the placement
+    distributed.wait([q, k, v])
+    qa, ka, va = (_gather(client, x) for x in (q, k, v))
+    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
+    lazy = dask_attention(q, k, v, pattern, shards=shards)
+
+    def local():
+        return sa.sparse_attention(qa, ka, va, pattern)
+
+    def on_dask():
+        return _gather(client, lazy)
+
+    def check(out):
+        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
+
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2,
+                placement="ContiguousShards")  # fmt: skip
+    benchlib.bench_paired(
+        benchmark, ("local engine", local, info, check), ("dask 2 processes, contiguous shards", on_dask, info, check),
+        label=f"1 head r256 g1 float32 n={n}, dask (contiguous shards) / local", target="<= 3",
+    )  # fmt: skip
+
+
 def _sumsq(x, rows=4096):
     """Sum of squares in float64, a few rows at a time (no float64 copy of the whole block)."""
     x = x.reshape(-1, x.shape[-1])
@@ -112,24 +168,31 @@ def _sumsq(x, rows=4096):
 
 @pytest.mark.skipif(benchlib.quick(), reason="n = 4,194,304 runs in full mode only")
 def test_dask_4m(benchmark, client):
+    import dask
+
     import sparseattn as sa
+    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask import ContiguousShards
     from sparseattn.dask import sparse_attention as dask_attention
+    from sparseattn.dask_demo import _warm_up
 
     n = 4194304
-    q, k, v = _inputs(n, CHUNK)  # generated inside the graph, chunk by chunk
+    shards = ContiguousShards(client)  # worker i owns blocks [32 i, 32 i + 32)
+    q, k, v = _inputs(n, CHUNK, shards=shards)  # generated inside the graph, chunk by chunk, on their shard
     pattern = sa.sliding_window(n, RADIUS) | sa.global_tokens(n, [0])  # no CSR compiled, ever
-    out = dask_attention(q, k, v, pattern)
+    out = dask_attention(q, k, v, pattern, shards=shards)
     # one number per output block, summed on the workers: the output never sits in one process
     total = da.map_blocks(_sumsq, out[0], chunks=((1,) * out.numblocks[1], (1,)), dtype=np.float64).sum()
-
-    from sparseattn._dask_probe import memory_peaks
-    from sparseattn.dask_demo import _warm_up
 
     client.run(_warm_up, RADIUS, D, np.float32)  # kernels loaded in every worker before the probe starts
     reports = {}
 
     def run():
-        value, reports["workers"] = memory_peaks(client, lambda: client.compute(total).result())
+        # low-level fusion would merge the layers and drop their worker annotations
+        with dask.config.set({"optimization.fuse.active": False}):
+            value, reports["workers"] = memory_peaks(
+                client, lambda: client.compute(total).result(), groups={"inputs": [q.name, k.name, v.name]}
+            )
         return value
 
     value = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
@@ -144,18 +207,31 @@ def test_dask_4m(benchmark, client):
     err = float(np.max(np.abs(got.astype(np.float64) - ref)))
     assert err <= 2e-4 * max(1.0, float(np.max(np.abs(ref)))), err
     chunk_bytes = CHUNK * D * 4
+    order = {w: i for i, w in enumerate(shards.workers)}
+    workers = sorted(reports["workers"].items(), key=lambda wr: order.get(wr[0], len(order)))
     benchmark.extra_info.update(
         n=n, chunk=CHUNK, radius=RADIUS, globals=GLOBALS, d=D, dtype="float32", max_abs_error_vs_float64=err,
-        input_chunk_bytes=chunk_bytes, **benchlib.machine_extra(),
-        # per worker: peak of task results held (exact, at every transition) and peak resident set above the
-        # warmed-up runtime, in bytes and in input chunks; the target is ~2 chunks of each input (q, k, v)
+        input_chunk_bytes=chunk_bytes, placement="ContiguousShards (inputs and attention tasks)",
+        **benchlib.machine_extra(),
+        # the issue's target, per worker: the exact peak of the bytes held in blocks of q, k and v (whole input
+        # chunks; halo slices, outputs and other results not counted), over 3 inputs, in input chunks
+        targets=[
+            dict(label=f"n={n} worker {i}: peak held input chunks per input (q, k, v)",
+                 value=r["group_peak"]["inputs"] / 3 / chunk_bytes, unit="chunks", target="<= 2.5")
+            for i, (w, r) in enumerate(workers)
+        ],
+        # per worker: peak of all task results held (managed memory, exact, at every transition; inputs, outputs,
+        # slices, partials) and peak resident set above the warmed-up runtime, in bytes and in input chunks
         worker_memory={
-            w: dict(managed_peak_bytes=r["managed_peak"], managed_peak_chunks=r["managed_peak"] / chunk_bytes,
+            w: dict(shard=order.get(w), input_peak_bytes=r["group_peak"]["inputs"],
+                    input_peak_chunks_per_input=r["group_peak"]["inputs"] / 3 / chunk_bytes,
+                    inputs_held_at_input_peak=sorted(r["group_held_at_peak"]["inputs"]),
+                    managed_peak_bytes=r["managed_peak"], managed_peak_chunks=r["managed_peak"] / chunk_bytes,
                     rss_before_bytes=r["rss_before"], rss_peak_bytes=r["rss_peak"],
                     rss_peak_delta_bytes=r["rss_peak_delta"],
                     rss_peak_delta_chunks=None if r["rss_peak_delta"] is None else r["rss_peak_delta"] / chunk_bytes,
                     held_at_managed_peak=sorted(r["held_at_peak"].items(), key=lambda kv: -kv[1])[:24])
-            for w, r in reports["workers"].items()
+            for w, r in workers
         },
     )  # fmt: skip
 

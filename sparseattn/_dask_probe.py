@@ -24,10 +24,18 @@ class MemoryProbe(WorkerPlugin):
     ``malloc_trim(0)``): what the tasks added to the warmed-up runtime.
     Linux only for ``rss`` (None elsewhere).
 
+    ``groups`` (optional, ``{label: [names]}``): the peak, per label, of the
+    bytes held in results whose key name (a tuple key's first item, or the
+    key) is one of ``names``, also exact (e.g. the blocks of the inputs q, k
+    and v, apart from slices and outputs), with the keys held then.
+
     Use :func:`memory_peaks`.
     """
 
     name = "sparseattn-memory-probe"
+
+    def __init__(self, groups=None):
+        self.groups = {label: frozenset(names) for label, names in (groups or {}).items()}
 
     def setup(self, worker):
         import gc
@@ -48,14 +56,32 @@ class MemoryProbe(WorkerPlugin):
             self.rss0 = None
         self.peak = self.worker.state.nbytes
         self.held = self._held()
+        self.group_peak = {label: 0 for label in self.groups}
+        self.group_held = {label: {} for label in self.groups}
+        self._update_groups()
 
-    def _held(self):
-        return {str(ts.key): int(ts.nbytes or 0) for ts in self.worker.state.tasks.values() if ts.state == "memory"}
+    def _held(self, names=None):
+        return {
+            str(ts.key): int(ts.nbytes or 0)
+            for ts in self.worker.state.tasks.values()
+            if ts.state == "memory" and (names is None or _name(ts.key) in names)
+        }
+
+    def _update_groups(self):
+        for label, names in self.groups.items():
+            held = self._held(names)
+            total = sum(held.values())
+            if total > self.group_peak[label]:
+                self.group_peak[label] = total
+                self.group_held[label] = held
 
     def transition(self, key, start, finish, **kwargs):
-        if finish == "memory" and self.worker.state.nbytes > self.peak:
-            self.peak = self.worker.state.nbytes
-            self.held = self._held()
+        if finish == "memory":
+            if self.worker.state.nbytes > self.peak:
+                self.peak = self.worker.state.nbytes
+                self.held = self._held()
+            if self.groups and _name(key) in set().union(*self.groups.values()):
+                self._update_groups()
 
     def report(self):
         hwm = _status_bytes("VmHWM") if self.rss0 is not None else None
@@ -65,7 +91,13 @@ class MemoryProbe(WorkerPlugin):
             "rss_before": self.rss0,
             "rss_peak": hwm,
             "rss_peak_delta": None if hwm is None else max(0, hwm - self.rss0),
+            "group_peak": dict(self.group_peak),
+            "group_held_at_peak": {label: dict(held) for label, held in self.group_held.items()},
         }
+
+
+def _name(key):
+    return key[0] if isinstance(key, tuple) else key
 
 
 def _status_bytes(field):
@@ -76,8 +108,10 @@ def _status_bytes(field):
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def memory_peaks(client, fn):
+def memory_peaks(client, fn, groups=None):
     """Run ``fn()`` with a :class:`MemoryProbe` on every worker: ``(fn(), {worker: report})``.
+
+    ``groups``: see :class:`MemoryProbe` (e.g. ``{"inputs": [q.name, k.name, v.name]}``).
 
     Call it on a quiet cluster (nothing else computing) whose workers have run
     the kernels once, so that the resident-set figure is the work's and not
@@ -87,7 +121,7 @@ def memory_peaks(client, fn):
     def report(dask_worker):
         return dask_worker.plugins[MemoryProbe.name].report()
 
-    client.register_plugin(MemoryProbe(), name=MemoryProbe.name)
+    client.register_plugin(MemoryProbe(groups), name=MemoryProbe.name)
     try:
         result = fn()
         reports = client.run(report)

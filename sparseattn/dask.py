@@ -67,7 +67,7 @@ from .patterns.algebra import Union
 from .patterns.base import CSRPattern
 from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
 
-__all__ = ["sparse_attention"]
+__all__ = ["ContiguousShards", "sparse_attention"]
 
 #: fan-in of each step of the log-sum-exp merge chain of split rows (2: a chain in key-block order,
 #: which dask.order follows block by block; a balanced tree made it generate key blocks early)
@@ -252,6 +252,13 @@ def _write_rows(out, rows, part):
     return out
 
 
+def _write_edge(out, e, edge):
+    """The block ``out`` with its first ``e`` rows set from ``edge`` (in place when writeable, as :func:`_write_rows`)."""
+    out = out if out.flags.writeable else np.array(out, copy=True)
+    out[..., :e, :] = edge
+    return out
+
+
 def _after(*_):
     """A token: a dependency that orders a task after another without moving the other's result."""
     return None
@@ -321,12 +328,16 @@ class _WindowPlan:
     def __init__(self, left, right, glob, n_k, kb):
         self.left, self.right, self.glob, self.n_k, self.kb = left, right, glob, n_k, kb
 
-    def block(self, a, b):
-        """``(slices, shared, spec, long_rows, long_csr)`` for query rows ``[a, b)``."""
+    def block(self, a, b, from_a=False):
+        """``(slices, shared, spec, long_rows, long_csr)`` for query rows ``[a, b)``.
+
+        ``from_a``: only the keys from ``a`` on (no left halo; the rows
+        ``[a, a + left)`` then miss keys and are computed by another task).
+        """
         glob, n_k = self.glob, self.n_k
         slices, shift, gpos = [], 0, np.zeros(0, dtype=np.int64)
         if self.left is not None:
-            kl = min(max(a - self.left, 0), n_k)
+            kl = min(a if from_a else max(a - self.left, 0), n_k)
             kh = min(b + self.right, n_k)
             slices = _ranges(self.kb, kl, kh)
             shift = a - kl
@@ -392,6 +403,118 @@ class _CSRPlan:
 
 
 # ------------------------------------------------------------------------------------------
+# placement: contiguous shards of the sequence over the workers
+# ------------------------------------------------------------------------------------------
+
+
+class ContiguousShards:
+    """Contiguous shards of the sequence axis over workers, as sequence-parallel systems place them.
+
+    Worker ``i`` of ``W`` owns the positions ``[i n / W, (i + 1) n / W)`` of a
+    sequence of length ``n``; a block of that axis belongs to the worker owning
+    its middle row.  With 64 equal blocks on 2 workers, blocks 0-31 go to the
+    first worker and 32-63 to the second.  Use the same object to place the
+    generation (or loading) of the inputs, with :meth:`annotation` in a
+    ``dask.annotate`` block, and the attention tasks, with
+    ``sparse_attention(..., shards=shards)``: then every worker sweeps its own
+    shard, and only halos, the global keys and split-row partials cross
+    between workers.
+
+    Parameters
+    ----------
+    workers : sequence of str, or a ``distributed.Client``
+        Worker addresses, in shard order; a client stands for its workers'
+        addresses, sorted.
+
+    Examples
+    --------
+    >>> from sparseattn.dask import ContiguousShards
+    >>> shards = ContiguousShards(["tcp://10.0.0.1:4000", "tcp://10.0.0.2:4000"])
+    >>> chunks = (1000,) * 8                     # the sequence axis: 8 blocks
+    >>> [shards.worker(chunks, j) for j in (0, 3, 4, 7)]
+    ['tcp://10.0.0.1:4000', 'tcp://10.0.0.1:4000', 'tcp://10.0.0.2:4000', 'tcp://10.0.0.2:4000']
+    >>> place = shards.annotation(chunks)        # for dask.annotate(workers=place)
+    >>> place(("q-name", 0, 5, 0))               # a block key: (name, ..., block, 0)
+    ['tcp://10.0.0.2:4000']
+    """
+
+    def __init__(self, workers):
+        if type(workers).__name__ == "Client" and hasattr(workers, "scheduler_info"):
+            workers = sorted(workers.scheduler_info(n_workers=-1)["workers"])
+        if isinstance(workers, str) or not hasattr(workers, "__iter__"):
+            raise TypeError(
+                f"workers must be a sequence of worker addresses or a distributed Client, got {type(workers).__name__}"
+            )
+        workers = tuple(workers)
+        if not workers:
+            raise ValueError("workers must hold at least one worker address (got none)")
+        bad = [w for w in workers if not isinstance(w, str)]
+        if bad:
+            raise TypeError(f"workers must be worker addresses (str), got {bad[0]!r}")
+        if len(set(workers)) != len(workers):
+            raise ValueError(f"workers holds the same address twice: {workers}")
+        self.workers = workers
+
+    def __repr__(self):
+        return f"ContiguousShards({list(self.workers)!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, ContiguousShards) and other.workers == self.workers
+
+    def __hash__(self):
+        return hash(self.workers)
+
+    def __dask_tokenize__(self):
+        return ("ContiguousShards", self.workers)
+
+    @staticmethod
+    def _bounds(chunks):
+        if isinstance(chunks, (int, np.integer)) or not all(
+            isinstance(c, (int, np.integer)) and c >= 0 for c in np.ravel(np.asarray(chunks, dtype=object))
+        ):
+            raise TypeError(f"chunks must be the block sizes of the sequence axis (a tuple of ints), got {chunks!r}")
+        return np.concatenate(([0], np.cumsum(np.asarray(chunks, dtype=np.int64))))
+
+    def _owners(self, bounds):
+        n = int(bounds[-1])
+        mid2 = bounds[:-1] + bounds[1:] - 1  # twice the middle row of each block
+        return np.minimum(np.maximum(mid2, 0) * len(self.workers) // max(2 * n, 1), len(self.workers) - 1)
+
+    def worker(self, chunks, j):
+        """The address of the worker owning block ``j`` of a sequence axis chunked ``chunks``."""
+        bounds = self._bounds(chunks)
+        n_blocks = len(bounds) - 1
+        if not isinstance(j, (int, np.integer)) or not -n_blocks <= j < n_blocks:
+            raise IndexError(f"j must be a block index in [0, {n_blocks}) of chunks with {n_blocks} blocks, got {j!r}")
+        return self.workers[int(self._owners(bounds)[j])]
+
+    def annotation(self, chunks, index=-2):
+        """A function of a task key giving its worker list, for ``dask.annotate(workers=...)``.
+
+        ``index`` is the position of the sequence block's index in the keys
+        of the arrays to place: ``-2`` (default) for q, k and v blocks
+        ``(name, ..., j, 0)``, ``-1`` for a mask ``(name, ..., j)`` or one
+        task per block ``(name, j)``.  Keys of another form (too short, or
+        an index out of range) get no restriction (None).
+        """
+        bounds = self._bounds(chunks)
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int (a position in the task keys), got {index!r}")
+        owners = [self.workers[int(w)] for w in self._owners(bounds)]
+        index = int(index)
+
+        def place(key):
+            if not isinstance(key, tuple) or not 1 <= (index if index >= 0 else len(key) + index) < len(key):
+                return None
+            j = key[index]
+            if isinstance(j, (int, np.integer)) and 0 <= j < len(owners):
+                return [owners[j]]
+            return None
+
+        return place
+
+
+# ------------------------------------------------------------------------------------------
 # the public function
 # ------------------------------------------------------------------------------------------
 
@@ -419,7 +542,7 @@ def _wrap(x, like, da):
     return da.from_array(x, chunks=(-1,) * (x.ndim - 2) + (seq, -1))
 
 
-def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True, pin=False):
+def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True, pin=False, shards=None):
     """:func:`sparseattn.sparse_attention` on Dask arrays: a lazy result chunked like ``q``.
 
     Parameters
@@ -457,12 +580,47 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         only halos, global keys and split-row partials cross between
         workers.  Needs a ``distributed`` client and ``q`` and ``k`` whose
         blocks are in the workers' memory (``client.persist``).
+    shards : ContiguousShards, optional
+        Places every task with its home block (as ``pin=True`` does) by the
+        block's index instead of by where it is held: a task reading query
+        block ``i`` runs on ``shards.worker(q.chunks[-2], i)``, one reading
+        key block ``j`` on ``shards.worker(k.chunks[-2], j)``.  The inputs
+        need not exist yet: generate or load them under
+        ``dask.annotate(workers=shards.annotation(chunks))`` with the same
+        shards, and each worker sweeps its own contiguous range of blocks,
+        holding about two blocks of each input at a time.  Cannot be
+        combined with ``pin=True``.  The restrictions are strict (a task
+        waits for its worker), and the synchronous and threaded schedulers
+        ignore them.
 
     Returns
     -------
     dask array, shape (..., n_q, d_v)
         Chunked like ``q`` on every axis but the last (one chunk);
         dtype ``np.result_type(q, k, v)``.
+
+    Examples
+    --------
+    Inputs generated on contiguous shards, and the attention placed with
+    them (on a cluster, ``ContiguousShards(client)``; compute with
+    ``dask.config.set({"optimization.fuse.active": False})`` or
+    ``client.compute(..., optimize_graph=False)``: Dask's low-level fusion
+    drops worker annotations):
+
+    >>> import dask, numpy as np, dask.array as da, sparseattn as sa
+    >>> from sparseattn.dask import ContiguousShards, sparse_attention
+    >>> shards = ContiguousShards(["tcp://10.0.0.1:4000", "tcp://10.0.0.2:4000"])
+    >>> chunks = ((1,), (250,) * 4, (16,))
+    >>> with dask.annotate(workers=shards.annotation(chunks[1])):
+    ...     q, k, v = (da.random.default_rng(i).standard_normal((1, 1000, 16), chunks=chunks) for i in range(3))
+    >>> p = sa.sliding_window(1000, 32) | sa.global_tokens(1000, [0])
+    >>> out = sparse_attention(q, k, v, p, shards=shards)
+    >>> layer = out.__dask_graph__().layers[out.name]
+    >>> layer.annotations["workers"]((out.name, 0, 3, 0))  # output block 3 runs on the second worker
+    ['tcp://10.0.0.2:4000']
+    >>> ref = sa.sparse_attention(*dask.compute(q, k, v, scheduler="synchronous"), p)
+    >>> bool(np.allclose(out.compute(scheduler="synchronous"), ref, rtol=1e-11, atol=1e-12))
+    True
     """
     da, HighLevelGraph = _import_dask()
     from dask.base import tokenize
@@ -477,6 +635,10 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     for flag, value in (("serial", serial), ("pin", pin)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if shards is not None and not isinstance(shards, ContiguousShards):
+        raise TypeError(f"shards must be a sparseattn.dask.ContiguousShards or None, got {type(shards).__name__}")
+    if shards is not None and pin:
+        raise ValueError("pin=True and shards place the tasks in two ways: pass one of them")
     kd = k if isinstance(k, da.Array) else (v if isinstance(v, da.Array) else None)
     qd = q if isinstance(q, da.Array) else None
     k = _wrap(k, kd if kd is not None else qd, da)
@@ -512,7 +674,7 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         plans.append(_WindowPlan(*st, n_k, kb) if st is not None else _CSRPlan(p, kb))
 
     token = tokenize(q.name, k.name, v.name, None if mask is None else mask.name,
-                     [p.identity for p in patterns], scale, serial, per_head, pin)  # fmt: skip
+                     [p.identity for p in patterns], scale, serial, per_head, pin, shards)  # fmt: skip
     name = f"sparse-attention-{token}"
     dsk = {}
     lead_blocks = list(itertools.product(*(range(len(c)) for c in lead_chunks)))
@@ -524,6 +686,37 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
             key = (f"{name}-pattern", pi)
             dsk[key] = plan.pattern
             pattern_keys[pi] = key
+    q_owner = k_owner = None
+    if shards is not None:
+        q_owner, k_owner = shards._owners(qb), shards._owners(kb)
+
+    def add_parts(pieces, i):
+        """The keys, values and mask pieces of a work list: whole blocks, or slice / gather tasks."""
+        kparts, vparts, mparts = [], [], []
+        for piece in pieces:
+            j, lo, hi = piece[:3]
+            cols = piece[3] if len(piece) > 3 else None
+            for arr, parts, bidx in ((k, kparts, lb + (j, 0)), (v, vparts, lb + (j, 0)), (mask, mparts, mb + (j,))):
+                if arr is None:
+                    continue
+                src = (arr.name,) + bidx
+                full = cols is None and lo == 0 and hi == kb[j + 1] - kb[j]
+                if full:
+                    parts.append(src)
+                elif cols is None:
+                    key = (f"{name}-slice-{arr.name}",) + bidx + (lo, hi)
+                    dsk.setdefault(key, (_slice_rows, src, lo, hi))
+                    parts.append(key)
+                    home[key] = src
+                    taken.setdefault(j, set()).add(key)
+                else:
+                    key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
+                    dsk[key] = (_take_cols, src, cols)
+                    parts.append(key)
+                    home[key] = src
+                    taken.setdefault(j, set()).add(key)
+        return kparts, vparts, mparts
+
     for lb in lead_blocks:
         pi = lb[-1] if per_head else 0
         plan = plans[pi]
@@ -531,6 +724,9 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         shared_key = None
         readers = {}  # key block j -> (rows read, the block task reading the most of it, its q block)
         pending = []  # query blocks with split rows
+        after = {}  # ordering tokens of _add_long (key -> True)
+        mains = []  # the block task of each query block
+        splits = {}  # key block j -> the split-row partials over it
         taken = {}  # key block j -> the slices and gathers taken out of it (for any block task)
         for i in range(len(qb) - 1):
             a, b = int(qb[i]), int(qb[i + 1])
@@ -544,39 +740,47 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
                         (f"{name}-global-{arr.name}",) + bidx + (j,) for arr, bidx in ((k, lb), (v, lb), (mask, mb))
                         if arr is not None
                     )  # fmt: skip
-            kparts, vparts, mparts = [], [], []
-            for piece in pieces:
-                j, lo, hi = piece[:3]
-                cols = piece[3] if len(piece) > 3 else None
-                for arr, parts, bidx in ((k, kparts, lb + (j, 0)), (v, vparts, lb + (j, 0)), (mask, mparts, mb + (j,))):
-                    if arr is None:
-                        continue
-                    src = (arr.name,) + bidx
-                    full = cols is None and lo == 0 and hi == kb[j + 1] - kb[j]
-                    if full:
-                        parts.append(src)
-                    elif cols is None:
-                        key = (f"{name}-slice-{arr.name}",) + bidx + (lo, hi)
-                        dsk.setdefault(key, (_slice_rows, src, lo, hi))
-                        parts.append(key)
-                        home[key] = src
-                        taken.setdefault(j, set()).add(key)
-                    else:
-                        key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
-                        dsk[key] = (_take_cols, src, cols)
-                        parts.append(key)
-                        home[key] = src
-                        taken.setdefault(j, set()).add(key)
             q_key = (q.name,) + lb + (i, 0)
+            # a band block whose left halo comes from another shard's block (the first block of a
+            # shard): that block is computed at the end of the other worker's sweep, so the rows
+            # that see it, [a, a + left), are computed by a small edge task, and the block task
+            # takes keys from a on (it need not wait, holding q, k and v of its block)
+            edge = None
+            if k_owner is not None and plan.kind == "window" and plan.left and plan.left < b - a:
+                if any(kb[piece[0]] < a and k_owner[piece[0]] != q_owner[i] for piece in pieces):
+                    e = int(plan.left)
+                    pieces, uses_shared, spec, long_rows, long_blocks = plan.block(a, b, from_a=True)
+                    edge_pieces, _, edge_spec, _, _ = plan.block(a, a + e)
+                    edge = (e, edge_pieces, edge_spec)
+            kparts, vparts, mparts = add_parts(pieces, i)
             if plan.kind == "csr":
                 spec = (pattern_keys[pi],) + spec[1:]
             out_key = (name,) + lb + (i, 0)
-            main_key = (f"{name}-main",) + lb + (i, 0) if len(long_rows) else out_key
+            main_key = (f"{name}-main",) + lb + (i, 0) if len(long_rows) or edge else out_key
             dsk[main_key] = (
                 _block_task, plan.kind, (tuple, list(spec)), q_key, kparts, vparts,
                 mparts if mask is not None else None, shared_key, scale, serial, dv, out_dtype, [],
             )  # fmt: skip
             home[main_key] = q_key
+            if edge is not None:
+                e, edge_pieces, edge_spec = edge
+                q_edge = (f"{name}-slice-{q.name}",) + lb + (i, 0, 0, e)
+                dsk[q_edge] = (_slice_rows, q_key, 0, e)
+                home[q_edge] = q_key
+                dsk[main_key] = dsk[main_key][:-1] + ([q_edge],)  # q's block is released with the block task
+                ek, ev, em = add_parts(edge_pieces, i)
+                edge_key = (f"{name}-edge",) + lb + (i, 0)
+                dsk[edge_key] = (
+                    _block_task, "window", (tuple, list(edge_spec)), q_edge, ek, ev,
+                    em if mask is not None else None, shared_key, scale, serial, dv, out_dtype, [],
+                )  # fmt: skip
+                home[edge_key] = q_key
+                fixed_key = (f"{name}-edged",) + lb + (i, 0) if len(long_rows) else out_key
+                dsk[fixed_key] = (_write_edge, main_key, e, edge_key)
+                home[fixed_key] = q_key
+                main_key_done = fixed_key
+            else:
+                main_key_done = main_key
             for piece in pieces:  # the block task reading most of key block j
                 j, lo, hi = piece[:3]
                 cols = piece[3] if len(piece) > 3 else None
@@ -584,14 +788,25 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
                 if size > readers.get(j, (0, None))[0]:
                     readers[j] = (size, main_key, q_key)
             if len(long_rows):
-                pending.append((i, q_key, main_key, out_key, spec[-1], long_blocks))
+                pending.append((i, q_key, main_key, main_key_done, out_key, spec[-1], long_blocks))
+            mains.append(main_key)
         # split rows last, once every block task of this block of the leading axes is known
-        after = {}
-        for i, q_key, main_key, out_key, long_local, long_blocks in pending:
+        for i, q_key, block_key, main_key, out_key, long_local, long_blocks in pending:
             long_key = _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial,
-                                 dv, out_dtype, readers, after)  # fmt: skip
+                                 dv, out_dtype, readers, after, (q_owner, k_owner), splits)  # fmt: skip
+            # the split rows' q rows are cut out before the block task, which then releases q's block, and
+            # the split partial over the block's own keys can run right after it
+            qrows = (f"{name}-qrows",) + lb + (i,)
+            dsk[block_key] = dsk[block_key][:-1] + (dsk[block_key][-1] + [qrows],)
             dsk[out_key] = (_write_rows, main_key, long_local, long_key)
             home[out_key] = q_key
+        # ... and, placed on shards, also for the split-row partials over the previous key block (small
+        # results): else dask.order runs them later, and that key block is held meanwhile
+        if q_owner is not None and plan.kind == "window":
+            for i in range(1, len(mains)):
+                if q_owner[i - 1] == q_owner[i] and k_owner[i - 1] == q_owner[i] and splits.get(i - 1):
+                    task = dsk[mains[i]]
+                    dsk[mains[i]] = task[:-1] + (task[-1] + splits[i - 1],)
         # the block task reading most of key block j also waits for everything else cut out of that
         # block (halo slices and gathers for other block tasks, global keys): then nothing is left to
         # hold key block j once it and its split partial have run
@@ -604,6 +819,12 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     deps = [x for x in (q, k, v, mask) if x is not None]
     if pin:
         graph = HighLevelGraph.from_collections(name, _pinned(dsk, home, deps), dependencies=deps)
+    elif shards is not None:
+        seq = {q.name: (q.chunks[-2], -2), k.name: (k_chunks, -2), v.name: (k_chunks, -2)}
+        if mask is not None:
+            seq[mask.name] = (k_chunks, -1)
+        layer = _sharded(dsk, home, shards, seq)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     else:
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     out = da.Array(graph, name, lead_chunks + (q.chunks[-2], (dv,)), dtype=out_dtype)
@@ -651,6 +872,15 @@ def _pinned(dsk, home, inputs):
     return MaterializedLayer(
         dsk, annotations={"workers": workers.get, "allow_other_workers": lambda key: key not in workers}
     )
+
+
+def _sharded(dsk, home, shards, seq):
+    """A layer whose tasks are restricted to the shard of their home input blocks (``seq``: name -> chunks, index)."""
+    from dask.highlevelgraph import MaterializedLayer
+
+    places = {name: shards.annotation(chunks, index) for name, (chunks, index) in seq.items()}
+    workers = {task: places[src[0]](src) for task, src in home.items()}
+    return MaterializedLayer(dsk, annotations={"workers": workers.get})
 
 
 def _prepare_mask(key_padding_mask, lead, n_k, lead_chunks, k_chunks, da):
@@ -705,7 +935,7 @@ def _add_shared(dsk, name, lb, mb, plan, k, v, mask):
 
 
 def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype,
-              readers, after):  # fmt: skip
+              readers, after, owners=(None, None), splits=None):  # fmt: skip
     """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key.
 
     The partial over key block ``j`` waits for a token of the block task that
@@ -724,7 +954,10 @@ def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, 
         if j in readers:
             _, reader, reader_q = readers[j]
             token = (f"{name}-after",) + reader[1:]
-            if token not in after:
+            q_owner, k_owner = owners
+            if q_owner is not None and q_owner[reader_q[-2]] == k_owner[j]:
+                token = reader  # placed on the same worker: wait for the block task itself (one step less)
+            elif token not in after:
                 dsk[token] = (_after, reader)
                 home[token] = reader_q
                 after[token] = True
@@ -732,6 +965,8 @@ def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, 
                     None if csr is None else (tuple, list(csr)), scale, serial, token)  # fmt: skip
         home[key] = (k.name,) + lb + (j, 0)
         level.append(key)
+        if splits is not None:
+            splits.setdefault(j, []).append(key)
     if not level:
         key = (f"{name}-split",) + lb + (i, -1)
         dsk[key] = (_empty_partial, qrows, dv, out_dtype)

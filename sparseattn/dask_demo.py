@@ -54,6 +54,12 @@ def _parser():
         help="let the scheduler place the tasks (pin=False): it may move whole chunks to balance load",
     )
     p.add_argument(
+        "--shards",
+        action="store_true",
+        help="contiguous shards: chunk j generated on the worker owning block j (sparseattn.dask.ContiguousShards) "
+        "and the attention placed with them (shards=...), instead of round robin + pin=True",
+    )
+    p.add_argument(
         "--stealing",
         action="store_true",
         help="keep the scheduler's work stealing on (LocalCluster; off by default: it moves whole chunks to balance load)",
@@ -67,12 +73,14 @@ def _make_chunk(seed, lo, hi, d, dtype):
     return rng.standard_normal((3, hi - lo, d), dtype=np.float64).astype(dtype)
 
 
-def _inputs(client, da, n, c, d, dtype, seed):
+def _inputs(client, da, n, c, d, dtype, seed, shards=None):
     """q, k, v as dask arrays whose chunk ``j`` is generated on worker ``j % workers`` (round robin).
 
     The three blocks of a chunk live together, and neighbouring chunks live on
     different workers, so every block boundary is crossed by its halo: the
-    worst case for traffic.  Returns the arrays and the worker of each chunk.
+    worst case for traffic.  With ``shards`` (a ``ContiguousShards``), chunk
+    ``j`` is generated on the worker owning block ``j`` instead.  Returns the
+    arrays and the worker of each chunk.
     """
     import operator
 
@@ -80,7 +88,11 @@ def _inputs(client, da, n, c, d, dtype, seed):
 
     workers = sorted(client.scheduler_info()["workers"])
     bounds = list(range(0, n, c)) + [n]
-    where = [workers[j % len(workers)] for j in range(len(bounds) - 1)]
+    if shards is not None:
+        sizes = tuple(np.diff(bounds).tolist())
+        where = [shards.worker(sizes, j) for j in range(len(bounds) - 1)]
+    else:
+        where = [workers[j % len(workers)] for j in range(len(bounds) - 1)]
     blocks = [
         client.submit(_make_chunk, seed, lo, hi, d, dtype, workers=[w], pure=False)
         for lo, hi, w in zip(bounds[:-1], bounds[1:], where)
@@ -161,6 +173,7 @@ def main(argv=None):
     from distributed import Client, LocalCluster, wait
 
     import sparseattn as sa
+    from sparseattn.dask import ContiguousShards
     from sparseattn.dask import sparse_attention as dask_attention
 
     n, r, g, d, c = args.n, args.radius, args.globals, args.d, args.chunk
@@ -178,14 +191,17 @@ def main(argv=None):
         client = Client(cluster)
     try:
         n_chunks = -(-n // c)
-        (q, k, v), where = _inputs(client, da, n, c, d, dtype, args.seed)
+        shards = ContiguousShards(client) if args.shards else None
+        pin = not args.no_pin and shards is None
+        (q, k, v), where = _inputs(client, da, n, c, d, dtype, args.seed, shards)
         wait([q, k, v])
+        placement = "shards (contiguous)" if shards is not None else f"round robin, pin={pin}"
         print(f"n={n} radius={r} globals={g} d={d} {dtype} chunk={c} ({n_chunks} chunks), "
               f"{len(client.scheduler_info()['workers'])} workers x {args.threads} thread(s), "
-              f"serial={not args.engine_threads}, pin={not args.no_pin}, work stealing {'on' if args.stealing or args.scheduler else 'off'}")  # fmt: skip
+              f"serial={not args.engine_threads}, {placement}, work stealing {'on' if args.stealing or args.scheduler else 'off'}")  # fmt: skip
 
         t0 = time.perf_counter()
-        out_lazy = dask_attention(q, k, v, pattern, serial=not args.engine_threads, pin=not args.no_pin)
+        out_lazy = dask_attention(q, k, v, pattern, serial=not args.engine_threads, pin=pin, shards=shards)
         t_build = time.perf_counter() - t0
         # load (or compile) the kernels in every worker first, outside the timing
         client.run(_warm_up, r, d, dtype)

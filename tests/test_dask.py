@@ -350,3 +350,111 @@ def test_worker_memory_does_not_grow_with_n(client):
     # q, k, v of the blocks in flight and of their neighbours (halos), output blocks: measured 15-16
     assert peaks[32] <= 20, peaks
     assert peaks[32] <= peaks[16] + 5, peaks
+
+
+def _read_chunk(j, after=None):
+    """A small "read" task for chunk j (``after``: the previous chunk's read, an ordering dependency only)."""
+    return j
+
+
+def _chunk_input(j, which, rows, d):
+    return np.random.default_rng([which, j]).standard_normal((1, rows, d), dtype=np.float32)
+
+
+def _shard_inputs(n, chunk, d, shards=None):
+    """q, k, v of shape (1, n, d), read chunk by chunk: one small read task per chunk, q, k, v made from it.
+
+    With ``shards``: chunk j is read and made on the worker owning block j,
+    and each read waits for the previous read of the same shard (a
+    sequential reader per shard); without: independent reads, placed by the
+    scheduler.
+    """
+    import contextlib
+
+    import dask
+
+    chunks = ((1,), (chunk,) * (n // chunk), (d,))
+    token = f"{n}-{chunk}-{d}-{shards is not None}"
+    reads = {}
+    for j in range(n // chunk):
+        chained = shards is not None and j and shards.worker(chunks[1], j - 1) == shards.worker(chunks[1], j)
+        reads[(f"read-{token}", j)] = (_read_chunk, j) + (((f"read-{token}", j - 1),) if chained else ())
+    place = contextlib.nullcontext()
+    if shards is not None:
+        blocks, by_read = shards.annotation(chunks[1]), shards.annotation(chunks[1], index=-1)
+        place = dask.annotate(workers=lambda key: blocks(key) or (by_read(key) if len(key) == 2 else None))
+    arrays = []
+    with place:
+        for which, x in enumerate("qkv"):
+            name = f"read-{x}-{token}"
+            layer = {(name, 0, j, 0): (_chunk_input, (f"read-{token}", j), which, chunk, d) for j in range(n // chunk)}
+            arrays.append(da.Array({**reads, **layer}, name, chunks, dtype=np.float32))
+    return arrays
+
+
+def test_contiguous_shards_hold_about_two_chunks_per_input(client):
+    # issue 9: "4,194,304 tokens through dask without any process holding more than ~2 chunks of each input".
+    # Inputs read chunk by chunk on contiguous shards and the attention placed with them (band + global, reduced
+    # per block): on every worker, the exact peak of the bytes held in blocks of q, k and v, over 3 inputs, stays
+    # about 2 chunks, whatever the number of chunks (measured 2.0-2.33 at 16 and 32 chunks; the peaks move in
+    # steps of 1/3, one block of one input). Without the placement (the same test with shards=None: independent
+    # reads placed by the scheduler), the largest of a run's peaks was 3.33-5.0 (4 runs).
+    import dask
+
+    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask import ContiguousShards
+    from sparseattn.dask_demo import gather
+
+    chunk, d, radius = 32768, 32, 128
+    chunk_bytes = chunk * d * 4
+    shards = ContiguousShards(client)
+    client.run(lambda: sa.sparse_attention(*(np.ones((300, d), np.float32),) * 3, sa.sliding_window(300, 64)))
+    peaks = {}
+    for n_chunks in (16, 32):
+        n = n_chunks * chunk
+        q, k, v = _shard_inputs(n, chunk, d, shards)
+        pattern = sa.sliding_window(n, radius) | sa.global_tokens(n, [0])
+        out = dask_attention(q, k, v, pattern, shards=shards)
+        total = da.map_blocks(_sumsq, out[0], chunks=((1,) * n_chunks, (1,)), dtype=np.float64).sum()
+        with dask.config.set({"optimization.fuse.active": False}):  # low-level fusion drops worker annotations
+            value, reports = memory_peaks(
+                client, lambda: client.compute(total).result(), groups={"inputs": [q.name, k.name, v.name]}
+            )
+        assert np.isfinite(value) and value > 0
+        peaks[n_chunks] = {w: r["group_peak"]["inputs"] / 3 / chunk_bytes for w, r in reports.items()}
+        if n_chunks == 16:  # equal to the local engine, and every output block computed on its shard
+            held = client.persist(out, optimize_graph=False)
+            distributed.wait(held)
+            keys = list(flatten(held.__dask_keys__()))
+            where = client.who_has(distributed.futures_of(held))
+            assert [list(where[key]) for key in keys] == [[shards.worker(out.chunks[1], j)] for j in range(n_chunks)]
+            del held
+            got = gather(client, out)
+            q_, k_, v_ = (gather(client, x) for x in (q, k, v))
+            assert_attention_close(got, sa.sparse_attention(q_, k_, v_, pattern).astype(np.float64), np.float32)
+    assert all(p <= 2.75 for by_worker in peaks.values() for p in by_worker.values()), peaks
+
+
+def test_shards_arguments_are_checked(rng):
+    from sparseattn.dask import ContiguousShards
+
+    shards = ContiguousShards(["tcp://a:1", "tcp://b:1"])
+    for bad, exc, words in [
+        (lambda: ContiguousShards([]), ValueError, "at least one"),
+        (lambda: ContiguousShards("tcp://a:1"), TypeError, "workers must be"),
+        (lambda: ContiguousShards(["tcp://a:1", 3]), TypeError, "worker addresses"),
+        (lambda: ContiguousShards(["tcp://a:1", "tcp://a:1"]), ValueError, "twice"),
+        (lambda: shards.worker((10, 10), 2), IndexError, "j must be"),
+        (lambda: shards.worker(20, 0), TypeError, "chunks must be"),
+        (lambda: shards.annotation((10, 10), index="x"), TypeError, "index must be"),
+    ]:
+        with pytest.raises(exc, match=words):
+            bad()
+    assert shards.annotation((10, 10, 10, 10))(("x", 0, 2, 0)) == ["tcp://b:1"]
+    assert shards.annotation((10, 10))(("seed", 1)) is None  # no block index at position -2
+    x = da.from_array(rng.standard_normal((40, 8)), chunks=(10, 8))
+    p = sa.sliding_window(40, 3)
+    with pytest.raises(TypeError, match="shards must be"):
+        dask_attention(x, x, x, p, shards=["tcp://a:1"])
+    with pytest.raises(ValueError, match="pin=True and shards"):
+        dask_attention(x, x, x, p, pin=True, shards=shards)
