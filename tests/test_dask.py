@@ -347,9 +347,10 @@ def test_worker_memory_does_not_grow_with_n(client):
         value, reports = memory_peaks(client, lambda: client.compute(total).result())
         assert np.isfinite(value) and value > 0
         peaks[n_chunks] = max(r["managed_peak"] for r in reports.values()) / chunk_bytes
-    # q, k, v of the blocks in flight and of their neighbours (halos), output blocks: measured 15-16
-    assert peaks[32] <= 20, peaks
-    assert peaks[32] <= peaks[16] + 5, peaks
+    # q, k, v of the blocks in flight and of their neighbours (halos), output blocks: measured 11-18 chunks at
+    # either size over 20 runs (where the scheduler puts root tasks varies), against 22 and 49 before
+    assert peaks[32] <= 24, peaks
+    assert peaks[32] <= peaks[16] + 10, peaks
 
 
 def _read_chunk(j, after=None):
