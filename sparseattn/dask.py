@@ -109,21 +109,31 @@ def _engine(q, k, v, pattern, scale, kpm, serial):
 
 
 def _merge(parts):
-    """Log-sum-exp merge of ``(out, lse)`` partials over disjoint key sets (float64 inside)."""
+    """Log-sum-exp merge of ``(out, lse)`` partials over disjoint key sets, in the partials' dtype.
+
+    The weights ``exp(lse_i - max)`` lie in [0, 1] and their sum in [1, parts]:
+    float32 loses nothing that matters here (``lse_i - max`` of two float32
+    values within a factor of two of each other is exact, and a far smaller
+    one gets a negligible weight), and it avoids casting whole output blocks
+    to float64 and back, which took a fifth of a block task's time.
+    """
     parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
-    lses = np.stack([np.asarray(p[1], dtype=np.float64) for p in parts])
-    m = lses.max(axis=0)
-    m = np.where(np.isfinite(m), m, 0.0)  # all -inf: weights become 0, not NaN
-    w = np.exp(lses - m)
-    total = w.sum(axis=0)
-    out = sum(wi[..., None] * np.asarray(p[0], dtype=np.float64) for wi, p in zip(w, parts))
-    with np.errstate(divide="ignore"):
-        lse = np.where(total > 0, m + np.log(np.where(total > 0, total, 1.0)), -np.inf)
-    out /= np.where(total > 0, total, 1.0)[..., None]
-    dt = parts[0][0].dtype
-    return out.astype(dt), lse.astype(dt)
+    dt = np.result_type(*(p[0].dtype for p in parts))
+    lses = np.stack([np.asarray(p[1], dtype=dt) for p in parts])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = lses.max(axis=0)
+        m = np.where(np.isfinite(m), m, dt.type(0))  # all -inf: weights become 0, not NaN
+        w = np.exp(lses - m)
+        total = w.sum(axis=0)
+        safe = np.where(total > 0, total, dt.type(1))
+        w /= safe
+        out = np.multiply(w[0][..., None], parts[0][0], dtype=dt)
+        for wi, p in zip(w[1:], parts[1:]):
+            out += wi[..., None] * p[0]
+        lse = np.where(total > 0, m + np.log(safe), dt.type(-np.inf))
+    return out, lse
 
 
 def _merge_task(*parts):
@@ -218,6 +228,40 @@ def _block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv
 SHARED_ROWS = 8192
 
 
+def _shared_partial(q, gk, gv, gm, scale, serial):
+    """``(out, lse)`` of rows ``q`` against every shared global key (``gm``: their padding, or None).
+
+    A dense (rows x keys) product: the keys are few, so BLAS does it in one
+    call where the engine would plan and walk a tile per row.  Inputs with a
+    NaN or an infinity go through the engine instead, for its non-finite
+    policy (a padded key must not reach a row even as ``0 * inf``).
+    """
+    from ._validate import check_scale
+
+    if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
+        return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
+    dt = np.dtype(np.float64 if np.result_type(q, gk, gv).itemsize >= 8 else np.float32)
+    sc = dt.type(check_scale(scale, q.shape[-1]))
+    q, gk, gv = (np.asarray(x, dtype=dt) for x in (q, gk, gv))
+    s = np.matmul(q, np.swapaxes(gk, -1, -2))
+    s *= sc
+    if gm is not None:
+        pad = np.asarray(gm, dtype=bool)
+        pad = pad.reshape(pad.shape[:-1] + ((1,) if q.ndim >= 3 else ()) + (1, pad.shape[-1]))
+        s = np.where(pad, dt.type(-np.inf), s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = s.max(axis=-1, initial=-np.inf)
+        has = np.isfinite(m)  # finite inputs: -inf only when every key is padded
+        m0 = np.where(has, m, dt.type(0))
+        w = np.exp(s - m0[..., None])
+        den = w.sum(axis=-1)
+        safe = np.where(has, den, dt.type(1))
+        out = np.matmul(w, gv)
+        out /= safe[..., None]
+        lse = np.where(has, m0 + np.log(safe), dt.type(-np.inf))
+    return out, lse
+
+
 def _merge_shared(part, q, shared, scale, serial, dv):
     """Merge the partial of every row against the shared global keys into ``part`` (``(out, lse)`` or None).
 
@@ -228,7 +272,7 @@ def _merge_shared(part, q, shared, scale, serial, dv):
     n_rows, n_g = q.shape[-2], gk.shape[-2]
     for t0 in range(0, max(n_rows, 1), SHARED_ROWS):
         t1 = min(t0 + SHARED_ROWS, n_rows)
-        g_out, g_lse = _engine(q[..., t0:t1, :], gk, gv, _full(t1 - t0, n_g), scale, gm, serial)
+        g_out, g_lse = _shared_partial(q[..., t0:t1, :], gk, gv, gm, scale, serial)
         if part is None:  # no other keys: the shared partial is the block's result
             part = (np.empty(q.shape[:-1] + (dv,), dtype=g_out.dtype), np.empty(q.shape[:-1], dtype=g_lse.dtype))
             if not n_rows:

@@ -148,21 +148,27 @@ def _warm_up(radius, d, dtype):
 
 
 def gather(client, x):
-    """Compute ``x`` on the cluster and fetch its blocks straight into this process.
+    """Compute ``x`` on the cluster and fetch its blocks straight into this process, each as it completes.
 
     ``client.persist`` keeps the graph's layers and their annotations (worker
-    restrictions of ``pin=True``); ``to_delayed`` would merge them into one
-    layer without annotations, and ``client.compute(x)`` would concatenate the
-    blocks on a worker first.
+    restrictions of ``pin=True`` and ``shards=``); ``to_delayed`` would merge
+    them into one layer without annotations, and ``client.compute(x)`` would
+    concatenate the blocks on a worker first.  A block is fetched as soon as
+    it is done, so the transfers overlap the blocks still computing, and it
+    is copied into the result at once (no list of blocks, no concatenation).
     """
-    from dask.core import flatten
-    from distributed import futures_of
+    from distributed import as_completed, futures_of
 
     held = client.persist(x, optimize_graph=False)
-    futures = {f.key: f for f in futures_of(held)}
-    blocks = client.gather([futures[key] for key in flatten(held.__dask_keys__())])
+    futures = futures_of(held)
+    starts = [np.concatenate(([0], np.cumsum(c))) for c in x.chunks]
+    out = np.empty(x.shape, dtype=x.dtype)
+    for future, block in as_completed(futures, with_results=True):
+        idx = future.key[1:]
+        out[tuple(slice(st[i], st[i + 1]) for st, i in zip(starts, idx))] = block
+        del block
     del held, futures
-    return np.concatenate(blocks, axis=-2)
+    return out
 
 
 def main(argv=None):
