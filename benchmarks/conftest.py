@@ -77,6 +77,20 @@ def _cpu_model():
     return platform.processor()
 
 
+def _cpu_features():
+    """The vector extensions LLVM sees on this CPU (what the Numba kernels are compiled for)."""
+    import llvmlite.binding as ll
+
+    feats = ll.get_host_cpu_features()
+    return {"cpu_name": ll.get_host_cpu_name(), **{f: bool(feats.get(f)) for f in ("avx2", "fma", "avx512f", "avx512vl")}}
+
+
+def _vector_bits():
+    from sparseattn.kernels import VECTOR_BYTES
+
+    return VECTOR_BYTES * 8
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import numba
 
@@ -88,6 +102,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
+        "cpu_features": _cpu_features(),
+        "kernel_vector_bits": _vector_bits(),
         "fused_available": benchlib.fused_available(),
         "gemm_float32_in_process": g["in_process"],
         "gemm_float32_hardware_default": g["hardware_default"],

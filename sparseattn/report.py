@@ -349,6 +349,22 @@ def target_rows(data):
 # --------------------------------------------------------------------------------------------
 
 
+def _cpu_features(mi):
+    """``"AVX-512 (znver5), micro-kernels 256-bit"``-style text from the machine info, or None."""
+    sa = mi.get("sparseattn") or {}
+    feats = sa.get("cpu_features") or {}
+    flags = set((mi.get("cpu") or {}).get("flags") or ())
+    if feats:
+        isa = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "no AVX2"
+        isa += f" ({feats['cpu_name']})" if feats.get("cpu_name") else ""
+    elif flags:
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    else:
+        return None
+    bits = sa.get("kernel_vector_bits")
+    return "CPU features: " + isa + (f", micro-kernels {bits}-bit vectors" if bits else "")
+
+
 def _fmt_ms(seconds):
     if seconds is None:
         return "—"
@@ -410,6 +426,9 @@ def render_markdown(data, summary, plots=None, title=None, repo_dir=None):
     facts.append(origin)
     if sa.get("cpu_model") or mi.get("cpu"):
         facts.append(f"CPU {sa.get('cpu_model') or (mi.get('cpu') or {}).get('brand_raw', '?')}, {sa.get('cpu_count', mi.get('cpu', {}).get('count', '?'))} cores")
+    features = _cpu_features(mi)
+    if features:
+        facts.append(features)
     if "fused_available" in sa:
         facts.append("fused path " + ("available" if sa["fused_available"] else "NOT available (auto = staged)"))
     if sa.get("loadavg_at_start") or sa.get("loadavg_at_end"):

@@ -406,3 +406,22 @@ def test_default_output_is_a_new_folder_and_changes_no_tracked_file(synthetic, t
     bench.write_text(json.dumps(data))
     res = rp.report(bench, out_dir=tmp_path / "o", plots=False)
     assert not res["reproducible"] and "not in this repository's history" in res["provenance"]
+
+
+@pytest.mark.parametrize(
+    "mi, text",
+    [
+        ({"cpu": {"flags": ["avx", "avx2", "avx512f"]}}, "CPU features: AVX-512"),
+        ({"cpu": {"flags": ["avx", "avx2", "fma"]}}, "CPU features: AVX2"),
+        ({"sparseattn": {"cpu_features": {"cpu_name": "znver4", "avx2": True, "avx512f": True}, "kernel_vector_bits": 256}},
+         "CPU features: AVX-512 (znver4), micro-kernels 256-bit vectors"),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_cpu_features_line(mi, text, synthetic, tmp_path):
+    """The report says which vector extensions the machine had (and the kernels' vector width when recorded)."""
+    assert rp._cpu_features(mi) == text
+    data, _, _ = synthetic
+    data["machine_info"] = {**data.get("machine_info", {}), **mi}
+    md = open(rp.report(_write(tmp_path, data), out_dir=tmp_path / "o", plots=False)["markdown"]).read()
+    assert (text in md) if text else ("CPU features" not in md)
