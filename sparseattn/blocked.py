@@ -29,6 +29,8 @@ _BLOCK = 128
 _WASTE = 16
 #: elements of a (slices, rows, keys) score grid computed at once
 _GRID = 1 << 22
+#: long rows walked together over the keys
+_LONG_BATCH = 64
 
 
 def nonfinite_slices(x):
@@ -78,8 +80,10 @@ def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
 
     Yields ``("block", slices, rows, union, mask)`` for a block of ordinary
     rows (``mask``: (rows, union) bool, the allowed, non-padded pairs; a block
-    of rows without any key has an empty union) and ``("long", slices, i,
-    cols)`` for a long row ``i`` and its non-padded keys.  ``slices`` share
+    of rows without any key has an empty union) and ``("long", slices, rows,
+    union, mask)`` for up to ``_LONG_BATCH`` long rows, which the caller
+    walks over key chunks of ``union`` (the keys are gathered once per chunk
+    for all of them).  ``slices`` share
     the pattern and the ``key_valid`` row; they come in groups small enough
     that a (slices, rows, union) grid has at most ``_GRID`` elements.
     """
@@ -107,9 +111,16 @@ def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
                 per = max(1, _GRID // max(1, len(blk) * len(union)))
                 for g0 in range(0, len(group), per):
                     yield "block", group[g0 : g0 + per], blk, union, mask
-            for i in np.flatnonzero(long):
-                cols = indices[indptr[i] : indptr[i + 1]]
-                yield "long", group, i, (cols if valid is None else cols[valid[cols]])
+            long_rows = np.flatnonzero(long)
+            for r0 in range(0, len(long_rows), _LONG_BATCH):
+                rows = long_rows[r0 : r0 + _LONG_BATCH]
+                cols, owner = _gather_rows(indptr, indices, rows)
+                union, pos = np.unique(cols, return_inverse=True)
+                mask = np.zeros((len(rows), len(union)), dtype=bool)
+                mask[owner, pos.reshape(-1)] = True
+                if valid is not None:
+                    mask &= valid[union][None, :]
+                yield "long", group, rows, union, mask
 
 
 def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
@@ -147,7 +158,7 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
     sc = dt.type(scale)
     for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         if kind == "long":
-            _long_row(qc, kc, vc, qmap, kmap, vmap, sl, *work, sc, out, lse)
+            _long_rows(qc, kc, vc, qmap, kmap, vmap, sl, *work, sc, out, lse)
             continue
         blk, union, mask = work
         rows = (sl[:, None], blk[None, :])
@@ -163,30 +174,32 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
     return out, lse
 
 
-def _long_row(qc, kc, vc, qmap, kmap, vmap, group, i, cols, sc, out, lse):
-    """Row ``i`` of every slice in ``group`` over key chunks, merged with the log-sum-exp formula."""
+def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, lse):
+    """Long ``rows`` of every slice in ``group`` over key chunks of ``union``, merged by log-sum-exp."""
     dt = qc.dtype
-    G, dv = len(group), vc.shape[2]
-    m = np.full(G, -np.inf, dtype=dt)
-    den = np.zeros(G, dtype=dt)
-    acc = np.zeros((G, dv), dtype=dt)
-    q = qc[qmap[group], i][:, None, :]  # (G, 1, d)
-    step = max(1024, _GRID // (G * max(qc.shape[2], dv, 1)))
+    G, L, dv = len(group), len(rows), vc.shape[2]
+    m = np.full((G, L), -np.inf, dtype=dt)
+    den = np.zeros((G, L), dtype=dt)
+    acc = np.zeros((G, L, dv), dtype=dt)
+    q = qc[qmap[group][:, None], rows[None, :]]  # (G, L, d)
+    step = max(1024, _GRID // (G * max(L, qc.shape[2], dv, 1)))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for c0 in range(0, len(cols), step):
-            cc = cols[c0 : c0 + step]
+        for c0 in range(0, len(union), step):
+            cc, mk = union[c0 : c0 + step], mask[None, :, c0 : c0 + step]
             k = kc[kmap[group][:, None], cc[None, :]]
             v = vc[vmap[group][:, None], cc[None, :]]
-            s = np.matmul(q, k.transpose(0, 2, 1))[:, 0, :] * sc  # (G, C)
-            m_new = np.maximum(m, s.max(axis=1))
+            s = np.where(mk, np.matmul(q, k.transpose(0, 2, 1)) * sc, dt.type(-np.inf))  # (G, L, C)
+            m_new = np.maximum(m, s.max(axis=2))
             keep = np.where(m == m_new, dt.type(1), np.exp(m - m_new))  # 1 while both are -inf
-            w = np.exp(s - m_new[:, None])
-            den = den * keep + w.sum(axis=1)
-            acc = acc * keep[:, None] + np.matmul(w[:, None, :], v)[:, 0, :]
+            w = np.where(mk, np.exp(s - m_new[..., None]), dt.type(0))
+            den = den * keep + w.sum(axis=2)
+            acc = acc * keep[..., None] + np.matmul(w, v)
             m = m_new
-        has = den > 0 if len(cols) else np.zeros(G, dtype=bool)
-        out[group, i] = np.where(has[:, None], acc / np.where(has, den, dt.type(1))[:, None], dt.type(0))
-        lse[group, i] = np.where(has, m + np.log(np.where(has, den, dt.type(1))), dt.type(-np.inf))
+        has = den > 0
+        safe = np.where(has, den, dt.type(1))
+        where = (group[:, None], rows[None, :])
+        out[where] = np.where(has[..., None], acc / safe[..., None], dt.type(0))
+        lse[where] = np.where(has, m + np.log(safe), dt.type(-np.inf))
 
 
 def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
@@ -213,7 +226,7 @@ def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_va
     D = np.einsum("snd,snd->sn", go, o)
     for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         if kind == "long":
-            _long_row_backward(q, k, v, go, ls, D, sl, *work, sc, dq, dk, dv)
+            _long_rows_backward(q, k, v, go, ls, D, sl, *work, sc, dq, dk, dv)
             continue
         blk, union, mask = work
         if len(union) == 0:
@@ -233,22 +246,22 @@ def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_va
     return dq, dk, dv
 
 
-def _long_row_backward(q, k, v, go, ls, D, group, i, cols, sc, dq, dk, dv):
-    """Row ``i``'s gradient contributions in every slice of ``group``, over key chunks."""
+def _long_rows_backward(q, k, v, go, ls, D, group, rows, union, mask, sc, dq, dk, dv):
+    """The gradient contributions of long ``rows`` in every slice of ``group``, over key chunks of ``union``."""
     dt = q.dtype
-    G = len(group)
-    qi, gi = q[group, i][:, None, :], go[group, i][:, None, :]  # (G, 1, d), (G, 1, dv)
-    li, di = ls[group, i][:, None], D[group, i][:, None]
-    acc = np.zeros((G, q.shape[2]), dtype=dt)
-    step = max(1024, _GRID // (G * max(q.shape[2], v.shape[2], 1)))
-    for c0 in range(0, len(cols), step):
-        cc = cols[c0 : c0 + step]
+    G, L = len(group), len(rows)
+    where = (group[:, None], rows[None, :])
+    qi, gi, li, di = q[where], go[where], ls[where][..., None], D[where][..., None]  # (G, L, d) ... (G, L, 1)
+    acc = np.zeros((G, L, q.shape[2]), dtype=dt)
+    step = max(1024, _GRID // (G * max(L, q.shape[2], v.shape[2], 1)))
+    for c0 in range(0, len(union), step):
+        cc, mk = union[c0 : c0 + step], mask[None, :, c0 : c0 + step]
         keys = (group[:, None], cc[None, :])
         kc, vc = k[keys], v[keys]
         with np.errstate(over="ignore", invalid="ignore"):
-            p = np.exp(np.matmul(qi, kc.transpose(0, 2, 1))[:, 0, :] * sc - li)  # (G, C)
-        ds = p * (np.matmul(gi, vc.transpose(0, 2, 1))[:, 0, :] - di)
-        acc += np.matmul(ds[:, None, :], kc)[:, 0, :]
-        dk[keys] += ds[:, :, None] * (qi * sc)
-        dv[keys] += p[:, :, None] * gi
-    dq[group, i] = acc * sc
+            p = np.where(mk, np.exp(np.matmul(qi, kc.transpose(0, 2, 1)) * sc - li), dt.type(0))  # (G, L, C)
+        ds = p * (np.matmul(gi, vc.transpose(0, 2, 1)) - di)
+        acc += np.matmul(ds, kc)
+        dk[keys] += np.matmul(ds.transpose(0, 2, 1), qi) * sc
+        dv[keys] += np.matmul(p.transpose(0, 2, 1), gi)
+    dq[where] = acc * sc

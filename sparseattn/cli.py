@@ -695,8 +695,8 @@ def _cmd_demo(args, words, out):
     if background:
         print(
             f"  first call {_fmt_time(t_first)} on the blocked path (NumPy/BLAS) while the fused kernels compiled in a "
-            f"background thread; they were ready {_fmt_time(t_compiled)} later (once per environment: they are now "
-            f"in Numba's cache)",
+            f"background thread; they were ready {_fmt_time(t_compiled)} after that call started (once per "
+            f"environment: they are now in Numba's cache)",
             file=out,
         )
     else:

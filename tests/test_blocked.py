@@ -24,8 +24,9 @@ from sparseattn.reference import dense_attention
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
-    """Global rows run alone over chunks of keys (1024 here) merged with the log-sum-exp formula."""
+    """Global rows run over chunks of keys (1024 here), in batches of rows, merged with the log-sum-exp formula."""
     monkeypatch.setattr(blocked, "_GRID", 1 << 10)
+    monkeypatch.setattr(blocked, "_LONG_BATCH", 2)  # three long rows: a batch of two and one of one
     n = 2600
     p = sa.longformer(n, 6, [0, 1300, n - 1])
     counts = np.diff(p.csr.indptr)
@@ -49,6 +50,7 @@ def test_long_rows_backward_over_key_chunks(rng, dtype, monkeypatch):
     from sparseattn.reference import dense_attention_backward
 
     monkeypatch.setattr(blocked, "_GRID", 1 << 10)
+    monkeypatch.setattr(blocked, "_LONG_BATCH", 2)  # three long rows: a batch of two and one of one
     n = 2600
     p = sa.longformer(n, 6, [0, 1300, n - 1])
     q, k, v = (rng.standard_normal((2, 2, n, 8)).astype(dtype) for _ in range(3))
