@@ -100,44 +100,16 @@ def _inputs(n, chunk, seed=0, shards=None):
     return tuple(arrays)
 
 
-@pytest.mark.parametrize("n", NS)
-def test_dask_vs_local(benchmark, client, n):
+def _paired_vs_local(benchmark, client, n, shards=None):
+    """Dask (2 worker processes) against the local engine on the same arrays, alternating; ``shards``: placed."""
     import sparseattn as sa
     from sparseattn.dask import sparse_attention as dask_attention
 
     chunk = min(CHUNK, max(n // 4, 1024))
-    q, k, v = client.persist(list(_inputs(n, chunk)))
-    distributed.wait([q, k, v])
-    qa, ka, va = (_gather(client, x) for x in (q, k, v))
-    pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
-    lazy = dask_attention(q, k, v, pattern)
-
-    def local():
-        return sa.sparse_attention(qa, ka, va, pattern)
-
-    def on_dask():
-        return _gather(client, lazy)
-
-    def check(out):
-        return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
-
-    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2)
-    benchlib.bench_paired(
-        benchmark, ("local engine", local, info, check), ("dask 2 processes", on_dask, info, check),
-        label=f"1 head r256 g1 float32 n={n}, dask / local", target="<= 3",
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("n", NS[-1:])
-def test_dask_sharded_vs_local(benchmark, client, n):
-    """As test_dask_vs_local at the largest n, with the inputs made on contiguous shards and the tasks placed with them."""
-    import sparseattn as sa
-    from sparseattn.dask import ContiguousShards
-    from sparseattn.dask import sparse_attention as dask_attention
-
-    chunk = min(CHUNK, max(n // 4, 1024))
-    shards = ContiguousShards(client)
-    q, k, v = client.persist(list(_inputs(n, chunk, shards=shards)), optimize_graph=False)  # keeps the placement
+    if shards is None:
+        q, k, v = client.persist(list(_inputs(n, chunk)))
+    else:
+        q, k, v = client.persist(list(_inputs(n, chunk, shards=shards)), optimize_graph=False)  # keeps the placement
     distributed.wait([q, k, v])
     qa, ka, va = (_gather(client, x) for x in (q, k, v))
     pattern = benchlib.band_global_pattern(n, RADIUS, GLOBALS)
@@ -152,12 +124,27 @@ def test_dask_sharded_vs_local(benchmark, client, n):
     def check(out):
         return benchlib.assert_matches(out, qa, ka, va, n, RADIUS, GLOBALS, "sparseattn")
 
-    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2,
-                placement="ContiguousShards")  # fmt: skip
+    info = dict(n=n, radius=RADIUS, globals=GLOBALS, heads=1, d=D, dtype="float32", chunk=chunk, workers=2)
+    name, label = "dask 2 processes", f"1 head r256 g1 float32 n={n}, dask / local"
+    if shards is not None:
+        info["placement"] = "ContiguousShards"
+        name, label = name + ", contiguous shards", label.replace("dask /", "dask (contiguous shards) /")
     benchlib.bench_paired(
-        benchmark, ("local engine", local, info, check), ("dask 2 processes, contiguous shards", on_dask, info, check),
-        label=f"1 head r256 g1 float32 n={n}, dask (contiguous shards) / local", target="<= 3",
-    )  # fmt: skip
+        benchmark, ("local engine", local, info, check), (name, on_dask, info, check), label=label, target="<= 3"
+    )
+
+
+@pytest.mark.parametrize("n", NS)
+def test_dask_vs_local(benchmark, client, n):
+    _paired_vs_local(benchmark, client, n)
+
+
+@pytest.mark.parametrize("n", NS[-1:])
+def test_dask_sharded_vs_local(benchmark, client, n):
+    """As test_dask_vs_local at the largest n, with the inputs made on contiguous shards and the tasks placed with them."""
+    from sparseattn.dask import ContiguousShards
+
+    _paired_vs_local(benchmark, client, n, shards=ContiguousShards(client))
 
 
 def _sumsq(x, rows=4096):

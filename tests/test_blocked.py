@@ -22,9 +22,8 @@ from sparseattn import _coldstart, blocked
 from sparseattn.reference import dense_attention
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
-    """Global rows run over chunks of keys (1024 here), in batches of rows, merged with the log-sum-exp formula."""
+def _long_rows_case(rng, dtype, monkeypatch):
+    """Three global rows of 2600 keys, walked over chunks of 1024 keys in batches of two, with padding."""
     monkeypatch.setattr(blocked, "_GRID", 1 << 10)
     monkeypatch.setattr(blocked, "_LONG_BATCH", 2)  # three long rows: a batch of two and one of one
     n = 2600
@@ -35,6 +34,13 @@ def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
     kpm = np.zeros((2, n), bool)
     kpm[1, 1000:2200] = True  # the long rows lose keys in the middle chunks
     kpm[1, 1300] = True  # a padded global key
+    return q, k, v, p, kpm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
+    """Global rows run over chunks of keys, in batches of rows, merged with the log-sum-exp formula."""
+    q, k, v, p, kpm = _long_rows_case(rng, dtype, monkeypatch)
     out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, path="blocked", return_lse=True)
     ref, ref_lse = dense_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True)
     assert_attention_close(out, ref, dtype)
@@ -44,19 +50,12 @@ def test_long_rows_merge_over_key_chunks(rng, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_long_rows_backward_over_key_chunks(rng, dtype, monkeypatch):
-    """The blocked backward of the same long rows (three globals, key chunks of 1024, padding) against float64."""
+    """The blocked backward of the same long rows against the float64 analytic gradient."""
     from test_backward import assert_grads_close
 
     from sparseattn.reference import dense_attention_backward
 
-    monkeypatch.setattr(blocked, "_GRID", 1 << 10)
-    monkeypatch.setattr(blocked, "_LONG_BATCH", 2)  # three long rows: a batch of two and one of one
-    n = 2600
-    p = sa.longformer(n, 6, [0, 1300, n - 1])
-    q, k, v = (rng.standard_normal((2, 2, n, 8)).astype(dtype) for _ in range(3))
-    kpm = np.zeros((2, n), bool)
-    kpm[1, 1000:2200] = True
-    kpm[1, 1300] = True
+    q, k, v, p, kpm = _long_rows_case(rng, dtype, monkeypatch)
     out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=kpm, return_lse=True)
     go = rng.standard_normal(out.shape).astype(dtype)
     grads = sa.sparse_attention_backward(go, q, k, v, p, out, lse, key_padding_mask=kpm, path="blocked")
