@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 
-__all__ = ["mode", "fused_ready", "numba_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
+__all__ = ["mode", "choose", "fused_ready", "numba_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
 
 _MODES = ("background", "wait")
 _KINDS = ("forward", "backward")
@@ -125,9 +125,21 @@ def fused_ready(dtype, kind="forward"):
     return False
 
 
-def mark_ready(dtype, kind="forward"):
-    """The fused kernels of ``dtype`` and ``kind`` ran in this process."""
-    _ready.add(_key(dtype, kind))
+def choose(prep, kind):
+    """The path of an ``auto`` call on ``prep`` (a ``Prepared``): ``"fused"``, or ``"blocked"`` while they compile.
+
+    When the fused kernels are not ready, builds the patterns' CSR first (the
+    blocked path needs it, and building it may compile Numba's merge, which
+    must happen before the background thread holds the compiler lock), then
+    starts the thread.
+    """
+    dtype = prep.qc.dtype
+    if fused_ready(dtype, kind):
+        return "fused"
+    for p in prep.patterns:
+        p.csr
+    start(dtype, kind)
+    return "blocked"
 
 
 def _compile(key):

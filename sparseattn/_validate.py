@@ -39,9 +39,13 @@ class Prepared:
     @cached_property
     def nonfinite(self):
         """(S,) bool: slice ``s`` has a NaN or an infinity in ``q``, ``k`` or ``v`` (one pass over each stored array)."""
+        return self.nonfinite_slices()
+
+    def nonfinite_slices(self, compiled=True):
+        """:attr:`nonfinite`, scanned in NumPy when ``compiled`` is False (see :func:`scan_nonfinite`)."""
         flags = np.zeros(len(self.qmap), dtype=bool)
         for x, mp in ((self.qc, self.qmap), (self.kc, self.kmap), (self.vc, self.vmap)):
-            flags |= scan_nonfinite(x, np.zeros(x.shape[0], dtype=bool))[mp]
+            flags |= scan_nonfinite(x, np.zeros(x.shape[0], dtype=bool), compiled)[mp]
         return flags
 
     def _full(self, x, mp, name):
@@ -83,15 +87,19 @@ _INT_VIEW = {
 _SCAN_PARALLEL_MIN = 1 << 22
 
 
-def scan_nonfinite(x, flags):
-    """``flags[s] |= x[s]`` holds a NaN or an infinity, for ``x`` (S, n, d) C-contiguous float32/float64."""
+def scan_nonfinite(x, flags, compiled=True):
+    """``flags[s] |= x[s]`` holds a NaN or an infinity, for ``x`` (S, n, d) C-contiguous float32/float64.
+
+    A Numba kernel, or NumPy when ``compiled`` is False (the blocked path,
+    which compiles nothing) or while a background compile holds Numba's
+    compiler lock (see :mod:`sparseattn._coldstart`).
+    """
     S = x.shape[0]
     if x.size == 0:
         return flags
     from . import _coldstart
 
-    if _coldstart.compiling() and not _coldstart.in_compile_thread():
-        # a background compile holds Numba's compiler lock: do not queue behind it for this small kernel
+    if not compiled or (_coldstart.compiling() and not _coldstart.in_compile_thread()):
         from .blocked import nonfinite_slices as numpy_scan
 
         flags |= numpy_scan(x)

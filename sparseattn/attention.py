@@ -153,11 +153,9 @@ def _fused(prep, parallel=None):
 
 def _blocked(prep):
     """The blocked path (NumPy/BLAS) for the finite slices, the staged kernels for the rest."""
-    from .blocked import blocked_attention, nonfinite_slices
+    from .blocked import blocked_attention
 
-    bad = np.zeros(len(prep.qmap), dtype=bool)
-    for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap)):
-        bad |= nonfinite_slices(x)[mp]
+    bad = prep.nonfinite_slices(compiled=False)
     skip = bad if bad.any() else None
     out, lse = blocked_attention(
         prep.qc, prep.kc, prep.vc, (prep.qmap, prep.kmap, prep.vmap), prep.patterns, prep.slice_pattern, prep.scale,
@@ -273,19 +271,11 @@ def sparse_attention(
     if path == "auto" and use_fused and prep.n_q and len(prep.qmap):
         from . import _coldstart
 
-        if not _coldstart.fused_ready(prep.qc.dtype):
-            for p in prep.patterns:
-                p.csr  # built here, before the background thread holds Numba's compiler lock
-            _coldstart.start(prep.qc.dtype)
-            path = "blocked"
+        path = _coldstart.choose(prep, "forward")
     if path == "blocked":
         out, lse = _blocked(prep)
     elif use_fused:
         out, lse = _fused(prep)
-        if path == "auto":
-            from . import _coldstart
-
-            _coldstart.mark_ready(prep.qc.dtype)
     else:
         out, lse, weights = _staged(prep, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)

@@ -206,30 +206,20 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     if path == "auto" and S and n_q:
         from . import _coldstart
 
-        if _coldstart.fused_ready(dt, "backward"):
-            path = "fused"
-        else:
-            for p in prep.patterns:
-                p.csr  # built here, before the background thread holds Numba's compiler lock
-            _coldstart.start(dt, "backward")
-            path = "blocked"
+        path = _coldstart.choose(prep, "backward")
     if path == "staged":
         dq, dk, dvv = _staged_backward(prep, go, o, ls)
     else:
         # the fused kernels (fast-math, finite sentinels) and the blocked path assume finite inputs:
-        # non-finite slices go staged
+        # non-finite slices go staged (the blocked path scans in NumPy: it compiles nothing)
         if path == "blocked":
-            from .blocked import blocked_backward as run, nonfinite_slices
-
-            bad = np.zeros(S, dtype=bool)
-            for x in (prep.q, prep.k, prep.v, go, o):
-                bad |= nonfinite_slices(x)
+            from .blocked import blocked_backward as run
         else:
             from .backward_fused import fused_backward as run
-
-            bad = prep.nonfinite.copy()
-            scan_nonfinite(go, bad)
-            scan_nonfinite(o, bad)
+        compiled = path != "blocked"
+        bad = prep.nonfinite_slices(compiled)
+        scan_nonfinite(go, bad, compiled)
+        scan_nonfinite(o, bad, compiled)
         bad |= _bad_lse(ls)
         skip = bad if bad.any() else None
         dq, dk, dvv = run(
