@@ -4,8 +4,9 @@ Rows are taken in blocks; a block's allowed keys are gathered once (the sorted
 union of its rows' columns), its scores come from one batched BLAS product
 over every slice that shares the pattern, and a boolean mask of the block's
 CSR entries keeps each row to its own keys.  Rows far longer than the typical
-row (global tokens) run alone, over key chunks merged with the log-sum-exp
-formula, so no block's union grows to the whole sequence.
+row (global tokens) run apart, a batch of them at a time, over key chunks
+merged with the log-sum-exp formula, so no block's union grows to the whole
+sequence.
 
 It is what ``path="auto"`` runs while the fused kernels of a dtype are being
 compiled in a background thread (a fresh environment, see
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["blocked_attention", "nonfinite_slices"]
+__all__ = ["blocked_attention", "blocked_backward", "masked_softmax", "nonfinite_slices"]
 
 #: rows per block
 _BLOCK = 128
@@ -47,31 +48,53 @@ def _gather_rows(indptr, indices, rows):
     return indices[starts + np.arange(total)], owner
 
 
+def _row_set(indptr, indices, rows):
+    """The sorted union of ``rows``' columns, each entry's (row, position in the union), and the entry count."""
+    cols, owner = _gather_rows(indptr, indices, rows)
+    union, pos = np.unique(cols, return_inverse=True)
+    return union, owner, pos.reshape(-1), len(cols)
+
+
+def _entries(n_rows, union, owner, pos):
+    """(rows, union) bool: True at each CSR entry."""
+    mask = np.zeros((n_rows, len(union)), dtype=bool)
+    mask[owner, pos] = True
+    return mask
+
+
 def _blocks(indptr, indices, rows):
-    """Split ``rows`` into blocks whose dense (rows x union of columns) grid stays near their nonzeros."""
+    """Split ``rows`` into blocks whose dense (rows x union of columns) grid stays near their nonzeros.
+
+    Yields ``(rows, union, mask)`` (see :func:`_entries`).
+    """
     todo = [rows[i : i + _BLOCK] for i in range(0, len(rows), _BLOCK)]
     while todo:
         blk = todo.pop()
-        cols, owner = _gather_rows(indptr, indices, blk)
-        union, pos = np.unique(cols, return_inverse=True)
-        if len(blk) > 8 and len(blk) * len(union) > _WASTE * max(len(cols), 1):
+        union, owner, pos, nnz = _row_set(indptr, indices, blk)
+        if len(blk) > 8 and len(blk) * len(union) > _WASTE * max(nnz, 1):
             half = len(blk) // 2
             todo += [blk[:half], blk[half:]]
             continue
-        yield blk, union, owner, pos.reshape(-1)
+        yield blk, union, _entries(len(blk), union, owner, pos)
 
 
-def _softmax_block(scores, mask, v, dt):
-    """Masked softmax of (G, R, U) ``scores`` against (G or 1, R, U) ``mask``, times (G, U, dv) ``v``."""
-    has = mask.any(axis=2)
+def masked_softmax(scores, allowed, v):
+    """Softmax of ``scores`` (..., R, U) over the ``allowed`` keys (broadcastable bool), times ``v`` (..., U, dv).
+
+    Returns ``(out, lse)`` in ``scores``' dtype; a row with no allowed key
+    gets zeros and ``-inf``.  For finite inputs (callers route the rest).
+    """
+    dt = scores.dtype
+    has = np.broadcast_to(allowed, scores.shape).any(axis=-1)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        scores = np.where(mask, scores, dt.type(-np.inf))
-        m = np.where(has, scores.max(axis=2), dt.type(0))
+        scores = np.where(allowed, scores, dt.type(-np.inf))
+        m = np.where(has, scores.max(axis=-1), dt.type(0))
         w = np.exp(scores - m[..., None])  # masked entries: exp(-inf) = 0
-        den = w.sum(axis=2)
+        den = w.sum(axis=-1)
+        safe = np.where(has, den, dt.type(1))
         out = np.matmul(w, v)
-        out /= np.where(has, den, dt.type(1))[..., None]
-        lse = np.where(has, m + np.log(den), dt.type(-np.inf))
+        out /= safe[..., None]
+        lse = np.where(has, m + np.log(safe), dt.type(-np.inf))
     return out, lse
 
 
@@ -83,9 +106,10 @@ def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
     of rows without any key has an empty union) and ``("long", slices, rows,
     union, mask)`` for up to ``_LONG_BATCH`` long rows, which the caller
     walks over key chunks of ``union`` (the keys are gathered once per chunk
-    for all of them).  ``slices`` share
-    the pattern and the ``key_valid`` row; they come in groups small enough
-    that a (slices, rows, union) grid has at most ``_GRID`` elements.
+    for all of them).  ``slices`` share the pattern and the ``key_valid`` row;
+    for blocks they come in groups small enough that a (slices, rows, union)
+    grid has at most ``_GRID`` elements.  A block's structure is built once
+    for all rows of ``key_valid``.
     """
     for p_idx, pattern in enumerate(patterns):
         mine = slice_pattern == p_idx
@@ -100,27 +124,24 @@ def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         mean = counts.mean() if len(counts) else 0.0
         long = counts > max(4 * _BLOCK, 8 * mean)
         # slices that share a row of key_valid share the masks
-        groups = [slices] if key_valid is None else [slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices])]
-        for group in groups:
-            valid = None if key_valid is None else key_valid[slice_batch[group[0]]]
-            for blk, union, owner, pos in _blocks(indptr, indices, np.flatnonzero(~long)):
-                mask = np.zeros((len(blk), len(union)), dtype=bool)
-                mask[owner, pos] = True
-                if valid is not None:
-                    mask &= valid[union][None, :]
-                per = max(1, _GRID // max(1, len(blk) * len(union)))
+        if key_valid is None:
+            groups = [(slices, None)]
+        else:
+            batches = (slices[slice_batch[slices] == b] for b in np.unique(slice_batch[slices]))
+            groups = [(g, key_valid[slice_batch[g[0]]]) for g in batches]
+        for blk, union, mask in _blocks(indptr, indices, np.flatnonzero(~long)):
+            per = max(1, _GRID // max(1, len(blk) * len(union)))
+            for group, valid in groups:
+                m = mask if valid is None else mask & valid[union][None, :]
                 for g0 in range(0, len(group), per):
-                    yield "block", group[g0 : g0 + per], blk, union, mask
-            long_rows = np.flatnonzero(long)
-            for r0 in range(0, len(long_rows), _LONG_BATCH):
-                rows = long_rows[r0 : r0 + _LONG_BATCH]
-                cols, owner = _gather_rows(indptr, indices, rows)
-                union, pos = np.unique(cols, return_inverse=True)
-                mask = np.zeros((len(rows), len(union)), dtype=bool)
-                mask[owner, pos.reshape(-1)] = True
-                if valid is not None:
-                    mask &= valid[union][None, :]
-                yield "long", group, rows, union, mask
+                    yield "block", group[g0 : g0 + per], blk, union, m
+        long_rows = np.flatnonzero(long)
+        for r0 in range(0, len(long_rows), _LONG_BATCH):
+            rows = long_rows[r0 : r0 + _LONG_BATCH]
+            union, owner, pos, _ = _row_set(indptr, indices, rows)
+            mask = _entries(len(rows), union, owner, pos)
+            for group, valid in groups:
+                yield "long", group, rows, union, (mask if valid is None else mask & valid[union][None, :])
 
 
 def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
@@ -170,7 +191,7 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
         v = vc[vmap[sl][:, None], union[None, :]]
         scores = np.matmul(q, k.transpose(0, 2, 1))
         scores *= sc
-        out[rows], lse[rows] = _softmax_block(scores, mask[None], v, dt)
+        out[rows], lse[rows] = masked_softmax(scores, mask[None], v)
     return out, lse
 
 

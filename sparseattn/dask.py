@@ -237,6 +237,7 @@ def _shared_partial(q, gk, gv, gm, scale, serial):
     policy (a padded key must not reach a row even as ``0 * inf``).
     """
     from ._validate import check_scale
+    from .blocked import masked_softmax
 
     if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
         return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
@@ -245,21 +246,11 @@ def _shared_partial(q, gk, gv, gm, scale, serial):
     q, gk, gv = (np.asarray(x, dtype=dt) for x in (q, gk, gv))
     s = np.matmul(q, np.swapaxes(gk, -1, -2))
     s *= sc
+    allowed = np.ones(1, dtype=bool)
     if gm is not None:
         pad = np.asarray(gm, dtype=bool)
-        pad = pad.reshape(pad.shape[:-1] + ((1,) if q.ndim >= 3 else ()) + (1, pad.shape[-1]))
-        s = np.where(pad, dt.type(-np.inf), s)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = s.max(axis=-1, initial=-np.inf)
-        has = np.isfinite(m)  # finite inputs: -inf only when every key is padded
-        m0 = np.where(has, m, dt.type(0))
-        w = np.exp(s - m0[..., None])
-        den = w.sum(axis=-1)
-        safe = np.where(has, den, dt.type(1))
-        out = np.matmul(w, gv)
-        out /= safe[..., None]
-        lse = np.where(has, m0 + np.log(safe), dt.type(-np.inf))
-    return out, lse
+        allowed = ~pad.reshape(pad.shape[:-1] + ((1,) if q.ndim >= 3 else ()) + (1, pad.shape[-1]))
+    return masked_softmax(s, allowed, gv)
 
 
 def _merge_shared(part, q, shared, scale, serial, dv):
@@ -297,10 +288,8 @@ def _write_rows(out, rows, part):
 
 
 def _write_edge(out, e, edge):
-    """The block ``out`` with its first ``e`` rows set from ``edge`` (in place when writeable, as :func:`_write_rows`)."""
-    out = out if out.flags.writeable else np.array(out, copy=True)
-    out[..., :e, :] = edge
-    return out
+    """The block ``out`` with its first ``e`` rows set from ``edge`` (as :func:`_write_rows`)."""
+    return _write_rows(out, slice(0, e), (edge,))
 
 
 def _after(*_):
@@ -980,7 +969,7 @@ def _add_shared(dsk, name, lb, mb, plan, k, v, mask):
 
 def _add_long(dsk, home, name, lb, mb, i, q_key, long_local, long_blocks, k, v, mask, scale, serial, dv, out_dtype,
               readers, after, owners=(None, None), splits=None):  # fmt: skip
-    """Split rows of query block ``i``: one partial per key block, a merge tree; returns the root key.
+    """Split rows of query block ``i``: one partial per key block, a merge chain; returns its last key.
 
     The partial over key block ``j`` waits for a token of the block task that
     reads the most of that key block (``readers``; tokens cached in

@@ -80,13 +80,11 @@ def test_blocks_cover_every_row_once_and_bound_the_dense_grid():
     indptr, indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
     rows = np.arange(n)
     seen = []
-    for blk, union, owner, pos in blocked._blocks(indptr, indices, rows):
+    for blk, union, mask in blocked._blocks(indptr, indices, rows):
         nnz = int(indptr[blk + 1].sum() - indptr[blk].sum())
         assert len(blk) <= 8 or len(blk) * len(union) <= blocked._WASTE * nnz
-        # the (owner, pos) pairs are exactly the block's CSR entries
-        got = np.zeros((len(blk), len(union)), bool)
-        got[owner, pos] = True
-        np.testing.assert_array_equal(got, csr[blk][:, union].toarray())
+        # the mask is exactly the block's CSR entries
+        np.testing.assert_array_equal(mask, csr[blk][:, union].toarray())
         assert np.array_equal(union, np.unique(csr[blk].indices))
         seen.append(blk)
     seen = np.sort(np.concatenate(seen))
