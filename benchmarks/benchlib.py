@@ -24,7 +24,7 @@ import tracemalloc
 
 import numpy as np
 
-from sparseattn._memory import status_kib
+from sparseattn._memory import malloc_trim, status_kib
 
 QUICK_ENV = "SPARSEATTN_BENCH_QUICK"
 NS_ENV = "SPARSEATTN_BENCH_NS"
@@ -324,16 +324,6 @@ def make_hf_longformer(x, n, radius, n_globals):
 # --------------------------------------------------------------------------------------------
 
 
-def _malloc_trim():
-    """Hand glibc's free pages back to the OS so that reusing them shows up in the RSS peak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure_peak(fn):
     """Call ``fn()`` once; return (result, info) with the peak extra memory it used.
 
@@ -344,7 +334,7 @@ def measure_peak(fn):
     sees every allocator that uses malloc or mmap.
     """
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     can_reset = True
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -598,9 +588,15 @@ def bench_paired(benchmark, a, b, *, label, target=None, budget_s=None, max_roun
         **machine_extra(),
     )
     benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=0)
-    ta, tb = np.array(series[na]), np.array(series[nb])
+    benchmark.extra_info["paired"].update(paired_summary(series[na], series[nb]))
+
+
+def paired_summary(times_a, times_b):
+    """The report's figures of alternating pairs: both series, their medians, ``ratio = median(B) / median(A)``,
+    the per-pair ratios' range and the number of pairs."""
+    ta, tb = np.asarray(times_a, dtype=float), np.asarray(times_b, dtype=float)
     per_pair = tb / ta
-    benchmark.extra_info["paired"].update(
+    return dict(
         times_a=ta.tolist(),
         times_b=tb.tolist(),
         median_a=float(np.median(ta)),

@@ -88,13 +88,8 @@ def test_first_call_fresh_environment(benchmark):
     tb = [r["first_call_s"] for r in series["wait"]]
     label = "first float32 call (12 heads, n 2048, window 512 + 1 global), fresh process, empty Numba cache"
     benchmark.extra_info.update(
-        paired=dict(
-            label=f"{label}: compile in the caller / background compile", a="background (default)", b="wait",
-            times_a=ta, times_b=tb, median_a=float(np.median(ta)), median_b=float(np.median(tb)),
-            ratio=float(np.median(tb) / np.median(ta)),
-            pair_ratio_min=float(min(b / a for a, b in zip(ta, tb))),
-            pair_ratio_max=float(max(b / a for a, b in zip(ta, tb))), rounds=len(ta), target=None,
-        ),
+        paired=dict(label=f"{label}: compile in the caller / background compile", a="background (default)", b="wait",
+                    target=None, **benchlib.paired_summary(ta, tb)),
         targets=[dict(label=f"{label}, default mode: first call", value=med("background", "first_call_s"), unit="s",
                       target=f"<= {TARGET_S:g}")],
         first_call_s={m: med(m, "first_call_s") for m in series},

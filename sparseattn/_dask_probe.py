@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ._memory import malloc_trim, status_kib
+
 __all__ = ["MemoryProbe", "memory_peaks"]
 
 
@@ -42,12 +44,7 @@ class MemoryProbe(WorkerPlugin):
 
         self.worker = worker
         gc.collect()
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        malloc_trim()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -101,11 +98,10 @@ def _name(key):
 
 
 def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
+    kib = status_kib(field)
+    if kib is None:
+        raise OSError(f"no {field} in /proc/self/status")
+    return kib * 1024
 
 
 def memory_peaks(client, fn, groups=None):
