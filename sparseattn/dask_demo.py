@@ -163,10 +163,11 @@ def gather(client, x):
     futures = futures_of(held)
     starts = [np.concatenate(([0], np.cumsum(c))) for c in x.chunks]
     out = np.empty(x.shape, dtype=x.dtype)
-    for future, block in as_completed(futures, with_results=True):
+    # as_completed(..., with_results=True) can wait forever (dask/distributed#7331; seen here once in a
+    # test run): take each finished future's result instead
+    for future in as_completed(futures):
         idx = future.key[1:]
-        out[tuple(slice(st[i], st[i + 1]) for st, i in zip(starts, idx))] = block
-        del block
+        out[tuple(slice(st[i], st[i + 1]) for st, i in zip(starts, idx))] = future.result()
     del held, futures
     return out
 
