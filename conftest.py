@@ -21,7 +21,7 @@ os.environ.setdefault("SPARSEATTN_COLD_START", "wait")
 collect_ignore = []
 if importlib.util.find_spec("torch") is None:  # sparseattn.torch imports torch at module level
     collect_ignore.append("sparseattn/torch.py")
-if importlib.util.find_spec("distributed") is None:  # sparseattn._dask_probe imports distributed at module level
+if importlib.util.find_spec("distributed") is None:  # sparseattn.dask.probe imports distributed at module level
     collect_ignore.append("sparseattn/_dask_probe.py")
 
 # optional module -> what in an example's source means it is needed

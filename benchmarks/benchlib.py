@@ -413,7 +413,7 @@ def session_gemm():
 
 def fused_available():
     try:
-        from sparseattn import attention
+        from sparseattn.engine import attention
 
         return bool(attention._fused_available())
     except Exception:  # noqa: BLE001 - any failure means "not available" for the record

@@ -29,7 +29,7 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 import sparseattn as sa
-from sparseattn import _coldstart
+from sparseattn.engine import coldstart as _coldstart
 t_import = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 h, n, d = 12, 2048, 64

@@ -12,7 +12,7 @@ the graph on contiguous shards (``sparseattn.dask.ContiguousShards``: worker i o
 of blocks, and the attention tasks are placed with them) and a reduction of the output per block (sum
 of squares), so the full output never sits in one process; it records, per worker, the exact peak of
 input blocks held (the target: <= 2.5 chunks per input), the peak of all task results held
-(``sparseattn._dask_probe``) and the peak resident set above the warmed-up runtime, in bytes and in
+(``sparseattn.dask.probe``) and the peak resident set above the warmed-up runtime, in bytes and in
 input chunks.
 
     pytest benchmarks/test_dask.py --benchmark-json=DASK.json
@@ -27,7 +27,7 @@ import benchlib
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
-from sparseattn.dask_demo import gather as _gather  # noqa: E402  (blocks fetched without a concatenation on a worker)
+from sparseattn.dask.demo import gather as _gather  # noqa: E402  (blocks fetched without a concatenation on a worker)
 
 RADIUS, GLOBALS, D = 256, 1, 64
 NS = benchlib.sizes([65536, 262144, 1048576], [8192])
@@ -158,10 +158,10 @@ def test_dask_4m(benchmark, client):
     import dask
 
     import sparseattn as sa
-    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask.probe import memory_peaks
     from sparseattn.dask import ContiguousShards
     from sparseattn.dask import sparse_attention as dask_attention
-    from sparseattn.dask_demo import _warm_up
+    from sparseattn.dask.demo import _warm_up
 
     n = 4194304
     shards = ContiguousShards(client)  # worker i owns blocks [32 i, 32 i + 32)

@@ -38,11 +38,11 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # sparse_attention pulls in numba; keep `import sparseattn` light until it is used.
     if name in ("sparse_attention", "AttentionWeights"):
-        from . import attention
+        from .engine import attention
 
         return getattr(attention, name)
     if name == "sparse_attention_backward":
-        from .backward import sparse_attention_backward
+        from .engine.backward import sparse_attention_backward
 
         return sparse_attention_backward
     raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")

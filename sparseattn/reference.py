@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import prepare
+from .engine.validate import prepare
 
 __all__ = ["dense_attention", "dense_attention_backward"]
 

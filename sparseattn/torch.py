@@ -25,8 +25,8 @@ import functools
 import numpy as np
 import torch
 
-from .attention import sparse_attention as _np_sparse_attention
-from .backward import sparse_attention_backward as _np_sparse_attention_backward
+from .engine.attention import sparse_attention as _np_sparse_attention
+from .engine.backward import sparse_attention_backward as _np_sparse_attention_backward
 from .patterns.base import as_pattern
 
 __all__ = ["sparse_attention"]

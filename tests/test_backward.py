@@ -5,8 +5,8 @@ import pytest
 import scipy.sparse as sp
 
 import sparseattn as sa
-import sparseattn.backward_fused as bf_mod
-from sparseattn import plan as plan_mod
+import sparseattn.engine.fused_backward as bf_mod
+from sparseattn.engine import plan as plan_mod
 from sparseattn.patterns import registry
 from sparseattn.reference import dense_attention_backward
 
@@ -206,7 +206,7 @@ def test_threaded_work_ranges_equal_serial(rng, monkeypatch):
     q, k, v = qkv(rng, (3, 4, n, 16), (3, 4, n, 16), 16, np.float64)
     out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
     go = rng.standard_normal(out.shape)
-    from sparseattn._validate import prepare
+    from sparseattn.engine.validate import prepare
 
     prep = prepare(q, k, v, p)
     flat = lambda x: np.ascontiguousarray(x.reshape(prep.q.shape[0], n, -1))  # noqa: E731

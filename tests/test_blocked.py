@@ -18,7 +18,8 @@ import pytest
 from helpers import assert_attention_close
 
 import sparseattn as sa
-from sparseattn import _coldstart, blocked
+from sparseattn.engine import blocked
+from sparseattn.engine import coldstart as _coldstart
 from sparseattn.reference import dense_attention
 
 
@@ -93,7 +94,7 @@ def test_blocks_cover_every_row_once_and_bound_the_dense_grid():
 
 def test_numpy_blas_threads_are_restored(rng):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from sparseattn._threads import numpy_blas_single_thread
+    from sparseattn.engine.threads import numpy_blas_single_thread
 
     libs = numpy_blas_single_thread.controllers()
     before = [c.get_num_threads() for c in libs]
@@ -136,7 +137,7 @@ _SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     import sparseattn as sa
-    from sparseattn import _coldstart
+    from sparseattn.engine import coldstart as _coldstart
     from sparseattn.reference import dense_attention, dense_attention_backward
 
     def rel(a, b):

@@ -473,9 +473,9 @@ def test_report_delegates_argv(capsys, monkeypatch):
         print("report ran")
         return 0
 
-    fake = types.ModuleType("sparseattn.report")
+    fake = types.ModuleType("sparseattn.cli.report")
     fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "sparseattn.report", fake)
+    monkeypatch.setitem(sys.modules, "sparseattn.cli.report", fake)
     monkeypatch.setattr(sparseattn, "report", fake, raising=False)
     code, out, _ = run(capsys, "report", "bench.json", "--out", "somewhere")
     assert code == 0
@@ -487,7 +487,7 @@ def test_report_delegates_argv(capsys, monkeypatch):
 
 
 def test_report_argparse_error_is_one_line(capsys, tmp_path):
-    pytest.importorskip("sparseattn.report")
+    pytest.importorskip("sparseattn.cli.report")
     missing = tmp_path / "missing.json"
     code, out, err = run(capsys, "report", str(missing))
     assert code != 0

@@ -277,7 +277,7 @@ def test_bad_inputs_raise_clear_errors(rng):
 def test_demo_moves_only_halos_between_workers(client, capsys):
     import re
 
-    from sparseattn.dask_demo import main
+    from sparseattn.dask.demo import main
 
     n, chunk, radius, d = 16384, 2048, 32, 16
     argv = ["--n", str(n), "--chunk", str(chunk), "--radius", str(radius), "--d", str(d), "--check-rows", "256"]
@@ -333,7 +333,7 @@ def test_worker_memory_does_not_grow_with_n(client):
     # managed memory (task results held) on every worker, in chunks, must not grow with the number of
     # chunks. Inputs made by root tasks, one per block of each array: before the graph ordered its tasks
     # (main at 1847bb9's parent), that peak was 22 chunks with 16 chunks and 49 with 32.
-    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask.probe import memory_peaks
 
     chunk, d, radius = 32768, 32, 128
     chunk_bytes = chunk * d * 4
@@ -402,9 +402,9 @@ def test_contiguous_shards_hold_about_two_chunks_per_input(client):
     # reads placed by the scheduler), the largest of a run's peaks was 3.33-5.0 (4 runs).
     import dask
 
-    from sparseattn._dask_probe import memory_peaks
+    from sparseattn.dask.probe import memory_peaks
     from sparseattn.dask import ContiguousShards
-    from sparseattn.dask_demo import gather
+    from sparseattn.dask.demo import gather
 
     chunk, d, radius = 32768, 32, 128
     chunk_bytes = chunk * d * 4

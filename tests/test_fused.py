@@ -10,9 +10,9 @@ import pytest
 from helpers import assert_attention_close
 
 import sparseattn as sa
-from sparseattn import plan as plan_mod
-from sparseattn._validate import prepare
-from sparseattn.forward import fused_attention
+from sparseattn.engine import plan as plan_mod
+from sparseattn.engine.validate import prepare
+from sparseattn.engine.fused_forward import fused_attention
 from sparseattn.patterns import available, examples, get
 from sparseattn.reference import dense_attention
 
@@ -234,7 +234,7 @@ def test_million_tokens_row_slices_and_memory():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_serial_kernels_match_threaded(dtype, monkeypatch):
     """parallel=False (for callers with their own threads) gives the threaded result."""
-    import sparseattn.forward as fused_mod
+    import sparseattn.engine.fused_forward as fused_mod
 
     monkeypatch.setattr(fused_mod, "_PARALLEL_MIN_FLOP", 0)  # force the threaded kernels at this size
     rng = np.random.default_rng(8)
@@ -249,8 +249,8 @@ def test_serial_kernels_match_threaded(dtype, monkeypatch):
 
 def test_blas_thread_count_is_restored():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from sparseattn._threads import _numba_blas_controllers
-    from sparseattn._threads import blas_single_thread as _blas_single_thread
+    from sparseattn.engine.threads import _numba_blas_controllers
+    from sparseattn.engine.threads import blas_single_thread as _blas_single_thread
 
     libs = _numba_blas_controllers()
     before = [c.get_num_threads() for c in libs]

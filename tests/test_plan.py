@@ -5,9 +5,9 @@ import pytest
 import scipy.sparse as sp
 
 import sparseattn as sa
-from sparseattn import plan as plan_mod
+from sparseattn.engine import plan as plan_mod
 from sparseattn.patterns import available, examples, get
-from sparseattn.plan import TilePlan, build_plan, clear_plan_cache, get_plan, plan_cache_info
+from sparseattn.engine.plan import TilePlan, build_plan, clear_plan_cache, get_plan, plan_cache_info
 
 
 def assert_plan_covers(plan, pattern):

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from sparseattn import report as rp
+from sparseattn.cli import report as rp
 
 NS = [1024, 2048, 4096, 8192]
 HEADS, D, RADIUS = 12, 64, 256

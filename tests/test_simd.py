@@ -5,9 +5,9 @@ import pytest
 from helpers import assert_attention_close
 
 import sparseattn as sa
-import sparseattn.forward as fused_mod
-from sparseattn import plan as plan_mod
-from sparseattn._validate import prepare
+import sparseattn.engine.fused_forward as fused_mod
+from sparseattn.engine import plan as plan_mod
+from sparseattn.engine.validate import prepare
 from sparseattn.reference import dense_attention
 
 DTYPES = [np.float32, np.float64]

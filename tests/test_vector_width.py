@@ -12,7 +12,7 @@ from sparseattn.kernels import VECTOR_BYTES
 SCRIPT = textwrap.dedent(
     """
     import numpy as np, sparseattn as sa
-    import sparseattn.forward as fwd
+    import sparseattn.engine.fused_forward as fwd
     from sparseattn.kernels import VECTOR_BYTES
     from sparseattn.kernels.simd import block_width
     from sparseattn.reference import dense_attention, dense_attention_backward

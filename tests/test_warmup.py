@@ -9,9 +9,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ONLY_REACH = (
-    "from sparseattn import warmup as w\n"
-    "w.steps = lambda: [('receptive-field bitsets', w._analysis)]\n"
-    "w.warmup()\n"
+    "from sparseattn.cli import _warm_analysis\n"
+    "from sparseattn.engine import warmup as w\n"
+    "w.steps = lambda: []\n"
+    "w.warmup(extra=[('receptive-field bitsets', _warm_analysis)])\n"
 )
 
 
@@ -35,7 +36,7 @@ def test_warmup_compiles_into_the_cache_then_loads(tmp_path):
 
 @pytest.mark.slow
 def test_full_warmup_leaves_nothing_to_compile(tmp_path):
-    code = "import sparseattn.warmup as w\nw.warmup()\n"
+    code = "import sparseattn.engine.warmup as w\nw.warmup()\n"
     first = _run(code, tmp_path)
     assert "compiled sparseattn.kernels.forward.tiles_forward(" in first
     second = _run(code, tmp_path)

@@ -434,7 +434,7 @@ class LongformerSelfAttention:
             The attention context (Hugging Face's ``LongformerSelfAttention``
             output, before ``LongformerSelfOutput``); padded rows are 0.
         """
-        from ..attention import sparse_attention
+        from ..engine.attention import sparse_attention
 
         x, is_pad, is_global = self._check_inputs(hidden_states, attention_mask, global_attention_mask)
         b, n, E = x.shape

@@ -25,7 +25,7 @@ _NUMPY_COLD = 1 << 23
 
 
 def _merge_compiled():
-    from .._coldstart import numba_ready
+    from ..kernels.cache import numba_ready
     from ..kernels.csr_ops import _merge
 
     return numba_ready(_merge)

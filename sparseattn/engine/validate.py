@@ -15,7 +15,8 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from .patterns.base import Pattern, as_pattern
+from ..patterns.base import Pattern, as_pattern
+from .scan import first_nonfinite, scan_nonfinite
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Prepared:
     def _full(self, x, mp, name):
         if x.shape[0] == len(mp) and np.array_equal(mp, np.arange(len(mp))):
             return x
-        from ._memory import check
+        from .._memory import check
 
         check({f"{name} repeated over the broadcast dims {self.lead}": len(mp) * x[0].nbytes if len(x) else 0},
               "sparse_attention", ADVICE)  # fmt: skip
@@ -77,69 +78,6 @@ class Prepared:
     @property
     def n_k(self):
         return self.kc.shape[1]
-
-
-_INT_VIEW = {
-    np.dtype(np.float32): (np.int32, 0x7FFF_FFFF, 0x7F80_0000),
-    np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
-}
-#: below this many elements the scan runs in the calling thread
-_SCAN_PARALLEL_MIN = 1 << 22
-
-
-def scan_nonfinite(x, flags, compiled=True):
-    """``flags[s] |= x[s]`` holds a NaN or an infinity, for ``x`` (S, n, d) C-contiguous float32/float64.
-
-    A Numba kernel, or NumPy when ``compiled`` is False (the blocked path,
-    which compiles nothing) or while a background compile holds Numba's
-    compiler lock (see :mod:`sparseattn._coldstart`).
-    """
-    S = x.shape[0]
-    if x.size == 0:
-        return flags
-    from . import _coldstart
-
-    if not compiled or (_coldstart.compiling() and not _coldstart.in_compile_thread()):
-        from .blocked import nonfinite_slices as numpy_scan
-
-        flags |= numpy_scan(x)
-        return flags
-    from ._threads import run_ranges
-    from .kernels.finite import nonfinite_slices
-
-    it, abs_mask, exp_mask = _INT_VIEW[x.dtype]
-    bits = x.reshape(S, -1).view(it)
-    n_threads = 1
-    if x.size >= _SCAN_PARALLEL_MIN and S > 1:
-        from numba import get_num_threads
-
-        n_threads = min(get_num_threads(), S)
-    bounds = [i * S // n_threads for i in range(n_threads + 1)]
-    run_ranges(nonfinite_slices, (bits, it(abs_mask), it(exp_mask)), (flags,), bounds, n_threads)
-    return flags
-
-
-def first_nonfinite(name, user, compact, own):
-    """``ValueError`` naming the user's array and the index of its first NaN/inf, or None.
-
-    ``compact`` is its (prod(own), n, d) copy in the compute dtype, ``own`` its
-    leading shape aligned to the broadcast shape (1 on broadcast axes).
-    """
-    flags = scan_nonfinite(compact, np.zeros(compact.shape[0], dtype=bool))
-    if not flags.any():
-        return None
-    s = int(np.argmax(flags))
-    i, t = (int(a) for a in np.argwhere(~np.isfinite(compact[s]))[0])
-    user_lead = np.shape(user)[:-2]
-    lead_idx = np.unravel_index(s, own) if own else ()
-    idx = tuple(int(j) for j in lead_idx[len(lead_idx) - len(user_lead):]) if user_lead else ()
-    idx = idx + (i, t)
-    value = compact[s, i, t]
-    return ValueError(
-        f"{name} holds a non-finite value ({value}) at index {idx} (shape {np.shape(user)}); "
-        f"check_finite=True refuses NaN and +-inf; without it they propagate under IEEE rules "
-        f"to the rows that use them (see the non-finite policy in sparse_attention's docs)"
-    )
 
 
 #: the dtype policy: input dtype -> compute dtype (the output keeps np.result_type of the inputs)
@@ -349,7 +287,7 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
     check_scale_dtype(scale, compute, user_scale)
     scale = float(compute(scale))  # what the kernels multiply by; the reference uses the same value
 
-    from ._memory import check as check_memory
+    from .._memory import check as check_memory
 
     owns = [_own_lead(x, lead) for x in (q, k, v)]
     items = dict(_copy_bytes(name, x, own, compute) for name, x, own in zip("qkv", (q, k, v), owns))

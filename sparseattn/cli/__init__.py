@@ -295,7 +295,7 @@ def build_pattern(name, words, global_indices=None, command="show"):
     >>> text, p.nnz
     ('sliding_window(n=5, left=1, right=0)', 9)
     """
-    from . import patterns
+    from .. import patterns
 
     try:
         fn = patterns.get(name)
@@ -320,7 +320,7 @@ def build_pattern(name, words, global_indices=None, command="show"):
         result = fn(**kwargs)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"{text}: {exc}") from None
-    from .patterns import as_pattern
+    from ..patterns import as_pattern
 
     per_head = isinstance(result, (list, tuple))
     try:
@@ -379,7 +379,7 @@ def _summary(pattern):
 
 def _builder_help(name, command, out):
     """Print the parameters of builder ``name`` (used by ``show NAME --help``)."""
-    from . import patterns
+    from .. import patterns
 
     try:
         fn = patterns.get(name)
@@ -422,7 +422,7 @@ def _cmd_show(args, words, out):
                 file=out,
             )
     if args.png:
-        from . import viz
+        from .. import viz
 
         for p, path in zip(heads, _png_paths(args.png, len(heads))):
             viz.plot_pattern(p, path)
@@ -444,7 +444,7 @@ def _cmd_receptive(args, words, out):
             merged = merged | p
         pattern = merged
         text += f"  (union of its {count} per-head patterns)"
-    from . import analysis
+    from .. import analysis
 
     n_q, n_k = pattern.shape
     if n_q != n_k:
@@ -492,7 +492,7 @@ def _cmd_receptive(args, words, out):
             file=out,
         )
     if args.png:
-        from . import viz
+        from .. import viz
 
         # the same tokens as the table (all of them when the table traced all)
         viz.plot_receptive_field(pattern, layers, args.png, tokens=np.arange(n_q) if tokens is None else tokens)
@@ -501,7 +501,7 @@ def _cmd_receptive(args, words, out):
 
 
 def _available():
-    from . import patterns
+    from .. import patterns
 
     return patterns.available()
 
@@ -527,7 +527,7 @@ def _fmt_bytes(nbytes):
 
 
 def _qa_pattern(n, radius, question):
-    from .patterns import global_tokens, sliding_window
+    from ..patterns import global_tokens, sliding_window
 
     p = sliding_window(n, radius)
     if question:
@@ -594,7 +594,7 @@ def _peak_memory(fn):
     import gc
     import tracemalloc
 
-    from ._memory import status_kib
+    from .._memory import status_kib
 
     gc.collect()
     try:
@@ -646,7 +646,7 @@ def _cmd_demo(args, words, out):
     dtype = np.dtype(args.dtype)
 
     import sparseattn
-    from .reference import dense_attention
+    from ..reference import dense_attention
 
     pattern = _qa_pattern(n, radius, question)
     print("sparseattn demo: question answering on a synthetic long document", file=out)
@@ -676,7 +676,7 @@ def _cmd_demo(args, words, out):
     def run():
         return sparseattn.sparse_attention(q, k, v, pattern, path=args.path)
 
-    from . import _coldstart
+    from ..engine import coldstart as _coldstart
 
     t0 = time.perf_counter()
     result = run()  # the untimed warm-up: compiles (or loads) the kernels and builds the tile plan
@@ -772,10 +772,18 @@ def _cmd_demo(args, words, out):
 # --------------------------------------------------------------------------------------------
 
 
-def _cmd_warmup(args, words, out):
-    from .warmup import warmup
+def _warm_analysis():
+    from ..analysis import layers_to_cover, receptive_field
+    from ..patterns import causal, sliding_window
 
-    warmup(out)
+    receptive_field(sliding_window(200, 4), 3, return_sets=True)
+    layers_to_cover(causal(20))  # the full-product branch (tokens without their diagonal are fine too)
+
+
+def _cmd_warmup(args, words, out):
+    from ..engine.warmup import warmup
+
+    warmup(out, extra=[("receptive-field bitsets", _warm_analysis)])
     return 0
 
 
@@ -810,7 +818,7 @@ def _cmd_report(argv):
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -908,13 +916,13 @@ def _make_parser():
 
     sub.add_parser(
         "dask-demo",
-        help="a million-token band + global attention on Dask worker processes (sparseattn.dask_demo)",
+        help="a million-token band + global attention on Dask worker processes (sparseattn.dask.demo)",
         add_help=False,
     )
     sub.add_parser(
         "report",
-        help="turn a pytest-benchmark JSON file into tables and plots (sparseattn.report)",
-        description="Delegates to sparseattn.report: run 'sparseattn report --help' for its options.",
+        help="turn a pytest-benchmark JSON file into tables and plots (sparseattn.cli.report)",
+        description="Delegates to sparseattn.cli.report: run 'sparseattn report --help' for its options.",
         add_help=False,
     )
     return parser
@@ -935,8 +943,8 @@ def main(argv=None):
         rest = argv[1:] if traceback else argv
         if rest[:1] == ["report"]:
             return _cmd_report(rest[1:])
-        if rest[:1] == ["dask-demo"]:  # sparseattn.dask_demo parses its own options
-            from .dask_demo import main as dask_demo
+        if rest[:1] == ["dask-demo"]:  # sparseattn.dask.demo parses its own options
+            from ..dask.demo import main as dask_demo
 
             return dask_demo(rest[1:])
         parser = _make_parser()

@@ -34,7 +34,7 @@ without them are still listed, with blanks.
 Examples
 --------
 >>> import json, os, tempfile
->>> from sparseattn.report import report
+>>> from sparseattn.cli.report import report
 >>> bench = {"machine_info": {}, "benchmarks": [
 ...     {"group": "demo", "name": f"t[{m}-n{n}]", "stats": {"median": t},
 ...      "extra_info": {"method": m, "n": n, "radius": 8, "useful_flop": 4e9 * n / 1024}}
@@ -167,7 +167,7 @@ def provenance(data, repo_dir=None):
 
     Examples
     --------
-    >>> from sparseattn.report import provenance
+    >>> from sparseattn.cli.report import provenance
     >>> provenance({"commit_info": {"id": "0123456789abcdef", "dirty": True}})
     (False, 'commit 0123456789 with uncommitted changes (dirty tree): not reproducible from a commit')
     >>> provenance({"commit_info": {"id": "0123456789abcdef", "dirty": False}})
@@ -194,7 +194,7 @@ def target_verdict(target, value):
 
     Examples
     --------
-    >>> from sparseattn.report import target_verdict
+    >>> from sparseattn.cli.report import target_verdict
     >>> target_verdict(">= 10", 4.06), target_verdict("<= 8.8", 3.3), target_verdict(None, 1.0)
     ('missed', 'met', None)
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._memory import malloc_trim, status_kib
+from .._memory import malloc_trim, status_kib
 
 __all__ = ["MemoryProbe", "memory_peaks"]
 

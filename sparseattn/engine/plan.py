@@ -47,9 +47,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .patterns.algebra import Union
-from .patterns.base import Pattern
-from .patterns.builders import GlobalTokens, SlidingWindow
+from ..patterns.algebra import Union
+from ..patterns.base import Pattern
+from ..patterns.builders import GlobalTokens, SlidingWindow
 
 __all__ = ["TilePlan", "build_plan", "get_plan", "clear_plan_cache", "plan_cache_info"]
 
@@ -249,7 +249,7 @@ def _runs_of(cols):
 # -- numba helpers (imported lazily: building plans needs numba) ------------------
 class _Helpers:
     def __getattr__(self, name):
-        from .kernels import planning
+        from ..kernels import planning
 
         return getattr(planning, "plan_" + name)
 

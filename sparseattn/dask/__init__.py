@@ -62,10 +62,10 @@ import itertools
 import numpy as np
 import scipy.sparse as sp
 
-from ._validate import check_scale, check_shapes_and_patterns
-from .patterns.algebra import Union
-from .patterns.base import CSRPattern
-from .patterns.builders import GlobalTokens, SlidingWindow, sliding_window
+from ..engine.validate import check_scale, check_shapes_and_patterns
+from ..patterns.algebra import Union
+from ..patterns.base import CSRPattern
+from ..patterns.builders import GlobalTokens, SlidingWindow, sliding_window
 
 __all__ = ["ContiguousShards", "sparse_attention"]
 
@@ -96,15 +96,16 @@ def _import_dask():
 def _engine(q, k, v, pattern, scale, kpm, serial):
     """The local engine's forward on one block: ``(out, lse)`` in the compute dtype.
 
-    Through ``attention._fused``, so a block whose inputs hold a NaN or an
-    infinity follows the engine's non-finite policy (its slices run on the
-    staged kernels) instead of meeting the fast-math fused kernels.
+    Through the engine's dispatcher (``paths.forward``, fused), so a block
+    whose inputs hold a NaN or an infinity follows the engine's non-finite
+    policy (its slices run on the staged kernels) instead of meeting the
+    fast-math fused kernels.
     """
-    from ._validate import prepare
-    from .attention import _fused
+    from ..engine import paths
+    from ..engine.validate import prepare
 
     prep = prepare(q, k, v, pattern, scale, kpm)
-    out, lse = _fused(prep, parallel=False if serial else None)
+    out, lse, _ = paths.forward(prep, "fused", parallel=False if serial else None)
     return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
 
 
@@ -236,8 +237,7 @@ def _shared_partial(q, gk, gv, gm, scale, serial):
     NaN or an infinity go through the engine instead, for its non-finite
     policy (a padded key must not reach a row even as ``0 * inf``).
     """
-    from ._validate import check_scale
-    from .blocked import masked_softmax
+    from ..engine.blocked import masked_softmax
 
     if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
         return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)

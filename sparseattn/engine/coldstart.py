@@ -35,7 +35,9 @@ import sys
 import threading
 import time
 
-__all__ = ["mode", "choose", "fused_ready", "numba_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
+from ..kernels.cache import cached
+
+__all__ = ["mode", "choose", "fused_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
 
 _MODES = ("background", "wait")
 _KINDS = ("forward", "backward")
@@ -58,47 +60,22 @@ def mode():
 
 def _kernels(kind):
     if kind == "forward":
-        from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
+        from ..kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
 
         return tiles_forward, long_rows_partial, long_rows_merge
-    from .kernels.backward import flush_keys, long_rows_backward, tiles_backward
+    from ..kernels.backward import flush_keys, long_rows_backward, tiles_backward
 
     return tiles_backward, long_rows_backward, flush_keys
 
 
-def _cached(disp, want=None):
-    """Whether Numba's on-disk cache holds ``disp`` compiled for this CPU and source (for dtype ``want``).
-
-    Reads the cache index (no compilation, no loading), through Numba's cache
-    internals; if they change, the answer is False.
-    """
-    try:
-        cache = disp._cache
-        codegen = disp.targetctx.codegen()
-        for key in cache._cache_file._load_index():
-            sig = key[0]
-            if want is not None and not any(getattr(t, "dtype", None) == want for t in sig):
-                continue
-            if cache._index_key(sig, codegen) == key:
-                return True
-    except Exception:  # noqa: BLE001 - any surprise in Numba's internals means "not known to be cached"
-        return False
-    return False
-
-
-def numba_ready(disp):
-    """True when calling the Numba function ``disp`` needs no compilation: compiled in this process or cached."""
-    return bool(disp.signatures) or _cached(disp)
-
-
 def _in_disk_cache(key):
-    """Whether Numba's cache holds the fused kernels of ``key`` (``"forward float32"``...; see :func:`_cached`)."""
+    """Whether Numba's cache holds the fused kernels of ``key`` (``"forward float32"``...; see :func:`sparseattn.kernels.cache.cached`)."""
     import numba
     import numpy as np
 
     kind, dtype_name = key.split()
     want = numba.from_dtype(np.dtype(dtype_name))
-    return all(_cached(disp, want) for disp in _kernels(kind))
+    return all(cached(disp, want) for disp in _kernels(kind))
 
 
 def _key(dtype, kind):
@@ -125,40 +102,39 @@ def fused_ready(dtype, kind="forward"):
     return False
 
 
-def choose(prep, kind):
+def choose(prep, kind, job):
     """The path of an ``auto`` call on ``prep`` (a ``Prepared``): ``"fused"``, or ``"blocked"`` while they compile.
 
     When the fused kernels are not ready, builds the patterns' CSR first (the
     blocked path needs it, and building it may compile Numba's merge, which
     must happen before the background thread holds the compiler lock), then
-    starts the thread.
+    starts the thread, which runs ``job(dtype_name)`` (a small fused call that
+    compiles the kernels and stores them in the cache).
     """
     dtype = prep.qc.dtype
     if fused_ready(dtype, kind):
         return "fused"
     for p in prep.patterns:
         p.csr
-    start(dtype, kind)
+    start(dtype, kind, job)
     return "blocked"
 
 
-def _compile(key):
-    from .warmup import _backward, _forward
-
-    kind, name = key.split()
+def _compile(key, job):
     try:
-        if kind == "forward":
-            _forward(name, path="fused")()
-        else:
-            _backward(name, "fused")()
+        job(key.split()[1])
     except BaseException as e:  # noqa: BLE001 - kept for status(); the foreground compiles (and raises) itself
         _errors[key] = e
     finally:
         _times[key] = (_times[key][0], time.perf_counter())
 
 
-def start(dtype, kind="forward"):
-    """Start compiling the fused kernels of ``dtype`` and ``kind`` in a background thread (once per process)."""
+def start(dtype, kind, job):
+    """Start compiling the fused kernels of ``dtype`` and ``kind`` in a background thread (once per process).
+
+    The thread runs ``job(dtype_name)``: the path's small compile call (see
+    :func:`sparseattn.engine.paths.compile_job`).
+    """
     key = _key(dtype, kind)
     with _lock:
         if key in _threads:
@@ -171,7 +147,7 @@ def start(dtype, kind="forward"):
             _hooks.append(True)
         _times[key] = (time.perf_counter(), None)
         name = "sparseattn-compile-" + key.replace(" ", "-")
-        t = threading.Thread(target=_compile, args=(key,), name=name, daemon=True)
+        t = threading.Thread(target=_compile, args=(key, job), name=name, daemon=True)
         _threads[key] = t
         t.start()
 

@@ -20,68 +20,57 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
+
 __all__ = ["warmup", "steps"]
 
 
 def _forward(dtype, **kw):
     def run():
-        import numpy as np
-
-        import sparseattn as sa
+        from ..patterns.builders import global_tokens, sliding_window
+        from .attention import sparse_attention
 
         rng = np.random.default_rng(0)
         n, d = 160, 16
         q, k, v = (rng.standard_normal((2, n, d)).astype(dtype) for _ in range(3))
         # a band with a global token: tiles, shared columns and long rows all have work
-        p = sa.sliding_window(n, 8) | sa.global_tokens(n, [0])
+        p = sliding_window(n, 8) | global_tokens(n, [0])
         mask = np.zeros((1, n), dtype=bool)
         mask[0, -3:] = True
-        sa.sparse_attention(q[None], k[None], v[None], p, key_padding_mask=mask, **kw)
+        sparse_attention(q[None], k[None], v[None], p, key_padding_mask=mask, **kw)
 
     return run
 
 
 def _backward(dtype, path):
     def run():
-        import numpy as np
-
-        import sparseattn as sa
+        from ..patterns.builders import global_tokens, sliding_window
+        from .attention import sparse_attention
+        from .backward import sparse_attention_backward
 
         rng = np.random.default_rng(1)
         n, d = 160, 16
         q, k, v, go = (rng.standard_normal((2, n, d)).astype(dtype) for _ in range(4))
-        p = sa.sliding_window(n, 8) | sa.global_tokens(n, [0])
-        out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
-        sa.sparse_attention_backward(go, q, k, v, p, out, lse, path=path)
+        p = sliding_window(n, 8) | global_tokens(n, [0])
+        out, lse = sparse_attention(q, k, v, p, return_lse=True)
+        sparse_attention_backward(go, q, k, v, p, out, lse, path=path)
 
     return run
 
 
 def _patterns():
-    import numpy as np
-
-    import sparseattn as sa
-
-    n = 3000  # large enough for the Numba merge of union / intersection rows
-    a = sa.sliding_window(n, 40) | sa.random_pattern(n, n, 5, seed=0)
-    (a & sa.sliding_window(n, 20)).csr
+    from ..patterns.builders import from_dense, random_pattern, sliding_window
     from .plan import get_plan
 
+    n = 3000  # large enough for the Numba merge of union / intersection rows
+    a = sliding_window(n, 40) | random_pattern(n, n, 5, seed=0)
+    (a & sliding_window(n, 20)).csr
     get_plan(a)
-    get_plan(sa.from_dense(np.eye(64, dtype=bool) | np.eye(64, k=3, dtype=bool)))
-
-
-def _analysis():
-    import sparseattn as sa
-    from sparseattn.analysis import layers_to_cover, receptive_field
-
-    p = sa.sliding_window(200, 4)
-    receptive_field(p, 3, return_sets=True)
-    layers_to_cover(sa.causal(20))  # the full-product branch (tokens without their diagonal are fine too)
+    get_plan(from_dense(np.eye(64, dtype=bool) | np.eye(64, k=3, dtype=bool)))
 
 
 def steps():
-    """``[(label, callable)]``: the calls :func:`warmup` makes, in order."""
+    """``[(label, callable)]``: the engine's calls, in order (``sparseattn warmup`` adds the tools' kernels)."""
     out = []
     for dt in ("float32", "float64"):
         out += [
@@ -91,7 +80,7 @@ def steps():
             (f"backward {dt} (fused)", _backward(dt, "fused")),
             (f"backward {dt} (staged)", _backward(dt, "staged")),
         ]
-    out += [("pattern planner and merges", _patterns), ("receptive-field bitsets", _analysis)]
+    out += [("pattern planner and merges", _patterns)]
     return out
 
 
@@ -134,8 +123,10 @@ class _Compiles:
         self.event.unregister("numba:compile", self.listener)
 
 
-def warmup(out=None):
+def warmup(out=None, extra=()):
     """Compile every kernel (or load it from Numba's cache), printing a line per kernel to ``out``.
+
+    ``extra``: more ``(label, callable)`` steps after the engine's (the tools' kernels).
 
     Returns
     -------
@@ -145,7 +136,7 @@ def warmup(out=None):
     """
     out = sys.stdout if out is None else out
     compiled = []
-    all_steps = steps()
+    all_steps = steps() + list(extra)
     t_all = time.perf_counter()
     with _Compiles(out) as rec:
         for i, (label, fn) in enumerate(all_steps, start=1):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["blocked_attention", "blocked_backward", "masked_softmax", "nonfinite_slices"]
+__all__ = ["blocked_attention", "blocked_backward", "masked_softmax"]
 
 #: rows per block
 _BLOCK = 128
@@ -32,11 +32,6 @@ _WASTE = 16
 _GRID = 1 << 22
 #: long rows walked together over the keys
 _LONG_BATCH = 64
-
-
-def nonfinite_slices(x):
-    """(S,) bool: slice ``x[s]`` holds a NaN or an infinity (NumPy; one slice at a time)."""
-    return np.array([not np.isfinite(x[s]).all() for s in range(x.shape[0])], dtype=bool)
 
 
 def _gather_rows(indptr, indices, rows):
@@ -163,7 +158,7 @@ def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_vali
     >>> bool(np.allclose(out, dense_attention(q, k, v, p), rtol=1e-11, atol=1e-12))
     True
     """
-    from ._threads import numpy_blas_single_thread
+    from .threads import numpy_blas_single_thread
 
     with numpy_blas_single_thread():
         return _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip)
@@ -234,7 +229,7 @@ def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_val
     allowed pairs: ``dV += P^T dO``, ``dS = P (dO V^T - D)`` with ``D =
     rowsum(dO o)``, ``dQ = scale dS K``, ``dK += scale dS^T Q``.
     """
-    from ._threads import numpy_blas_single_thread
+    from .threads import numpy_blas_single_thread
 
     with numpy_blas_single_thread():
         return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip)

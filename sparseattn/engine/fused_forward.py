@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._threads import blas_single_thread, run_ranges
+from .threads import blas_single_thread, run_ranges
 from .plan import get_plan
 
 __all__ = ["fused_attention"]
@@ -41,7 +41,7 @@ def panel_buffers(n_k, d, dv, dtype, chunk):
     slice and panel a slot holds (-1: none).  Empty arrays select the BLAS
     path, used when ``dv`` is not a multiple of 2L.
     """
-    from .kernels.simd import block_width
+    from ..kernels.simd import block_width
 
     width = block_width(dtype)  # 2L
     if dv % width:
@@ -112,7 +112,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     Examples
     --------
     >>> import numpy as np, sparseattn as sa
-    >>> from sparseattn.forward import fused_attention
+    >>> from sparseattn.engine.fused_forward import fused_attention
     >>> from sparseattn.reference import dense_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 40, 8))
@@ -123,7 +123,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from .kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
+    from ..kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
 
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     S = len(slice_pattern)
@@ -185,3 +185,23 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                     part_m, part_l, part_o, out, lse,
                 )  # fmt: skip
     return out, lse
+
+
+def _compile_inputs(dtype_name, seed, arrays):
+    """Small inputs that reach every fused kernel: 2 slices of 160 tokens, a band with a global token."""
+    from ..patterns.builders import global_tokens, sliding_window
+
+    rng = np.random.default_rng(seed)
+    n, d = 160, 16
+    xs = [rng.standard_normal((2, n, d)).astype(dtype_name) for _ in range(arrays)]
+    # a band with a global token: tiles, shared columns and long rows all have work
+    p = sliding_window(n, 8) | global_tokens(n, [0])
+    return xs, [p], np.zeros(2, dtype=np.int64), 0.25
+
+
+def compile_forward(dtype_name):
+    """Run a small fused forward in ``dtype_name`` (key padding included): compiles its kernels into the cache."""
+    (q, k, v), patterns, slice_pattern, scale = _compile_inputs(dtype_name, 0, 3)
+    key_valid = np.ones((1, q.shape[1]), dtype=bool)
+    key_valid[0, -3:] = False
+    fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, np.zeros(2, dtype=np.int64))

@@ -15,7 +15,7 @@ the output, and prints
 * the largest difference from the local engine on a sample of rows (the
   global rows, rows at every block boundary, random rows).
 
-Run ``python -m sparseattn.dask_demo --help`` or ``sparseattn dask-demo --help``.
+Run ``python -m sparseattn.dask.demo --help`` or ``sparseattn dask-demo --help``.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ import threading
 
 import numpy as np
 
-from ._threads import blas_single_thread, run_ranges
-from .forward import _PARALLEL_MIN_FLOP, _WORK_SPLIT, _split_items, panel_buffers
+from .threads import blas_single_thread, run_ranges
+from .fused_forward import _PARALLEL_MIN_FLOP, _WORK_SPLIT, _split_items, fused_attention, panel_buffers
 from .plan import get_plan
 
 __all__ = ["fused_backward"]
@@ -39,7 +39,7 @@ def _thread_buffers(n_k, d, dv, dtype, chunk, simd):
 
     The K^T and V^T panel caches are empty (the BLAS span path) unless ``simd``.
     """
-    from .kernels.backward import KEY_PAD
+    from ..kernels.backward import KEY_PAD
 
     dkb = np.zeros((n_k + KEY_PAD, d), dtype=dtype)
     dvb = np.zeros((n_k + KEY_PAD, dv), dtype=dtype)
@@ -60,7 +60,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     Parameters
     ----------
     q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, parallel
-        As for :func:`sparseattn.forward.fused_attention` (C-contiguous, one float dtype).
+        As for :func:`sparseattn.engine.fused_forward.fused_attention` (C-contiguous, one float dtype).
     dout, out : ndarray, shape (S, n_q, dv)
         Gradient of the loss with respect to the output, and the output.
     lse : ndarray, shape (S, n_q)
@@ -76,8 +76,8 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     """
     from numba import get_num_threads
 
-    from .kernels.backward import flush_keys, long_rows_backward, tiles_backward
-    from .kernels.simd import block_width
+    from ..kernels.backward import flush_keys, long_rows_backward, tiles_backward
+    from ..kernels.simd import block_width
 
     S, n_q, d = q.shape
     n_k = k.shape[1]
@@ -142,3 +142,12 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                     n_threads if par else 1,
                 )  # fmt: skip
     return dq, dk, dvv
+
+
+def compile_backward(dtype_name):
+    """Run a small fused forward and backward in ``dtype_name``: compiles the backward's kernels into the cache."""
+    from .fused_forward import _compile_inputs
+
+    (q, k, v, go), patterns, slice_pattern, scale = _compile_inputs(dtype_name, 1, 4)
+    out, lse = fused_attention(q, k, v, patterns, slice_pattern, scale, None, None)
+    fused_backward(q, k, v, go, out, lse, patterns, slice_pattern, scale, None, None)

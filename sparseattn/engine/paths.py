@@ -1,0 +1,199 @@
+"""The execution paths behind one interface, and the one dispatcher for both directions.
+
+Every path answers the same two questions about a validated call (a
+:class:`~sparseattn.engine.validate.Prepared`, which carries every attention
+option: scale, key padding, per-head patterns, the broadcast maps):
+
+``forward(prep, skip, parallel)``
+    ``(out (S, n_q, d_v), lse (S, n_q))`` for every slice not flagged in
+    ``skip`` (a bool array over slices, or None).
+``backward(prep, go, o, ls, skip)``
+    ``(dq, dk, dv)``, one row block per slice, for every slice not in ``skip``.
+
+and says what it cannot do (:meth:`ExecutionPath.not_supported_reason`).
+The dispatcher (:func:`forward`, :func:`backward`) resolves ``path="auto"``
+(the cold-start policy of :mod:`~sparseattn.engine.coldstart`), scans for
+non-finite inputs with the scan the path allows (NumPy for a path that
+compiles nothing) and hands the flagged slices to the staged path, the one
+that follows the non-finite policy exactly.  ``sparse_attention``,
+``sparse_attention_backward`` and the Dask tasks all come through here, so a
+path, or an option a path must honour, is added in one place: see "Where to
+add" in ``docs/architecture.md``.
+
+======== ====================================== ================================
+path     how                                    extra memory
+======== ====================================== ================================
+fused    tile-planned Numba kernels             O(n d) per thread
+staged   SDDMM -> softmax -> SpMM (exact IEEE)  one value per nonzero and slice
+blocked  NumPy/BLAS over row blocks, no compile a row block's dense grid
+======== ====================================== ================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import coldstart
+from .scan import scan_nonfinite
+from .staged import staged_backward, staged_forward
+
+__all__ = ["ExecutionPath", "PATHS", "NAMES", "forward", "backward", "compile_job"]
+
+
+class ExecutionPath:
+    """One way to evaluate attention; subclasses implement both directions."""
+
+    name = "?"
+    #: whether the path runs compiled (Numba) code; if not, the non-finite scan runs in NumPy too
+    compiled = True
+    #: whether the path can return the per-nonzero probabilities
+    gives_weights = False
+
+    def not_supported_reason(self, *, return_weights=False):
+        """Why this path cannot run the call, or None."""
+        if return_weights and not self.gives_weights:
+            return f"return_weights=True needs the staged path: use path='staged' or 'auto', not {self.name!r}"
+        return None
+
+    def forward(self, prep, skip, parallel=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, prep, go, o, ls, skip):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Fused(ExecutionPath):
+    """The tile-planned fused kernels (:mod:`~sparseattn.engine.fused_forward`, :mod:`~sparseattn.engine.fused_backward`)."""
+
+    name = "fused"
+
+    def forward(self, prep, skip, parallel=None):
+        from .fused_forward import fused_attention
+
+        return fused_attention(
+            prep.qc, prep.kc, prep.vc, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid,
+            prep.slice_batch, skip=skip, maps=(prep.qmap, prep.kmap, prep.vmap), parallel=parallel,
+        )  # fmt: skip
+
+    def backward(self, prep, go, o, ls, skip):
+        from .fused_backward import fused_backward
+
+        return fused_backward(prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
+                              prep.key_valid, prep.slice_batch, skip=skip)  # fmt: skip
+
+
+class Blocked(ExecutionPath):
+    """NumPy and BLAS over row blocks (:mod:`~sparseattn.engine.blocked`): what a cold start runs."""
+
+    name = "blocked"
+    compiled = False
+
+    def forward(self, prep, skip, parallel=None):
+        from .blocked import blocked_attention
+
+        return blocked_attention(
+            prep.qc, prep.kc, prep.vc, (prep.qmap, prep.kmap, prep.vmap), prep.patterns, prep.slice_pattern,
+            prep.scale, prep.key_valid, prep.slice_batch, skip=skip,
+        )  # fmt: skip
+
+    def backward(self, prep, go, o, ls, skip):
+        from .blocked import blocked_backward
+
+        return blocked_backward(prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
+                                prep.key_valid, prep.slice_batch, skip=skip)  # fmt: skip
+
+
+class Staged(ExecutionPath):
+    """SDDMM -> softmax -> SpMM (:mod:`~sparseattn.engine.staged`): exact IEEE arithmetic, the weights."""
+
+    name = "staged"
+    gives_weights = True
+
+    def forward(self, prep, skip, parallel=None):
+        slices = None if skip is None else np.flatnonzero(~skip)
+        out, lse, _ = staged_forward(prep, False, slices)
+        return out, lse
+
+    def backward(self, prep, go, o, ls, skip):
+        slices = None if skip is None else np.flatnonzero(~skip)
+        return staged_backward(prep, go, o, ls, slices)
+
+
+PATHS = {p.name: p for p in (Fused(), Staged(), Blocked())}
+NAMES = ("auto",) + tuple(PATHS)
+
+
+def check_path(path, return_weights=False):
+    """The :class:`ExecutionPath` named ``path`` (``"auto"`` gives None), or a ``ValueError``."""
+    if path not in NAMES:
+        raise ValueError(f"path must be one of {NAMES}, got {path!r}")
+    if path == "auto":
+        return None
+    why = PATHS[path].not_supported_reason(return_weights=return_weights)
+    if why is not None:
+        raise ValueError(why)
+    return PATHS[path]
+
+
+def compile_job(kind):
+    """The small fused call that compiles the fused kernels of ``kind`` for a dtype (run by the cold start)."""
+    from .fused_backward import compile_backward
+    from .fused_forward import compile_forward
+
+    return compile_forward if kind == "forward" else compile_backward
+
+
+def _resolve(prep, path, kind):
+    """``path`` (a name) as an :class:`ExecutionPath`; ``"auto"`` runs fused, or blocked while fused compiles."""
+    if path != "auto":
+        return PATHS[path]
+    if prep.n_q and len(prep.qmap):
+        return PATHS[coldstart.choose(prep, kind, compile_job(kind))]
+    return PATHS["fused"]
+
+
+def forward(prep, path="auto", return_weights=False, parallel=None):
+    """``(out, lse, weights)`` of a prepared call (``weights`` is None unless ``return_weights``).
+
+    Slices whose ``q``, ``k`` or ``v`` hold a NaN or an infinity run on the
+    staged path whatever ``path`` is.  ``parallel=False`` keeps the fused
+    path in the calling thread (the Dask tasks).
+    """
+    if return_weights or path == "staged":
+        return staged_forward(prep, return_weights)
+    run = _resolve(prep, path, "forward")
+    bad = prep.nonfinite if run.compiled else prep.nonfinite_slices(compiled=False)
+    skip = bad if bad.any() else None
+    out, lse = run.forward(prep, skip, parallel)
+    if skip is not None:
+        slices = np.flatnonzero(bad)
+        out[slices], lse[slices], _ = staged_forward(prep, False, slices)
+    return out, lse, None
+
+
+def _bad_lse(ls):
+    """(S,) bool: a slice's log-sum-exp holds a NaN or ``+inf`` (``-inf`` marks a row without keys: fine)."""
+    with np.errstate(invalid="ignore"):
+        return (np.isnan(ls) | (ls == np.inf)).any(axis=1)
+
+
+def backward(prep, go, o, ls, path="auto"):
+    """``(dq, dk, dv)`` of a prepared call, one row block per slice (not yet summed over broadcast axes).
+
+    ``go``, ``o``, ``ls`` are the flattened ``grad_out``, ``out`` and ``lse``.
+    Slices with a NaN or an infinity in any input (``lse``: NaN or ``+inf``)
+    run on the staged path whatever ``path`` is.
+    """
+    if path == "staged":
+        return staged_backward(prep, go, o, ls)
+    run = _resolve(prep, path, "backward")
+    bad = prep.nonfinite_slices(run.compiled)
+    scan_nonfinite(go, bad, run.compiled)
+    scan_nonfinite(o, bad, run.compiled)
+    bad |= _bad_lse(ls)
+    skip = bad if bad.any() else None
+    dq, dk, dv = run.backward(prep, go, o, ls, skip)
+    if skip is not None:
+        slices = np.flatnonzero(bad)
+        dq[slices], dk[slices], dv[slices] = staged_backward(prep, go, o, ls, slices)
+    return dq, dk, dv
