@@ -66,7 +66,7 @@ def _intervals(p, start, stop):
     Known builders give O(intervals) work instead of O(nnz); returns None for
     patterns without an interval form (then the CSR is streamed).
     """
-    from .patterns.algebra import Union
+    from .patterns.base import Union
     from .patterns.builders import GlobalTokens, SlidingWindow
     from .patterns.presets import BlockSparse, _SameBlock
 

@@ -111,7 +111,7 @@ def test_numpy_blas_threads_are_restored(rng):
 def test_numpy_merge_matches_numba_merge(union):
     """Patterns merge in NumPy while Numba's merge is not compiled yet: the same CSR as the Numba merge."""
     from sparseattn.kernels.csr_ops import merge_rows
-    from sparseattn.patterns.algebra import _merge_small
+    from sparseattn.patterns.base import _merge_small
 
     n = 4000
     a = (sa.random_pattern(n, n, 40, seed=1) | sa.sliding_window(n, 30)).csr

@@ -320,7 +320,7 @@ def test_import_is_light():
 @pytest.mark.parametrize("seed", range(40))
 def test_band_global_row_counts_match_built_rows(seed):
     # the interval-arithmetic row counts of window | global (what nnz uses) against the merged rows
-    from sparseattn.patterns.algebra import Union, _fold
+    from sparseattn.patterns.base import Union, _fold
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 60))

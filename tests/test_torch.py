@@ -279,3 +279,17 @@ def test_torch_compile_graph_break(backend):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="torch.compiler.disable.*graph break"):
         torch.compile(model, backend="eager", fullgraph=True)(x)
+
+
+def test_numpy_entry_point_refuses_a_tensor_that_requires_grad():
+    """torch's own advice (.detach().numpy()) would drop the gradient: point to the torch adapter instead."""
+    q = make((2, 8, 4), torch.float32, 0)
+    x = q.detach().numpy()
+    for fn, args in ((sa.sparse_attention, (q, x, x, sa.sliding_window(8, 1))),
+                     (sa.sparse_attention, (x, x, q, sa.sliding_window(8, 1)))):  # fmt: skip
+        name = "q" if args[0] is q else "v"
+        with pytest.raises(TypeError, match=rf"^{name} is a torch tensor that requires grad \(shape \(2, 8, 4\)\).*"
+                                            r"sparseattn\.torch\.sparse_attention"):  # fmt: skip
+            fn(*args)
+    out = sa.sparse_attention(q.detach(), x, x, sa.sliding_window(8, 1))  # detached: fine
+    assert out.shape == (2, 8, 4)

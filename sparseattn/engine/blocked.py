@@ -10,7 +10,7 @@ sequence.
 
 It is what ``path="auto"`` runs while the fused kernels of a dtype are being
 compiled in a background thread (a fresh environment, see
-:mod:`sparseattn._coldstart`), and ``path="blocked"`` selects it outright.  It
+:mod:`sparseattn.engine.coldstart`), and ``path="blocked"`` selects it outright.  It
 computes the same quantities as the fused path (softmax over each row's
 allowed, non-padded keys; zeros and ``-inf`` for a row without any); a dense
 block costs more arithmetic than the fused kernels' tiles, so it is slower

@@ -6,7 +6,7 @@ to compile (the forward's about 10 s, the backward's more).  With
 forward (or backward) kernels are neither loaded in this process nor in
 Numba's on-disk cache starts a background thread that compiles them (by
 running a small fused call, which also stores them in the cache), and this
-call and the next ones run on the blocked path (:mod:`sparseattn.blocked`:
+call and the next ones run on the blocked path (:mod:`sparseattn.engine.blocked`:
 NumPy and BLAS, nothing to compile) until the thread is done.  When the
 kernels are in the cache, nothing changes: the first call loads them (about
 a second) and runs fused.

@@ -30,7 +30,7 @@ Plans are cached by the pattern's identity (:func:`get_plan`).
 Examples
 --------
 >>> import sparseattn as sa
->>> from sparseattn.plan import build_plan
+>>> from sparseattn.engine.plan import build_plan
 >>> plan = build_plan(sa.longformer(256, attention_window=64, global_indices=[0]))
 >>> plan.kind, plan.tile_rows, plan.n_tiles, plan.long_rows.tolist()
 ('structured', 32, 8, [0])
@@ -47,7 +47,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..patterns.algebra import Union
+from ..patterns.base import Union
 from ..patterns.base import Pattern
 from ..patterns.builders import GlobalTokens, SlidingWindow
 

@@ -1,6 +1,6 @@
 """Running serial ``nogil`` kernels on a few Python threads, with BLAS capped at one thread.
 
-Shared by the fused forward (:mod:`sparseattn.forward`) and backward: both cut
+Shared by the fused forward (:mod:`sparseattn.engine.fused_forward`) and backward: both cut
 their work into cost-balanced ranges and hand them to :func:`run_ranges`,
 inside :func:`blas_single_thread`.
 """

@@ -90,6 +90,13 @@ DTYPE_POLICY = (
 def _check_array(name, x):
     if sp.issparse(x):
         raise TypeError(f"{name} must be a dense floating-point array, got a scipy sparse {type(x).__name__}")
+    if getattr(x, "requires_grad", False) and type(x).__module__.partition(".")[0] == "torch":
+        # torch's own advice (.detach().numpy()) would silently drop the gradient
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad (shape {tuple(x.shape)}); the NumPy entry point would "
+            f"drop its gradient: call sparseattn.torch.sparse_attention with the same arguments to train through "
+            f"it (or pass {name}.detach() if no gradient is wanted)"
+        )
     try:
         arr = np.asarray(x)
     except Exception as e:  # ragged lists and the like

@@ -24,7 +24,6 @@ Face) is an extension: see :class:`LongformerSelfAttention`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import math
 import numbers
 import os
@@ -32,8 +31,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..patterns.base import Pattern, counts_to_indptr
-from ..patterns.builders import global_tokens, sliding_window
+from ..patterns.builders import _DropRows, global_tokens, sliding_window
 
 __all__ = ["LongformerSelfAttention"]
 
@@ -41,37 +39,6 @@ _PROJECTIONS = ("query", "key", "value", "query_global", "key_global", "value_gl
 _PARAM_NAMES = tuple(f"{p}.{s}" for p in _PROJECTIONS for s in ("weight", "bias"))
 _PATTERN_CACHE_SIZE = 64
 _GLOBAL_CHUNK_ELEMENTS = 1 << 22  # scores held at once in the dense global pass
-
-
-class _DropRows(Pattern):
-    """``inner`` with some query rows emptied (rows the layer fills in another way)."""
-
-    name = "drop_rows"
-
-    def __init__(self, inner, drop):
-        super().__init__(inner.shape)
-        self._inner = inner
-        self._drop = np.array(drop, dtype=bool)
-        self._drop.setflags(write=False)
-        self._digest = hashlib.blake2b(np.packbits(self._drop).tobytes(), digest_size=16).hexdigest()
-
-    @property
-    def identity(self):
-        return ("drop_rows", self._inner.identity, self.shape, self._digest)
-
-    def _rows(self, start, stop):
-        indptr, indices = self._inner._rows(start, stop)
-        keep = ~self._drop[start:stop]
-        if keep.all():
-            return indptr, indices
-        counts = np.diff(indptr)
-        return counts_to_indptr(np.where(keep, counts, 0)), indices[np.repeat(keep, counts)]
-
-    def _row_counts(self, start, stop):
-        return np.where(self._drop[start:stop], 0, self._inner._row_counts(start, stop))
-
-    def describe(self):
-        return f"{self._inner.describe()} minus {int(self._drop.sum())} rows"
 
 
 def _check_positive_int(name, value):

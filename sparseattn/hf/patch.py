@@ -24,8 +24,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..patterns.builders import global_tokens, sliding_window
-from .layer import _DropRows
+from ..patterns.builders import _DropRows, global_tokens, sliding_window
 
 __all__ = ["patch_longformer"]
 

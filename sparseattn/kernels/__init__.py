@@ -1,10 +1,14 @@
 """Numba kernels: raw arrays in, raw arrays out, no validation and no allocation policy.
 
 ``simd``: the vector type, ``exp`` and the register-block micro-kernels.
-``forward``: the tile-planned online-softmax forward (see ``sparseattn.plan``).
+``forward``: the tile-planned online-softmax forward (see ``sparseattn.engine.plan``).
 ``staged``: SDDMM -> row softmax -> SpMM (materialises one score per nonzero).
 ``planning``: the generic planner's O(nnz) passes.
 ``finite``: which slices of an input hold a NaN or an infinity (the non-finite routing).
+``backward``, ``staged_backward``: the fused and the staged backward.
+``csr_ops``: the parallel merge of CSR rows (pattern unions and intersections).
+``reach``: word-packed bitsets of the receptive-field analysis.
+``cache``: whether a kernel is compiled or in Numba's on-disk cache (no compiling, no loading).
 
 Numba's on-disk cache (``cache=True``) keys a compiled function on the
 modification time and size of the file that defines it, not of the files it

@@ -1,8 +1,8 @@
 """The fused backward kernels: gradients tile by tile from the forward's log-sum-exp.
 
-Raw arrays in, raw arrays out; no validation (``sparseattn.backward_fused``
+Raw arrays in, raw arrays out; no validation (``sparseattn.engine.fused_backward``
 prepares everything).  They walk the same tile plan as the forward
-(:mod:`sparseattn.plan`) and follow FlashAttention-2's recipe: per tile and
+(:mod:`sparseattn.engine.plan`) and follow FlashAttention-2's recipe: per tile and
 key chunk, recompute ``S = scale Q K^T`` and ``dP = dO V^T``, turn them into
 ``P = exp(S - lse)`` and ``dS = P (dP - D)`` on each row's allowed,
 non-padded keys, then ``dQ += dS K``, ``dK += dS^T (scale Q)`` and

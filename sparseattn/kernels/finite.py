@@ -1,6 +1,6 @@
 """Which rows of an input hold a NaN or an infinity: one cheap pass, vectorised.
 
-Raw arrays in, raw arrays out.  ``sparseattn.attention`` uses the flags to send
+Raw arrays in, raw arrays out.  ``sparseattn.engine.paths`` uses the flags to send
 slices with non-finite inputs to the staged kernels, which do plain IEEE
 arithmetic over each row's allowed keys (the fused kernels are compiled with
 fast-math and assume finite scores), and ``check_finite=True`` uses them to

@@ -1,10 +1,10 @@
 """The fused forward kernels: tile-planned scores, online softmax and P.V.
 
-Raw arrays in, raw arrays out; no validation (``sparseattn.forward`` prepares
-everything).  The plan layout is documented in :mod:`sparseattn.plan`.
+Raw arrays in, raw arrays out; no validation (``sparseattn.engine.fused_forward`` prepares
+everything).  The plan layout is documented in :mod:`sparseattn.engine.plan`.
 
 Three serial, ``nogil`` kernels run one after the other for the slices that
-share a plan; ``sparseattn.forward`` runs disjoint work ranges of the first two
+share a plan; ``sparseattn.engine.fused_forward`` runs disjoint work ranges of the first two
 on several Python threads (no Numba parallel region: faster to compile, and
 safe to call from threads that Dask or the user already run):
 
@@ -201,7 +201,7 @@ def tiles_forward(
     several threads.
 
     ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
-    :func:`sparseattn.forward.panel_buffers`; reused across its ranges of one call).  When they
+    :func:`sparseattn.engine.fused_forward.panel_buffers`; reused across its ranges of one call).  When they
     are non-empty, spans go through the register-blocked micro-kernels of
     ``qk_block`` / ``pv_block`` (needs ``dv`` a multiple of 2 vectors);
     otherwise through BLAS.

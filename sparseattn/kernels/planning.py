@@ -1,4 +1,4 @@
-"""Numba helpers of the generic planner (:mod:`sparseattn.plan`): O(nnz) passes over a pattern's CSR."""
+"""Numba helpers of the generic planner (:mod:`sparseattn.engine.plan`): O(nnz) passes over a pattern's CSR."""
 
 from __future__ import annotations
 

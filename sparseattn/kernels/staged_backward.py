@@ -1,6 +1,6 @@
 """The staged backward: per-nonzero probabilities and score gradients, then two gathers.
 
-Raw arrays in, raw arrays out; no validation (``sparseattn.backward`` does it).
+Raw arrays in, raw arrays out; no validation (``sparseattn.engine.staged`` does it).
 It shares the staged forward's layout (see :mod:`sparseattn.kernels.staged`):
 ``ptr`` (P, n_q + 1) with absolute offsets into ``ind``, slice ``s`` using
 pattern ``slice_pat[s]`` and storing its values at ``slice_off[s]``.

@@ -4,7 +4,7 @@ Every builder is registered by name (:func:`get`, :func:`available`);
 third-party builders join through the ``sparseattn.patterns`` entry-point group.
 """
 
-from .algebra import intersection, transpose, union
+from .base import intersection, transpose, union
 from .base import Pattern, as_pattern
 from .builders import (
     causal,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import operator
 
 import numpy as np
-import scipy.sparse as sp
 
-from .base import INDEX_MAX, CSRPattern, Pattern, _canonical_from_scipy, counts_to_indptr, ranges_to_indices
+from .base import INDEX_MAX, CSRPattern, Pattern, _canonical_from_scipy, _from_dense, counts_to_indptr, ranges_to_indices
 from .registry import register_pattern
 
 __all__ = [
@@ -62,6 +62,9 @@ class SlidingWindow(Pattern):
     def _rows(self, start, stop):
         lo, counts = self._bounds(start, stop)
         return counts_to_indptr(counts), ranges_to_indices(lo, counts, self.dilation)
+
+    def _union_row_counts(self, parts, start, stop):
+        return _band_global_counts(parts, start, stop)
 
     def _transpose(self):
         n_q, n_k = self.shape
@@ -313,17 +316,6 @@ def from_dense(mask):
     return _from_dense(mask, "mask")
 
 
-def _from_dense(mask, argname):
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"{argname} must be a 2-D array (n_q, n_k) when given as an ndarray, got shape {arr.shape}")
-    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
-        raise TypeError(f"{argname} must be boolean or numeric (nonzero = allowed), got dtype {arr.dtype}")
-    m = sp.csr_array(arr != 0)
-    m.sort_indices()
-    return CSRPattern(m.indptr, m.indices, m.shape)
-
-
 class RandomPattern(CSRPattern):
     name = "random"
 
@@ -383,3 +375,67 @@ def random_pattern(n_q, n_k, per_row, seed=0):
     seed = operator.index(seed)
     return RandomPattern(n_q, n_k, per_row, seed)
 
+
+def _band_global_counts(parts, start, stop):
+    """Row counts of one sliding window | global tokens by interval arithmetic, else None.
+
+    A global row is full; an ordinary row ``i`` holds its window plus the global
+    columns outside it.  Global column ``g`` lies in the window of the rows
+    ``g - m * dilation`` for ``-left <= m * dilation <= right``.
+    """
+    bands = [p for p in parts if isinstance(p, SlidingWindow)]
+    globs = [p for p in parts if isinstance(p, GlobalTokens)]
+    if len(bands) != 1 or len(bands) + len(globs) != len(parts):
+        return None
+    band = bands[0]
+    n_q, n_k = band.shape
+    if n_q != n_k:
+        return None
+    counts = band._row_counts(start, stop).astype(np.int64)
+    if not globs:
+        return counts
+    g = np.unique(np.concatenate([p.indices for p in globs])).astype(np.int64)
+    d = band.dilation
+    m = np.arange(-(band.left // d), band.right // d + 1, dtype=np.int64)
+    if len(g) * len(m) > 1 << 26:
+        return None  # very many global tokens: merge the rows instead
+    rows = (g[:, None] - m[None, :] * d).ravel()  # rows whose window holds g
+    rows = rows[(rows >= start) & (rows < stop)]
+    inside = np.bincount(rows - start, minlength=stop - start)
+    counts += len(g) - inside
+    is_global = np.zeros(stop - start, dtype=bool)
+    gi = g[(g >= start) & (g < stop)] - start
+    is_global[gi] = True
+    counts[is_global] = n_k
+    return counts
+
+
+class _DropRows(Pattern):
+    """``inner`` with some query rows emptied (rows the layer fills in another way)."""
+
+    name = "drop_rows"
+
+    def __init__(self, inner, drop):
+        super().__init__(inner.shape)
+        self._inner = inner
+        self._drop = np.array(drop, dtype=bool)
+        self._drop.setflags(write=False)
+        self._digest = hashlib.blake2b(np.packbits(self._drop).tobytes(), digest_size=16).hexdigest()
+
+    @property
+    def identity(self):
+        return ("drop_rows", self._inner.identity, self.shape, self._digest)
+
+    def _rows(self, start, stop):
+        indptr, indices = self._inner._rows(start, stop)
+        keep = ~self._drop[start:stop]
+        if keep.all():
+            return indptr, indices
+        counts = np.diff(indptr)
+        return counts_to_indptr(np.where(keep, counts, 0)), indices[np.repeat(keep, counts)]
+
+    def _row_counts(self, start, stop):
+        return np.where(self._drop[start:stop], 0, self._inner._row_counts(start, stop))
+
+    def describe(self):
+        return f"{self._inner.describe()} minus {int(self._drop.sum())} rows"
