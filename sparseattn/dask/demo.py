@@ -141,10 +141,11 @@ def _clear_logs(client):
 
 
 def _warm_up(radius, d, dtype):
-    import sparseattn as sa
+    from ..engine.attention import sparse_attention
+    from ..patterns import global_tokens, sliding_window
 
     x = np.ones((2 * radius + 64, d), dtype=dtype)
-    sa.sparse_attention(x, x, x, sa.sliding_window(len(x), radius) | sa.global_tokens(len(x), [0]))
+    sparse_attention(x, x, x, sliding_window(len(x), radius) | global_tokens(len(x), [0]))
 
 
 def gather(client, x):
@@ -179,13 +180,14 @@ def main(argv=None):
     import dask.array as da
     from distributed import Client, LocalCluster, wait
 
-    import sparseattn as sa
-    from sparseattn.dask import ContiguousShards
-    from sparseattn.dask import sparse_attention as dask_attention
+    from ..engine.attention import sparse_attention
+    from ..patterns import global_tokens, sliding_window
+    from .api import sparse_attention as dask_attention
+    from .shards import ContiguousShards
 
     n, r, g, d, c = args.n, args.radius, args.globals, args.d, args.chunk
     dtype = np.dtype(args.dtype)
-    pattern = sa.sliding_window(n, r) | sa.global_tokens(n, range(g)) if g else sa.sliding_window(n, r)
+    pattern = sliding_window(n, r) | global_tokens(n, range(g)) if g else sliding_window(n, r)
     tol = 2e-5 if dtype == np.float32 else 1e-11
     cluster = None
     if args.scheduler:
@@ -234,11 +236,11 @@ def main(argv=None):
         rows = np.unique(np.concatenate([np.arange(g), edges - 1, edges, rng.integers(0, n, args.check_rows)]))
         rows = rows[(rows >= 0) & (rows < n)]
         if args.no_local:
-            local_rows = _local_rows(sa, qa, ka, va, pattern, rows)
+            local_rows = _local_rows(qa, ka, va, pattern, rows)
         else:
-            sa.sparse_attention(qa[:4096], ka[:4096], va[:4096], sa.sliding_window(4096, r))  # compile/load
+            sparse_attention(qa[:4096], ka[:4096], va[:4096], sliding_window(4096, r))  # compile/load
             t0 = time.perf_counter()
-            local = sa.sparse_attention(qa, ka, va, pattern)
+            local = sparse_attention(qa, ka, va, pattern)
             t_local = time.perf_counter() - t0
             local_rows = local[rows]
             print(f"local engine {t_local:.2f} s on this process; dask / local = {t_dask / t_local:.2f}")
@@ -254,12 +256,15 @@ def main(argv=None):
             cluster.close()
 
 
-def _local_rows(sa, q, k, v, pattern, rows):
+def _local_rows(q, k, v, pattern, rows):
     """The local engine on the sampled rows only (their CSR rows over all keys)."""
     import scipy.sparse as sp
 
+    from ..engine.attention import sparse_attention
+    from ..patterns import from_sparse
+
     sub = sp.vstack([pattern.rows(int(i), int(i) + 1) for i in rows]).tocsr()
-    return sa.sparse_attention(q[rows], k, v, sa.from_sparse(sub))
+    return sparse_attention(q[rows], k, v, from_sparse(sub))
 
 
 if __name__ == "__main__":  # pragma: no cover
