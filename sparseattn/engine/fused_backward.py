@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from .threads import blas_single_thread, run_ranges
-from .fused_forward import _PARALLEL_MIN_FLOP, _WORK_SPLIT, _split_items, fused_attention, panel_buffers
+from .fused_forward import _PARALLEL_MIN_FLOP, _WORK_SPLIT, _split_items, panel_buffers
 from .plan import get_plan
 
 __all__ = ["fused_backward"]
@@ -142,12 +142,3 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                     n_threads if par else 1,
                 )  # fmt: skip
     return dq, dk, dvv
-
-
-def compile_backward(dtype_name):
-    """Run a small fused forward and backward in ``dtype_name``: compiles the backward's kernels into the cache."""
-    from .fused_forward import _compile_inputs
-
-    (q, k, v, go), patterns, slice_pattern, scale = _compile_inputs(dtype_name, 1, 4)
-    out, lse = fused_attention(q, k, v, patterns, slice_pattern, scale, None, None)
-    fused_backward(q, k, v, go, out, lse, patterns, slice_pattern, scale, None, None)

@@ -185,23 +185,3 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                     part_m, part_l, part_o, out, lse,
                 )  # fmt: skip
     return out, lse
-
-
-def _compile_inputs(dtype_name, seed, arrays):
-    """Small inputs that reach every fused kernel: 2 slices of 160 tokens, a band with a global token."""
-    from ..patterns.builders import global_tokens, sliding_window
-
-    rng = np.random.default_rng(seed)
-    n, d = 160, 16
-    xs = [rng.standard_normal((2, n, d)).astype(dtype_name) for _ in range(arrays)]
-    # a band with a global token: tiles, shared columns and long rows all have work
-    p = sliding_window(n, 8) | global_tokens(n, [0])
-    return xs, [p], np.zeros(2, dtype=np.int64), 0.25
-
-
-def compile_forward(dtype_name):
-    """Run a small fused forward in ``dtype_name`` (key padding included): compiles its kernels into the cache."""
-    (q, k, v), patterns, slice_pattern, scale = _compile_inputs(dtype_name, 0, 3)
-    key_valid = np.ones((1, q.shape[1]), dtype=bool)
-    key_valid[0, -3:] = False
-    fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, np.zeros(2, dtype=np.int64))

@@ -135,12 +135,46 @@ def check_path(path, return_weights=False):
     return PATHS[path]
 
 
-def compile_job(kind):
-    """The small fused call that compiles the fused kernels of ``kind`` for a dtype (run by the cold start)."""
-    from .fused_backward import compile_backward
-    from .fused_forward import compile_forward
+def _compile_inputs(dtype_name, seed, arrays):
+    """Small inputs that reach every fused kernel: 2 slices of 160 tokens, a band with a global token."""
+    from ..patterns.builders import global_tokens, sliding_window
 
-    return compile_forward if kind == "forward" else compile_backward
+    rng = np.random.default_rng(seed)
+    n, d = 160, 16
+    xs = [rng.standard_normal((2, n, d)).astype(dtype_name) for _ in range(arrays)]
+    # a band with a global token: tiles, shared columns and long rows all have work
+    return xs, sliding_window(n, 8) | global_tokens(n, [0])
+
+
+def _compile_forward(dtype_name):
+    """A small fused forward call (key padding included), validated and dispatched like a user's."""
+    from .validate import prepare
+
+    (q, k, v), pattern = _compile_inputs(dtype_name, 0, 3)
+    mask = np.zeros((1, q.shape[1]), dtype=bool)
+    mask[0, -3:] = True
+    forward(prepare(q[None], k[None], v[None], pattern, None, mask), "fused")
+
+
+def _compile_backward(dtype_name):
+    """A small fused forward and backward, validated and dispatched like a user's."""
+    from .validate import prepare
+
+    (q, k, v, go), pattern = _compile_inputs(dtype_name, 1, 4)
+    prep = prepare(q, k, v, pattern)
+    out, lse, _ = forward(prep, "fused")
+    backward(prep, go, out, lse, "fused")
+
+
+def compile_job(kind):
+    """What the cold start's background thread runs to compile the fused kernels of ``kind`` for a dtype.
+
+    A small call through :func:`sparseattn.engine.validate.prepare` and this
+    dispatcher, so it compiles exactly the signatures a user's call needs
+    (the non-finite scan and the planner included) and stores them in the
+    cache.
+    """
+    return _compile_forward if kind == "forward" else _compile_backward
 
 
 def _resolve(prep, path, kind):
