@@ -121,3 +121,23 @@ def test_dask_tasks_run_through_the_dispatcher(monkeypatch):
         got = out.compute()
     assert calls and set(calls) == {"fused"}
     np.testing.assert_allclose(got, dense_attention(q, k, v, p), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(paths.PATHS))
+def test_skip_leaves_the_flagged_slices_to_the_caller(name):
+    """The interface: ``forward``/``backward`` with ``skip`` answer every other slice, full-size arrays."""
+    q, k, v, pats, kpm = _call(np.float64, seed=2)
+    prep = prepare(q, k, v, pats, None, kpm)
+    skip = np.array([False, True, False, False])
+    full_out, full_lse, _ = paths.forward(prep, "staged")
+    out, lse = paths.PATHS[name].forward(prep, skip)
+    assert out.shape == full_out.shape and lse.shape == full_lse.shape
+    keep = ~skip
+    np.testing.assert_allclose(out[keep], full_out[keep], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse[keep]), np.isneginf(full_lse[keep]))
+    go = np.random.default_rng(0).standard_normal(full_out.shape)
+    full = paths.backward(prep, go, full_out, full_lse, "staged")
+    part = paths.PATHS[name].backward(prep, go, full_out, full_lse, skip)
+    for a, b in zip(part, full):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a[keep], b[keep], rtol=1e-9, atol=1e-11)

@@ -110,13 +110,24 @@ class Staged(ExecutionPath):
     gives_weights = True
 
     def forward(self, prep, skip, parallel=None):
-        slices = None if skip is None else np.flatnonzero(~skip)
-        out, lse, _ = staged_forward(prep, False, slices)
+        if skip is None:
+            out, lse, _ = staged_forward(prep, False)
+            return out, lse
+        keep = np.flatnonzero(~skip)
+        dt = prep.qc.dtype
+        out = np.zeros((len(skip), prep.n_q, prep.vc.shape[-1]), dtype=dt)
+        lse = np.full((len(skip), prep.n_q), -np.inf, dtype=dt)
+        out[keep], lse[keep], _ = staged_forward(prep, False, keep)
         return out, lse
 
     def backward(self, prep, go, o, ls, skip):
-        slices = None if skip is None else np.flatnonzero(~skip)
-        return staged_backward(prep, go, o, ls, slices)
+        if skip is None:
+            return staged_backward(prep, go, o, ls)
+        keep = np.flatnonzero(~skip)
+        grads = tuple(np.zeros_like(x) for x in (prep.q, prep.k, prep.v))
+        for g, part in zip(grads, staged_backward(prep, go, o, ls, keep)):
+            g[keep] = part
+        return grads
 
 
 PATHS = {p.name: p for p in (Fused(), Staged(), Blocked())}
