@@ -4,10 +4,12 @@ A plan says, for the query rows ``[a, b)`` of one block, which key slices it
 reads, whether it uses the shared block of global keys, the spec its block
 task runs, and its split rows with their key blocks.  Two kinds:
 
-* :class:`WindowPlan`, for a union of dilation-1 windows and global tokens,
-  planned from the pattern's parameters alone (never ``pattern.rows``);
-* :class:`CSRPlan`, for any other pattern, from ``pattern.rows(a, b)`` of
-  each query block (never the whole CSR).
+* :class:`WindowPlan`, for a union of dilation-1 windows without an offset
+  and global tokens, planned from the pattern's parameters alone (never
+  ``pattern.rows``);
+* :class:`CSRPlan`, for any other pattern (a window with an offset among
+  them: decode and chunked prefill are short query blocks, whose rows are
+  cheap), from ``pattern.rows(a, b)`` of each query block (never the whole CSR).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..patterns.base import Union
-from ..patterns.builders import GlobalTokens, SlidingWindow
+from ..patterns.builders import GlobalTokens
+from ..patterns.windows import SlidingWindow
 
 #: generic path: a row is split over key blocks when longer than max(LONG_MIN, LONG_FACTOR * median row)
 LONG_MIN = 2048
@@ -37,12 +40,12 @@ def plan_patterns(patterns, n_k, kb):
 
 
 def _structure(p):
-    """``(left, right, globals)`` for a union of dilation-1 windows and global tokens, else None."""
+    """``(left, right, globals)`` for a union of dilation-1, offset-0 windows and global tokens, else None."""
     parts = p.parts if isinstance(p, Union) else (p,)
     left = right = None
     g = []
     for part in parts:
-        if isinstance(part, SlidingWindow) and part.dilation == 1:
+        if isinstance(part, SlidingWindow) and part.dilation == 1 and part.offset == 0:
             left = part.left if left is None else max(left, part.left)
             right = part.right if right is None else max(right, part.right)
         elif isinstance(part, GlobalTokens):

@@ -23,8 +23,9 @@ threads share, and merged with the log-sum-exp formula.
 
 Every nonzero of the pattern is covered by exactly one of these (checked in
 ``tests/test_plan.py``).  Building a plan never makes an ``n x n`` anything:
-sliding windows (dilation 1), global tokens and unions of them are planned
-from their parameters in O(n); any other pattern from its CSR in O(nnz).
+sliding windows (dilation 1, any offset), global tokens and unions of them
+are planned from their parameters in O(n); any other pattern from its CSR in
+O(nnz).
 Plans are cached by the pattern's identity (:func:`get_plan`).
 
 Examples
@@ -49,7 +50,8 @@ import numpy as np
 
 from ..patterns.base import Union
 from ..patterns.base import Pattern
-from ..patterns.builders import GlobalTokens, SlidingWindow
+from ..patterns.builders import GlobalTokens
+from ..patterns.windows import SlidingWindow
 
 __all__ = ["TilePlan", "build_plan", "get_plan", "clear_plan_cache", "plan_cache_info"]
 
@@ -300,9 +302,9 @@ def _structured_plan(p, band, g, T, chunk):
     n_q, n_k = p.shape
     i = np.arange(n_q, dtype=np.int64)
     if band is not None:
-        lo = np.maximum(0, i - band.left)
-        hi = np.minimum(n_k, i + band.right + 1)
-        hi = np.maximum(hi, lo)
+        c = i + band.offset  # each query's key position
+        lo = np.clip(c - band.left, 0, n_k)
+        hi = np.clip(c + band.right + 1, lo, n_k)
         width = band.left + band.right + 1
     else:
         lo = np.zeros(n_q, np.int64)

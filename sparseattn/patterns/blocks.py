@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .base import INDEX_MAX, Pattern, checked_csr, counts_to_indptr, ranges_to_indices
-from .builders import _check_int as _int
+from .windows import _check_int as _int
 from .registry import register_pattern
 
 __all__ = ["BlockSparse", "BigBird", "bigbird", "block_sparse"]

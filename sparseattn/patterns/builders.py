@@ -1,4 +1,4 @@
-"""The basic pattern builders: windows, global tokens, Longformer, explicit masks, random."""
+"""The basic pattern builders (windows live in windows.py and are re-exported): global tokens, Longformer, explicit masks, random."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import operator
 
 import numpy as np
 
-from .base import INDEX_MAX, CSRPattern, Pattern, _canonical_from_scipy, _from_dense, counts_to_indptr, ranges_to_indices
+from .base import CSRPattern, Pattern, _canonical_from_scipy, _from_dense, counts_to_indptr
 from .registry import register_pattern
+from .windows import SlidingWindow, _check_int, causal, sliding_window  # noqa: F401  (re-exported)
 
 __all__ = [
     "SlidingWindow",
@@ -22,57 +23,6 @@ __all__ = [
     "from_dense",
     "random_pattern",
 ]
-
-
-def _check_int(name, value, minimum=None):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if abs(value) > INDEX_MAX:
-        raise ValueError(f"{name} must be at most 2**62 in size (what int64 index arithmetic can hold), got {value}")
-    return value
-
-
-class SlidingWindow(Pattern):
-    """Query ``i`` sees key ``j`` iff ``-left <= j - i <= right`` and ``(j - i) % dilation == 0``."""
-
-    name = "sliding_window"
-
-    def __init__(self, n_q, n_k, left, right, dilation):
-        super().__init__((n_q, n_k))
-        self.left, self.right, self.dilation = left, right, dilation
-
-    @property
-    def identity(self):
-        return ("sliding_window", self.shape, self.left, self.right, self.dilation)
-
-    def _bounds(self, start, stop):
-        i = np.arange(start, stop, dtype=np.int64)
-        d = self.dilation
-        lo_m = -(np.minimum(self.left, i) // d)
-        hi_m = np.minimum(self.right, self.shape[1] - 1 - i) // d
-        counts = np.maximum(hi_m - lo_m + 1, 0)
-        return i + lo_m * d, counts
-
-    def _row_counts(self, start, stop):
-        return self._bounds(start, stop)[1]
-
-    def _rows(self, start, stop):
-        lo, counts = self._bounds(start, stop)
-        return counts_to_indptr(counts), ranges_to_indices(lo, counts, self.dilation)
-
-    def _union_row_counts(self, parts, start, stop):
-        return _band_global_counts(parts, start, stop)
-
-    def _transpose(self):
-        n_q, n_k = self.shape
-        return SlidingWindow(n_k, n_q, self.right, self.left, self.dilation)
-
-    def describe(self):
-        d = f", dilation={self.dilation}" if self.dilation != 1 else ""
-        return f"window(left={self.left}, right={self.right}{d})"
 
 
 class GlobalTokens(Pattern):
@@ -113,98 +63,13 @@ class GlobalTokens(Pattern):
     def _transpose(self):
         return self
 
+    def _union_row_counts(self, parts, start, stop):
+        return _band_global_counts(parts, start, stop)
+
     def describe(self):
         shown = self.indices[:8].tolist()
         more = "..." if len(self.indices) > 8 else ""
         return f"global({shown}{more})"
-
-
-@register_pattern(
-    "sliding_window",
-    examples=[
-        dict(n=1, radius=0),
-        dict(n=9, radius=2),
-        dict(n=7, left=3, right=0),
-        dict(n=11, left=1, right=4, dilation=2),
-        dict(n=6, radius=10),
-        dict(n=12, radius=5, dilation=3),
-    ],
-)
-def sliding_window(n, radius=None, *, left=None, right=None, dilation=1, n_k=None):
-    """A banded (sliding-window) pattern with explicit radii.
-
-    Query ``i`` may attend to key ``j`` iff ``-left <= j - i <= right`` and
-    ``(j - i) % dilation == 0``.  Windows are truncated at the edges (as in
-    Longformer), not shifted.  ``radius`` sets both sides; ``left`` / ``right``
-    override one side each.  A causal window is ``left=r, right=0``.
-
-    Radii here are one-sided.  Hugging Face's ``attention_window=W`` (the even
-    total window) is ``radius=W // 2``; see :func:`longformer`.
-
-    Parameters
-    ----------
-    n : int
-        Number of queries (and keys, unless ``n_k`` is given).
-    radius : int, optional
-        The reach on each side, in tokens: offsets ``j - i`` up to ``radius``
-        away are candidates.  With ``dilation=1`` the query sees all
-        ``radius`` tokens on each side; with ``dilation > 1`` only every
-        ``dilation``-th offset is kept, i.e. ``radius // dilation`` keys on
-        each side.
-    left, right : int, optional
-        The reach before / after the query, as ``radius``; default to ``radius``.
-    dilation : int
-        Keep only the offsets that are multiples of ``dilation``, within the
-        reach (the reach is kept and the key count drops); ``dilation=1`` is a
-        plain band.  The allenai Longformer's dilated window of ``w`` keys per
-        side keeps the key count and widens the reach instead: that window is
-        ``sliding_window(n, w * dilation, dilation=dilation)``.
-    n_k : int, optional
-        Number of keys for a rectangular pattern (defaults to ``n``).
-
-    Examples
-    --------
-    >>> import sparseattn as sa
-    >>> print(sa.sliding_window(5, 1).to_string())
-        T1 T2 T3 T4 T5
-    T1  *  *
-    T2  *  *  *
-    T3     *  *  *
-    T4        *  *  *
-    T5           *  *
-    """
-    n = _check_int("n", n, 0)
-    n_k = n if n_k is None else _check_int("n_k", n_k, 0)
-    if radius is None and (left is None or right is None):
-        raise ValueError(
-            f"sliding_window needs radius=, or both left= and right=; got radius={radius}, left={left}, right={right}"
-        )
-    if radius is not None:
-        radius = _check_int("radius", radius, 0)
-    left = radius if left is None else _check_int("left", left, 0)
-    right = radius if right is None else _check_int("right", right, 0)
-    dilation = _check_int("dilation", dilation, 1)
-    return SlidingWindow(n, n_k, left, right, dilation)
-
-
-@register_pattern("causal", examples=[dict(n=6), dict(n=10, radius=3)])
-def causal(n, radius=None, *, dilation=1):
-    """Causal attention: query ``i`` sees keys ``i - radius .. i`` (all earlier keys by default).
-
-    Parameters
-    ----------
-    n : int
-        Number of tokens.
-    radius : int, optional
-        The reach backwards, in tokens (``None``: back to the first token).
-        With ``dilation > 1`` the query sees ``radius // dilation`` earlier
-        keys within that reach, not ``radius``.
-    dilation : int
-        Keep only offsets that are multiples of ``dilation``, within the reach.
-    """
-    n = _check_int("n", n, 0)
-    left = max(n - 1, 0) if radius is None else _check_int("radius", radius, 0)
-    return sliding_window(n, left=left, right=0, dilation=dilation)
 
 
 def _check_indices(name, indices, n):
@@ -381,7 +246,7 @@ def _band_global_counts(parts, start, stop):
 
     A global row is full; an ordinary row ``i`` holds its window plus the global
     columns outside it.  Global column ``g`` lies in the window of the rows
-    ``g - m * dilation`` for ``-left <= m * dilation <= right``.
+    ``g - offset - m * dilation`` for ``-left <= m * dilation <= right``.
     """
     bands = [p for p in parts if isinstance(p, SlidingWindow)]
     globs = [p for p in parts if isinstance(p, GlobalTokens)]
@@ -399,7 +264,7 @@ def _band_global_counts(parts, start, stop):
     m = np.arange(-(band.left // d), band.right // d + 1, dtype=np.int64)
     if len(g) * len(m) > 1 << 26:
         return None  # very many global tokens: merge the rows instead
-    rows = (g[:, None] - m[None, :] * d).ravel()  # rows whose window holds g
+    rows = (g[:, None] - band.offset - m[None, :] * d).ravel()  # rows whose window holds g
     rows = rows[(rows >= start) & (rows < stop)]
     inside = np.bincount(rows - start, minlength=stop - start)
     counts += len(g) - inside

@@ -26,8 +26,8 @@ import numpy as np
 
 from .base import Pattern, counts_to_indptr, ranges_to_indices, union
 from .blocks import BigBird, BlockSparse, _heads, bigbird, block_sparse
-from .builders import SlidingWindow
-from .builders import _check_int as _int
+from .windows import SlidingWindow
+from .windows import _check_int as _int
 from .registry import register_pattern
 
 __all__ = [
