@@ -12,7 +12,7 @@ from helpers import SEED_GLOBAL, SEED_LOCAL
 
 import sparseattn
 from sparseattn import patterns
-from sparseattn.cli import build_pattern, main
+from sparseattn.cli import CLIError, build_pattern, main
 from sparseattn.patterns import registry
 
 
@@ -210,6 +210,45 @@ def _diagonal_blocks(n: int, sizes: list[int] = (2,), causal: bool = False, jitt
     if causal:
         mask &= np.tril(np.ones((n, n), dtype=bool))
     return sparseattn.from_dense(mask)
+
+
+_PER_AXIS_CALLS = []
+
+
+def _per_axis(shape, size=1, *, flags=False):
+    """A builder whose options take one value or one per axis.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        The grid.
+    size : int or tuple of int
+        One size, or one per axis.
+    flags : bool or tuple of bool
+        One flag, or one per axis.
+    """
+    _PER_AXIS_CALLS.append((shape, size, flags))
+    return sparseattn.sliding_window(4, 1)
+
+
+@pytest.mark.parametrize(
+    "words,expected",
+    [
+        (["--shape", "4", "5", "--size", "2", "--flags", "true", "false"], ([4, 5], 2, (True, False))),
+        (["--shape", "4", "--size", "1,2", "--flags"], (4, [1, 2], True)),
+        (["--shape", "(4, 5)", "--flags", "false"], ((4, 5), 1, False)),
+        (["--shape", "4"], (4, 1, False)),
+    ],
+)
+def test_per_axis_options_take_one_value_or_one_per_axis(monkeypatch, words, expected):
+    # numpydoc "int or tuple of int" / "bool or tuple of bool": the default's type does not restrict the option
+    monkeypatch.setitem(registry._BUILDERS, "per_axis", _per_axis)
+    monkeypatch.setitem(registry._EXAMPLES, "per_axis", [])
+    _PER_AXIS_CALLS.clear()
+    build_pattern("per_axis", words)
+    assert _PER_AXIS_CALLS == [expected]
+    with pytest.raises(CLIError, match="--flags expects true or false, got 'maybe'"):
+        build_pattern("per_axis", ["--shape", "4", "--flags", "maybe"])
 
 
 @pytest.fixture
