@@ -12,7 +12,7 @@ from helpers import SEED_GLOBAL, SEED_LOCAL
 
 import sparseattn
 from sparseattn import patterns
-from sparseattn.cli import build_pattern, main
+from sparseattn.cli import CLIError, build_pattern, main
 from sparseattn.patterns import registry
 
 
@@ -177,6 +177,9 @@ def test_every_registered_builder_is_reachable_from_the_cli(name, tmp_path):
     fn = patterns.get(name)
     cases = registry.examples(name)
     assert cases, f"{name} registers no examples"
+    # a Python callable (from_predicate's fn) has no command-line spelling: such examples are checked by
+    # test_a_callable_parameter_is_a_clear_error instead
+    cases = [kw for kw in cases if not any(callable(v) for v in kw.values())] or pytest.skip(f"{name} takes a callable")
     for kwargs in cases:
         words = _words(kwargs, tmp_path)
         expected = fn(**kwargs)
@@ -190,6 +193,12 @@ def test_every_registered_builder_is_reachable_from_the_cli(name, tmp_path):
         else:
             assert got == sparseattn.patterns.as_pattern(expected), f"{name} {' '.join(words)}"
         assert text.startswith(f"{name}(")
+
+
+def test_a_callable_parameter_is_a_clear_error(capsys):
+    code, out, err = run(capsys, "show", "from_predicate", "--fn", "j <= i", "--n-q", "3", "--n-k", "3")
+    assert code != 0 and out == ""
+    assert "fn must be a callable" in err and "'j <= i'" in err
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,6 +219,45 @@ def _diagonal_blocks(n: int, sizes: list[int] = (2,), causal: bool = False, jitt
     if causal:
         mask &= np.tril(np.ones((n, n), dtype=bool))
     return sparseattn.from_dense(mask)
+
+
+_PER_AXIS_CALLS = []
+
+
+def _per_axis(shape, size=1, *, flags=False):
+    """A builder whose options take one value or one per axis.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        The grid.
+    size : int or tuple of int
+        One size, or one per axis.
+    flags : bool or tuple of bool
+        One flag, or one per axis.
+    """
+    _PER_AXIS_CALLS.append((shape, size, flags))
+    return sparseattn.sliding_window(4, 1)
+
+
+@pytest.mark.parametrize(
+    "words,expected",
+    [
+        (["--shape", "4", "5", "--size", "2", "--flags", "true", "false"], ([4, 5], 2, (True, False))),
+        (["--shape", "4", "--size", "1,2", "--flags"], (4, [1, 2], True)),
+        (["--shape", "(4, 5)", "--flags", "false"], ((4, 5), 1, False)),
+        (["--shape", "4"], (4, 1, False)),
+    ],
+)
+def test_per_axis_options_take_one_value_or_one_per_axis(monkeypatch, words, expected):
+    # numpydoc "int or tuple of int" / "bool or tuple of bool": the default's type does not restrict the option
+    monkeypatch.setitem(registry._BUILDERS, "per_axis", _per_axis)
+    monkeypatch.setitem(registry._EXAMPLES, "per_axis", [])
+    _PER_AXIS_CALLS.clear()
+    build_pattern("per_axis", words)
+    assert _PER_AXIS_CALLS == [expected]
+    with pytest.raises(CLIError, match="--flags expects true or false, got 'maybe'"):
+        build_pattern("per_axis", ["--shape", "4", "--flags", "maybe"])
 
 
 @pytest.fixture

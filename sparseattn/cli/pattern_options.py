@@ -79,12 +79,21 @@ def _kind_from_text(text):
     return None
 
 
+def _per_axis_choice(doc_type):
+    """A numpydoc type such as ``int or tuple of int``: a scalar, or a sequence of them."""
+    scalar, _, rest = doc_type.lower().partition(" or ")
+    return scalar.strip() in ("int", "bool") and any(h in rest for h in ("tuple", "sequence", "list"))
+
+
 def _kind_of(param, doc_type=""):
     """Classify a builder parameter as 'bool', 'list', 'int', 'float', 'str' or 'auto'.
 
     The default's type decides first, then the annotation, then the numpydoc type.
     """
     default = param.default
+    if _per_axis_choice(doc_type):
+        # "int or tuple of int" (one value, or one per axis): read one or several words
+        return "bools" if isinstance(default, bool) else "auto"
     if isinstance(default, bool):
         return "bool"
     if isinstance(default, (list, tuple, range)):
@@ -104,6 +113,9 @@ def _convert(kind, name, values):
         if word not in _BOOL_WORDS:
             raise CLIError(f"--{name} expects true or false, got {values!r}")
         return _BOOL_WORDS[word]
+    if kind == "bools":  # alone: true; one word: that bool; several: a tuple (one per axis)
+        flags = [_convert("bool", name, w) for w in _split_words(values)] or [True]
+        return flags[0] if len(flags) == 1 else tuple(flags)
     values = [values] if isinstance(values, str) else list(values)
     if len(values) == 1 and values[0].strip()[:1] in ("[", "("):
         # a Python literal such as "[[1, 0], [1, 1]]" (nested lists: block layouts)
@@ -150,6 +162,7 @@ def _builder_params(fn):
 
 _KIND_WORDS = {
     "bool": "true/false (alone: true)",
+    "bools": "true/false, or one per axis (alone: true)",
     "list": "one or more values",
     "int": "an integer",
     "float": "a number",
@@ -172,8 +185,8 @@ def _builder_parser(name, fn, command="show"):
     usage = [f"{PROG} {command} {name}"]
     for p in params:
         kind = kinds[p.name]
-        metavar = "BOOL" if kind == "bool" else p.name.upper()
-        opt = f"--{p.name.replace('_', '-')} {metavar}{' ...' if kind in ('list', 'auto') else ''}"
+        metavar = "BOOL" if kind in ("bool", "bools") else p.name.upper()
+        opt = f"--{p.name.replace('_', '-')} {metavar}{' ...' if kind in ('list', 'auto', 'bools') else ''}"
         usage.append(opt if p.name in required else f"[{opt}]")
     parser = _Parser(
         prog=f"{PROG} {command} {name}",
@@ -192,8 +205,9 @@ def _builder_parser(name, fn, command="show"):
         spellings = [f"--{p.name.replace('_', '-')}"] + ([f"--{p.name}"] if "_" in p.name else [])
         for i, flag in enumerate(spellings):
             extra = {"help": help_txt if i == 0 else argparse.SUPPRESS, "dest": p.name, "default": None}
-            if kind == "bool":
-                group.add_argument(flag, nargs="?", const=True, metavar="BOOL", **extra)
+            if kind in ("bool", "bools"):
+                nargs = "?" if kind == "bool" else "*"
+                group.add_argument(flag, nargs=nargs, const=True if kind == "bool" else None, metavar="BOOL", **extra)
             else:
                 group.add_argument(flag, nargs="+" if kind in ("list", "auto") else None, metavar=p.name.upper(), **extra)
     return parser, kinds, required

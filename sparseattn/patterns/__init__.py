@@ -15,7 +15,10 @@ from .builders import (
     random_pattern,
     sliding_window,
 )
+from .explicit import from_indices, from_predicate
+from .grids import neighborhood
 from .presets import bigbird, block_sparse, fixed, strided
+from .runs import documents, from_cu_seqlens, from_position_ids, full, prefix_lm
 from .registry import available, examples, get, register_pattern
 
 __all__ = [
@@ -25,14 +28,22 @@ __all__ = [
     "bigbird",
     "block_sparse",
     "causal",
+    "documents",
     "examples",
     "fixed",
+    "from_cu_seqlens",
     "from_dense",
+    "from_indices",
+    "from_position_ids",
+    "from_predicate",
     "from_sparse",
+    "full",
     "get",
     "global_tokens",
     "intersection",
     "longformer",
+    "neighborhood",
+    "prefix_lm",
     "random_pattern",
     "register_pattern",
     "sliding_window",
