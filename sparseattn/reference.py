@@ -50,13 +50,41 @@ def _weighted_values(p, v, mask):
     return out
 
 
+def _repeat_kv(q, k, v):
+    """Grouped-query heads made plain: ``k`` and ``v`` repeated ``g`` times along the heads axis, and ``g``.
+
+    The oracle's own reading of grouped-query attention (``transformers``'
+    ``repeat_kv`` order: query head ``h`` sees key/value head ``h // g``),
+    independent of the engine's slice maps; it copies, as an oracle may.
+    Anything but a clean ``h_q = g * h_kv`` is left to ``prepare``'s checks.
+    """
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    if min(q.ndim, k.ndim, v.ndim) < 3:
+        return k, v, 1
+    h_q, h_kv = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != h_kv or h_kv in (1, h_q) or h_q % h_kv:
+        return k, v, 1
+    g = h_q // h_kv
+    return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3), g
+
+
+def _sum_groups(grad, g):
+    """The gradient of repeated heads summed back over each group of ``g`` (the adjoint of :func:`_repeat_kv`)."""
+    if g == 1:
+        return grad
+    shape = grad.shape[:-3] + (grad.shape[-3] // g, g) + grad.shape[-2:]
+    return grad.reshape(shape).sum(axis=-3)
+
+
 def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows=None, return_lse=False):
     """Masked softmax attention computed densely in float64.
 
     Parameters
     ----------
     q, k, v, pattern, scale, key_padding_mask
-        As for :func:`sparseattn.sparse_attention`.
+        As for :func:`sparseattn.sparse_attention` (grouped-query ``k`` and
+        ``v`` are repeated ``g`` times along the heads axis here: the oracle
+        copies, the engine does not).
     rows : (start, stop), optional
         Compute only query rows ``[start, stop)`` (uses ``pattern.rows``, so a
         slice of a very long pattern is cheap).
@@ -79,6 +107,7 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     >>> bool(np.allclose(out, v))   # each token sees only itself
     True
     """
+    k, v, _ = _repeat_kv(q, k, v)
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention")
     n_q = prep.n_q
     start, stop = (0, n_q) if rows is None else rows
@@ -125,7 +154,8 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     for row ``i`` with allowed, non-padded keys ``J``, ``p = softmax(scale * q_i k_J^T)``,
     ``dp = dO_i v_J^T``, ``ds = p * (dp - dO_i . O_i)`` with ``O_i = p v_J``, ``dq_i = scale * ds k_J``, and
     ``dk_J += scale * ds q_i``, ``dv_J += p dO_i``; gradients of broadcast inputs
-    are summed over the broadcast axes.  Every product runs over the allowed
+    are summed over the broadcast axes, and those of grouped-query ``k`` and ``v``
+    (``h_kv`` heads for ``h_q = g * h_kv`` query heads) over each group.  Every product runs over the allowed
     pairs only (never ``0 * x`` for a masked pair), so a NaN or an infinity
     reaches exactly the gradients of the rows and keys that use it: the
     non-finite policy of :func:`sparseattn.sparse_attention`, carried through
@@ -136,6 +166,8 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     -------
     dq, dk, dv : ndarray, float64, shapes of ``q``, ``k``, ``v``
     """
+    k_user, v_user = np.asarray(k), np.asarray(v)
+    k, v, g = _repeat_kv(q, k, v)
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward")
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
@@ -171,4 +203,8 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
         axes = tuple(i for i, (a, b) in enumerate(zip(x.shape[:-2], g.shape[:-2])) if a == 1 and b != 1)
         return g.sum(axis=axes, keepdims=True).reshape(x.shape) if axes else g.reshape(x.shape)
 
-    return reduce(dq, q), reduce(dk, k), reduce(dvv, v)
+    dk, dvv = reduce(dk, k), reduce(dvv, v)
+    if g > 1:  # grouped-query heads: each key/value head's gradient is the sum over its query heads
+        dk, dvv = _sum_groups(dk, g), _sum_groups(dvv, g)
+        assert dk.shape == k_user.shape and dvv.shape == v_user.shape
+    return reduce(dq, q), dk, dvv

@@ -134,7 +134,10 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None):
     The torch face of :func:`sparseattn.sparse_attention`: same pattern
     semantics, shapes and broadcasting (leading dimensions broadcast as in
     NumPy; ``k``/``v`` shared by the heads as ``(b, 1, n, d)`` get their
-    gradients summed over the heads).
+    gradients summed over the heads; grouped-query ``k``/``v`` of shape
+    ``(..., h_kv, n, d)`` with ``q`` of shape ``(..., g * h_kv, n, d)``
+    are read without copies and get their gradients, of their own shapes,
+    summed over each group of ``g`` query heads).
 
     Parameters
     ----------

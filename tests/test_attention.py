@@ -202,8 +202,10 @@ def test_bad_shapes(rng):
         sa.sparse_attention(q, k, v, [p, p])
     with pytest.raises(ValueError, match="no heads axis"):
         sa.sparse_attention(q[0, 0], k[0, 0], v[0, 0], [p, p])
+    with pytest.raises(ValueError, match=r"k and v must have the same number of heads .* k has shape \(2, 2, 10, 4\)"):
+        sa.sparse_attention(q, k[:, :2], v, p)  # 2 heads: a grouped-query k, but v has 3
     with pytest.raises(ValueError, match="must broadcast"):
-        sa.sparse_attention(q, k[:, :2], v, p)
+        sa.sparse_attention(q, np.zeros((3, 3, 10, 4)), np.zeros((3, 3, 10, 4)), p)  # batch 3 against 2
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         sa.sparse_attention(q[0, 0, 0], k, v, p)
     with pytest.raises(ValueError, match=r"pattern\[1\] has shape"):

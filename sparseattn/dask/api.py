@@ -31,7 +31,10 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         of the same length (else one chunk); at least one must be a Dask
         array.  The head dimension is rechunked to one chunk; ``v`` is
         rechunked to ``k``'s sequence chunks when they differ, and ``k`` and
-        ``v`` to ``q``'s chunks on the leading axes.
+        ``v`` to ``q``'s chunks on the leading axes.  Grouped-query heads
+        (``k``, ``v`` with ``1 < h_kv < h_q`` heads) are not yet supported on
+        Dask: a ``ValueError`` names the shapes (repeat ``k`` and ``v`` along
+        axis -3, or use the local engine).
     pattern : Pattern, scipy sparse matrix/array, 2-D bool ndarray, or a sequence of them
         As for :func:`sparseattn.sparse_attention` (a sequence: one per head,
         axis -3).

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from ..engine.validate import check_scale, check_shapes_and_patterns
+from ..engine.validate import check_scale, check_shapes_and_patterns, kv_groups
 from .shards import ContiguousShards
 
 
@@ -75,6 +75,13 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
     q = _wrap(q, qd if qd is not None else k, da)
     # the same shape and pattern rules as the local engine
     lead, n_q, d, n_k, dv, patterns, per_head = check_shapes_and_patterns(q, k, v, pattern)
+    if kv_groups(q, k, v) > 1:
+        raise ValueError(
+            f"grouped-query attention is not yet supported on Dask: q has shape {q.shape} ({q.shape[-3]} heads) but "
+            f"k and v have {k.shape} and {v.shape} ({k.shape[-3]} heads); pass k and v with 1 or {q.shape[-3]} "
+            f"heads here (e.g. repeated with da.repeat(k, {q.shape[-3] // k.shape[-3]}, axis=-3)), or use the "
+            f"local engine, sparseattn.sparse_attention, which reads grouped heads without copies"
+        )
     scale = check_scale(scale, d)
     out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
 

@@ -26,7 +26,16 @@ def sparse_attention(
     k : ndarray, shape (..., n_k, d)
     v : ndarray, shape (..., n_k, d_v)
         Floating-point arrays; leading dimensions broadcast as in NumPy, and
-        the last leading axis (axis -3) is the heads axis.
+        the last leading axis (axis -3) is the heads axis.  Grouped-query
+        attention (GQA): ``k`` and ``v`` may have ``h_kv`` heads where ``q``
+        has ``h_q = g * h_kv``; query head ``h`` then uses key/value head
+        ``h // g`` (the order of transformers' ``repeat_kv`` and
+        FlashAttention), ``h_kv = 1`` being multi-query attention.  ``k`` and
+        ``v`` are read in place, never copied per query head, and
+        :func:`sparseattn.sparse_attention_backward` returns their gradients
+        in their own shapes, summed over each group.  ``k`` and ``v`` then
+        have the same heads, ``h_kv`` dividing ``h_q`` (else a ``ValueError``
+        names the shapes); per-head patterns are one per query head.
     pattern : Pattern, scipy sparse matrix/array, 2-D bool ndarray, or a sequence of them
         The allowed pairs, shape ``(n_q, n_k)``; a sequence gives one pattern per head.
     scale : float, optional
@@ -95,6 +104,20 @@ def sparse_attention(
     >>> from sparseattn.reference import dense_attention
     >>> bool(np.allclose(out, dense_attention(q, k, v, pattern), atol=1e-5))
     True
+
+    Grouped-query heads: 4 query heads share 2 key/value heads (heads 0, 1
+    read kv head 0; heads 2, 3 read kv head 1):
+
+    >>> q = rng.standard_normal((1, 4, 8, 16))
+    >>> k, v = rng.standard_normal((2, 1, 2, 8, 16))
+    >>> out, lse = sa.sparse_attention(q, k, v, pattern, return_lse=True)
+    >>> out.shape
+    (1, 4, 8, 16)
+    >>> bool(np.allclose(out, sa.sparse_attention(q, k.repeat(2, axis=-3), v.repeat(2, axis=-3), pattern)))
+    True
+    >>> dq, dk, dv = sa.sparse_attention_backward(np.ones_like(out), q, k, v, pattern, out, lse)
+    >>> dk.shape, dv.shape  # k's and v's own shapes, summed over each pair of query heads
+    ((1, 2, 8, 16), (1, 2, 8, 16))
     """
     check_path(path, return_weights)
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite)

@@ -78,7 +78,10 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     dq, dk, dv : ndarray
         Each with the shape and dtype of its input; an input that was
         broadcast (e.g. ``k`` of shape ``(b, 1, n, d)`` shared by the heads)
-        gets its gradient summed over the broadcast axes.  Rows with no
+        gets its gradient summed over the broadcast axes, and grouped-query
+        ``k`` and ``v`` (``h_kv`` heads for ``h_q = g * h_kv`` query heads)
+        get theirs summed over each group of ``g`` query heads, without a
+        copy of ``k`` or ``v`` per query head.  Rows with no
         allowed key contribute nothing; keys no row sees get zero gradient.
 
     Notes
@@ -131,5 +134,8 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
                 f"check_finite=True refuses NaN and +inf in lse (-inf marks a row without keys)"
             )
     dq, dk, dvv = paths.backward(prep, go, o, ls, path)
-    arrays = [np.asarray(x) for x in (q, k, v)]
-    return tuple(_unbroadcast(g, prep.lead, x) for g, x in zip((dq, dk, dvv), arrays))
+    # dk and dv come one row block per stored slice of k and v (already summed over the heads and batch
+    # rows that share one): k's and v's own shapes
+    k, v = np.asarray(k), np.asarray(v)
+    return (_unbroadcast(dq, prep.lead, np.asarray(q)), dk.reshape(k.shape).astype(k.dtype, copy=False),
+            dvv.reshape(v.shape).astype(v.dtype, copy=False))  # fmt: skip

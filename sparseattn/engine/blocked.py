@@ -218,37 +218,60 @@ def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, 
         lse[where] = np.where(has, m + np.log(safe), dt.type(-np.inf))
 
 
-def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
+def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None,
+                     maps=None):  # fmt: skip
     """Gradients on NumPy/BLAS, from the forward's ``lse``: the fused backward's recipe over the same blocks.
 
-    ``q``, ``k``, ``v``, ``go`` (grad of the output), ``o`` and ``ls`` hold
-    one row block per slice: shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv),
-    (S, n_q, dv), (S, n_q, dv), (S, n_q).  Returns ``dq``, ``dk``, ``dv`` of
-    q's, k's and v's shapes; the rows of skipped slices are left zero for the
-    caller to fill.  Per block, with ``P = exp(scale Q K^T - lse)`` on the
-    allowed pairs: ``dV += P^T dO``, ``dS = P (dO V^T - D)`` with ``D =
-    rowsum(dO o)``, ``dQ = scale dS K``, ``dK += scale dS^T Q``.
+    ``q``, ``k``, ``v`` hold the distinct slices and ``maps = (qmap, kmap,
+    vmap)`` says which one slice ``s`` reads (identity when None); ``go``
+    (grad of the output), ``o`` and ``ls`` hold one row block per slice:
+    shapes (S, n_q, dv), (S, n_q, dv), (S, n_q).  Returns ``dq`` (S, n_q, d),
+    one row block per slice, and ``dk``, ``dv`` of k's and v's shapes: the
+    slices that share a stored slice (broadcast or grouped-query heads) add
+    into it, summed over the block's slices before the scatter.  The rows of
+    skipped slices are left zero for the caller to fill.  Per block, with
+    ``P = exp(scale Q K^T - lse)`` on the allowed pairs: ``dV += P^T dO``,
+    ``dS = P (dO V^T - D)`` with ``D = rowsum(dO o)``, ``dQ = scale dS K``,
+    ``dK += scale dS^T Q``.
     """
     from .threads import numpy_blas_single_thread
 
+    if maps is None:
+        maps = (np.arange(len(slice_pattern)),) * 3
     with numpy_blas_single_thread():
-        return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip)
+        return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps)
 
 
-def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip):
-    dt = q.dtype
+def _add_into(dst, m, cols, c):
+    """``dst[m[g], cols] += c[g]`` for every ``g``: slices that share a stored slice are summed first.
+
+    (A fancy-indexed ``+=`` with a repeated ``m[g]`` would keep only one of them.)
+    """
+    u, inv = np.unique(m, return_inverse=True)
+    if len(u) < len(m):
+        order = np.argsort(inv, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
+        c, m = np.add.reduceat(c[order], starts, axis=0), u
+    dst[m[:, None], cols[None, :]] += c
+
+
+def _blocked_backward(qc, kc, vc, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps):
+    qmap, kmap, vmap = maps
+    dt = qc.dtype
     sc = dt.type(scale)
-    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dq = np.zeros((len(slice_pattern),) + qc.shape[1:], dtype=dt)
+    dk, dv = np.zeros_like(kc), np.zeros_like(vc)
     D = np.einsum("snd,snd->sn", go, o)
     for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         if kind == "long":
-            _long_rows_backward(q, k, v, go, ls, D, sl, *work, sc, dq, dk, dv)
+            _long_rows_backward(qc, kc, vc, maps, go, ls, D, sl, *work, sc, dq, dk, dv)
             continue
         blk, union, mask = work
         if len(union) == 0:
             continue
-        rows, keys = (sl[:, None], blk[None, :]), (sl[:, None], union[None, :])
-        qb, kb, vb, gb = q[rows], k[keys], v[keys], go[rows]
+        rows = (sl[:, None], blk[None, :])
+        qb, gb = qc[qmap[sl][:, None], blk[None, :]], go[rows]
+        kb, vb = kc[kmap[sl][:, None], union[None, :]], vc[vmap[sl][:, None], union[None, :]]
         with np.errstate(over="ignore", invalid="ignore"):
             s = np.matmul(qb, kb.transpose(0, 2, 1))
             s *= sc
@@ -257,27 +280,28 @@ def _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_va
         ds -= D[rows][..., None]
         ds *= p
         dq[rows] = np.matmul(ds, kb) * sc
-        dk[keys] += np.matmul(ds.transpose(0, 2, 1), qb) * sc
-        dv[keys] += np.matmul(p.transpose(0, 2, 1), gb)
+        _add_into(dk, kmap[sl], union, np.matmul(ds.transpose(0, 2, 1), qb) * sc)
+        _add_into(dv, vmap[sl], union, np.matmul(p.transpose(0, 2, 1), gb))
     return dq, dk, dv
 
 
-def _long_rows_backward(q, k, v, go, ls, D, group, rows, union, mask, sc, dq, dk, dv):
+def _long_rows_backward(qc, kc, vc, maps, go, ls, D, group, rows, union, mask, sc, dq, dk, dv):
     """The gradient contributions of long ``rows`` in every slice of ``group``, over key chunks of ``union``."""
-    dt = q.dtype
+    qmap, kmap, vmap = maps
+    dt = qc.dtype
     G, L = len(group), len(rows)
     where = (group[:, None], rows[None, :])
-    qi, gi, li, di = q[where], go[where], ls[where][..., None], D[where][..., None]  # (G, L, d) ... (G, L, 1)
-    acc = np.zeros((G, L, q.shape[2]), dtype=dt)
-    step = max(1024, _GRID // (G * max(L, q.shape[2], v.shape[2], 1)))
+    qi = qc[qmap[group][:, None], rows[None, :]]
+    gi, li, di = go[where], ls[where][..., None], D[where][..., None]  # (G, L, dv), (G, L, 1), (G, L, 1)
+    acc = np.zeros((G, L, qc.shape[2]), dtype=dt)
+    step = max(1024, _GRID // (G * max(L, qc.shape[2], vc.shape[2], 1)))
     for c0 in range(0, len(union), step):
         cc, mk = union[c0 : c0 + step], mask[None, :, c0 : c0 + step]
-        keys = (group[:, None], cc[None, :])
-        kc, vc = k[keys], v[keys]
+        kb, vb = kc[kmap[group][:, None], cc[None, :]], vc[vmap[group][:, None], cc[None, :]]
         with np.errstate(over="ignore", invalid="ignore"):
-            p = np.where(mk, np.exp(np.matmul(qi, kc.transpose(0, 2, 1)) * sc - li), dt.type(0))  # (G, L, C)
-        ds = p * (np.matmul(gi, vc.transpose(0, 2, 1)) - di)
-        acc += np.matmul(ds, kc)
-        dk[keys] += np.matmul(ds.transpose(0, 2, 1), qi) * sc
-        dv[keys] += np.matmul(p.transpose(0, 2, 1), gi)
+            p = np.where(mk, np.exp(np.matmul(qi, kb.transpose(0, 2, 1)) * sc - li), dt.type(0))  # (G, L, C)
+        ds = p * (np.matmul(gi, vb.transpose(0, 2, 1)) - di)
+        acc += np.matmul(ds, kb)
+        _add_into(dk, kmap[group], cc, np.matmul(ds.transpose(0, 2, 1), qi) * sc)
+        _add_into(dv, vmap[group], cc, np.matmul(p.transpose(0, 2, 1), gi))
     dq[where] = acc * sc

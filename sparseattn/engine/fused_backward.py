@@ -9,16 +9,25 @@ Race-free ``dK`` / ``dV``.  A query tile's rows are its own, so ``dQ`` is
 written directly; but many query tiles touch the same key, so their ``dK`` /
 ``dV`` contributions would collide.  Each work range is a run of tiles of one
 slice (ranges are cut at slice boundaries); the thread that runs it adds its
-contributions into private buffers of ``n_k`` rows and then, under that
-slice's lock, adds only the rows it touched (the span interval plus the
-scattered columns it recorded) to the slice's gradients and clears them.
+contributions into private buffers of ``n_k`` rows and then, under the lock
+of the stored ``k`` slice the slice reads (and that of its stored ``v``
+slice), adds only the rows it touched (the span interval plus the scattered
+columns it recorded) to that stored slice's gradients and clears them.  So
+query heads sharing a key/value head (grouped-query attention, or ``k``
+broadcast over the heads or the batch) accumulate into one gradient of
+``k``'s own shape, and ``k`` and ``v`` are read through the slice maps,
+never copied per head.
 A band's range of ``R`` rows touches about ``R + 2r`` keys, so the flush costs
 a small fraction of the range's work; extra memory is two ``n_k x d`` buffers
 per thread.  (The alternative, a second pass over key tiles of the transposed
 plan, recomputes ``S`` and ``dP``: seven products instead of five.)
 
 Long (global) rows run afterwards, one thread per slice range, adding their
-contributions to the slice's gradients directly.
+contributions to the stored slices' gradients directly.  Ranges are cut
+between groups of slices that share no stored ``k`` or ``v`` slice (with
+grouped-query heads: a key/value head and its query heads), so two threads
+never add into one stored slice; without sharing every slice is its own
+group, as before.
 """
 
 from __future__ import annotations
@@ -53,14 +62,45 @@ def _thread_buffers(n_k, d, dv, dtype, chunk, simd):
     return dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v
 
 
+def _disjoint_groups(slices, kmap, vmap):
+    """``slices`` reordered so that slices sharing a stored k or v slice are adjacent, and where groups start.
+
+    A group is a connected set of slices through shared stored slices (labels
+    propagated to their fixed point: the smallest stored-k index in the set).
+    """
+    km, vm = kmap[slices], vmap[slices]
+    lab = km.copy()
+    while True:
+        low_v = np.full(int(vm.max()) + 1, np.iinfo(np.int64).max)
+        np.minimum.at(low_v, vm, lab)
+        low_k = np.full(int(km.max()) + 1, np.iinfo(np.int64).max)
+        np.minimum.at(low_k, km, low_v[vm])
+        new = low_k[km]
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    order = np.argsort(lab, kind="stable")
+    lab = lab[order]
+    return slices[order], np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+
+
+def _long_ranges(starts, ns, n_ranges):
+    """About ``n_ranges`` cuts of ``[0, ns)`` at group starts (each group whole in one range)."""
+    want = [i * ns // n_ranges for i in range(1, n_ranges)]
+    cuts = np.unique(starts[np.clip(np.searchsorted(starts, want), 0, len(starts) - 1)])
+    return sorted(set([0, ns] + [int(c) for c in cuts if 0 < c < ns]))
+
+
 def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_valid, slice_batch, *,
-                   parallel=None, skip=None):  # fmt: skip
+                   parallel=None, skip=None, maps=None):  # fmt: skip
     """Gradients ``(dq, dk, dv)`` of the fused forward over flattened slices.
 
     Parameters
     ----------
-    q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, parallel
-        As for :func:`sparseattn.engine.fused_forward.fused_attention` (C-contiguous, one float dtype).
+    q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, parallel, maps
+        As for :func:`sparseattn.engine.fused_forward.fused_attention` (C-contiguous, one float dtype):
+        ``q``, ``k``, ``v`` hold the stored slices, ``maps = (qmap, kmap, vmap)``
+        which one slice ``s`` reads (identity when None).
     dout, out : ndarray, shape (S, n_q, dv)
         Gradient of the loss with respect to the output, and the output.
     lse : ndarray, shape (S, n_q)
@@ -72,19 +112,24 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
 
     Returns
     -------
-    dq, dk, dv : ndarray, shapes of q, k, v, dtype of q
+    dq : ndarray, shape (S, n_q, d), one row block per slice
+    dk, dv : ndarray, shapes of k and v: the gradient of each stored slice, summed over the slices reading it
     """
     from numba import get_num_threads
 
     from ..kernels.backward import flush_keys, long_rows_backward, tiles_backward
     from ..kernels.simd import block_width
 
-    S, n_q, d = q.shape
+    S = len(slice_pattern)
+    _, n_q, d = q.shape
     n_k = k.shape[1]
     dv = v.shape[2]
     dt = q.dtype
+    if maps is None:
+        maps = (np.arange(S, dtype=np.int64),) * 3
+    qmap, kmap, vmap = (np.ascontiguousarray(m, dtype=np.int64) for m in maps)
     # every row of a computed slice is written: by its tile, long rows again by the long-row pass
-    dq = np.empty_like(q) if skip is None else np.zeros_like(q)
+    dq = (np.empty if skip is None else np.zeros)((S, n_q, d), dtype=dt)
     dk = np.zeros_like(k)
     dvv = np.zeros_like(v)
     if S == 0 or n_q == 0 or n_k == 0:
@@ -97,6 +142,8 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     n_threads = 1 if parallel is False else get_num_threads()
     simd_ok = d % block_width(dt) == 0 and dv % block_width(dt) == 0
+    k_locks = [threading.Lock() for _ in range(len(k))]
+    v_locks = [threading.Lock() for _ in range(len(v))]
     with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
             mine = slice_pattern == p_idx
@@ -112,8 +159,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             bounds = _split_items(plan, ns, _WORK_SPLIT * n_threads if par else 1)
             # ranges never cross a slice: a thread's key buffers hold one slice at a time
             bounds = np.union1d(bounds, np.arange(0, ns * n_tiles + 1, max(1, n_tiles))).astype(np.int64)
-            locks = [threading.Lock() for _ in range(ns)]
-            const = (q, k, v, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
+            const = (q, k, v, qmap, kmap, vmap, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                      plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
                      plan.rs_cols, sc, kv, sb, use_valid)  # fmt: skip
 
@@ -121,10 +167,10 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                 if b1 <= b0:
                     return
                 tiles_backward(*const, b0, b1, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v)
-                si = b0 // n_tiles
-                s = slices[si]
-                with locks[si]:
-                    flush_keys(dk[s], dvv[s], dkb, dvb, lohi, mark, cols)
+                s = slices[b0 // n_tiles]
+                sk, sv = kmap[s], vmap[s]
+                with k_locks[sk], v_locks[sv]:  # always k's lock first: no deadlock
+                    flush_keys(dk[sk], dvv[sv], dkb, dvb, lohi, mark, cols)
 
             if n_tiles:
                 run_ranges(
@@ -132,13 +178,14 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                     per_thread=lambda: _thread_buffers(n_k, d, dv, dt, plan.chunk, simd_ok),
                 )  # fmt: skip
             if len(plan.it_grp):
-                n_ranges = min(ns, n_threads) if par else 1
+                lslices, starts = _disjoint_groups(slices, kmap, vmap) if par else (slices, np.zeros(1, np.int64))
+                n_ranges = min(len(starts), n_threads) if par else 1
                 run_ranges(
                     long_rows_backward,
-                    (q, k, v, dout, out, lse, slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr,
+                    (q, k, v, qmap, kmap, vmap, dout, out, lse, lslices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr,
                      plan.it_a, plan.it_b, sc, kv, sb, use_valid, dq, dk, dvv),
                     (),
-                    [i * ns // n_ranges for i in range(n_ranges + 1)],
+                    _long_ranges(starts, ns, n_ranges),
                     n_threads if par else 1,
                 )  # fmt: skip
     return dq, dk, dvv

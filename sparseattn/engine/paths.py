@@ -8,7 +8,12 @@ option: scale, key padding, per-head patterns, the broadcast maps):
     ``(out (S, n_q, d_v), lse (S, n_q))`` for every slice not flagged in
     ``skip`` (a bool array over slices, or None).
 ``backward(prep, go, o, ls, skip)``
-    ``(dq, dk, dv)``, one row block per slice, for every slice not in ``skip``.
+    ``(dq, dk, dv)`` from every slice not in ``skip``: ``dq`` one row block
+    per slice, ``dk`` and ``dv`` one per *stored* slice of ``k`` and ``v``
+    (the shapes of ``prep.kc`` and ``prep.vc``): the slices that read one
+    stored slice (through ``prep.kmap``, ``prep.vmap``: heads sharing a
+    broadcast or grouped-query key/value head, batch rows sharing ``k``) add
+    into its gradient.  No path copies ``k`` or ``v`` per slice.
 
 and says what it cannot do (:meth:`ExecutionPath.not_supported_reason`).
 The dispatcher (:func:`forward`, :func:`backward`) resolves ``path="auto"``
@@ -78,8 +83,9 @@ class Fused(ExecutionPath):
     def backward(self, prep, go, o, ls, skip):
         from .fused_backward import fused_backward
 
-        return fused_backward(prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
-                              prep.key_valid, prep.slice_batch, skip=skip)  # fmt: skip
+        return fused_backward(prep.qc, prep.kc, prep.vc, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
+                              prep.key_valid, prep.slice_batch, skip=skip,
+                              maps=(prep.qmap, prep.kmap, prep.vmap))  # fmt: skip
 
 
 class Blocked(ExecutionPath):
@@ -99,8 +105,9 @@ class Blocked(ExecutionPath):
     def backward(self, prep, go, o, ls, skip):
         from .blocked import blocked_backward
 
-        return blocked_backward(prep.q, prep.k, prep.v, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
-                                prep.key_valid, prep.slice_batch, skip=skip)  # fmt: skip
+        return blocked_backward(prep.qc, prep.kc, prep.vc, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
+                                prep.key_valid, prep.slice_batch, skip=skip,
+                                maps=(prep.qmap, prep.kmap, prep.vmap))  # fmt: skip
 
 
 class Staged(ExecutionPath):
@@ -223,7 +230,7 @@ def _bad_lse(ls):
 
 
 def backward(prep, go, o, ls, path="auto"):
-    """``(dq, dk, dv)`` of a prepared call, one row block per slice (not yet summed over broadcast axes).
+    """``(dq, dk, dv)`` of a prepared call: ``dq`` per slice (not yet summed over broadcast axes), ``dk``, ``dv`` per stored slice.
 
     ``go``, ``o``, ``ls`` are the flattened ``grad_out``, ``out`` and ``lse``.
     Slices with a NaN or an infinity in any input (``lse``: NaN or ``+inf``)
@@ -240,5 +247,7 @@ def backward(prep, go, o, ls, path="auto"):
     dq, dk, dv = run.backward(prep, go, o, ls, skip)
     if skip is not None:
         slices = np.flatnonzero(bad)
-        dq[slices], dk[slices], dv[slices] = staged_backward(prep, go, o, ls, slices)
+        dq[slices], dk_bad, dv_bad = staged_backward(prep, go, o, ls, slices)
+        dk += dk_bad  # the flagged slices' share of the stored slices they read
+        dv += dv_bad
     return dq, dk, dv

@@ -78,16 +78,12 @@ def _check_staged_memory(prep, slice_pattern, return_weights):
     """The staged path stores one score per nonzero and slice: refuse up front if that cannot fit."""
     nnz = np.array([p.nnz for p in prep.patterns], dtype=np.int64)
     total = int(nnz[slice_pattern].sum())
-    S = len(slice_pattern)
-    copies = sum(S * x[0].nbytes for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap))
-                 if len(x) and len(x) != len(mp))  # fmt: skip
     idx = 4 if int(nnz.sum()) < 2**31 - 1 else 8
     why = "return_weights=True" if return_weights else "path='staged' or non-finite inputs"
     check(
         {
             f"per-nonzero scores of the staged path ({why}): {total} values": total * prep.qc.dtype.itemsize,
             "the patterns' CSR": int(nnz.sum()) * idx * 2 + len(prep.patterns) * (prep.n_q + 1) * idx * 2,
-            "broadcast inputs repeated per slice": copies,
         },
         "sparse_attention",
         ADVICE,
@@ -102,11 +98,11 @@ def staged_forward(prep, return_weights, slices=None):
     slice_pattern, slice_batch = prep.slice_pattern[sl], prep.slice_batch
     slice_batch = slice_batch[sl] if slice_batch is not None else None
     _check_staged_memory(prep, slice_pattern, return_weights)
-    # one row block per slice: the staged kernels index q[s]; a broadcast input is repeated here
-    q, k, v = (x if x.shape[0] == len(sl) and np.array_equal(mp[sl], sl) else x[mp[sl]]
-               for x, mp in ((prep.qc, prep.qmap), (prep.kc, prep.kmap), (prep.vc, prep.vmap)))  # fmt: skip
+    # the kernels read the stored slices through the maps: a broadcast or grouped-query input is not repeated
+    q, k, v = prep.qc, prep.kc, prep.vc
+    qmap, kmap, vmap = (np.ascontiguousarray(mp[sl]) for mp in (prep.qmap, prep.kmap, prep.vmap))
     ptr, ind, nnz = _concat_patterns(prep.patterns)
-    S = q.shape[0]
+    S = len(sl)
     slice_nnz = nnz[slice_pattern]
     slice_off = np.concatenate(([0], np.cumsum(slice_nnz)))
     dt = q.dtype
@@ -115,11 +111,11 @@ def staged_forward(prep, return_weights, slices=None):
     key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
     slice_batch = slice_batch if use_valid else np.zeros(S, dtype=np.int64)
     scale = dt.type(prep.scale)
-    sddmm(q, k, ptr, ind, slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
+    sddmm(q, k, qmap, kmap, ptr, ind, slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
     lse = np.empty((S, prep.n_q), dtype=dt)
     csr_softmax(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, prep.n_q, lse)
     out = np.zeros((S, prep.n_q, v.shape[-1]), dtype=dt)
-    spmm(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, v, out)
+    spmm(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, v, vmap, out)
     weights = None
     if return_weights:
         weights = AttentionWeights(
@@ -146,7 +142,7 @@ def _check_backward_memory(prep, slice_pattern):
     check(
         {
             f"per-nonzero probabilities and score gradients of the staged backward: 2 x {total} values": (
-                2 * total * prep.q.dtype.itemsize
+                2 * total * prep.qc.dtype.itemsize
             ),
             "the patterns' CSR and its transpose": int(nnz.sum()) * 8 * 4 + len(prep.patterns) * (prep.n_q + prep.n_k + 2) * 8,
         },
@@ -155,28 +151,41 @@ def _check_backward_memory(prep, slice_pattern):
     )
 
 
+def _readers(mp, n):
+    """The slices reading each of ``n`` stored slices: ``(ptr, slices)``, ``slices[ptr[t]:ptr[t + 1]]`` read ``t``."""
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(mp, minlength=n), out=ptr[1:])
+    return ptr, np.argsort(mp, kind="stable").astype(np.int64)
+
+
 def staged_backward(prep, go, o, ls, slices=None):
-    """The staged backward over all slices, or over ``slices`` (an int64 index array) only."""
+    """The staged backward over all slices, or over ``slices`` (an int64 index array) only.
+
+    Returns ``dq`` (one row block per slice computed) and ``dk``, ``dv`` of
+    ``prep.kc``'s and ``prep.vc``'s shapes: the computed slices' share of
+    each stored slice's gradient (grouped-query and broadcast heads summed).
+    """
     from ..kernels.staged_backward import cols_backward, rows_backward
 
-    q, k, v, slice_pattern, slice_batch = prep.q, prep.k, prep.v, prep.slice_pattern, prep.slice_batch
+    sl = np.arange(len(prep.slice_pattern)) if slices is None else slices
+    slice_pattern, slice_batch = prep.slice_pattern[sl], prep.slice_batch
+    slice_batch = slice_batch[sl] if slice_batch is not None else None
     if slices is not None:
-        q, k, v, go, o, ls = (x[slices] for x in (q, k, v, go, o, ls))
-        slice_pattern = slice_pattern[slices]
-        slice_batch = slice_batch[slices] if slice_batch is not None else None
+        go, o, ls = (x[slices] for x in (go, o, ls))
+    qmap, kmap, vmap = (np.ascontiguousarray(mp[sl]) for mp in (prep.qmap, prep.kmap, prep.vmap))
     _check_backward_memory(prep, slice_pattern)
     ptr, ind, nnz = _concat_patterns(prep.patterns)
-    S = q.shape[0]
+    S = len(sl)
     slice_off = np.concatenate(([0], np.cumsum(nnz[slice_pattern])))
-    dt = q.dtype
+    dt = prep.qc.dtype
     use_valid = prep.key_valid is not None
     key_valid = prep.key_valid if use_valid else np.ones((1, 1), dtype=bool)
     slice_batch = slice_batch if use_valid else np.zeros(S, dtype=np.int64)
     pvals = np.empty(int(slice_off[-1]), dtype=dt)
     dsvals = np.empty_like(pvals)
-    dq = np.empty_like(q)
+    dq = np.empty((S,) + prep.qc.shape[1:], dtype=dt)
     sc = dt.type(prep.scale)
-    rows_backward(q, k, v, go, o, ls, ptr, ind, slice_pattern, slice_off, sc,
+    rows_backward(prep.qc, prep.kc, prep.vc, qmap, kmap, vmap, go, o, ls, ptr, ind, slice_pattern, slice_off, sc,
                   key_valid, slice_batch, use_valid, pvals, dsvals, dq)  # fmt: skip
     trans = [_transposed(p.csr) for p in prep.patterns]
     tptr = np.stack([t[0] for t in trans])
@@ -184,8 +193,10 @@ def staged_backward(prep, go, o, ls, slices=None):
     trow = np.concatenate([t[1] for t in trans])
     tpos = np.concatenate([t[2] + offs[i] for i, t in enumerate(trans)])
     tptr = tptr + np.concatenate(([0], np.cumsum([len(t[1]) for t in trans])))[:-1, None]
-    dk = np.empty_like(k)
-    dvv = np.empty_like(v)
-    cols_backward(q, go, tptr, trow, tpos, slice_pattern, slice_off, ptr.astype(np.int64), sc,
-                  key_valid, slice_batch, use_valid, pvals, dsvals, dk, dvv)  # fmt: skip
+    common = (tptr, trow, tpos, slice_pattern, slice_off, ptr.astype(np.int64))
+    dk = np.empty_like(prep.kc)
+    dvv = np.empty_like(prep.vc)
+    cols_backward(prep.qc, qmap, dsvals, *_readers(kmap, len(dk)), *common, sc, key_valid, slice_batch, use_valid, dk)
+    cols_backward(go, np.arange(S, dtype=np.int64), pvals, *_readers(vmap, len(dvv)), *common, dt.type(1),
+                  key_valid, slice_batch, use_valid, dvv)  # fmt: skip
     return dq, dk, dvv

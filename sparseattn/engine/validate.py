@@ -155,9 +155,8 @@ ADVICE = (
 
 
 def _own_lead(x, lead):
-    """``x``'s leading shape aligned to ``lead`` (1 on the axes it is broadcast along)."""
-    own = (1,) * (len(lead) - (x.ndim - 2)) + x.shape[:-2]
-    return tuple(1 if o == 1 else L for o, L in zip(own, lead))
+    """``x``'s leading shape aligned to ``lead`` (1 on the axes it is broadcast along; ``h_kv`` on a grouped heads axis)."""
+    return (1,) * (len(lead) - (x.ndim - 2)) + tuple(x.shape[:-2])
 
 
 def _copy_bytes(name, x, own, compute):
@@ -173,6 +172,37 @@ def _copy_bytes(name, x, own, compute):
     return (f"{name} {', '.join(why)}", size) if why else (name, 0)
 
 
+def _heads(x):
+    return x.shape[-3] if len(x.shape) >= 3 else 1
+
+
+def kv_groups(q, k, v):
+    """``g``, the query heads per key/value head (grouped-query attention), for any arrays with ``.shape``.
+
+    ``k`` and ``v`` with ``h_kv`` heads (axis -3) and ``q`` with ``h_q = g * h_kv``
+    heads, ``1 < h_kv < h_q``: query head ``h`` reads key/value head
+    ``h // g``.  ``g = 1`` otherwise (equal heads, or a heads axis of 1 that
+    broadcasts).  A ``ValueError`` names the arguments when ``h_q`` is not a
+    multiple of ``h_kv`` or when ``k`` and ``v`` disagree.
+    """
+    h_q, h_k, h_v = _heads(q), _heads(k), _heads(v)
+    if h_q == 1 or (h_k in (1, h_q) and h_v in (1, h_q)):
+        return 1
+    if h_k != h_v:
+        raise ValueError(
+            f"k and v must have the same number of heads (axis -3) for grouped-query attention: k has shape "
+            f"{tuple(k.shape)} ({h_k} heads) but v has {tuple(v.shape)} ({h_v} heads); q has {h_q} heads, "
+            f"expected k and v with h_kv heads where h_kv divides {h_q}"
+        )
+    if h_q % h_k:
+        raise ValueError(
+            f"q has {h_q} heads (axis -3, shape {tuple(q.shape)}), which is not a multiple of the {h_k} heads of "
+            f"k and v (shapes {tuple(k.shape)}, {tuple(v.shape)}): grouped-query attention needs h_q = g * h_kv "
+            f"(or k and v with 1 or {h_q} heads)"
+        )
+    return h_q // h_k
+
+
 def check_shapes_and_patterns(q, k, v, pattern):
     """The shape rules of an attention call and its pattern(s), for any arrays with ``.shape`` (NumPy or Dask).
 
@@ -180,6 +210,7 @@ def check_shapes_and_patterns(q, k, v, pattern):
     leading shape (its heads axis set to the number of per-head patterns) and
     the patterns, each checked against ``(n_q, n_k)``.
     """
+    g = kv_groups(q, k, v)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must share the head dimension d (last axis): q has shape {q.shape} but k has {k.shape}"
@@ -188,8 +219,10 @@ def check_shapes_and_patterns(q, k, v, pattern):
         raise ValueError(
             f"k and v must have the same number of keys n_k (axis -2): k has shape {k.shape} but v has {v.shape}"
         )
+    # grouped heads: k and v take part in the broadcast as if they had q's heads
+    kv_lead = [x.shape[:-2] if g == 1 else x.shape[:-3] + (q.shape[-3],) for x in (k, v)]
     try:
-        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        lead = np.broadcast_shapes(q.shape[:-2], *kv_lead)
     except ValueError:
         raise ValueError(
             f"the leading (batch, head) dimensions of q, k and v must broadcast: "
@@ -307,7 +340,10 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
         """x's distinct slices, stored once, and the slice -> stored slice map (broadcast axes are not repeated)."""
         n_own = int(np.prod(own, dtype=np.int64))
         xs = np.reshape(x, (n_own,) + x.shape[-2:]) if x.ndim > 2 or n_own != 1 else x[None]
-        mp = np.broadcast_to(np.arange(n_own, dtype=np.int64).reshape(own), lead).reshape(S)
+        mp = np.arange(n_own, dtype=np.int64).reshape(own)
+        if own and own[-1] not in (1, lead[-1]):  # grouped heads: query head h reads stored head h // g
+            mp = np.repeat(mp, lead[-1] // own[-1], axis=-1)
+        mp = np.broadcast_to(mp, lead).reshape(S)
         return np.ascontiguousarray(xs, dtype=compute), np.ascontiguousarray(mp)
 
     (qc, qmap), (kc, kmap), (vc, vmap) = (compact(x, own) for x, own in zip((q, k, v), owns))

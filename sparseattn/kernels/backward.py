@@ -15,7 +15,7 @@ nnz-sized array.
     private key buffers (``dkb``, ``dvb``), and the keys touched are recorded
     (one interval for the spans, a list for scattered columns) so that
     :func:`flush_keys` adds exactly those rows to the shared gradients under
-    the slice's lock.  Spans run on the micro-kernels of
+    the stored key/value slice's lock.  Spans run on the micro-kernels of
     :mod:`sparseattn.kernels.simd` (``qk_block`` for S and dP from packed
     K^T and V^T panels, ``pv_block`` for dS K, ``tn_block`` for the two
     transposed products) when ``d`` and ``d_v`` are multiples of 2L, else on
@@ -23,7 +23,8 @@ nnz-sized array.
 ``long_rows_backward``
     The long (global) rows of a range of slices, after the tile pass: their
     chunks are BLAS products, their ``dK`` / ``dV`` go straight into the
-    slice's gradients (one thread per slice).
+    stored key/value slice's gradients (concurrent ranges hold disjoint
+    stored slices).
 """
 
 from __future__ import annotations
@@ -188,12 +189,15 @@ def _span_grad_simd(
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
-    q, k, v, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
+    q, k, v, qmap, kmap, vmap, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
     """Backward over the tile items ``[it_begin, it_end)``, all of one slice (``it = si * n_tiles + t``).
 
+    Slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]``, ``v[vmap[s]]`` (stored
+    once, shared by broadcast or grouped-query heads); ``dout``, ``out``,
+    ``lse`` and ``dq`` have one row block per slice.
     Writes ``dq`` rows of those tiles (long rows get zero here); adds
     ``dK`` / ``dV`` contributions into ``dkb`` / ``dvb`` (``n_k + KEY_PAD``
     rows) and records the keys touched: ``[lohi[0], lohi[1])`` and the
@@ -228,6 +232,7 @@ def tiles_backward(
     ghi = np.empty(Tp // 6, dtype=np.int64)
     si = it_begin // n_tiles
     s = slices[si]
+    sq, sk, sv = qmap[s], kmap[s], vmap[s]
     kb = slice_batch[s]
     kvrow = key_valid[kb] if use_valid else key_valid[0, :0]
     for it in range(it_begin, it_end):
@@ -244,7 +249,7 @@ def tiles_backward(
                 dd += dout[s, t0 + r, c] * out[s, t0 + r, c]
             dsum_t[r] = dd  # D = rowsum(dO * O)
             for c in range(d):
-                qbuf[r * d + c] = q[s, t0 + r, c] * scale
+                qbuf[r * d + c] = q[sq, t0 + r, c] * scale
             for c in range(dv):
                 dobuf[r * dv + c] = dout[s, t0 + r, c]
         for e in range(Tp * d):
@@ -257,7 +262,7 @@ def tiles_backward(
         k1 = tile_k1[t]
         if simd and k1 > k0:
             _span_grad_simd(
-                qbuf, dobuf, k[s], v[s], s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
+                qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
                 kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
             )  # fmt: skip
         if not simd and k1 > k0:
@@ -269,8 +274,8 @@ def tiles_backward(
                 wd = b - a
                 sm = sbuf[: rows * wd].reshape((rows, wd))
                 dpm = dpbuf[: rows * wd].reshape((rows, wd))
-                _mm_nt(qt, k[s, a:b], sm)
-                _mm_nt(dot, v[s, a:b], dpm)
+                _mm_nt(qt, k[sk, a:b], sm)
+                _mm_nt(dot, v[sv, a:b], dpm)
                 vrow = kvrow[a:b] if use_valid else kvrow
                 for r in range(rows):
                     lo = max(row_lo[t0 + r], a) - a
@@ -279,7 +284,7 @@ def tiles_backward(
                         lo = 0
                         hi = 0
                     _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero)
-                _mm_nn(dpm, k[s, a:b], tmpq[:rows])
+                _mm_nn(dpm, k[sk, a:b], tmpq[:rows])
                 for r in range(rows):
                     for c in range(d):
                         dqt[r, c] += tmpq[r, c]
@@ -301,7 +306,7 @@ def tiles_backward(
             _touch(j, mark, cols, lohi)
             for r in range(rows):
                 if sh_mask[c * T + r] != 0 and live[r]:
-                    _one_key_grad(qt[r], dot[r], k[s, j], v[s, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
         for r in range(rows):
             if not live[r]:
                 continue
@@ -311,7 +316,7 @@ def tiles_backward(
                 if use_valid and not key_valid[kb, j]:
                     continue
                 _touch(j, mark, cols, lohi)
-                _one_key_grad(qt[r], dot[r], k[s, j], v[s, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):
@@ -351,11 +356,14 @@ def flush_keys(dk_s, dv_s, dkb, dvb, lohi, mark, cols):
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_backward(
-    q, k, v, dout, out, lse, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
+    q, k, v, qmap, kmap, vmap, dout, out, lse, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
     scale, key_valid, slice_batch, use_valid, dq, dk, dvv, si_begin, si_end,
 ):  # fmt: skip
     """Gradients of the long rows of slices ``slices[si_begin:si_end]``: ``dq`` rows set, ``dk`` / ``dvv`` added to.
 
+    Slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]``, ``v[vmap[s]]`` and adds
+    into ``dk[kmap[s]]``, ``dvv[vmap[s]]`` (the caller gives concurrent
+    ranges disjoint stored slices).
     Group ``g`` (rows ``lg_rows[grp_ptr[g]:grp_ptr[g + 1]]``, identical
     columns) covers the key chunks ``[it_a[it], it_b[it])`` of its items
     ``grp_it_ptr[g]:grp_it_ptr[g + 1]``.  Serial; one thread per slice range.
@@ -383,6 +391,7 @@ def long_rows_backward(
     dsum_g = np.empty(max_rows, dtype=dt)
     for si in range(si_begin, si_end):
         s = slices[si]
+        sq, sk, sv = qmap[s], kmap[s], vmap[s]
         kb = slice_batch[s]
         for g in range(n_grp):
             r0 = grp_ptr[g]
@@ -394,7 +403,7 @@ def long_rows_backward(
             for rr in range(nr):
                 i = lg_rows[r0 + rr]
                 for c in range(d):
-                    qg[rr, c] = q[s, i, c] * scale
+                    qg[rr, c] = q[sq, i, c] * scale
                     dqg[rr, c] = zero
                 dd = zero
                 for c in range(dvd):
@@ -407,15 +416,15 @@ def long_rows_backward(
                 wd = b - a
                 sm = s_buf[: nr * wd].reshape((nr, wd))
                 dpm = dp_buf[: nr * wd].reshape((nr, wd))
-                _mm_nt(qg, k[s, a:b], sm)
-                _mm_nt(dog, v[s, a:b], dpm)
+                _mm_nt(qg, k[sk, a:b], sm)
+                _mm_nt(dog, v[sv, a:b], dpm)
                 vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
                 for rr in range(nr):
                     i = lg_rows[r0 + rr]
                     li = lse[s, i]
                     hi = wd if li != ninf else 0
                     _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero)
-                _mm_nn(dpm, k[s, a:b], tq)
+                _mm_nn(dpm, k[sk, a:b], tq)
                 for rr in range(nr):
                     for c in range(d):
                         dqg[rr, c] += tq[rr, c]
@@ -423,9 +432,9 @@ def long_rows_backward(
                 _mm_tn(sm, dog, tv[:wd])
                 for j in range(wd):
                     for c in range(d):
-                        dk[s, a + j, c] += tk[j, c]
+                        dk[sk, a + j, c] += tk[j, c]
                     for c in range(dvd):
-                        dvv[s, a + j, c] += tv[j, c]
+                        dvv[sv, a + j, c] += tv[j, c]
             for rr in range(nr):
                 i = lg_rows[r0 + rr]
                 for c in range(d):

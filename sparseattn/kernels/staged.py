@@ -9,6 +9,9 @@ arrays are concatenated: ``ptr`` is ``(P, n_q + 1)`` with absolute offsets into
 ``ind``.  Slice ``s`` uses pattern ``slice_pat[s]`` and stores its nonzero
 values in ``vals[slice_off[s] : slice_off[s] + nnz(pattern)]`` in CSR order.
 Rows of all slices are processed in parallel (``prange`` over ``S * n_q``).
+``q``, ``k``, ``v`` hold the distinct stored slices: slice ``s`` reads
+``q[qmap[s]]``, ``k[kmap[s]]``, ``v[vmap[s]]`` (heads sharing a broadcast or
+grouped-query key/value head read one array, never a copy per head).
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ __all__ = ["sddmm", "csr_softmax", "spmm"]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm(q, k, ptr, ind, slice_pat, slice_off, scale, key_valid, slice_batch, use_valid, vals):
-    """``vals[e] = scale * q[s, i] . k[s, j]`` at every nonzero; padded keys get ``-inf``."""
-    S, n_q, d = q.shape
+def sddmm(q, k, qmap, kmap, ptr, ind, slice_pat, slice_off, scale, key_valid, slice_batch, use_valid, vals):
+    """``vals[e] = scale * q[qmap[s], i] . k[kmap[s], j]`` at every nonzero; padded keys get ``-inf``."""
+    S = qmap.shape[0]
+    n_q, d = q.shape[1], q.shape[2]
     neg_inf = -np.inf
     for r in prange(S * n_q):
         s = r // n_q
         i = r - s * n_q
         p = slice_pat[s]
         base = slice_off[s] - ptr[p, 0]
+        sq = qmap[s]
+        sk = kmap[s]
         for e in range(ptr[p, i], ptr[p, i + 1]):
             j = ind[e]
             if use_valid and not key_valid[slice_batch[s], j]:
@@ -36,7 +42,7 @@ def sddmm(q, k, ptr, ind, slice_pat, slice_off, scale, key_valid, slice_batch, u
                 continue
             acc = scale - scale  # a zero of the working dtype
             for t in range(d):
-                acc += q[s, i, t] * k[s, j, t]
+                acc += q[sq, i, t] * k[sk, j, t]
             vals[base + e] = acc * scale
 
 
@@ -90,8 +96,8 @@ def csr_softmax(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, us
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def spmm(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid, v, out):
-    """``out[s, i] = sum_e vals[e] * v[s, ind[e]]`` over row ``i``'s usable keys (``out`` zeroed).
+def spmm(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid, v, vmap, out):
+    """``out[s, i] = sum_e vals[e] * v[vmap[s], ind[e]]`` over row ``i``'s usable keys (``out`` zeroed).
 
     Padded keys are skipped; every other entry is added even when its weight
     is 0, so that ``0 * inf`` gives NaN as IEEE arithmetic does (a key the row
@@ -103,10 +109,11 @@ def spmm(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid
         i = r - s * n_q
         p = slice_pat[s]
         base = slice_off[s] - ptr[p, 0]
+        sv = vmap[s]
         for e in range(ptr[p, i], ptr[p, i + 1]):
             j = ind[e]
             if use_valid and not key_valid[slice_batch[s], j]:
                 continue
             w = vals[base + e]
             for t in range(dv):
-                out[s, i, t] += w * v[s, j, t]
+                out[s, i, t] += w * v[sv, j, t]

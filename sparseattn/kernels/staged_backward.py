@@ -11,10 +11,16 @@ pattern ``slice_pat[s]`` and storing its values at ``slice_off[s]``.
     log-sum-exp, ``dp = dO.v``, ``ds = p (dp - D)`` with ``D = dO.O``, and
     ``dQ = scale * sum ds k``.  Stores ``p`` and ``ds`` per nonzero and slice.
 ``cols_backward``
-    One pass over the keys through the transposed structure (``tptr``,
-    ``trow``, ``tpos``: the entries of each column, as rows and positions in
-    ``ind``): ``dK = scale * sum ds q`` and ``dV = sum p dO``.  Each key is
-    written by one iteration, so there are no races.
+    One pass over the keys of each *stored* slice through the transposed
+    structure (``tptr``, ``trow``, ``tpos``: the entries of each column, as
+    rows and positions in ``ind``), called once for ``dK = scale * sum ds q``
+    and once for ``dV = sum p dO``.  The slices that read one stored slice
+    (grouped-query or broadcast heads) are summed inside that slice's
+    iteration, so each key of each stored slice is written by one iteration:
+    no races, no scratch, and a fixed order of the sum.
+
+``q``, ``k``, ``v`` hold the distinct stored slices; slice ``s`` reads
+``q[qmap[s]]``, ``k[kmap[s]]``, ``v[vmap[s]]`` (no copy per head).
 
 Memory is two values per nonzero and slice: this path is the cross-check of
 the fused backward, not the fast path.
@@ -29,16 +35,19 @@ __all__ = ["rows_backward", "cols_backward"]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def rows_backward(q, k, v, dout, out, lse, ptr, ind, slice_pat, slice_off, scale, key_valid, slice_batch,
-                  use_valid, pvals, dsvals, dq):  # fmt: skip
+def rows_backward(q, k, v, qmap, kmap, vmap, dout, out, lse, ptr, ind, slice_pat, slice_off, scale, key_valid,
+                  slice_batch, use_valid, pvals, dsvals, dq):  # fmt: skip
     """Fill ``pvals``, ``dsvals`` (one per nonzero and slice) and ``dq`` (S, n_q, d)."""
-    S, n_q, d = q.shape
+    S, n_q, d = dq.shape
     dv = v.shape[2]
     for r in prange(S * n_q):
         s = r // n_q
         i = r - s * n_q
         p_idx = slice_pat[s]
         base = slice_off[s] - ptr[p_idx, 0]
+        sq = qmap[s]
+        sk = kmap[s]
+        sv = vmap[s]
         zero = scale - scale
         for c in range(d):
             dq[s, i, c] = zero
@@ -59,51 +68,55 @@ def rows_backward(q, k, v, dout, out, lse, ptr, ind, slice_pat, slice_off, scale
                 continue
             x = zero
             for c in range(d):
-                x += q[s, i, c] * k[s, j, c]
+                x += q[sq, i, c] * k[sk, j, c]
             p = np.exp(x * scale - li)
             dp = zero
             for c in range(dv):
-                dp += dout[s, i, c] * v[s, j, c]
+                dp += dout[s, i, c] * v[sv, j, c]
             ds = p * (dp - big_d)
             pvals[base + e] = p
             dsvals[base + e] = ds
             for c in range(d):
-                dq[s, i, c] += ds * k[s, j, c]
+                dq[s, i, c] += ds * k[sk, j, c]
         for c in range(d):
             dq[s, i, c] *= scale
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def cols_backward(q, dout, tptr, trow, tpos, slice_pat, slice_off, ptr, scale, key_valid, slice_batch, use_valid,
-                  pvals, dsvals, dk, dv_out):  # fmt: skip
-    """``dk[s, j] = scale * sum ds q[s, i]`` and ``dv_out[s, j] = sum p dout[s, i]`` over column ``j``'s entries.
+def cols_backward(src, src_map, vals, grp_ptr, grp_sl, tptr, trow, tpos, slice_pat, slice_off, ptr, coef,
+                  key_valid, slice_batch, use_valid, dst):  # fmt: skip
+    """``dst[t, j] = coef * sum vals[e] src[src_map[s], i]`` over the slices ``s`` reading stored slice ``t``.
 
-    A padded key gets zero gradients without touching its column's entries
-    (their ``p`` and ``ds`` are 0, but ``0 * inf`` from a non-finite ``q`` or
+    The slices of stored slice ``t`` are ``grp_sl[grp_ptr[t]:grp_ptr[t + 1]]``;
+    the sum runs over column ``j``'s entries ``(i, e)`` of each one's pattern.
+    ``dK``: ``vals`` = dS, ``src`` = q through qmap, ``coef`` = scale;
+    ``dV``: ``vals`` = P, ``src`` = dO (one block per slice), ``coef`` = 1.
+    One iteration per (stored slice, key): the group is looped serially inside
+    it rather than accumulated per query slice into shared rows, so no two
+    iterations write one row (race-free without atomics or per-thread
+    scratch) and the sum's order is fixed.  A key padded for slice ``s``
+    gets nothing from ``s`` without touching its column's entries (their
+    ``p`` and ``ds`` are 0, but ``0 * inf`` from a non-finite ``q`` or
     ``dout`` row must not reach it).
     """
-    S, n_k, d = dk.shape
-    dv = dv_out.shape[2]
-    for r in prange(S * n_k):
-        s = r // n_k
-        j = r - s * n_k
-        p_idx = slice_pat[s]
-        base = slice_off[s] - ptr[p_idx, 0]
-        zero = scale - scale
-        for c in range(d):
-            dk[s, j, c] = zero
-        for c in range(dv):
-            dv_out[s, j, c] = zero
-        if use_valid and not key_valid[slice_batch[s], j]:
-            continue
-        for t in range(tptr[p_idx, j], tptr[p_idx, j + 1]):
-            i = trow[t]
-            e = base + tpos[t]
-            ds = dsvals[e]
-            p = pvals[e]
-            for c in range(d):
-                dk[s, j, c] += ds * q[s, i, c]
-            for c in range(dv):
-                dv_out[s, j, c] += p * dout[s, i, c]
-        for c in range(d):
-            dk[s, j, c] *= scale
+    n_t, n_k, w = dst.shape
+    for r in prange(n_t * n_k):
+        t = r // n_k
+        j = r - t * n_k
+        zero = coef - coef
+        for c in range(w):
+            dst[t, j, c] = zero
+        for g in range(grp_ptr[t], grp_ptr[t + 1]):
+            s = grp_sl[g]
+            if use_valid and not key_valid[slice_batch[s], j]:
+                continue
+            p_idx = slice_pat[s]
+            base = slice_off[s] - ptr[p_idx, 0]
+            ss = src_map[s]
+            for u in range(tptr[p_idx, j], tptr[p_idx, j + 1]):
+                i = trow[u]
+                x = vals[base + tpos[u]]
+                for c in range(w):
+                    dst[t, j, c] += x * src[ss, i, c]
+        for c in range(w):
+            dst[t, j, c] *= coef
