@@ -11,6 +11,7 @@ import pytest
 
 import sparseattn as sa
 from sparseattn.engine import paths
+from sparseattn.engine.staged import staged_backward
 from sparseattn.engine.validate import prepare
 from sparseattn.reference import dense_attention, dense_attention_backward
 
@@ -136,8 +137,12 @@ def test_skip_leaves_the_flagged_slices_to_the_caller(name):
     np.testing.assert_allclose(out[keep], full_out[keep], rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(np.isneginf(lse[keep]), np.isneginf(full_lse[keep]))
     go = np.random.default_rng(0).standard_normal(full_out.shape)
-    full = paths.backward(prep, go, full_out, full_lse, "staged")
-    part = paths.PATHS[name].backward(prep, go, full_out, full_lse, skip)
-    for a, b in zip(part, full):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a[keep], b[keep], rtol=1e-9, atol=1e-11)
+    full_dq = paths.backward(prep, go, full_out, full_lse, "staged")[0]
+    kept_dq, kept_dk, kept_dv = staged_backward(prep, go, full_out, full_lse, np.flatnonzero(keep))
+    dq, dk, dv = paths.PATHS[name].backward(prep, go, full_out, full_lse, skip)
+    assert dq.shape == full_dq.shape and dk.shape == prep.kc.shape and dv.shape == prep.vc.shape
+    np.testing.assert_allclose(dq[keep], full_dq[keep], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dq[keep], kept_dq, rtol=1e-9, atol=1e-11)
+    # dk, dv are per stored slice (k, v shared by the heads): the kept slices' share only
+    np.testing.assert_allclose(dk, kept_dk, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dv, kept_dv, rtol=1e-9, atol=1e-11)

@@ -131,10 +131,10 @@ class Staged(ExecutionPath):
         if skip is None:
             return staged_backward(prep, go, o, ls)
         keep = np.flatnonzero(~skip)
-        grads = tuple(np.zeros_like(x) for x in (prep.q, prep.k, prep.v))
-        for g, part in zip(grads, staged_backward(prep, go, o, ls, keep)):
-            g[keep] = part
-        return grads
+        dq_kept, dk, dv = staged_backward(prep, go, o, ls, keep)  # dk, dv: the kept slices' share
+        dq = np.zeros((len(skip),) + prep.qc.shape[1:], dtype=prep.qc.dtype)
+        dq[keep] = dq_kept
+        return dq, dk, dv
 
 
 PATHS = {p.name: p for p in (Fused(), Staged(), Blocked())}
