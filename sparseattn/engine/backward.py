@@ -33,8 +33,9 @@ def _check_like(name, x, shape, what):
     return arr
 
 
-def _flat(x, n_rows, last, dtype):
-    return np.ascontiguousarray(np.reshape(x, (-1, n_rows) + ((last,) if last is not None else ())), dtype=dtype)
+def _flat(x, n_slices, n_rows, last, dtype):
+    # the slice count is given, not inferred: with n_rows == 0 a -1 would be ambiguous
+    return np.ascontiguousarray(np.reshape(x, (n_slices, n_rows) + ((last,) if last is not None else ())), dtype=dtype)
 
 
 def _unbroadcast(g, lead, x):
@@ -118,8 +119,9 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     o = _check_like("out", out, out_shape, "the forward output's shape")
     ls = _check_like("lse", lse, prep.lead + (n_q,), "the forward output's shape without its last axis")
     dt = prep.qc.dtype
-    go, o = _flat(go, n_q, dv_dim, dt), _flat(o, n_q, dv_dim, dt)
-    ls = _flat(ls, n_q, None, dt)
+    S = len(prep.qmap)
+    go, o = _flat(go, S, n_q, dv_dim, dt), _flat(o, S, n_q, dv_dim, dt)
+    ls = _flat(ls, S, n_q, None, dt)
     if check_finite:
         for name, user, x in (("grad_out", grad_out, go), ("out", out, o)):
             err = first_nonfinite(name, user, x, prep.lead)
