@@ -62,7 +62,7 @@ def _repeat_kv(q, k, v):
     if min(q.ndim, k.ndim, v.ndim) < 3:
         return k, v, 1
     h_q, h_kv = q.shape[-3], k.shape[-3]
-    if v.shape[-3] != h_kv or h_kv in (1, h_q) or h_q % h_kv:
+    if v.shape[-3] != h_kv or 0 in (h_q, h_kv) or h_kv in (1, h_q) or h_q % h_kv:
         return k, v, 1
     g = h_q // h_kv
     return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3), g

@@ -211,3 +211,21 @@ def test_bad_head_counts_name_the_arguments(k_shape, v_shape, match):
     ):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(1, 0), (0, 2), (3, 0), (0, 0)])
+def test_empty_heads_axes_broadcast_as_numpy_does(q_heads, kv_heads):
+    """A heads axis of 0 is never read as grouped-query heads: it broadcasts as in NumPy (against 1 or 0)."""
+    q = np.zeros((1, q_heads, 8, 2))
+    k = v = np.zeros((1, kv_heads, 8, 2))
+    p = sa.sliding_window(8, 1)
+    try:
+        want = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (8, 2)
+    except ValueError:
+        with pytest.raises(ValueError, match="broadcast"):
+            sa.sparse_attention(q, k, v, p)
+        with pytest.raises(ValueError, match="broadcast"):
+            dense_attention(q, k, v, p)
+        return
+    assert sa.sparse_attention(q, k, v, p).shape == want
+    assert dense_attention(q, k, v, p).shape == want

@@ -186,8 +186,8 @@ def kv_groups(q, k, v):
     multiple of ``h_kv`` or when ``k`` and ``v`` disagree.
     """
     h_q, h_k, h_v = _heads(q), _heads(k), _heads(v)
-    if h_q == 1 or (h_k in (1, h_q) and h_v in (1, h_q)):
-        return 1
+    if h_q == 1 or 0 in (h_q, h_k, h_v) or (h_k in (1, h_q) and h_v in (1, h_q)):
+        return 1  # plain broadcasting (a heads axis of 0 broadcasts only against 1 and 0)
     if h_k != h_v:
         raise ValueError(
             f"k and v must have the same number of heads (axis -3) for grouped-query attention: k has shape "
