@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .mods import active, mod_grad
 from .simd import _FM, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
 
 __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
@@ -41,10 +42,11 @@ KEY_PAD = 8
 
 
 @njit(fastmath=_FM)
-def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
+def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, slope, sl):
     """One row over one chunk: scaled scores ``srow`` -> ``P``, ``dprow`` (dO.v) -> ``dS``; zero outside ``[lo, hi)``.
 
-    ``P = exp(s - lse)`` and ``dS = P (dP - D)`` on the row's run, only where
+    ``P = exp(s' - lse)`` and ``dS = P (dP - D) ds'/ds`` on the row's run
+    (``s'`` the modified score of query ``i`` and key ``j0 + j``), only where
     ``vrow`` is True when ``use_valid`` (padded keys).
     """
     n = srow.shape[0]
@@ -56,6 +58,17 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
         dprow[j] = zero
     x = srow[lo:hi]
     y = dprow[lo:hi]
+    if active(mod):
+        for j in range(x.shape[0]):
+            if use_valid and not vrow[lo + j]:
+                x[j] = zero
+                y[j] = zero
+                continue
+            sm, fac = mod_grad(x[j], i, j0 + lo + j, mod, slope, sl)
+            p = _exp(sm - li)
+            x[j] = p
+            y[j] = p * (y[j] - di) * fac
+        return
     if use_valid:
         vv = vrow[lo:hi]
         for j in range(x.shape[0]):
@@ -70,16 +83,17 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
 
 
 @njit(fastmath=_FM)
-def _one_key_grad(qr, dor, kj, vj, li, di, dqr, dkj, dvj, zero):
-    """Gradient contributions of one allowed (row, key) pair; ``qr`` is the scaled query row."""
+def _one_key_grad(qr, dor, kj, vj, li, di, dqr, dkj, dvj, zero, i, j, mod, slope, sl):
+    """Gradient contributions of one allowed (row ``i``, key ``j``) pair; ``qr`` is the scaled query row."""
     x = zero
     for c in range(qr.shape[0]):
         x += qr[c] * kj[c]
     dp = zero
     for c in range(dor.shape[0]):
         dp += dor[c] * vj[c]
+    x, fac = mod_grad(x, i, j, mod, slope, sl)
     p = _exp(x - li)
-    ds = p * (dp - di)
+    ds = p * (dp - di) * fac
     for c in range(qr.shape[0]):
         dqr[c] += ds * kj[c]
         dkj[c] += ds * qr[c]
@@ -98,7 +112,7 @@ def _touch(j, mark, cols, lohi):
 @njit(nogil=True, fastmath=_FM)
 def _span_grad_simd(
     qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
-    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
+    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
 ):  # fmt: skip
     """One tile's span ``[k0, k1)`` through the micro-kernels (see the module docstring)."""
     d = ks.shape[1]
@@ -160,7 +174,7 @@ def _span_grad_simd(
                 lo = 0
                 hi = 0
             _grad_row(sbuf[r * lds : r * lds + lds], dpbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid,
-                      lse_t[r], dsum_t[r], zero)  # fmt: skip
+                      lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, sl)  # fmt: skip
         # 3. dQ += dS K over each block's union of runs
         for g in range(ng):
             if ghi[g] > glo[g]:
@@ -190,7 +204,7 @@ def _span_grad_simd(
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid,
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid, mod, slopes,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
     """Backward over the tile items ``[it_begin, it_end)``, all of one slice (``it = si * n_tiles + t``).
@@ -234,6 +248,7 @@ def tiles_backward(
     s = slices[si]
     sq, sk, sv = qmap[s], kmap[s], vmap[s]
     kb = slice_batch[s]
+    slope = slopes[min(s, slopes.shape[0] - 1)]
     kvrow = key_valid[kb] if use_valid else key_valid[0, :0]
     for it in range(it_begin, it_end):
         t = it - si * n_tiles
@@ -264,6 +279,7 @@ def tiles_backward(
             _span_grad_simd(
                 qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
                 kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
+                mod, slope, s,
             )  # fmt: skip
         if not simd and k1 > k0:
             nch = (k1 - k0 + chunk - 1) // chunk
@@ -283,7 +299,7 @@ def tiles_backward(
                     if hi < lo or not live[r]:
                         lo = 0
                         hi = 0
-                    _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero)
+                    _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, s)
                 _mm_nn(dpm, k[sk, a:b], tmpq[:rows])
                 for r in range(rows):
                     for c in range(d):
@@ -306,7 +322,8 @@ def tiles_backward(
             _touch(j, mark, cols, lohi)
             for r in range(rows):
                 if sh_mask[c * T + r] != 0 and live[r]:
-                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
+                                  t0 + r, j, mod, slope, s)  # fmt: skip
         for r in range(rows):
             if not live[r]:
                 continue
@@ -316,7 +333,8 @@ def tiles_backward(
                 if use_valid and not key_valid[kb, j]:
                     continue
                 _touch(j, mark, cols, lohi)
-                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
+                              i, j, mod, slope, s)  # fmt: skip
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):
@@ -357,7 +375,7 @@ def flush_keys(dk_s, dv_s, dkb, dvb, lohi, mark, cols):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
-    scale, key_valid, slice_batch, use_valid, dq, dk, dvv, si_begin, si_end,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, dq, dk, dvv, si_begin, si_end,
 ):  # fmt: skip
     """Gradients of the long rows of slices ``slices[si_begin:si_end]``: ``dq`` rows set, ``dk`` / ``dvv`` added to.
 
@@ -423,7 +441,8 @@ def long_rows_backward(
                     i = lg_rows[r0 + rr]
                     li = lse[s, i]
                     hi = wd if li != ninf else 0
-                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero)
+                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero, i, a, mod,
+                              slopes[min(s, slopes.shape[0] - 1)], s)  # fmt: skip
                 _mm_nn(dpm, k[sk, a:b], tq)
                 for rr in range(nr):
                     for c in range(d):

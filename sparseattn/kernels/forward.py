@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .mods import mod_cols, mod_one, mod_span
 from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, as_readonly, lanes, pack_panel, pv_block, qk_block
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
@@ -122,7 +123,7 @@ def _add_into(acc, tmp, rows):
 @njit(nogil=True, fastmath=_FM)
 def _span_simd(
     qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
-    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero,
+    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, sl,
 ):  # fmt: skip
     """One tile's contiguous span ``[k0, k1)`` through the micro-kernels (``qk_block``, ``pv_block``).
 
@@ -175,6 +176,7 @@ def _span_simd(
             hi = min(row_hi[t0 + r], b) - a
             if hi < lo:
                 hi = lo
+            mod_span(sbuf[r * lds : r * lds + lds], lo, hi, t0 + r, a, mod, slope, sl)
             _row_update(sbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
         # 3. P.V into the accumulator, over each block's union of runs
         for g in range(ng):
@@ -188,7 +190,7 @@ def _span_simd(
 def tiles_forward(
     q, k, v, qmap, kmap, vmap, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-    scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse, kp, packed,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, it_begin, it_end, out, lse, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
 
@@ -198,7 +200,8 @@ def tiles_forward(
     Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of those
     tiles; long rows come out empty here and are overwritten by the long-row
     pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
-    several threads.
+    several threads.  ``mod`` and ``slopes``: the score modifiers (see
+    :mod:`sparseattn.kernels.mods`), applied to every row of scores.
 
     ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
     :func:`sparseattn.engine.fused_forward.panel_buffers`; reused across its ranges of one call).  When they
@@ -241,6 +244,7 @@ def tiles_forward(
             s = slices[si]
             sq, sk, sv = qmap[s], kmap[s], vmap[s]  # a broadcast input is one array shared by its slices
             kb = slice_batch[s]
+            slope = slopes[min(s, slopes.shape[0] - 1)]
             t0 = t * T
             t1 = min(n_q, t0 + T)
             rows = t1 - t0
@@ -263,7 +267,7 @@ def tiles_forward(
             if simd and k1 > k0:
                 _span_simd(
                     qbuf, k[sk], v[sv], sk, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
-                    kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero,
+                    kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero, mod, slope, s,
                 )  # fmt: skip
             if not simd and k1 > k0:
                 nch = (k1 - k0 + chunk - 1) // chunk
@@ -280,6 +284,7 @@ def tiles_forward(
                         hi = min(row_hi[t0 + r], b) - a
                         if hi < lo:
                             hi = lo
+                        mod_span(sm[r], lo, hi, t0 + r, a, mod, slope, s)
                         _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
                         _mm_nn(sm, v[sv, a:b], acc[:rows])
@@ -311,7 +316,7 @@ def tiles_forward(
                         x = zero
                         for e in range(d):
                             x += qr[e] * kj[e]
-                        _one_key_update(x, vj, r, m, l, acc, half, zero)
+                        _one_key_update(mod_one(x, t0 + r, j, mod, slope, s), vj, r, m, l, acc, half, zero)
                 c0 = c1
             while c0 < c1:
                 cb = min(c1, c0 + g_cap)
@@ -330,6 +335,7 @@ def tiles_forward(
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
+                    mod_cols(sm[r], nc, sh_cols, c0, t0 + r, mod, slope, s)
                     _row_update(sm[r], np.int64(0), nc, okb, np.bool_(True), r, m, l, acc, neg, zero)  # typed, not literal: one specialisation
                 _mm_nn(sm, as_readonly(vg[:nc]), tmp[:rows])
                 _add_into(acc, tmp, rows)
@@ -353,6 +359,7 @@ def tiles_forward(
                         sr[e] = x
                         if use_valid:
                             okb[e] = key_valid[kb, j]
+                    mod_cols(sr, ne, rs_cols, e0, i, mod, slope, s)
                     _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
                     for e in range(ne):
                         p = sr[e]
@@ -378,7 +385,7 @@ def tiles_forward(
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_partial(
     q, k, v, qmap, kmap, vmap, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, job_begin, job_end,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, part_m, part_l, part_o, job_begin, job_end,
 ):  # fmt: skip
     """Partial softmax of the (slice, long-row chunk) jobs ``[job_begin, job_end)``, ``job = si * n_items + it``.
 
@@ -426,6 +433,7 @@ def long_rows_partial(
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
+            mod_span(sm[rr], np.int64(0), wd, lg_rows[r0 + rr], a, mod, slopes[min(s, slopes.shape[0] - 1)], s)
             _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
         _mm_nn(sm, v[sv, a:b], o)
         for rr in range(nr):

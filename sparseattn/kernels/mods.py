@@ -29,7 +29,7 @@ from numba import njit
 
 from .simd import _FM, _exp
 
-__all__ = ["SOFTCAP", "ALIBI", "mod_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
+__all__ = ["SOFTCAP", "ALIBI", "active", "mod_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
 
 SOFTCAP = 1
 ALIBI = 2
@@ -45,6 +45,12 @@ def _no_mod(s, b, h, i, j):  # pragma: no cover - typed for the dead branch, nev
 
 _user_f = _no_mod
 _user_df = _no_mod
+
+
+@njit(nogil=True)
+def active(mod):
+    """Whether any score modifier runs (the kernels keep their plain loops otherwise)."""
+    return mod[0] != 0 or _USER
 
 
 @njit(fastmath=_FM, nogil=True)
@@ -130,14 +136,14 @@ def mod_grad(x, i, j, mod, slope, s):
     return x, fac
 
 
-_FUNCS = ("tanh", "mod_span", "mod_cols", "mod_one", "mod_grad")
+_FUNCS = ("active", "tanh", "mod_span", "mod_cols", "mod_one", "mod_grad")
 
 
 def _copy(disp, glb):
     """A new, uncached dispatcher of ``disp``'s Python function whose globals are ``glb``."""
     f = disp.py_func
     g = _pytypes.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
-    opts = {k: v for k, v in disp.targetoptions.items() if k != "cache"}
+    opts = {k: v for k, v in disp.targetoptions.items() if k not in ("cache", "nopython")}
     return njit(**opts)(g)
 
 
