@@ -66,6 +66,18 @@ def _split_items(plan, n_slices, n_workers):
     return np.maximum.accumulate(bounds)
 
 
+def _kernels(mods):
+    """The modifiers (none: ``NONE``) and the tile and long-row kernels that apply them."""
+    from ..kernels.forward import long_rows_partial, tiles_forward
+    from .modifiers import NONE
+
+    mods = NONE if mods is None else mods
+    if mods.score_mod is None:
+        return mods, tiles_forward, long_rows_partial
+    spec = mods.score_mod.kernels("forward")
+    return mods, spec["tiles_forward"], spec["long_rows_partial"]
+
+
 def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None,
                     maps=None, mods=None):  # fmt: skip
     """Fused sparse attention forward over flattened slices.
@@ -121,13 +133,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from ..kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
-    from .modifiers import NONE
+    from ..kernels.forward import long_rows_merge
 
-    mods = NONE if mods is None else mods
-    if mods.score_mod is not None:
-        spec = mods.score_mod.kernels("forward")
-        tiles_forward, long_rows_partial = spec["tiles_forward"], spec["long_rows_partial"]
+    mods, tiles_forward, long_rows_partial = _kernels(mods)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     S = len(slice_pattern)
     n_q, d = q.shape[1:]
