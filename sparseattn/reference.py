@@ -128,7 +128,7 @@ def _row_max(m, sink):
 
 
 def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
-                    key_padding_mask=None, rows=None, return_lse=False):  # fmt: skip
+                    key_padding_mask=None, rows=None, return_lse=False, return_weights=False):  # fmt: skip
     """Masked softmax attention computed densely in float64.
 
     Parameters
@@ -152,11 +152,15 @@ def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=
     return_lse : bool
         Also return the per-row log-sum-exp of the modified allowed scores
         (and the sink): ``-inf`` for rows without an allowed key and no sink.
+    return_weights : bool
+        Also return the dense probabilities, zero outside each row's allowed
+        keys (with sinks a row sums to less than 1).
 
     Returns
     -------
     out : ndarray, float64, shape ``(..., n_rows, d_v)``
-    lse : ndarray, float64, shape ``(..., n_rows)`` (only with ``return_lse``)
+    weights : ndarray, float64, shape ``(..., n_rows, n_k)`` (only with ``return_weights``)
+    lse : ndarray, float64, shape ``(..., n_rows)`` (only with ``return_lse``; returned last)
 
     Examples
     --------
@@ -188,6 +192,7 @@ def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=
     )
     out = np.zeros((S, stop - start, dv))
     lse = np.full((S, stop - start), -np.inf)
+    weights = np.zeros((S, stop - start, prep.n_k)) if return_weights else None
     masks = [p.rows(start, stop).toarray() for p in prep.patterns]
     ii = np.arange(start, stop)[:, None]
     jj = np.arange(prep.n_k)[None, :]
@@ -215,9 +220,15 @@ def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=
                 safe = den + np.exp(sink - m)
                 lse[s] = m + np.log(safe)
             out[s] = _weighted_values(p / safe[:, None], vs, mask)
+            if return_weights:
+                weights[s] = p / safe[:, None]
     shape = prep.lead + (stop - start,)
-    out = out.reshape(shape + (dv,))
-    return (out, lse.reshape(shape)) if return_lse else out
+    result = (out.reshape(shape + (dv,)),)
+    if return_weights:
+        result += (weights.reshape(shape + (prep.n_k,)),)
+    if return_lse:
+        result += (lse.reshape(shape),)
+    return result[0] if len(result) == 1 else result
 
 
 def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None,
