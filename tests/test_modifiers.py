@@ -106,7 +106,8 @@ def _mods(case, request):
 CASES = ["softcap", "alibi_head", "alibi_batch", "sinks", "sinks_batch", "score_mod", "all"]
 
 
-def _close(actual, expected, dtype, what):
+def _close(actual, expected, dtype, what, tol=None):
+    """``actual`` in ``dtype`` within the tolerance of ``tol`` (the compute dtype; default ``dtype``)."""
     actual = np.asarray(actual)
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     assert actual.dtype == np.dtype(dtype), (what, actual.dtype)
@@ -114,7 +115,7 @@ def _close(actual, expected, dtype, what):
     np.testing.assert_array_equal(np.isfinite(actual), fin, err_msg=what)
     scale = max(1.0, float(np.abs(expected[fin]).max(initial=0.0)))
     err = float(np.abs(actual.astype(np.float64)[fin] - expected[fin]).max(initial=0.0))
-    assert err <= TOL[np.dtype(dtype)] * scale, (what, err, scale)
+    assert err <= TOL[np.dtype(tol or dtype)] * scale, (what, err, scale)
 
 
 def _reference(kw):
@@ -258,7 +259,7 @@ def test_backward_every_path(path, case, dtype, request):
                                          key_padding_mask=kpm, path=path, **kw)  # fmt: skip
     assert len(grads) == (4 if "sinks" in kw else 3)
     for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
-        _close(g, r, dtype if name != "dsinks" else np.result_type(kw["sinks"], np.float32), name)
+        _close(g, r, dtype if name != "dsinks" else np.result_type(kw["sinks"], np.float32), name, tol=dtype)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -391,7 +392,8 @@ def _model_check(q, k, v, pattern, kw, dtype=np.float64, paths_=PATHS, kpm=None,
         grads = sa.sparse_attention_backward(goc, qc, kc, vc, pattern, ref_out.astype(dtype), ref_lse.astype(dtype),
                                              key_padding_mask=kpm, path=path, scale=scale, **kw)  # fmt: skip
         for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
-            _close(g, r, dtype if name != "dsinks" else np.result_type(kw["sinks"], np.float32), f"{path} {name}")
+            _close(g, r, dtype if name != "dsinks" else np.result_type(kw["sinks"], np.float32), f"{path} {name}",
+                   tol=dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
