@@ -234,9 +234,26 @@ def _run_forward(path, dtype, kw):
     return sa.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, return_lse=True, path=path, **kw)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("path", PATHS)
+#: where a ScoreMod runs in the default run: each (path, dtype, direction) of compiled kernels costs one compile per
+#: session (~25 s for a fused direction on a shared 2-core machine, ~3 s staged, ~0 blocked); the rest is slow
+SCORE_MOD_DEFAULT = {("fused", "float64", "forward"), ("staged", "float64", "forward"),
+                     ("staged", "float64", "backward")}  # fmt: skip
+
+
+def _grid(direction):
+    """(path, case, dtype) params; a ScoreMod case outside ``SCORE_MOD_DEFAULT`` (and not blocked) is slow."""
+    out = []
+    for path in PATHS:
+        for case in CASES:
+            for dtype in (np.float64, np.float32):
+                slow = case in ("score_mod", "all") and path != "blocked" and (
+                    (path, np.dtype(dtype).name, direction) not in SCORE_MOD_DEFAULT)
+                marks = (pytest.mark.slow,) if slow else ()
+                out.append(pytest.param(path, case, dtype, marks=marks, id=f"{path}-{case}-{np.dtype(dtype).name}"))
+    return out
+
+
+@pytest.mark.parametrize("path,case,dtype", _grid("forward"))
 def test_forward_every_path(path, case, dtype, request):
     kw = _mods(case, request)
     ref_out, ref_lse, _ = _ref(case, kw)
@@ -245,9 +262,7 @@ def test_forward_every_path(path, case, dtype, request):
     _close(lse, ref_lse, dtype, "lse")
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path,case,dtype", _grid("backward"))
 def test_backward_every_path(path, case, dtype, request):
     kw = _mods(case, request)
     _, _, ref_grads = _ref(case, kw)
@@ -262,7 +277,7 @@ def test_backward_every_path(path, case, dtype, request):
         _close(g, r, dtype if name != "dsinks" else np.result_type(kw["sinks"], np.float32), name, tol=dtype)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=pytest.mark.slow), "staged", "blocked"])
 def test_forward_then_backward_chained(path, request):
     """The engine's own out and lse feed its backward (float64, every modifier)."""
     kw = _mods("all", request)
@@ -276,7 +291,7 @@ def test_forward_then_backward_chained(path, request):
 # -- ScoreMod -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["fused", pytest.param("staged", marks=pytest.mark.slow), "blocked"])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) for p in ("fused", "staged")] + ["blocked"])
 def test_hand_written_alibi_equals_alibi_slopes(path, alibi_mod):
     q, k, v, go, pattern, kpm = _inputs()
     a = sa.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, alibi_slopes=SLOPES_BH, return_lse=True, path=path)
