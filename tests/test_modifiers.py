@@ -94,6 +94,7 @@ def _mods(case, request):
         "alibi_batch": dict(alibi_slopes=SLOPES_BH),
         "sinks": dict(sinks=sinks),
         "sinks_batch": dict(sinks=np.stack([sinks, sinks[::-1] - 0.5])),
+        "sinks_1h": dict(sinks=sinks[None]),  # (1, h_q): dsinks summed over the batch into it
         "score_mod": dict(score_mod="bias_mod"),
         "all": dict(softcap=2.5, alibi_slopes=SLOPES_BH, sinks=sinks, score_mod="bias_mod"),
     }
@@ -103,7 +104,7 @@ def _mods(case, request):
     return kw
 
 
-CASES = ["softcap", "alibi_head", "alibi_batch", "sinks", "sinks_batch", "score_mod", "all"]
+CASES = ["softcap", "alibi_head", "alibi_batch", "sinks", "sinks_batch", "sinks_1h", "score_mod", "all"]
 
 
 def _close(actual, expected, dtype, what, tol=None):
