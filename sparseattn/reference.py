@@ -173,7 +173,7 @@ def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=
     True
     """
     k, v, _ = _repeat_kv(q, k, v)
-    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "score_mod": score_mod}
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention", modifiers=mods)
     md = _Mods(prep, alibi_slopes, sinks)
     n_q = prep.n_q
@@ -260,7 +260,7 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, softcap=
     """
     k_user, v_user = np.asarray(k), np.asarray(v)
     k, v, g = _repeat_kv(q, k, v)
-    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "score_mod": score_mod}
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward", modifiers=mods)
     md = _Mods(prep, alibi_slopes, sinks)
     S, n_q, _ = prep.q.shape

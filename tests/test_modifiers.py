@@ -67,7 +67,7 @@ def bias_mod():
 # -- the shared case ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inputs(seed=0):
     """q (B, HQ, NQ, D), k, v (B, HKV, NK, D), grad_out; a pattern with an empty row; padding emptying more rows."""
     rng = np.random.default_rng(seed)
@@ -89,14 +89,14 @@ def _mods(case, request):
     rng = np.random.default_rng(7)
     sinks = rng.standard_normal(HQ) + 1.0
     table = {
-        "softcap": dict(softcap=2.5),
-        "alibi_head": dict(alibi_slopes=SLOPES_BH[0]),
-        "alibi_batch": dict(alibi_slopes=SLOPES_BH),
-        "sinks": dict(sinks=sinks),
-        "sinks_batch": dict(sinks=np.stack([sinks, sinks[::-1] - 0.5])),
-        "sinks_1h": dict(sinks=sinks[None]),  # (1, h_q): dsinks summed over the batch into it
-        "score_mod": dict(score_mod="bias_mod"),
-        "all": dict(softcap=2.5, alibi_slopes=SLOPES_BH, sinks=sinks, score_mod="bias_mod"),
+        "softcap": {"softcap": 2.5},
+        "alibi_head": {"alibi_slopes": SLOPES_BH[0]},
+        "alibi_batch": {"alibi_slopes": SLOPES_BH},
+        "sinks": {"sinks": sinks},
+        "sinks_batch": {"sinks": np.stack([sinks, sinks[::-1] - 0.5])},
+        "sinks_1h": {"sinks": sinks[None]},  # (1, h_q): dsinks summed over the batch into it
+        "score_mod": {"score_mod": "bias_mod"},
+        "all": {"softcap": 2.5, "alibi_slopes": SLOPES_BH, "sinks": sinks, "score_mod": "bias_mod"},
     }
     kw = dict(table[case])
     if isinstance(kw.get("score_mod"), str):
@@ -199,7 +199,7 @@ def test_reference_equals_torch_autograd(case, request):
 
 
 def test_reference_rows_without_keys_output_zeros_and_lse_sink():
-    q, k, v, go, pattern, kpm = _inputs()
+    q, k, v, _go, pattern, kpm = _inputs()
     sinks = np.array([0.5, -1.0, 2.0, 3.0])
     out, w, lse = dense_attention(q, k, v, pattern, key_padding_mask=kpm, sinks=sinks, return_lse=True,
                                   return_weights=True)  # fmt: skip
@@ -230,7 +230,7 @@ def test_reference_hand_written_alibi_equals_alibi_slopes(alibi_mod):
 
 
 def _run_forward(path, dtype, kw):
-    q, k, v, go, pattern, kpm = _inputs()
+    q, k, v, _go, pattern, kpm = _inputs()
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     return sa.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, return_lse=True, path=path, **kw)
 
@@ -310,7 +310,7 @@ def test_hand_written_alibi_equals_alibi_slopes(path, alibi_mod):
 
 def test_score_mod_is_reused_not_recompiled(bias_mod):
     """One ScoreMod object: the second call reuses its kernels (the fixture's object, compiled by earlier tests or here)."""
-    q, k, v, go, pattern, kpm = _inputs()
+    q, k, v, _go, pattern, _kpm = _inputs()
     sa.sparse_attention(q, k, v, pattern, score_mod=bias_mod, path="fused")
     kernels = dict(bias_mod._kernels)
     sa.sparse_attention(q, k, v, pattern, score_mod=bias_mod, path="fused")
@@ -323,7 +323,7 @@ def test_score_mod_is_reused_not_recompiled(bias_mod):
 @pytest.mark.parametrize("case", ["sinks", "all"])
 def test_weights_equal_the_reference_probabilities(case, request):
     kw = _mods(case, request)
-    q, k, v, go, pattern, kpm = _inputs()
+    q, k, v, _go, pattern, kpm = _inputs()
     out, w, lse = sa.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, return_weights=True, return_lse=True,
                                       **kw)  # fmt: skip
     ref_out, ref_w, ref_lse = dense_attention(q, k, v, pattern, key_padding_mask=kpm, return_weights=True,
@@ -377,10 +377,10 @@ def test_every_row_without_keys():
 
 def test_softcap_maps_an_infinite_score_to_the_cap():
     """Non-finite policy through tanh: an infinity in k makes scores +-inf, softcap maps them to +-c (a finite row)."""
-    q, k, v, go, pattern, kpm = _inputs()
+    q, k, v, _go, pattern, kpm = _inputs()
     k = k.copy()
     k[0, 0, 30, 2] = np.inf
-    kw = dict(softcap=2.5, sinks=np.array([0.0, 1.0, -1.0, 0.5]))
+    kw = {"softcap": 2.5, "sinks": np.array([0.0, 1.0, -1.0, 0.5])}
     out, lse = sa.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, return_lse=True, **kw)
     ref_out, ref_lse = dense_attention(q, k, v, pattern, key_padding_mask=kpm, return_lse=True, **kw)
     _close(out, ref_out, np.float64, "out")
@@ -419,7 +419,7 @@ def test_gemma2(dtype):
     n = 48
     q = rng.standard_normal((1, 4, n, 256))
     k, v = (rng.standard_normal((1, 2, n, 256)) for _ in range(2))
-    _model_check(q, k, v, sa.causal(n, 15), dict(softcap=50.0), dtype, scale=1.0, backward=PATHS)
+    _model_check(q, k, v, sa.causal(n, 15), {"softcap": 50.0}, dtype, scale=1.0, backward=PATHS)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -430,7 +430,7 @@ def test_gpt_oss(dtype):
     q = rng.standard_normal((1, 8, n, 64))
     k, v = (rng.standard_normal((1, 1, n, 64)) for _ in range(2))
     sinks = rng.standard_normal(8) * 2
-    _model_check(q, k, v, sa.causal(n, 127), dict(sinks=sinks), dtype, backward=PATHS)
+    _model_check(q, k, v, sa.causal(n, 127), {"sinks": sinks}, dtype, backward=PATHS)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -455,7 +455,7 @@ def test_gqa_ratios_with_modifiers(h_q, h_kv):
     n = 32
     q = rng.standard_normal((2, h_q, n, 8))
     k, v = (rng.standard_normal((2, h_kv, n, 8)) for _ in range(2))
-    kw = dict(softcap=3.0, alibi_slopes=rng.uniform(0.01, 0.5, (2, h_q)), sinks=rng.standard_normal(h_q))
+    kw = {"softcap": 3.0, "alibi_slopes": rng.uniform(0.01, 0.5, (2, h_q)), "sinks": rng.standard_normal(h_q)}
     _model_check(q, k, v, sa.causal(n, 9) | sa.random_pattern(n, n, 1, seed=h_q), kw, backward=PATHS)
 
 
@@ -466,7 +466,7 @@ def test_decode_rows_at_the_end_of_a_cache(n_q):
     T, W = 300, 64
     q = rng.standard_normal((1, 4, n_q, 32))
     k, v = (rng.standard_normal((1, 2, T, 32)) for _ in range(2))
-    kw = dict(softcap=4.0, alibi_slopes=np.array([0.5, 0.1, 0.02, 0.004]), sinks=rng.standard_normal(4))
+    kw = {"softcap": 4.0, "alibi_slopes": np.array([0.5, 0.1, 0.02, 0.004]), "sinks": rng.standard_normal(4)}
     _model_check(q, k, v, sa.causal(n_q, W - 1, n_k=T, offset=T - n_q), kw, backward=PATHS)
     for dtype in (np.float32,):
         _model_check(q, k, v, sa.causal(n_q, W - 1, n_k=T, offset=T - n_q), kw, dtype, paths_=("fused",))
@@ -478,7 +478,7 @@ def test_head_dims(d):
     n = 40
     q = rng.standard_normal((1, 2, n, d))
     k, v = (rng.standard_normal((1, 2, n, d)) for _ in range(2))
-    kw = dict(softcap=5.0, alibi_slopes=np.array([0.2, 0.05]), sinks=np.array([1.0, -0.5]))
+    kw = {"softcap": 5.0, "alibi_slopes": np.array([0.2, 0.05]), "sinks": np.array([1.0, -0.5])}
     _model_check(q, k, v, sa.causal(n, 20), kw, np.float32, backward=PATHS, scale=0.5)
 
 
@@ -486,7 +486,7 @@ def test_head_dims(d):
 
 
 def _bad_f(s, b, h, i, j):
-    return {"s": s}["s"] + object()  # noqa: nothing Numba can type
+    return {"s": s}["s"] + object()  # nothing Numba can type
 
 
 def _tuple_f(s, b, h, i, j):
@@ -509,26 +509,26 @@ def _call_all(kw):
 
 
 BAD = [
-    (dict(alibi_slopes=np.ones(3)), ValueError, r"alibi_slopes has shape \(3,\)"),
-    (dict(alibi_slopes=np.ones((3, 4))), ValueError, r"alibi_slopes has shape \(3, 4\)"),
-    (dict(alibi_slopes=np.ones((4, 1))), ValueError, r"alibi_slopes has shape \(4, 1\)"),
-    (dict(alibi_slopes=np.ones(4, dtype=bool)), TypeError, r"alibi_slopes must be a real floating-point array"),
-    (dict(alibi_slopes=np.ones(4, dtype=complex)), TypeError, r"alibi_slopes must be a real floating-point array"),
-    (dict(alibi_slopes=np.array(["a"] * 4)), TypeError, r"alibi_slopes must be a real floating-point array"),
-    (dict(alibi_slopes=np.array([0.1, np.nan, 0.1, 0.1])), ValueError, r"alibi_slopes must be finite"),
-    (dict(sinks=np.ones(2)), ValueError, r"sinks has shape \(2,\)"),
-    (dict(sinks=np.ones((2, 4, 1))), ValueError, r"sinks has shape \(2, 4, 1\)"),
-    (dict(sinks=np.ones(4, dtype=bool)), TypeError, r"sinks must be a real floating-point array"),
-    (dict(sinks=np.array([0.0, np.inf, 0.0, 0.0])), ValueError, r"sinks must be finite"),
-    (dict(softcap=0.0), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap=-1.0), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap=np.inf), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap=np.nan), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap=True), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap=np.bool_(True)), ValueError, r"softcap must be a finite positive number"),
-    (dict(softcap="50"), ValueError, r"softcap must be a finite positive number"),
-    (dict(score_mod=lambda s, b, h, i, j: s), TypeError, r"score_mod must be a sparseattn.ScoreMod"),
-    (dict(score_mod=(_alibi_f, _alibi_df)), TypeError, r"score_mod must be a sparseattn.ScoreMod"),
+    ({"alibi_slopes": np.ones(3)}, ValueError, r"alibi_slopes has shape \(3,\)"),
+    ({"alibi_slopes": np.ones((3, 4))}, ValueError, r"alibi_slopes has shape \(3, 4\)"),
+    ({"alibi_slopes": np.ones((4, 1))}, ValueError, r"alibi_slopes has shape \(4, 1\)"),
+    ({"alibi_slopes": np.ones(4, dtype=bool)}, TypeError, r"alibi_slopes must be a real floating-point array"),
+    ({"alibi_slopes": np.ones(4, dtype=complex)}, TypeError, r"alibi_slopes must be a real floating-point array"),
+    ({"alibi_slopes": np.array(["a"] * 4)}, TypeError, r"alibi_slopes must be a real floating-point array"),
+    ({"alibi_slopes": np.array([0.1, np.nan, 0.1, 0.1])}, ValueError, r"alibi_slopes must be finite"),
+    ({"sinks": np.ones(2)}, ValueError, r"sinks has shape \(2,\)"),
+    ({"sinks": np.ones((2, 4, 1))}, ValueError, r"sinks has shape \(2, 4, 1\)"),
+    ({"sinks": np.ones(4, dtype=bool)}, TypeError, r"sinks must be a real floating-point array"),
+    ({"sinks": np.array([0.0, np.inf, 0.0, 0.0])}, ValueError, r"sinks must be finite"),
+    ({"softcap": 0.0}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": -1.0}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": np.inf}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": np.nan}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": True}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": np.bool_(True)}, ValueError, r"softcap must be a finite positive number"),
+    ({"softcap": "50"}, ValueError, r"softcap must be a finite positive number"),
+    ({"score_mod": lambda s, b, h, i, j: s}, TypeError, r"score_mod must be a sparseattn.ScoreMod"),
+    ({"score_mod": (_alibi_f, _alibi_df)}, TypeError, r"score_mod must be a sparseattn.ScoreMod"),
 ]
 
 
@@ -541,7 +541,7 @@ def test_bad_modifier_arguments(kw, exc, match):
 
 def test_score_mod_numba_cannot_compile():
     mod = sa.ScoreMod(_bad_f, _alibi_df)
-    for call in _call_all(dict(score_mod=mod)):
+    for call in _call_all({"score_mod": mod}):
         with pytest.raises(TypeError, match=r"score_mod's f \(_bad_f\) cannot be compiled by Numba"):
             call()
     mod = sa.ScoreMod(_alibi_df, _bad_f)  # the derivative
