@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import paths
+from . import decode, paths
 from .paths import check_path
 from .staged import AttentionWeights
 from .validate import prepare
@@ -91,13 +91,9 @@ def sparse_attention(
     -----
     *Non-finite inputs.*  The result is what IEEE arithmetic gives for
     softmax attention over each row's allowed, non-padded keys only: a NaN or
-    an infinity in ``q[i]`` makes row ``i`` NaN (output and log-sum-exp) if
-    the row has any allowed key; a NaN or an infinity in ``k[j]`` or ``v[j]``
-    affects exactly the rows that attend key ``j``, never another row, and is
-    never turned into zeros.  Scores are ``s_j = scale * q_i . k_j``, the row
-    max propagates NaN, the weights are ``exp(s_j - max)``: a ``+inf`` score,
-    or all scores ``-inf``, give a NaN row; a ``-inf`` score among finite
-    ones gets weight 0, and ``0 * inf`` in ``v`` gives NaN in that column.
+    infinity in ``q[i]`` reaches row ``i`` only, one in ``k[j]`` or ``v[j]``
+    exactly the rows that attend key ``j``; never turned into zeros (the
+    full rules, softcap and sinks included: ``docs/architecture.md``, "Non-finite inputs").
     Every path and :func:`sparseattn.reference.dense_attention` follow this.
 
     Examples
@@ -118,6 +114,10 @@ def sparse_attention(
     """
     check_path(path, return_weights)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    if not (return_weights or check_finite or path == "staged"):
+        done = decode.forward(q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse)
+        if done is not None:
+            return done
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite, modifiers=mods)
     out, lse, weights = paths.forward(prep, path, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)

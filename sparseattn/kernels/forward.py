@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 
 from .mods import mod_cols, mod_one, mod_span
-from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, as_readonly, lanes, pack_panel, pv_block, qk_block
+from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 
@@ -243,6 +243,7 @@ def tiles_forward(
             t = it - si * n_tiles
             s = slices[si]
             sq, sk, sv = qmap[s], kmap[s], vmap[s]  # a broadcast input is one array shared by its slices
+            ks, vs = as_c(k[sk]), as_c(v[sv])  # each stored slice is contiguous (a cache view: not between them)
             kb = slice_batch[s]
             slope = slopes[min(s, slopes.shape[0] - 1)]
             t0 = t * T
@@ -266,7 +267,7 @@ def tiles_forward(
             k1 = tile_k1[t]
             if simd and k1 > k0:
                 _span_simd(
-                    qbuf, k[sk], v[sv], sk, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
+                    qbuf, ks, vs, sk, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
                     kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero, mod, slope, s,
                 )  # fmt: skip
             if not simd and k1 > k0:
@@ -277,7 +278,7 @@ def tiles_forward(
                     b = min(k1, a + step)
                     wd = b - a
                     sm = sbuf[: rows * wd].reshape((rows, wd))
-                    _mm_nt(qt, k[sk, a:b], sm)
+                    _mm_nt(qt, ks[a:b], sm)
                     vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
                     for r in range(rows):
                         lo = max(row_lo[t0 + r], a) - a
@@ -287,10 +288,10 @@ def tiles_forward(
                         mod_span(sm[r], lo, hi, t0 + r, a, mod, slope, s)
                         _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
                     if first:
-                        _mm_nn(sm, v[sv, a:b], acc[:rows])
+                        _mm_nn(sm, vs[a:b], acc[:rows])
                         first = False
                     else:
-                        _mm_nn(sm, v[sv, a:b], tmp[:rows])
+                        _mm_nn(sm, vs[a:b], tmp[:rows])
                         _add_into(acc, tmp, rows)
                     a = b
             if first:
@@ -307,8 +308,8 @@ def tiles_forward(
                     j = sh_cols[c]
                     if use_valid and not key_valid[kb, j]:
                         continue
-                    kj = k[sk, j]
-                    vj = v[sv, j]
+                    kj = ks[j]
+                    vj = vs[j]
                     for r in range(rows):
                         if sh_mask[c * T + r] == 0:
                             continue
@@ -324,9 +325,9 @@ def tiles_forward(
                 for c in range(nc):
                     j = sh_cols[c0 + c]
                     for e in range(d):
-                        kg[c, e] = k[sk, j, e]
+                        kg[c, e] = ks[j, e]
                     for e in range(dv):
-                        vg[c, e] = v[sv, j, e]
+                        vg[c, e] = vs[j, e]
                 sm = sbuf[: rows * nc].reshape((rows, nc))
                 _mm_nt(qt, as_readonly(kg[:nc]), sm)  # the call site of k's slices: one specialisation
                 for r in range(rows):
@@ -352,7 +353,7 @@ def tiles_forward(
                     qi = qt[r]
                     for e in range(ne):
                         j = rs_cols[e0 + e]
-                        kj = k[sk, j]
+                        kj = ks[j]
                         x = zero
                         for c in range(d):
                             x += qi[c] * kj[c]
@@ -366,7 +367,7 @@ def tiles_forward(
                         if p != zero:
                             j = rs_cols[e0 + e]
                             for c in range(dv):
-                                acc[r, c] += p * v[sv, j, c]
+                                acc[r, c] += p * vs[j, c]
                     e0 = eb
             # -- finalise
             for r in range(rows):
@@ -415,6 +416,7 @@ def long_rows_partial(
         it = job - si * n_items
         s = slices[si]
         sq, sk, sv = qmap[s], kmap[s], vmap[s]
+        ks, vs = as_c(k[sk]), as_c(v[sv])
         kb = slice_batch[s]
         g = it_grp[it]
         r0 = grp_ptr[g]
@@ -427,7 +429,7 @@ def long_rows_partial(
             for c in range(d):
                 qg[rr, c] = q[sq, lg_rows[r0 + rr], c] * scale
         sm = sbuf[: nr * wd].reshape((nr, wd))
-        _mm_nt(qg, k[sk, a:b], sm)
+        _mm_nt(qg, ks[a:b], sm)
         o = part_o[si, it_off[it] : it_off[it] + nr]
         for rr in range(nr):
             m[rr] = neg
@@ -435,7 +437,7 @@ def long_rows_partial(
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
             mod_span(sm[rr], np.int64(0), wd, lg_rows[r0 + rr], a, mod, slopes[min(s, slopes.shape[0] - 1)], s)
             _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
-        _mm_nn(sm, v[sv, a:b], o)
+        _mm_nn(sm, vs[a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
             part_l[si, it_off[it] + rr] = l[rr]
