@@ -242,17 +242,6 @@ def _long_items(long_rows, row_runs, T, chunk):
     )
 
 
-def _runs_of(cols):
-    """Maximal runs of consecutive integers in a sorted array, as (starts, stops)."""
-    cols = np.asarray(cols, dtype=np.int64)
-    if len(cols) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    brk = np.flatnonzero(np.diff(cols) != 1) + 1
-    starts = cols[np.concatenate(([0], brk))]
-    stops = cols[np.concatenate((brk - 1, [len(cols) - 1]))] + 1
-    return starts, stops
-
-
 # -- numba helpers (imported lazily: building plans needs numba) ------------------
 class _Helpers:
     def __getattr__(self, name):
