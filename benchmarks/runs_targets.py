@@ -72,10 +72,13 @@ def report_plans():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         p = make()
-        csr_t = best(lambda: build_plan(sa.from_sparse(p.csr), generic=True), 1)
+        try:
+            old = f"{best(lambda: build_plan(sa.from_sparse(p.csr), generic=True), 1)[0] * 1e3:.1f} ms"
+        except MemoryError as e:  # the guard refuses the CSR (causal(131072): 8.6 G entries)
+            old = f"refused ({type(e).__name__})"
         print(f"build+plan {name}: {new[0] * 1e3:.1f} ms (median {new[1] * 1e3:.1f}), kind {plan.kind}, "
               f"planner peak {peak / 2**20:.1f} MiB, plan {plan.nbytes / 2**20:.1f} MiB, nnz {p.nnz}; "
-              f"from CSR (incl. .csr) {csr_t[0] * 1e3:.1f} ms  (target <= 20 ms)")
+              f"from CSR (incl. .csr) {old}  (target <= 20 ms)")
 
 
 FIRST_CALL = r"""
