@@ -24,8 +24,11 @@ threads share, and merged with the log-sum-exp formula.
 Every nonzero of the pattern is covered by exactly one of these (checked in
 ``tests/test_plan.py``).  Building a plan never makes an ``n x n`` anything:
 sliding windows (dilation 1, any offset), global tokens and unions of them
-are planned from their parameters in O(n); any other pattern from its CSR in
-O(nnz).
+are planned from their parameters in O(n); other run patterns (causal,
+documents, prefix-LM, neighbourhoods, their unions and intersections: see
+:mod:`sparseattn.patterns.runsets`) from their runs in O(n * runs per row),
+never building their CSR; any other pattern from the maximal runs of its CSR
+in O(nnz).
 Plans are cached by the pattern's identity (:func:`get_plan`).
 
 Examples
@@ -48,6 +51,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..patterns import runsets
 from ..patterns.base import Union
 from ..patterns.base import Pattern
 from ..patterns.builders import GlobalTokens
@@ -109,7 +113,8 @@ class TilePlan:
         items of group ``g`` are ``grp_it_ptr[g]:grp_it_ptr[g+1]``; partial row
         ``rr`` of item ``i`` lives at ``it_off[i] + rr``.
     kind : str
-        ``"structured"`` (planned from builder parameters) or ``"generic"`` (from CSR).
+        ``"structured"`` (planned from a band's and global tokens' parameters), ``"runs"`` (from the
+        pattern's runs) or ``"generic"`` (from the maximal runs of its CSR).
     """
 
     def __init__(self, **fields):
@@ -237,17 +242,6 @@ def _long_items(long_rows, row_runs, T, chunk):
     )
 
 
-def _runs_of(cols):
-    """Maximal runs of consecutive integers in a sorted array, as (starts, stops)."""
-    cols = np.asarray(cols, dtype=np.int64)
-    if len(cols) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    brk = np.flatnonzero(np.diff(cols) != 1) + 1
-    starts = cols[np.concatenate(([0], brk))]
-    stops = cols[np.concatenate((brk - 1, [len(cols) - 1]))] + 1
-    return starts, stops
-
-
 # -- numba helpers (imported lazily: building plans needs numba) ------------------
 class _Helpers:
     def __getattr__(self, name):
@@ -338,37 +332,74 @@ def _structured_plan(p, band, g, T, chunk):
     )
 
 
-def _generic_plan(p, T, chunk, long_min):
+def _longest_runs(ptr, run_lo, run_hi, is_long, min_run):
+    """Each row's longest run ``[lo, hi)`` (the first of equal ones; empty if shorter than ``min_run`` or long)."""
+    n_q = len(ptr) - 1
+    lo = np.zeros(n_q, np.int64)
+    hi = np.zeros(n_q, np.int64)
+    per_row = np.diff(ptr)
+    if np.all(per_row <= 1):  # one run per row at most: that run
+        has = per_row == 1
+        take = has & ~is_long
+        take[has] &= (run_hi - run_lo) >= min_run
+        lo[take], hi[take] = run_lo[take[has]], run_hi[take[has]]
+        return lo, hi
+    nonempty = np.flatnonzero(per_row > 0)
+    if len(nonempty) == 0:
+        return lo, hi
+    lens = run_hi - run_lo
+    best = np.zeros(n_q, np.int64)
+    best[nonempty] = np.maximum.reduceat(lens, ptr[nonempty])
+    row = np.repeat(np.arange(n_q, dtype=np.int64), np.diff(ptr))
+    cand = np.flatnonzero(lens == best[row])
+    first = cand[np.concatenate(([True], row[cand][1:] != row[cand][:-1]))]
+    r = row[first]
+    take = (lens[first] >= min_run) & ~is_long[r]
+    lo[r[take]] = run_lo[first[take]]
+    hi[r[take]] = run_hi[first[take]]
+    return lo, hi
+
+
+def _tile_quartile(counts, T):
+    """Per row, the lower quartile of its tile's row counts: a long row is long next to its own tile's rows.
+
+    (Rows late in a long causal document are all long, and a span serves them best; a global row among
+    band rows is long next to them.)
+    """
+    n_q = len(counts)
+    n_tiles = -(-n_q // T)
+    grid = np.full(n_tiles * T, np.iinfo(np.int64).max, np.int64)
+    grid[:n_q] = counts
+    grid = np.sort(grid.reshape(n_tiles, T), axis=1)
+    in_tile = np.minimum(T, n_q - np.arange(n_tiles) * T)
+    q = grid[np.arange(n_tiles), in_tile // 4]
+    return np.repeat(q, T)[:n_q]
+
+
+def _runs_plan(p, runs, T, chunk, long_min, kind):
+    """The plan of any pattern from its runs (a run pattern's own, or a CSR's maximal runs): O(rows + runs).
+
+    Each row's longest run (at least :data:`MIN_RUN` keys) is its span; a tile keeps its span when the runs
+    fill at least :data:`MIN_SPAN_FILL` of it; the other runs' keys become shared columns or residuals.
+    """
     n_q, n_k = p.shape
-    csr = p.csr
-    indptr = np.asarray(csr.indptr, dtype=np.int64)
-    indices = np.asarray(csr.indices, dtype=np.int64)
-    counts = np.diff(indptr)
+    ptr, run_lo, run_hi = runs
+    counts = runsets.counts(ptr, run_lo, run_hi)
     med = float(np.median(counts)) if n_q else 0.0
-    is_long = counts > max(long_min, LONG_FACTOR * med)
     if T is None:
         T = _tile_rows_for(max(int(med), 1))
-    h = _helpers()
-    lo, hi = h.longest_runs(indptr, indices, is_long, MIN_RUN)
-    # keep a tile's span only when the runs fill enough of it
-    k0, k1 = _span_of_tiles(lo, hi, T, n_k)
-    t_of = np.arange(n_q) // T
-    covered = np.add.reduceat(hi - lo, np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
-    n_rows = np.add.reduceat((~is_long).astype(np.int64), np.arange(0, n_q, T)) if n_q else covered
-    keep = covered >= MIN_SPAN_FILL * (k1 - k0) * np.maximum(n_rows, 1)
-    drop_row = ~keep[t_of] if n_q else np.zeros(0, bool)
-    lo[drop_row] = 0
-    hi[drop_row] = 0
-    k0 = np.where(keep, k0, 0)
-    k1 = np.where(keep, k1, 0)
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = h.leftovers(indptr, indices, is_long, lo, hi, T, n_k)
+    is_long = (counts > max(long_min, LONG_FACTOR * med)) & (counts > LONG_FACTOR * _tile_quartile(counts, T))
+    lo, hi = _longest_runs(ptr, run_lo, run_hi, is_long, MIN_RUN)
+    # a tile's span: the hull of its rows' runs, or of the best cluster of them, when they fill enough of it
+    k0, k1 = _helpers().tile_spans(lo, hi, is_long, T, MIN_SPAN_FILL)
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = _helpers().leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k)
     long_rows = np.flatnonzero(is_long)
-    runs = [_runs_of(indices[indptr[r] : indptr[r + 1]]) for r in long_rows]
-    longs = _long_items(long_rows, runs, T, chunk)
+    row_runs = [(run_lo[ptr[r] : ptr[r + 1]], run_hi[ptr[r] : ptr[r + 1]]) for r in long_rows]
+    longs = _long_items(long_rows, row_runs, T, chunk)
     rs_tile = np.add.reduceat(np.diff(rs_ptr), np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
     cost = _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile)
     return dict(
-        kind="generic",
+        kind=kind,
         tile_rows=T,
         tile_k0=k0.astype(np.int64),
         tile_k1=k1.astype(np.int64),
@@ -382,6 +413,12 @@ def _generic_plan(p, T, chunk, long_min):
         tile_cost=cost.astype(np.int64),
         **longs,
     )
+
+
+def _generic_plan(p, T, chunk, long_min):
+    csr = p.csr
+    runs = runsets.from_csr(csr.indptr, csr.indices)
+    return _runs_plan(p, runs, T, chunk, long_min, "generic")
 
 
 def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=False):
@@ -401,7 +438,7 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
         rows (generic planner; the structured planner makes global tokens'
         rows long).
     generic : bool
-        Force the CSR-based planner even when the pattern's structure is known.
+        Force the CSR-based planner even when the pattern's structure or runs are known.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparseattn Pattern, got {type(pattern).__name__}")
@@ -414,6 +451,9 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
     struct = None if generic else _structure(pattern)
     if struct is not None:
         fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
+    elif not generic and pattern.has_runs:
+        runs = pattern.row_runs(0, pattern.shape[0])
+        fields = _runs_plan(pattern, runs, tile_rows, chunk, long_min, "runs")
     else:
         fields = _generic_plan(pattern, tile_rows, chunk, long_min)
     return TilePlan(shape=pattern.shape, chunk=chunk, **fields)
