@@ -172,6 +172,9 @@ def _compile_forward(dtype_name):
     mask = np.zeros((1, q.shape[1]), dtype=bool)
     mask[0, -3:] = True
     forward(prepare(q[None], k[None], v[None], pattern, None, mask), "fused")
+    # k and v as views of a larger cache (a decode step): the kernels' specialisation for such views
+    kv = np.concatenate([k, v], axis=1)
+    forward(prepare(q, kv[:, : k.shape[1]], kv[:, : k.shape[1]], pattern), "fused")
 
 
 def _compile_backward(dtype_name):
