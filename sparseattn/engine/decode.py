@@ -138,7 +138,7 @@ def forward(q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse):
     from .modifiers import check_modifiers
     from .validate import prepare
 
-    if not all(getattr(x, "dtype", np.dtype(object)).kind == "f" for x in (q, k, v)):
+    if not all(isinstance(x, np.ndarray) and x.dtype.kind == "f" for x in (q, k, v)):
         return None  # bad input: the full validation names it in the user's shapes
     rw = rewrite(q, k, v, pattern, key_padding_mask, mods)
     if rw is None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mods import active, mod_grad
+from .mods import active, mod_grad, mod_grad_span
 from .simd import _FM, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
 
 __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
@@ -58,17 +58,9 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, sl
         dprow[j] = zero
     x = srow[lo:hi]
     y = dprow[lo:hi]
-    if active(mod):
-        for j in range(x.shape[0]):
-            if use_valid and not vrow[lo + j]:
-                x[j] = zero
-                y[j] = zero
-                continue
-            sm, fac = mod_grad(x[j], i, j0 + lo + j, mod, slope, sl)
-            p = _exp(sm - li)
-            x[j] = p
-            y[j] = p * (y[j] - di) * fac
-        return
+    if active(mod):  # x <- s', y <- (y - D) ds'/ds, then the plain loops below with D = 0
+        mod_grad_span(srow, dprow, lo, hi, i, j0, di, mod, slope, sl)
+        di = zero
     if use_valid:
         vv = vrow[lo:hi]
         for j in range(x.shape[0]):
