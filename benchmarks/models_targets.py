@@ -840,7 +840,7 @@ def section_head_dims(rep, args):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run at small sizes (< 2 minutes, warm Numba cache)")
+    ap.add_argument("--quick", action="store_true", help="smoke run at small sizes (about 1-2.5 minutes with a warm Numba cache, most of it the ScoreMod compile)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--prefill-heads", type=_heads, default=None, help="query/kv heads of the prefill (default 8/2)")
