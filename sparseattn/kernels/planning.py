@@ -259,7 +259,7 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
                 cand[nc] = k
                 crow[nc] = r - r0
                 nc += 1
-        order = np.argsort(run_lo[cand[:nc]])
+        order = _start_order(cand, crow, nc, run_lo)
         x = 0
         while x < nc:
             cb = run_hi[cand[order[x]]]
@@ -320,3 +320,37 @@ def _grown(a, n):
     out = np.zeros(n, dtype=a.dtype)
     out[: a.shape[0]] = a
     return out
+
+
+@njit(cache=True, nogil=True)
+def _start_order(cand, crow, nc, run_lo):
+    """The candidates ``cand[:nc]`` (row by row, each row's runs sorted) ordered by start.
+
+    Rows with as many runs each whose ``j``-th runs come before all ``(j+1)``-th ones (a neighbourhood's
+    kernel rows) are taken run index by run index, in O(nc); anything else is sorted.
+    """
+    order = np.empty(nc, dtype=np.int64)
+    if nc == 0:
+        return order
+    rows = 1
+    for z in range(1, nc):
+        if crow[z] != crow[z - 1]:
+            rows += 1
+    per = nc // rows
+    ok = per * rows == nc
+    if ok:
+        for z in range(nc):
+            if crow[z] != crow[(z // per) * per]:
+                ok = False
+                break
+    if ok:
+        for j in range(per):
+            for i in range(rows):
+                order[j * rows + i] = i * per + j
+        for z in range(1, nc):
+            if run_lo[cand[order[z]]] < run_lo[cand[order[z - 1]]]:
+                ok = False
+                break
+    if not ok:
+        order = np.argsort(run_lo[cand[:nc]])
+    return order
