@@ -68,6 +68,8 @@ LONG_FACTOR = 8
 MIN_RUN = 8
 #: a span is kept only when the rows' runs fill at least this fraction of it
 MIN_SPAN_FILL = 0.5
+#: keys per micro-kernel panel assumed by the extra spans' fill rule (narrow runs waste most of a panel)
+PANEL = 16
 #: number of cached plans
 CACHE_SIZE = 8
 
@@ -323,7 +325,7 @@ def _runs_plan(p, runs, T, chunk, long_min, kind):
     # a tile's span: the hull of its rows' runs, or of the best cluster of them, when they fill enough of it
     k0, k1 = _helpers().tile_spans(lo, hi, is_long, T, MIN_SPAN_FILL)
     # the runs outside the spans: extra spans where they cluster, else shared columns or residuals
-    *xs, in_span = _helpers().extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, MIN_SPAN_FILL, MIN_RUN)
+    *xs, in_span = _helpers().extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, MIN_SPAN_FILL, MIN_RUN, PANEL)
     xs = dict(zip(("xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi"), xs))
     sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = _helpers().leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k)
     long_rows = np.flatnonzero(is_long)

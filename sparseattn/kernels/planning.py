@@ -208,15 +208,16 @@ def plan_tile_spans(lo, hi, is_long, T, min_fill):
 
 
 @njit(cache=True, nogil=True)
-def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_width):
+def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_width, panel):
     """Extra spans per tile for the runs outside its span ``[lo, hi)`` (rows with several runs, split tiles).
 
     A tile's other runs are sorted by start and cut into clusters of overlapping runs; a cluster at least
     ``min_width`` keys wide whose runs (one per row: a row's second run in a cluster stays out) fill at
-    least ``min_fill`` of the hulls of its 6-row register blocks (times their rows) becomes an extra span
+    least ``min_fill`` of the hulls of its 6-row register blocks (rounded up to ``panel`` keys, the
+    micro-kernels' unit, times their rows) becomes an extra span
     ``[xs_k0[x], xs_k1[x])`` with row ``r`` of the tile running over ``[xs_lo[x*T + r], xs_hi[x*T + r])``.
-    A 2-D neighbourhood's tile of one grid row gets one per kernel row, a tile across two documents one
-    for the second.  Returns ``xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi`` and ``in_span`` (per run: in the
+    A tile across two documents gets one for the second, a 2-D neighbourhood with wide kernel rows one
+    per kernel row (7-key rows fill too little of a panel: they stay per-row residuals, which run faster).  Returns ``xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi`` and ``in_span`` (per run: in the
     tile's span or an extra span).  Time O(runs log runs per tile), memory O(runs + the extras).
     """
     n_q = ptr.shape[0] - 1
@@ -291,7 +292,7 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
             area = np.int64(0)
             for g in range(ng):
                 if gn[g] > 0:
-                    area += gn[g] * (gb[g] - ga[g])
+                    area += gn[g] * ((gb[g] - ga[g] + panel - 1) // panel * panel)
             if sb - sa >= min_width and cov >= min_fill * area:
                 if nx == cap:
                     cap *= 2
