@@ -9,8 +9,11 @@
   (tracemalloc);
 - the first call of ``documents(64 random) & causal(65536)``, 2 heads, d 32, float32 (pattern, plan and
   attention, kernels from the cache) in a fresh process: target <= 5 s and a peak resident set <= 2 GiB;
-- a dilated window ``sliding_window(8192, 512, dilation=2)`` against the undilated band of the same keys per row,
-  and the short rows (band radius 32, causal window 128; 12 heads, d 64, n 8192) against the float32 GEMM.
+- a dilated window ``sliding_window(8192, 512, dilation=2)`` (regrouped into one band per residue class,
+  ``engine/regroup.py``), forward and forward + backward, against the undilated band of the same keys per row
+  and against the same window given as CSR (the route before the regrouping), paired in alternation;
+- the short rows (band radius 32, causal window 128; 12 heads, d 64, n 8192) and the 2-D neighbourhood 7x7
+  (128 x 128 tokens, 4 heads, d 64: extra spans per tile) against the float32 GEMM.
 Prints one line per measurement, the ratios, the CPU's vector features and the BLAS kernel.
 """
 
@@ -77,7 +80,8 @@ def report_plans():
         except MemoryError as e:  # the guard refuses the CSR (causal(131072): 8.6 G entries)
             old = f"refused ({type(e).__name__})"
         print(f"build+plan {name}: {new[0] * 1e3:.1f} ms (median {new[1] * 1e3:.1f}), kind {plan.kind}, "
-              f"planner peak {peak / 2**20:.1f} MiB, plan {plan.nbytes / 2**20:.1f} MiB, nnz {p.nnz}; "
+              f"planner peak {peak / 2**20:.1f} MiB, plan {plan.nbytes / 2**20:.1f} MiB, nnz {p.nnz}, "
+              f"extra spans {len(plan.xs_k0)}, shared {len(plan.sh_cols)}, residual {len(plan.rs_cols)}; "
               f"from CSR (incl. .csr) {old}  (target <= 20 ms)")
 
 
@@ -114,15 +118,48 @@ def gflops(pattern, heads, d, repeats=3):
     return 4.0 * pattern.nnz * d * heads / t / 1e9, t
 
 
+def paired(patterns, heads, d, rounds=5, backward=False):
+    """Best seconds per pattern, the calls alternating (forward, or forward + backward), for one nnz each."""
+    q, k, v = benchlib.qkv(heads, patterns[0].shape[0], d, np.float32)
+    go = np.ones_like(q)
+
+    def call(p):
+        out, lse = sa.sparse_attention(q, k, v, p, path="fused", return_lse=True)
+        if backward:
+            sa.sparse_attention_backward(go, q, k, v, p, out, lse, path="fused")
+
+    times = [[] for _ in patterns]
+    for p in patterns:
+        call(p)
+    for _ in range(rounds):
+        for i, p in enumerate(patterns):
+            t0 = time.perf_counter()
+            call(p)
+            times[i].append(time.perf_counter() - t0)
+    return [min(t) for t in times]
+
+
+def report_dilated(n):
+    dil = sa.sliding_window(n, 512, dilation=2)
+    band = sa.sliding_window(n, 256)
+    as_csr = sa.from_sparse(dil.csr)  # the route before the regrouping: planned from the CSR's runs
+    for what, backward, flops in (("forward", False, 4.0), ("forward+backward", True, 14.0)):
+        t_dil, t_band, t_csr = paired([dil, band, as_csr], 12, 64, backward=backward)
+        rate = lambda p, t: flops * p.nnz * 64 * 12 / t / 1e9  # noqa: E731
+        print(f"dilated r512/2 n={n} {what}: regrouped {rate(dil, t_dil):.0f} GFLOP/s ({t_dil * 1e3:.1f} ms), "
+              f"undilated r256 {rate(band, t_band):.0f} GFLOP/s ({t_band * 1e3:.1f} ms), as CSR "
+              f"{rate(as_csr, t_csr):.0f} GFLOP/s ({t_csr * 1e3:.1f} ms): {t_band / t_dil * dil.nnz / band.nnz:.0%} "
+              f"of the band (target >= 70%), {t_csr / t_dil:.2f}x the CSR route")
+
+
 def report_rates():
     n = 2048 if QUICK else 8192
     gemm = benchlib.gemm_rate()["gemm_gflops"]
-    dil, t_dil = gflops(sa.sliding_window(n, 512, dilation=2), 12, 64)
-    band, t_band = gflops(sa.sliding_window(n, 256), 12, 64)
-    print(f"dilated r512/2 n={n}: {dil:.0f} GFLOP/s ({t_dil * 1e3:.1f} ms), undilated r256 {band:.0f} GFLOP/s "
-          f"({t_band * 1e3:.1f} ms): {dil / band:.0%} (target >= 70%)")
-    for name, p in (("band r32", sa.sliding_window(n, 32)), ("causal window 128", sa.causal(n, 127))):
-        rate, t = gflops(p, 12, 64)
+    report_dilated(n)
+    grid = (32, 64) if QUICK else (128, 128)
+    for name, p, heads in (("band r32", sa.sliding_window(n, 32), 12), ("causal window 128", sa.causal(n, 127), 12),
+                           (f"neighborhood({grid}, 7)", sa.neighborhood(grid, 7), 4)):  # fmt: skip
+        rate, t = gflops(p, heads, 64)
         print(f"{name} n={n}: {rate:.0f} GFLOP/s ({t * 1e3:.1f} ms), {rate / gemm:.0%} of the float32 GEMM "
               f"({gemm:.0f} GFLOP/s)")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import decode, paths
+from . import decode, paths, regroup
 from .paths import check_path
 from .staged import AttentionWeights
 from .validate import prepare
@@ -116,6 +116,9 @@ def sparse_attention(
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
     if not (return_weights or check_finite or path == "staged"):
         done = decode.forward(q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse)
+        if done is not None:
+            return done
+        done = regroup.forward(sparse_attention, q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse)
         if done is not None:
             return done
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite, modifiers=mods)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import paths
+from . import paths, regroup
 from .paths import check_path
 from .scan import first_nonfinite
 from .validate import prepare
@@ -130,6 +130,10 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     """
     check_path(path)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    args = (grad_out, q, k, v, pattern, out, lse, scale, key_padding_mask, mods, path)
+    done = None if check_finite else regroup.backward(sparse_attention_backward, *args)
+    if done is not None:
+        return done  # a dilated window, class by class as plain bands
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite,
                    caller="sparse_attention_backward", modifiers=mods)  # fmt: skip
     n_q = prep.n_q

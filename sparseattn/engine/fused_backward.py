@@ -167,7 +167,8 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             # ranges never cross a slice: a thread's key buffers hold one slice at a time
             bounds = np.union1d(bounds, np.arange(0, ns * n_tiles + 1, max(1, n_tiles))).astype(np.int64)
             const = (q, k, v, qmap, kmap, vmap, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
-                     plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
+                     plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
+                     plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
                      plan.rs_cols, sc, kv, sb, use_valid, mod, slopes)  # fmt: skip
 
             def tiles(b0, b1, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v):

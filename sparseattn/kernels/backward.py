@@ -103,10 +103,13 @@ def _touch(j, mark, cols, lohi):
 
 @njit(nogil=True, fastmath=_FM)
 def _span_grad_simd(
-    qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
+    qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf, dqacc,
     kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
 ):  # fmt: skip
-    """One tile's span ``[k0, k1)`` through the micro-kernels (see the module docstring)."""
+    """One span ``[k0, k1)`` of the tile of rows ``t0..`` through the micro-kernels (see the module docstring).
+
+    Row ``r``'s run is ``[row_lo[rb + r], row_hi[rb + r])`` (the tile's span or one of its extra spans).
+    """
     d = ks.shape[1]
     dv = vs.shape[1]
     n_k = ks.shape[0]
@@ -133,8 +136,8 @@ def _span_grad_simd(
             for r in range(6 * g, min(rows, 6 * g + 6)):
                 if not live[r]:
                     continue
-                lo = max(row_lo[t0 + r], a) - a
-                hi = min(row_hi[t0 + r], b) - a
+                lo = max(row_lo[rb + r], a) - a
+                hi = min(row_hi[rb + r], b) - a
                 if hi > lo:
                     lo_g = min(lo_g, lo)
                     hi_g = max(hi_g, hi)
@@ -160,8 +163,8 @@ def _span_grad_simd(
         # 2. P and dS, row by row
         vrow = kvrow[a:b] if use_valid else kvrow[:0]
         for r in range(rows):
-            lo = max(row_lo[t0 + r], a) - a
-            hi = min(row_hi[t0 + r], b) - a
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
             if hi < lo or not live[r]:
                 lo = 0
                 hi = 0
@@ -193,10 +196,53 @@ def _span_grad_simd(
         a = b
 
 
+@njit(nogil=True, fastmath=_FM)
+def _span_grad_blas(
+    qt, dot, dqt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf,
+    tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
+):  # fmt: skip
+    """The span ``[k0, k1)`` through BLAS (``d`` or ``d_v`` not a multiple of 2 vectors)."""
+    d = ks.shape[1]
+    dv = vs.shape[1]
+    nch = (k1 - k0 + chunk - 1) // chunk
+    step = (k1 - k0 + nch - 1) // nch
+    a = k0
+    while a < k1:
+        b = min(k1, a + step)
+        wd = b - a
+        sm = sbuf[: rows * wd].reshape((rows, wd))
+        dpm = dpbuf[: rows * wd].reshape((rows, wd))
+        _mm_nt(qt, ks[a:b], sm)
+        _mm_nt(dot, vs[a:b], dpm)
+        vrow = kvrow[a:b] if use_valid else kvrow
+        for r in range(rows):
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
+            if hi < lo or not live[r]:
+                lo = 0
+                hi = 0
+            _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, sl)
+        _mm_nn(dpm, ks[a:b], tmpq[:rows])
+        for r in range(rows):
+            for c in range(d):
+                dqt[r, c] += tmpq[r, c]
+        _mm_tn(dpm, qt, tmpk[:wd])
+        _mm_tn(sm, dot, tmpv[:wd])
+        for j in range(wd):
+            for c in range(d):
+                dkb[a + j, c] += tmpk[j, c]
+            for c in range(dv):
+                dvb[a + j, c] += tmpv[j, c]
+        lohi[0] = min(lohi[0], a)
+        lohi[1] = max(lohi[1], b)
+        a = b
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid, mod, slopes,
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    scale, key_valid, slice_batch, use_valid, mod, slopes,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
     """Backward over the tile items ``[it_begin, it_end)``, all of one slice (``it = si * n_tiles + t``).
@@ -264,48 +310,25 @@ def tiles_backward(
         qt = qbuf[: rows * d].reshape((rows, d))
         dot = dobuf[: rows * dv].reshape((rows, dv))
         dqt = dqacc[: rows * d].reshape((rows, d))
-        # -- 1. the contiguous span
-        k0 = tile_k0[t]
-        k1 = tile_k1[t]
-        if simd and k1 > k0:
-            _span_grad_simd(
-                qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
-                kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
-                mod, slope, s,
-            )  # fmt: skip
-        if not simd and k1 > k0:
-            nch = (k1 - k0 + chunk - 1) // chunk
-            step = (k1 - k0 + nch - 1) // nch
-            a = k0
-            while a < k1:
-                b = min(k1, a + step)
-                wd = b - a
-                sm = sbuf[: rows * wd].reshape((rows, wd))
-                dpm = dpbuf[: rows * wd].reshape((rows, wd))
-                _mm_nt(qt, k[sk, a:b], sm)
-                _mm_nt(dot, v[sv, a:b], dpm)
-                vrow = kvrow[a:b] if use_valid else kvrow
-                for r in range(rows):
-                    lo = max(row_lo[t0 + r], a) - a
-                    hi = min(row_hi[t0 + r], b) - a
-                    if hi < lo or not live[r]:
-                        lo = 0
-                        hi = 0
-                    _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, s)
-                _mm_nn(dpm, k[sk, a:b], tmpq[:rows])
-                for r in range(rows):
-                    for c in range(d):
-                        dqt[r, c] += tmpq[r, c]
-                _mm_tn(dpm, qt, tmpk[:wd])
-                _mm_tn(sm, dot, tmpv[:wd])
-                for j in range(wd):
-                    for c in range(d):
-                        dkb[a + j, c] += tmpk[j, c]
-                    for c in range(dv):
-                        dvb[a + j, c] += tmpv[j, c]
-                lohi[0] = min(lohi[0], a)
-                lohi[1] = max(lohi[1], b)
-                a = b
+        # -- 1. the contiguous span, then the extra spans
+        for x in range(xs_ptr[t] - 1, xs_ptr[t + 1]):
+            main = x < xs_ptr[t]
+            k0 = tile_k0[t] if main else xs_k0[x]
+            k1 = tile_k1[t] if main else xs_k1[x]
+            lo_a = row_lo if main else xs_lo
+            hi_a = row_hi if main else xs_hi
+            rb = t0 if main else x * T
+            if simd and k1 > k0:
+                _span_grad_simd(
+                    qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, live, sbuf, dpbuf, dqacc,
+                    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
+                    mod, slope, s,
+                )  # fmt: skip
+            if not simd and k1 > k0:
+                _span_grad_blas(
+                    qt, dot, dqt, k[sk], v[sv], rows, k0, k1, chunk, lo_a, hi_a, rb, t0, live, sbuf, dpbuf,
+                    tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, s,
+                )  # fmt: skip
         # -- 2. shared gathered columns, 3. per-row residual columns: direct per-entry loops
         for c in range(sh_ptr[t], sh_ptr[t + 1]):
             j = sh_cols[c]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["plan_shared_globals", "plan_leftovers", "plan_tile_spans"]
+__all__ = ["plan_extra_spans", "plan_leftovers", "plan_shared_globals", "plan_tile_spans"]
 
 
 @njit(cache=True, nogil=True)
@@ -47,14 +47,13 @@ def plan_shared_globals(lo, hi, is_long, g, T):
 
 
 @njit(cache=True, nogil=True)
-def plan_leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k):
-    """Split each tile's keys outside the rows' spans ``[lo, hi)`` into shared columns and per-row residuals.
+def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
+    """Split each tile's keys outside the spans into shared columns and per-row residuals.
 
-    The keys come as runs (``ptr``, ``run_lo``, ``run_hi``); a row's span is
-    one of its runs or empty, so a run is either the span or outside it.  A
-    column used by at least a quarter of the tile's rows (and by two or more)
-    becomes shared; the rest stays with its row.  Time O(keys outside the
-    spans), memory O(n_k + the plan).
+    The keys come as runs (``ptr``, ``run_lo``, ``run_hi``); ``in_span[k]`` tells whether run ``k`` is a
+    row's run inside one of its tile's spans (see :func:`plan_extra_spans`).  A column used by at least a
+    quarter of the tile's rows (and by two or more) becomes shared; the rest stays with its row.  Time
+    O(keys outside the spans), memory O(n_k + the plan).
     """
     n_q = ptr.shape[0] - 1
     n_tiles = (n_q + T - 1) // T
@@ -84,7 +83,7 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k):
                 if is_long[r]:
                     continue
                 for k in range(ptr[r], ptr[r + 1]):
-                    if lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
+                    if in_span[k]:
                         continue  # the span
                     for j in range(run_lo[k], run_hi[k]):
                         cnt[j] += 1
@@ -96,7 +95,7 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k):
                 if is_long[r]:
                     continue
                 for k in range(ptr[r], ptr[r + 1]):
-                    if lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
+                    if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         if cnt[j] >= thr:
@@ -120,7 +119,7 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k):
                     continue
                 pos = rs_ptr[r]
                 for k in range(ptr[r], ptr[r + 1]):
-                    if lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
+                    if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         if cnt[j] <= -2:
@@ -135,7 +134,7 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, lo, hi, T, n_k):
                 if is_long[r]:
                     continue
                 for k in range(ptr[r], ptr[r + 1]):
-                    if lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
+                    if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         cnt[j] = 0
@@ -206,3 +205,153 @@ def plan_tile_spans(lo, hi, is_long, T, min_fill):
                 lo[r] = 0
                 hi[r] = 0
     return k0, k1
+
+
+@njit(cache=True, nogil=True)
+def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_width, panel):
+    """Extra spans per tile for the runs outside its span ``[lo, hi)`` (rows with several runs, split tiles).
+
+    A tile's other runs are sorted by start and cut into clusters of overlapping runs; a cluster at least
+    ``min_width`` keys wide whose runs (one per row: a row's second run in a cluster stays out) fill at
+    least ``min_fill`` of the hulls of its 6-row register blocks (rounded up to ``panel`` keys, the
+    micro-kernels' unit, times their rows) becomes an extra span
+    ``[xs_k0[x], xs_k1[x])`` with row ``r`` of the tile running over ``[xs_lo[x*T + r], xs_hi[x*T + r])``.
+    A tile across two documents gets one for the second, a 2-D neighbourhood with wide kernel rows one
+    per kernel row (7-key rows fill too little of a panel: they stay per-row residuals, which run faster).  Returns ``xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi`` and ``in_span`` (per run: in the
+    tile's span or an extra span).  Time O(runs log runs per tile), memory O(runs + the extras).
+    """
+    n_q = ptr.shape[0] - 1
+    n_tiles = (n_q + T - 1) // T
+    in_span = np.zeros(run_lo.shape[0], dtype=np.uint8)
+    xs_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
+    cap = 16
+    xs_k0 = np.empty(cap, dtype=np.int64)
+    xs_k1 = np.empty(cap, dtype=np.int64)
+    xs_lo = np.zeros(cap * T, dtype=np.int64)
+    xs_hi = np.zeros(cap * T, dtype=np.int64)
+    nx = 0
+    cand = np.empty(64, dtype=np.int64)
+    crow = np.empty(64, dtype=np.int64)
+    ng = (T + 5) // 6
+    ga = np.empty(ng, dtype=np.int64)
+    gb = np.empty(ng, dtype=np.int64)
+    gn = np.empty(ng, dtype=np.int64)
+    mark = np.full(T, -1, dtype=np.int64)
+    pick = np.zeros(T, dtype=np.int64)
+    cid = 0
+    for t in range(n_tiles):
+        r0 = t * T
+        r1 = min(n_q, r0 + T)
+        nc = 0
+        for r in range(r0, r1):
+            if is_long[r]:
+                continue
+            for k in range(ptr[r], ptr[r + 1]):
+                if hi[r] > lo[r] and lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
+                    in_span[k] = 1
+                    continue
+                if nc == cand.shape[0]:
+                    grown = np.empty(2 * nc, dtype=np.int64)
+                    grown[:nc] = cand[:nc]
+                    cand = grown
+                    grown = np.empty(2 * nc, dtype=np.int64)
+                    grown[:nc] = crow[:nc]
+                    crow = grown
+                cand[nc] = k
+                crow[nc] = r - r0
+                nc += 1
+        order = _start_order(cand, crow, nc, run_lo)
+        x = 0
+        while x < nc:
+            cb = run_hi[cand[order[x]]]
+            y = x
+            while y < nc and run_lo[cand[order[y]]] < cb:
+                cb = max(cb, run_hi[cand[order[y]]])
+                y += 1
+            for g in range(ng):
+                ga[g] = np.iinfo(np.int64).max
+                gb[g] = 0
+                gn[g] = 0
+            sa = np.iinfo(np.int64).max
+            sb = np.int64(0)
+            cov = np.int64(0)
+            for z in range(x, y):
+                k = cand[order[z]]
+                rr = crow[order[z]]
+                if mark[rr] == cid:
+                    continue  # one run per row and span
+                mark[rr] = cid
+                pick[rr] = k
+                g = rr // 6
+                ga[g] = min(ga[g], run_lo[k])
+                gb[g] = max(gb[g], run_hi[k])
+                gn[g] += 1
+                sa = min(sa, run_lo[k])
+                sb = max(sb, run_hi[k])
+                cov += run_hi[k] - run_lo[k]
+            area = np.int64(0)
+            for g in range(ng):
+                if gn[g] > 0:
+                    area += gn[g] * ((gb[g] - ga[g] + panel - 1) // panel * panel)
+            if sb - sa >= min_width and cov >= min_fill * area:
+                if nx == cap:
+                    cap *= 2
+                    xs_k0 = _grown(xs_k0, cap)
+                    xs_k1 = _grown(xs_k1, cap)
+                    xs_lo = _grown(xs_lo, cap * T)
+                    xs_hi = _grown(xs_hi, cap * T)
+                xs_k0[nx] = sa
+                xs_k1[nx] = sb
+                for rr in range(T):
+                    xs_lo[nx * T + rr] = 0
+                    xs_hi[nx * T + rr] = 0
+                    if mark[rr] == cid:
+                        xs_lo[nx * T + rr] = run_lo[pick[rr]]
+                        xs_hi[nx * T + rr] = run_hi[pick[rr]]
+                        in_span[pick[rr]] = 1
+                nx += 1
+            cid += 1
+            x = y
+        xs_ptr[t + 1] = nx
+    return xs_ptr, xs_k0[:nx].copy(), xs_k1[:nx].copy(), xs_lo[: nx * T].copy(), xs_hi[: nx * T].copy(), in_span
+
+
+@njit(cache=True, nogil=True)
+def _grown(a, n):
+    out = np.zeros(n, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _start_order(cand, crow, nc, run_lo):
+    """The candidates ``cand[:nc]`` (row by row, each row's runs sorted) ordered by start.
+
+    Rows with as many runs each whose ``j``-th runs come before all ``(j+1)``-th ones (a neighbourhood's
+    kernel rows) are taken run index by run index, in O(nc); anything else is sorted.
+    """
+    order = np.empty(nc, dtype=np.int64)
+    if nc == 0:
+        return order
+    rows = 1
+    for z in range(1, nc):
+        if crow[z] != crow[z - 1]:
+            rows += 1
+    per = nc // rows
+    ok = per * rows == nc
+    if ok:
+        for z in range(nc):
+            if crow[z] != crow[(z // per) * per]:
+                ok = False
+                break
+    if ok:
+        for j in range(per):
+            for i in range(rows):
+                order[j * rows + i] = i * per + j
+        for z in range(1, nc):
+            if run_lo[cand[order[z]]] < run_lo[cand[order[z - 1]]]:
+                ok = False
+                break
+    if not ok:
+        order = np.argsort(run_lo[cand[:nc]])
+    return order
