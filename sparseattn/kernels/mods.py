@@ -81,7 +81,7 @@ def active(mod):
     return mod[0] != 0 or _USER
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def tanh(x):
     """``tanh(x)`` from the kernels' vectorisable ``exp``: ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``.
 
@@ -97,49 +97,56 @@ def tanh(x):
 
 @njit(**_OPTS)
 def mod_span(x, lo, hi, i, j0, mod, slope, s):
-    """Modify ``x[lo:hi]``, the scores of query ``i`` with keys ``j0 + lo .. j0 + hi - 1``, in place."""
+    """Modify ``x[lo:hi]``, the scores of query ``i`` with keys ``j0 + lo .. j0 + hi - 1``, in place.
+
+    Loops run from 0 over views (``x[lo:hi]``): an index of unknown sign
+    would make every access a wraparound select and keep LLVM from vectorising.
+    """
     flags, cap, off, heads = mod
+    y = x[lo:hi]
     if flags & SOFTCAP:
         inv = _one(cap) / cap
-        for j in range(lo, hi):
-            x[j] = cap * tanh(x[j] * inv)
+        for j in range(y.shape[0]):
+            y[j] = cap * tanh(y[j] * inv)
     if flags & ALIBI:
-        _alibi_span(x, lo, hi, i + off - j0, slope)
+        _alibi_span(y, i + off - j0 - lo, slope)
     if _USER:
         b = s // heads
         h = s - b * heads
-        for j in range(lo, hi):
-            x[j] = _user_f(x[j], b, h, i, j0 + j)
+        for j in range(y.shape[0]):
+            y[j] = _user_f(y[j], b, h, i, j0 + lo + j)
 
 
 @njit(**_OPTS)
-def _alibi_span(x, lo, hi, c, slope):
-    """``x[j] -= slope |c - j|`` for ``lo <= j < hi``, in ``x``'s float type."""
-    for j in range(lo, hi):
-        x[j] -= slope * _cast(slope, abs(c - j))
+def _alibi_span(y, c, slope):
+    """``y[j] -= slope |c - j|`` over all of ``y``, in ``y``'s float type."""
+    for j in range(y.shape[0]):
+        y[j] -= slope * _cast(slope, abs(c - j))
 
 
 @njit(**_OPTS)
-def mod_grad_span(x, y, lo, hi, i, j0, di, mod, slope, s):
-    """Backward over ``x[lo:hi]`` (raw scores) and ``y[lo:hi]`` (``dO . v``): ``x <- s'``, ``y <- (y - di) ds'/ds``."""
+def mod_grad_span(x, dp, lo, hi, i, j0, di, mod, slope, s):
+    """Backward over ``x[lo:hi]`` (raw scores) and ``dp[lo:hi]`` (``dO . v``): ``x <- s'``, ``dp <- (dp - di) ds'/ds``."""
     flags, cap, off, heads = mod
+    y = x[lo:hi]
+    g = dp[lo:hi]
     if flags & SOFTCAP:
         inv = _one(cap) / cap
-        for j in range(lo, hi):
-            t = tanh(x[j] * inv)
-            x[j] = cap * t
-            y[j] = (y[j] - di) * (_one(cap) - t * t)
+        for j in range(y.shape[0]):
+            t = tanh(y[j] * inv)
+            y[j] = cap * t
+            g[j] = (g[j] - di) * (_one(cap) - t * t)
     else:
-        for j in range(lo, hi):
-            y[j] -= di
+        for j in range(y.shape[0]):
+            g[j] -= di
     if flags & ALIBI:
-        _alibi_span(x, lo, hi, i + off - j0, slope)
+        _alibi_span(y, i + off - j0 - lo, slope)
     if _USER:
         b = s // heads
         h = s - b * heads
-        for j in range(lo, hi):
-            y[j] *= _user_df(x[j], b, h, i, j0 + j)
-            x[j] = _user_f(x[j], b, h, i, j0 + j)
+        for j in range(y.shape[0]):
+            g[j] *= _user_df(y[j], b, h, i, j0 + lo + j)
+            y[j] = _user_f(y[j], b, h, i, j0 + lo + j)
 
 
 @njit(**_OPTS)
