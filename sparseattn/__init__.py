@@ -4,6 +4,7 @@ The public surface::
 
     sparse_attention(q, k, v, pattern, ...)   the one entry point
     sparse_attention_backward(grad_out, ...)  its gradients (training)
+    ScoreMod(f, df)                           a user's score modifier for both
     sliding_window, global_tokens, longformer, causal,
     from_sparse, from_dense, random_pattern,
     bigbird, strided, fixed, block_sparse,
@@ -52,6 +53,10 @@ def __getattr__(name):
         from .engine import attention
 
         return getattr(attention, name)
+    if name == "ScoreMod":
+        from .engine.modifiers import ScoreMod
+
+        return ScoreMod
     if name == "sparse_attention_backward":
         from .engine.backward import sparse_attention_backward
 
@@ -59,7 +64,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")
 
 
-_LAZY = ("AttentionWeights", "sparse_attention", "sparse_attention_backward")
+_LAZY = ("AttentionWeights", "ScoreMod", "sparse_attention", "sparse_attention_backward")
 
 
 def __dir__():
@@ -71,6 +76,7 @@ __all__ = [
     "AttentionWeights",
     "InsufficientMemoryError",
     "Pattern",
+    "ScoreMod",
     "bigbird",
     "block_sparse",
     "causal",

@@ -11,8 +11,8 @@ __all__ = ["sparse_attention", "AttentionWeights"]
 
 
 def sparse_attention(
-    q, k, v, pattern, *, scale=None, key_padding_mask=None, return_weights=False, return_lse=False, path="auto",
-    check_finite=False,
+    q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
+    key_padding_mask=None, return_weights=False, return_lse=False, path="auto", check_finite=False,
 ):
     """Softmax attention evaluated only at a pattern's allowed (query, key) pairs.
 
@@ -40,12 +40,28 @@ def sparse_attention(
         The allowed pairs, shape ``(n_q, n_k)``; a sequence gives one pattern per head.
     scale : float, optional
         Multiplies the scores; defaults to ``1 / sqrt(d)``.
+    softcap : float, optional
+        Caps the scaled scores smoothly: ``s <- softcap * tanh(s / softcap)``
+        (Gemma 2; FlashAttention's ``softcap``).
+    alibi_slopes : ndarray, optional
+        ALiBi: ``s <- s - slope_h * |i + n_k - n_q - j|`` (FlashAttention's
+        convention), shape ``(h_q,)`` or ``(batch, h_q)`` (broadcasting to
+        the leading shape, query heads last).
+    sinks : ndarray, optional
+        Shape ``(h_q,)`` (or broadcasting like ``alibi_slopes``): a logit per
+        query head that joins every row's softmax denominator and carries no
+        value (GPT-OSS's ``s_aux``); the returned ``lse`` includes it.
+    score_mod : ScoreMod, optional
+        A user's modifier ``f(s, b, h, i, j)`` with its derivative, applied
+        after softcap and ALiBi, fused into the kernels (see
+        :class:`sparseattn.ScoreMod` and :mod:`sparseattn.engine.modifiers`).
     key_padding_mask : bool ndarray, optional
         True marks a padded key, removed from every row of every head.  Shape
         ``(batch, n_k)`` for 4-D inputs; in general it broadcasts against the
         leading shape without the heads axis, followed by ``n_k``.
     return_weights : bool
-        Also return an :class:`AttentionWeights` with the probabilities.
+        Also return an :class:`AttentionWeights` with the probabilities (of
+        the modified scores; with sinks a row sums to less than 1).
     return_lse : bool
         Also return the per-row log-sum-exp of the scaled scores over each
         row's allowed, non-padded keys (what the backward pass needs, see
@@ -120,7 +136,8 @@ def sparse_attention(
     ((1, 2, 8, 16), (1, 2, 8, 16))
     """
     check_path(path, return_weights)
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite, modifiers=mods)
     out, lse, weights = paths.forward(prep, path, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)
     result = (out,)

@@ -50,8 +50,9 @@ def _unbroadcast(g, lead, x):
     return g.reshape(x.shape).astype(x.dtype, copy=False)
 
 
-def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=None, key_padding_mask=None,
-                              path="auto", check_finite=False):  # fmt: skip
+def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=None, softcap=None, alibi_slopes=None,
+                              sinks=None, score_mod=None, key_padding_mask=None, path="auto",
+                              check_finite=False):  # fmt: skip
     """Gradients of :func:`sparseattn.sparse_attention` with respect to ``q``, ``k`` and ``v``.
 
     Parameters
@@ -59,7 +60,7 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     grad_out : ndarray, shape (..., n_q, d_v)
         Gradient of the loss with respect to the attention output (the
         broadcast leading shape of the forward's output).
-    q, k, v, pattern, scale, key_padding_mask
+    q, k, v, pattern, scale, softcap, alibi_slopes, sinks, score_mod, key_padding_mask
         Exactly as given to the forward call.
     out, lse : ndarray
         The forward's output and log-sum-exp, from
@@ -84,6 +85,9 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
         get theirs summed over each group of ``g`` query heads, without a
         copy of ``k`` or ``v`` per query head.  Rows with no
         allowed key contribute nothing; keys no row sees get zero gradient.
+    dsinks : ndarray
+        Only when ``sinks`` is given (returned fourth), in its shape:
+        ``-sum_i exp(sink - lse_i) (dO_i . O_i)`` over each head's rows.
 
     Notes
     -----
@@ -110,8 +114,9 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     True
     """
     check_path(path)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite,
-                   caller="sparse_attention_backward")  # fmt: skip
+                   caller="sparse_attention_backward", modifiers=mods)  # fmt: skip
     n_q = prep.n_q
     dv_dim = prep.vc.shape[-1]
     out_shape = prep.lead + (n_q, dv_dim)
@@ -139,5 +144,8 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     # dk and dv come one row block per stored slice of k and v (already summed over the heads and batch
     # rows that share one): k's and v's own shapes
     k, v = np.asarray(k), np.asarray(v)
-    return (_unbroadcast(dq, prep.lead, np.asarray(q)), dk.reshape(k.shape).astype(k.dtype, copy=False),
-            dvv.reshape(v.shape).astype(v.dtype, copy=False))  # fmt: skip
+    grads = (_unbroadcast(dq, prep.lead, np.asarray(q)), dk.reshape(k.shape).astype(k.dtype, copy=False),
+             dvv.reshape(v.shape).astype(v.dtype, copy=False))  # fmt: skip
+    if sinks is None:
+        return grads
+    return grads + (prep.mods.dsinks(go, o, ls).astype(np.result_type(np.asarray(sinks), np.float32), copy=False),)

@@ -211,6 +211,15 @@ def forward(prep, path="auto", return_weights=False, parallel=None):
     staged path whatever ``path`` is.  ``parallel=False`` keeps the fused
     path in the calling thread (the Dask tasks).
     """
+    out, lse, weights = _forward(prep, path, return_weights, parallel)
+    if prep.mods.sinks is not None:
+        f = prep.mods.add_sinks(out, lse)
+        if weights is not None:
+            weights.scale_rows(f)
+    return out, lse, weights
+
+
+def _forward(prep, path, return_weights, parallel):
     if return_weights or path == "staged":
         return staged_forward(prep, return_weights)
     run = _resolve(prep, path, "forward")

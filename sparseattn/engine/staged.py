@@ -49,6 +49,13 @@ class AttentionWeights:
     def __len__(self):
         return int(np.prod(self.lead, dtype=np.int64)) if self.lead else 1
 
+    def scale_rows(self, f):
+        """Multiply each slice's row ``i`` by ``f[s, i]`` (sinks: the share of the softmax the keys keep)."""
+        for s in range(len(self._slice_pattern)):
+            row_ptr = self._ptr[self._slice_pattern[s]].astype(np.int64)
+            a = self._slice_off[s]
+            self._vals[a : a + int(row_ptr[-1] - row_ptr[0])] *= np.repeat(f[s], np.diff(row_ptr)).astype(self._vals.dtype)
+
     def to_scipy(self, *index):
         """The ``(n_q, n_k)`` weights of one slice, e.g. ``to_scipy(b, h)`` for 4-D inputs."""
         if len(index) != len(self.lead):

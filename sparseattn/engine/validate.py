@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..patterns.base import Pattern, as_pattern
+from .modifiers import NONE, Modifiers, check_modifiers
 from .scan import first_nonfinite, scan_nonfinite
 
 
@@ -36,6 +37,7 @@ class Prepared:
     key_valid: np.ndarray | None  # (NB, n_k) bool, True = usable key
     slice_batch: np.ndarray | None  # (S,) int64 row of key_valid per slice
     out_dtype: np.dtype
+    mods: Modifiers = NONE  # softcap, ALiBi, score_mod, sinks (see sparseattn.engine.modifiers)
 
     @cached_property
     def nonfinite(self):
@@ -273,13 +275,17 @@ def check_shapes_and_patterns(q, k, v, pattern):
     return tuple(lead), n_q, d, n_k, dv, patterns, per_head
 
 
-def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention"):
+def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention",
+            modifiers=None):  # fmt: skip
     """Validate and broadcast the arguments of an attention call.
 
     Before copying anything, the bytes of the contiguous input copies, the
     output and the log-sum-exp are checked against the memory available
     (:mod:`sparseattn._memory`); a call that cannot fit raises
     :class:`~sparseattn._memory.InsufficientMemoryError` naming ``caller``.
+    ``modifiers``: a dict of the modifier keywords (``softcap``,
+    ``alibi_slopes``, ``sinks``, ``score_mod``), checked by
+    :func:`~sparseattn.engine.modifiers.check_modifiers`.
     """
     user_scale = scale
     q = _check_array("q", q)
@@ -326,6 +332,7 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
 
     check_scale_dtype(scale, compute, user_scale)
     scale = float(compute(scale))  # what the kernels multiply by; the reference uses the same value
+    mods = check_modifiers(**(modifiers or {}), lead=lead, n_q=n_q, n_k=n_k, compute=compute) if modifiers else NONE
 
     from .._memory import check as check_memory
 
@@ -366,4 +373,5 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
         key_valid=key_valid,
         slice_batch=slice_batch,
         out_dtype=out_dtype,
+        mods=mods,
     )

@@ -1,0 +1,165 @@
+"""Score modifiers inside the compiled kernels: softcap, ALiBi and a user's ``score_mod``.
+
+Raw values in, raw values out.  Every compiled kernel that forms scores calls
+these on the scaled scores ``s = scale q.k`` of one row before its softmax
+(:func:`mod_span` for a contiguous run of keys, :func:`mod_cols` for gathered
+keys, :func:`mod_one` for one key) and, in the backward, :func:`mod_grad`,
+which also gives ``ds / ds_raw``.  The order is the one the engine documents
+(:mod:`sparseattn.engine.modifiers`): ``softcap`` first, then ALiBi, then the
+user's function.
+
+``mod`` is one tuple ``(flags, cap, offset, heads)``: bit 1 of ``flags`` is
+softcap ``s <- cap tanh(s / cap)``, bit 2 ALiBi ``s <- s - slope |i + offset - j|``
+with ``slope = slopes[slice]``; ``heads`` turns a slice number into the
+flattened batch index and the query head that a user function receives.
+``flags == 0`` costs one branch per row and chunk.
+
+A user's ``score_mod`` is not an argument (Numba cannot cache a kernel that
+takes a function): :func:`specialise` copies the kernels with ``_USER`` set and
+the user's ``f`` and ``df`` bound in their globals and compiles those copies
+(in memory, once per :class:`~sparseattn.engine.modifiers.ScoreMod`).
+"""
+
+from __future__ import annotations
+
+import types as _pytypes
+
+import numpy as np
+from numba import njit
+
+from .simd import _FM, _exp
+
+__all__ = ["SOFTCAP", "ALIBI", "mod_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
+
+SOFTCAP = 1
+ALIBI = 2
+
+#: compile-time constant: True only in the copies made by :func:`specialise`
+_USER = False
+
+
+@njit(nogil=True)
+def _no_mod(s, b, h, i, j):  # pragma: no cover - typed for the dead branch, never called
+    return s
+
+
+_user_f = _no_mod
+_user_df = _no_mod
+
+
+@njit(fastmath=_FM, nogil=True)
+def tanh(x):
+    """``tanh(x)`` from the kernels' vectorisable ``exp``: ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``.
+
+    Its absolute error is a few ulps of 1, so ``cap tanh(s / cap)`` is off by
+    a few ulps of ``cap``: what a softmax sees of a score.
+    """
+    a = abs(x)
+    e = _exp(-(a + a))
+    t = (1 - e) / (1 + e)
+    return t if x >= 0 else -t
+
+
+@njit(fastmath=_FM, nogil=True)
+def mod_span(x, lo, hi, i, j0, mod, slope, s):
+    """Modify ``x[lo:hi]``, the scores of query ``i`` with keys ``j0 + lo .. j0 + hi - 1``, in place."""
+    flags, cap, off, heads = mod
+    if flags & SOFTCAP:
+        inv = 1 / cap
+        for j in range(lo, hi):
+            x[j] = cap * tanh(x[j] * inv)
+    if flags & ALIBI:
+        c = i + off - j0
+        for j in range(lo, hi):
+            x[j] -= slope * abs(c - j)
+    if _USER:
+        b = s // heads
+        h = s - b * heads
+        for j in range(lo, hi):
+            x[j] = _user_f(x[j], b, h, i, j0 + j)
+
+
+@njit(fastmath=_FM, nogil=True)
+def mod_cols(x, n, cols, c0, i, mod, slope, s):
+    """Modify ``x[:n]``, the scores of query ``i`` with keys ``cols[c0 : c0 + n]``, in place."""
+    flags, cap, off, heads = mod
+    if flags & SOFTCAP:
+        inv = 1 / cap
+        for c in range(n):
+            x[c] = cap * tanh(x[c] * inv)
+    if flags & ALIBI:
+        for c in range(n):
+            x[c] -= slope * abs(i + off - cols[c0 + c])
+    if _USER:
+        b = s // heads
+        h = s - b * heads
+        for c in range(n):
+            x[c] = _user_f(x[c], b, h, i, cols[c0 + c])
+
+
+@njit(fastmath=_FM, nogil=True)
+def mod_one(x, i, j, mod, slope, s):
+    """The modified score of query ``i`` and key ``j``."""
+    flags, cap, off, heads = mod
+    if flags & SOFTCAP:
+        x = cap * tanh(x / cap)
+    if flags & ALIBI:
+        x -= slope * abs(i + off - j)
+    if _USER:
+        b = s // heads
+        x = _user_f(x, b, s - b * heads, i, j)
+    return x
+
+
+@njit(fastmath=_FM, nogil=True)
+def mod_grad(x, i, j, mod, slope, s):
+    """``(s', ds'/ds)``: the modified score of query ``i`` and key ``j`` and its derivative in the raw score."""
+    flags, cap, off, heads = mod
+    fac = x - x + 1
+    if flags & SOFTCAP:
+        t = tanh(x / cap)
+        x = cap * t
+        fac = 1 - t * t
+    if flags & ALIBI:
+        x -= slope * abs(i + off - j)
+    if _USER:
+        b = s // heads
+        h = s - b * heads
+        fac *= _user_df(x, b, h, i, j)
+        x = _user_f(x, b, h, i, j)
+    return x, fac
+
+
+_FUNCS = ("tanh", "mod_span", "mod_cols", "mod_one", "mod_grad")
+
+
+def _copy(disp, glb):
+    """A new, uncached dispatcher of ``disp``'s Python function whose globals are ``glb``."""
+    f = disp.py_func
+    g = _pytypes.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+    opts = {k: v for k, v in disp.targetoptions.items() if k != "cache"}
+    return njit(**opts)(g)
+
+
+def specialise(f, df, modules, names):
+    """Copies of the kernels ``names`` (a dict module -> kernel names) that call ``f`` / ``df`` as the user's modifier.
+
+    Returns ``{name: dispatcher}``.  Each module's helpers are copied too, so
+    that every call inside a copied kernel reaches copies; nothing is cached
+    on disk (Numba cannot key a cache on a user's function).
+    """
+    import sys
+
+    mine = dict(vars(sys.modules[__name__]), _USER=True, _user_f=f, _user_df=df)
+    for name in _FUNCS:
+        mine[name] = _copy(mine[name], mine)
+    out = {}
+    for module in modules:
+        glb = dict(vars(module))
+        glb.update({k: mine[k] for k in _FUNCS if k in glb})
+        for name, obj in list(glb.items()):
+            if hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == module.__name__:
+                glb[name] = _copy(obj, glb)
+        for name in names.get(module.__name__, ()):
+            out[name] = glb[name]
+    return out
