@@ -91,14 +91,15 @@ def _patterns(pattern):
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, key_padding_mask):
+    def forward(ctx, q, k, v, sinks, pattern, scale, key_padding_mask, mods):
+        sk = None if sinks is None else _to_numpy(sinks)
         out, lse = _np_sparse_attention(
             _to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=key_padding_mask,
-            return_lse=True,
+            sinks=sk, return_lse=True, **mods,
         )  # fmt: skip
         out_t, lse_t = torch.from_numpy(out), torch.from_numpy(lse)
-        ctx.save_for_backward(q, k, v, out_t, lse_t)
-        ctx.pattern, ctx.scale, ctx.key_padding_mask = pattern, scale, key_padding_mask
+        ctx.save_for_backward(q, k, v, sinks, out_t, lse_t)
+        ctx.pattern, ctx.scale, ctx.key_padding_mask, ctx.mods = pattern, scale, key_padding_mask, mods
         ctx.mark_non_differentiable(lse_t)
         return out_t, lse_t
 
@@ -109,16 +110,22 @@ class _SparseAttention(torch.autograd.Function):
                 "sparseattn.torch.sparse_attention has no double backward: its gradient is computed outside "
                 "autograd, so create_graph=True (e.g. a gradient penalty) cannot differentiate it again"
             )
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, sinks, out, lse = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None, None, None
+            return (None,) * 8
         go = _to_numpy(grad_out.to(out.dtype))
-        dq, dk, dv = _np_sparse_attention_backward(
+        grads = _np_sparse_attention_backward(
             go, _to_numpy(q), _to_numpy(k), _to_numpy(v), ctx.pattern, _to_numpy(out), _to_numpy(lse),
             scale=ctx.scale, key_padding_mask=ctx.key_padding_mask,
+            sinks=None if sinks is None else _to_numpy(sinks), **ctx.mods,
         )  # fmt: skip
-        grads = [torch.from_numpy(g) if need else None for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3])]
-        return (*grads, None, None, None)
+        if sinks is None:
+            grads = (*grads, None)
+        need = ctx.needs_input_grad[:4]
+        grads = [torch.from_numpy(np.asarray(g)) if n and g is not None else None for g, n in zip(grads, need)]
+        if grads[3] is not None:
+            grads[3] = grads[3].to(sinks.dtype)
+        return (*grads, None, None, None, None)
 
 
 _COMPILE_REASON = (
@@ -128,7 +135,8 @@ _COMPILE_REASON = (
 
 
 @functools.partial(torch.compiler.disable, reason=_COMPILE_REASON)
-def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None):
+def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
+                     key_padding_mask=None):
     """Differentiable sparse attention on CPU tensors.
 
     The torch face of :func:`sparseattn.sparse_attention`: same pattern
@@ -151,6 +159,14 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None):
         of those (one per head).
     scale : float, optional
         Default ``1 / sqrt(d)``.
+    softcap, alibi_slopes, score_mod
+        The score modifiers of :func:`sparseattn.sparse_attention`, passed
+        unchanged to both directions (``alibi_slopes`` as a tensor or array
+        that does not require grad).
+    sinks : Tensor, shape (h_q,) or broadcasting like ``alibi_slopes``, optional
+        A logit per query head in every row's softmax denominator, with no
+        value (GPT-OSS's ``s_aux``); differentiable: when it requires grad it
+        gets ``-sum_i exp(sink - lse_i) (dO_i . O_i)`` from the backward.
     key_padding_mask : bool Tensor or array, shape broadcastable to (..., n_k), optional
         True = padded key, removed from every row.  Never differentiable.
 
@@ -202,8 +218,20 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None):
     if isinstance(kpm, np.ndarray):
         kpm = kpm.copy()  # the autograd node keeps it: later in-place changes must not reach the backward
     pattern = _patterns(pattern)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, _lse = _SparseAttention.apply(q, k, v, pattern, scale, kpm)
+    if isinstance(alibi_slopes, torch.Tensor):
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes requires grad, but sparseattn has no gradient for the slopes; pass .detach()")
+        alibi_slopes = _to_numpy(alibi_slopes.cpu()).copy()
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod)
+    if sinks is not None:
+        _check_tensor("sinks", sinks)
+        if sinks.dtype != q.dtype:
+            raise TypeError(f"sinks must have the dtype of q ({q.dtype}), got {sinks.dtype}; cast it with sinks.to(q.dtype)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
+        out, _lse = _SparseAttention.apply(q, k, v, sinks, pattern, scale, kpm, mods)
         return out
-    out = _np_sparse_attention(_to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=kpm)
+    sk = None if sinks is None else _to_numpy(sinks)
+    out = _np_sparse_attention(
+        _to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=kpm, sinks=sk, **mods
+    )
     return torch.from_numpy(out)

@@ -293,3 +293,20 @@ def test_numpy_entry_point_refuses_a_tensor_that_requires_grad():
             fn(*args)
     out = sa.sparse_attention(q.detach(), x, x, sa.sliding_window(8, 1))  # detached: fine
     assert out.shape == (2, 8, 4)
+
+
+def test_sinks_are_differentiable_and_match_the_concatenated_softmax():
+    """GPT-OSS's s_aux: a per-head logit in each row's denominator, no value; its gradient flows (gradcheck)."""
+    q, k, v = (make((1, 2, 12, 8), torch.float64, s) for s in (0, 1, 2))
+    sinks = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    p = sa.causal(12, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v, s: sparse_attention(q, k, v, p, sinks=s), (q, k, v, sinks))
+    allowed = torch.from_numpy(p.to_dense())
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~allowed, float("-inf"))
+    logits = torch.cat([scores, sinks.view(1, 2, 1, 1).expand(1, 2, 12, 1)], dim=-1)
+    ref = logits.softmax(-1)[..., :-1] @ v
+    torch.testing.assert_close(sparse_attention(q, k, v, p, sinks=sinks), ref)
+    with torch.no_grad():  # the plain forward takes them too
+        torch.testing.assert_close(sparse_attention(q, k, v, p, sinks=sinks), ref.detach())
+    with pytest.raises(TypeError, match="sinks must have the dtype of q"):
+        sparse_attention(q, k, v, p, sinks=sinks.float())
