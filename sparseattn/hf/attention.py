@@ -27,6 +27,7 @@ weights, as transformers' ``sdpa`` does (use ``eager`` to see the weights).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -52,12 +53,28 @@ def _engine_options():
     return set(inspect.signature(sparse_attention).parameters)
 
 
+@functools.lru_cache(maxsize=None)
+def _softcap_applied():
+    """Whether the engine's kernels apply ``softcap`` (a keyword that validates but changes nothing would be wrong)."""
+    import numpy as np
+
+    from ..engine.attention import sparse_attention
+    from ..patterns.runs import full
+
+    q, k, v = np.ones((1, 1)), np.array([[3.0], [0.0]]), np.array([[1.0], [0.0]])
+    plain = sparse_attention(q, k, v, full(1, n_k=2), scale=1.0)
+    capped = sparse_attention(q, k, v, full(1, n_k=2), scale=1.0, softcap=1.0)
+    return not np.allclose(plain, capped)
+
+
 def _check_supported(name, value, options, what):
-    if value is not None and name not in options:
+    if value is None:
+        return
+    if name not in options or (name == "softcap" and not _softcap_applied()):
         raise NotImplementedError(
             f"{what} ({name}={value if not hasattr(value, 'shape') else tuple(value.shape)}) needs the engine's "
-            f"'{name}' option, which this version of sparseattn.torch.sparse_attention does not have; "
-            f"run this model with attn_implementation='eager' until it lands"
+            f"'{name}' option, which this version of sparseattn does not apply; run this model with "
+            f"attn_implementation='eager' until it lands"
         )
 
 
