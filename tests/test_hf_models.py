@@ -205,3 +205,40 @@ def test_output_attentions_gives_none_and_dropout_in_training_is_refused(caplog)
     with pytest.raises(RuntimeError, match="attention_dropout"):
         model(input_ids=ids, attention_mask=am)
     model.eval()(input_ids=ids, attention_mask=am)  # in eval mode the dropout is 0
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, time, torch, transformers, sparseattn.hf as sh
+name = sh.register()
+n = int(sys.argv[1])
+cfg = transformers.MistralConfig(vocab_size=17, hidden_size=32, intermediate_size=32, num_attention_heads=4,
+                                 num_key_value_heads=2, num_hidden_layers=1, sliding_window=64,
+                                 max_position_embeddings=n, attention_dropout=0.0)
+torch.manual_seed(0)
+model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
+ids = torch.randint(3, 17, (1, 256))
+model(input_ids=ids, use_cache=False).logits.sum().backward()  # compile and warm up at a small size
+model.zero_grad()
+ids = torch.randint(3, 17, (1, n))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+model(input_ids=ids, use_cache=False).logits.sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, time.perf_counter() - t)
+"""
+
+
+def test_no_n_by_n_tensor_at_16k_tokens_on_a_sliding_layer():
+    """A training step (forward and backward) at n = 16,384 with a window of 64 adds far less than one n x n mask.
+
+    One n x n boolean mask is 256 MiB, sdpa's float copy of it or one head's scores in eager 1 GiB; the step's
+    own activations (hidden 32, 1 layer, vocabulary 17) grow linearly, ~62 MiB here (~124 MiB at 32,768).
+    Peak resident memory is read in a fresh process; the limit is half of one boolean mask.
+    """
+    import subprocess
+    import sys
+
+    n = 16384
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, seconds = out.stdout.split()[-2:]
+    assert int(grown) < n * n // 2, f"peak memory grew by {int(grown) / 2**20:.0f} MiB in {float(seconds):.1f} s"
