@@ -160,7 +160,7 @@ def _decoder(model, ids, steps=64):
         c, tok, toks = copy.deepcopy(cache), first, []
         with torch.no_grad():
             for _ in range(steps):
-                tok = model(input_ids=tok, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(input_ids=tok, cache=c, use_cache=True).logits[:, -1:].argmax(-1)
                 toks.append(tok)
         return torch.cat(toks, dim=1)
 

@@ -44,7 +44,15 @@ def register():
     >>> model.config._attn_implementation
     'sparseattn'
     """
-    from transformers import AttentionInterface, AttentionMaskInterface
+    import transformers
+
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+    except ImportError as exc:  # older transformers: no mask plug-in, and masks would silently be None
+        raise ImportError(
+            f"sparseattn.hf.register() needs transformers' AttentionInterface and AttentionMaskInterface "
+            f"(tested with 5.25.0); transformers {transformers.__version__} does not have them: upgrade it"
+        ) from exc
 
     from .attention import sparse_attention_forward
     from .masks import sparse_mask
