@@ -13,8 +13,10 @@ Random weights from configs (no download), batch 1, float32, each pair timed alt
 * Mistral-like (window 4096, 16 query / 4 kv heads, d 128, hidden 512, 4 layers): prefill of ``n`` tokens against
   ``sdpa`` (target >= 3x), then 64 greedy decode steps from the prefilled cache (target >= 1.5x tokens/s).
 
-Sizes: the issue's n (8192, 8192, 16384) by default; ``SPARSEATTN_BENCH_HF_SCALE=k`` divides every n by k (the
-2-core shared machine: say which scale a figure used); quick mode divides by 16.
+Sizes: the issue's n (8192, 8192, 16384) by default; ``SPARSEATTN_BENCH_HF_SCALE=k`` divides every n by k, and
+the 4096-token windows of the Gemma-2-like and Mistral-like models with it (so that the window stays the same
+share of the sequence; ModernBERT's 128 stays), for the 2-core shared machine: say which scale a figure used.
+Quick mode divides by 16.
 
     pytest benchmarks/test_hf_models.py --benchmark-json=HF_MODELS.json
 """
@@ -114,7 +116,7 @@ def test_paired_gemma2_like_training_step(benchmark):
     softcap = 50.0 if _softcap_applied() else None
     cfg = transformers.Gemma2Config(
         vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, sliding_window=4096, attn_logit_softcapping=softcap,
+        num_key_value_heads=4, head_dim=256, sliding_window=_n(4096), attn_logit_softcapping=softcap,
         final_logit_softcapping=30.0, query_pre_attn_scalar=256, max_position_embeddings=max(8192, n),
         attention_dropout=0.0,
     )  # fmt: skip
@@ -125,14 +127,14 @@ def test_paired_gemma2_like_training_step(benchmark):
     cap = "softcap 50" if softcap else "softcap off (engine's softcap not applied yet)"
     benchlib.bench_paired(
         benchmark, _checked(NAME, fs, fd, info), _checked("eager", fd, fd, info),
-        label=f"Gemma-2-like n={n} {cap} training step, eager / sparseattn", target=">= 5",
+        label=f"Gemma-2-like n={n} window {_n(4096)} {cap} training step, eager / sparseattn", target=">= 5",
     )  # fmt: skip
 
 
 def _mistral(n):
     cfg = transformers.MistralConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=128, sliding_window=4096, max_position_embeddings=max(32768, n + 128),
+        num_key_value_heads=4, head_dim=128, sliding_window=_n(4096), max_position_embeddings=max(32768, n + 128),
         attention_dropout=0.0,
     )  # fmt: skip
     return _pair(cfg, "sdpa")
@@ -146,7 +148,7 @@ def test_paired_mistral_like_prefill(benchmark):
     fs, fd = _step(sparse, ids, False), _step(dense, ids, False)
     benchlib.bench_paired(
         benchmark, _checked(NAME, fs, fd, info), _checked("sdpa", fd, fd, info),
-        label=f"Mistral-like prefill n={n}, sdpa / sparseattn", target=">= 3",
+        label=f"Mistral-like prefill n={n} window {_n(4096)}, sdpa / sparseattn", target=">= 3",
     )  # fmt: skip
 
 
@@ -176,5 +178,5 @@ def test_paired_mistral_like_decode(benchmark):
     same = lambda out: float((out != fd()).sum())  # noqa: E731 - tokens that differ from sdpa's (0 expected)
     benchlib.bench_paired(
         benchmark, ("sparseattn", fs, info, same), ("sdpa", fd, info, same),
-        label=f"Mistral-like 64 decode steps after n={n}, sdpa / sparseattn (= tokens/s ratio)", target=">= 1.5",
+        label=f"Mistral-like 64 decode steps after n={n} window {_n(4096)}, sdpa / sparseattn (= tokens/s ratio)", target=">= 1.5",
     )  # fmt: skip
