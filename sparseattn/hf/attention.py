@@ -47,6 +47,7 @@ def _warn_once(key, message):
         logger.warning(message)
 
 
+@functools.lru_cache(maxsize=None)
 def _engine_options():
     from ..torch import sparse_attention
 
@@ -156,7 +157,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         raise RuntimeError(
             f"sparseattn cannot apply attention-probability dropout (dropout={dropout} in training in "
             f"{type(module).__name__}): the engine never materialises the probabilities. Set the model config's "
-            f"attention_dropout to 0.0 (e.g. from_config(config, attention_dropout=0.0)), or call model.eval()"
+            f"attention_dropout to 0.0 (config.attention_dropout = 0.0 before building the model), or call model.eval()"
         )
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("sparseattn has no additive position_bias (T5-style); use attn_implementation='eager'")
