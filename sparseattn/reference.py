@@ -76,7 +76,59 @@ def _sum_groups(grad, g):
     return grad.reshape(shape).sum(axis=-3)
 
 
-def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows=None, return_lse=False):
+def _per_slice(x, lead):
+    """A per-head parameter (query heads last, broadcasting to ``lead``) as one float64 value per slice."""
+    if x is None:
+        return None
+    return np.broadcast_to(np.asarray(x, dtype=np.float64), lead if lead else (1,)).reshape(-1).copy()
+
+
+class _Mods:
+    """The score modifiers as the oracle reads them, in float64, independent of the engine's kernels.
+
+    ``prep.mods`` (validated by ``prepare``) is used only for what it checked
+    (softcap's value, the ``ScoreMod``); slopes and sinks are re-read from the
+    user's arrays in float64, and every formula is written here.
+    """
+
+    def __init__(self, prep, alibi_slopes, sinks):
+        self.softcap = prep.mods.softcap
+        self.score_mod = prep.mods.score_mod
+        self.slopes = _per_slice(alibi_slopes, prep.lead)
+        self.sinks = _per_slice(sinks, prep.lead)
+        self.heads = prep.lead[-1] if prep.lead else 1
+        self.offset = prep.n_k - prep.n_q  # ALiBi's diagonal: bottom right
+
+    def scores(self, s0, s, i, j):
+        """Slice ``s``'s modified scores from the raw scaled ones ``s0`` at rows ``i`` and keys ``j`` (broadcast), and ds/ds0."""
+        fac = np.ones_like(s0)
+        x = s0
+        if self.softcap is not None:  # s <- c tanh(s / c); +-inf -> +-c, NaN stays NaN
+            c = self.softcap
+            t = np.tanh(x / c)
+            x = c * t
+            fac = fac * (1.0 - t * t)
+        if self.slopes is not None:  # s <- s - slope |i + n_k - n_q - j|
+            x = x - self.slopes[s] * np.abs(np.asarray(i, dtype=np.float64) + self.offset - np.asarray(j))
+        if self.score_mod is not None:  # s <- f(s, b, h, i, j), ds <- df
+            x, d = self.score_mod.grid(np.ascontiguousarray(x, dtype=np.float64), s // self.heads, s % self.heads,
+                                       np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))  # fmt: skip
+            fac = fac * d
+        return x, fac
+
+    def sink(self, s):
+        return None if self.sinks is None else float(self.sinks[s])
+
+
+def _row_max(m, sink):
+    """The softmax's shift: the keys' max, raised to the sink when both are finite (NaN and infinities kept)."""
+    if sink is None:
+        return m
+    return np.where(np.isfinite(m), np.maximum(m, sink), m)
+
+
+def dense_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
+                    key_padding_mask=None, rows=None, return_lse=False, return_weights=False):  # fmt: skip
     """Masked softmax attention computed densely in float64.
 
     Parameters
@@ -85,17 +137,30 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
         As for :func:`sparseattn.sparse_attention` (grouped-query ``k`` and
         ``v`` are repeated ``g`` times along the heads axis here: the oracle
         copies, the engine does not).
+    softcap, alibi_slopes, sinks, score_mod
+        The score modifiers of :func:`sparseattn.sparse_attention`, computed
+        here on the whole dense score grid in float64, in the engine's order
+        (:mod:`sparseattn.engine.modifiers`): ``s <- c tanh(s / c)``, then
+        ``s <- s - slope |i + n_k - n_q - j|``, then ``s <- f(s, b, h, i, j)``
+        (``score_mod.grid``), then the masks, then a softmax whose denominator
+        also holds ``exp(sink)``.  With sinks a row with no allowed key
+        outputs zeros with ``lse = sink``; a row whose keys' maximum is not
+        finite stays as without sinks (NaN).
     rows : (start, stop), optional
         Compute only query rows ``[start, stop)`` (uses ``pattern.rows``, so a
         slice of a very long pattern is cheap).
     return_lse : bool
-        Also return the per-row log-sum-exp of the scaled allowed scores
-        (``-inf`` for rows without an allowed key).
+        Also return the per-row log-sum-exp of the modified allowed scores
+        (and the sink): ``-inf`` for rows without an allowed key and no sink.
+    return_weights : bool
+        Also return the dense probabilities, zero outside each row's allowed
+        keys (with sinks a row sums to less than 1).
 
     Returns
     -------
     out : ndarray, float64, shape ``(..., n_rows, d_v)``
-    lse : ndarray, float64, shape ``(..., n_rows)`` (only with ``return_lse``)
+    weights : ndarray, float64, shape ``(..., n_rows, n_k)`` (only with ``return_weights``)
+    lse : ndarray, float64, shape ``(..., n_rows)`` (only with ``return_lse``; returned last)
 
     Examples
     --------
@@ -108,7 +173,9 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     True
     """
     k, v, _ = _repeat_kv(q, k, v)
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention")
+    mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "score_mod": score_mod}
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention", modifiers=mods)
+    md = _Mods(prep, alibi_slopes, sinks)
     n_q = prep.n_q
     start, stop = (0, n_q) if rows is None else rows
     if not 0 <= start <= stop <= n_q:
@@ -125,7 +192,10 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
     )
     out = np.zeros((S, stop - start, dv))
     lse = np.full((S, stop - start), -np.inf)
+    weights = np.zeros((S, stop - start, prep.n_k)) if return_weights else None
     masks = [p.rows(start, stop).toarray() for p in prep.patterns]
+    ii = np.arange(start, stop)[:, None]
+    jj = np.arange(prep.n_k)[None, :]
     for s in range(S):
         mask = masks[prep.slice_pattern[s]].copy()
         if prep.key_valid is not None:
@@ -134,41 +204,65 @@ def dense_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, rows
         ks = prep.kc[prep.kmap[s]].astype(np.float64)
         vs = prep.vc[prep.vmap[s]].astype(np.float64)
         has = mask.any(axis=1)
+        sink = md.sink(s)
         with np.errstate(invalid="ignore", over="ignore"):
-            scores = np.where(mask, _scores(qs, ks) * prep.scale, -np.inf)  # inf * 0 is NaN, as IEEE says
+            raw = _scores(qs, ks) * prep.scale  # inf * 0 is NaN, as IEEE says
+            modified, _ = md.scores(raw, s, ii, jj)
+            scores = np.where(mask, modified, -np.inf)
             m = np.where(has, scores.max(axis=1, initial=-np.inf), 0.0)  # max propagates NaN
+            m = np.where(has, _row_max(m, sink), 0.0 if sink is None else sink)
             p = np.where(mask, np.exp(scores - m[:, None]), 0.0)  # IEEE: -inf - -inf and inf - inf are NaN
             den = p.sum(axis=1)
-            safe = np.where(has, den, 1.0)
+            if sink is None:
+                safe = np.where(has, den, 1.0)
+                lse[s] = np.where(has, m + np.log(safe), -np.inf)
+            else:  # the sink joins every row's denominator; a row without keys: den 1, lse = sink
+                safe = den + np.exp(sink - m)
+                lse[s] = m + np.log(safe)
             out[s] = _weighted_values(p / safe[:, None], vs, mask)
-            lse[s] = np.where(has, m + np.log(safe), -np.inf)
+            if return_weights:
+                weights[s] = p / safe[:, None]
     shape = prep.lead + (stop - start,)
-    out = out.reshape(shape + (dv,))
-    return (out, lse.reshape(shape)) if return_lse else out
+    result = (out.reshape(shape + (dv,)),)
+    if return_weights:
+        result += (weights.reshape(shape + (prep.n_k,)),)
+    if return_lse:
+        result += (lse.reshape(shape),)
+    return result[0] if len(result) == 1 else result
 
 
-def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padding_mask=None):
+def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None,
+                             score_mod=None, key_padding_mask=None):  # fmt: skip
     """Gradients of :func:`dense_attention` in float64, from the masked softmax, row by row.
 
-    The analytic gradient of ``out = softmax(scale * q k^T over allowed keys) v``:
-    for row ``i`` with allowed, non-padded keys ``J``, ``p = softmax(scale * q_i k_J^T)``,
-    ``dp = dO_i v_J^T``, ``ds = p * (dp - dO_i . O_i)`` with ``O_i = p v_J``, ``dq_i = scale * ds k_J``, and
-    ``dk_J += scale * ds q_i``, ``dv_J += p dO_i``; gradients of broadcast inputs
+    The analytic gradient of ``out = softmax(s over allowed keys [, sink]) v`` with
+    ``s = m(s0)``, ``s0 = scale * q k^T`` and ``m`` the score modifiers
+    (softcap, ALiBi, ``score_mod``, see :func:`dense_attention`):
+    for row ``i`` with allowed, non-padded keys ``J``, ``p = exp(s_J - lse_i)`` where
+    ``lse_i = log(sum_J exp(s_J) [+ exp(sink)])``,
+    ``dp = dO_i v_J^T``, ``ds0 = p * (dp - dO_i . O_i) * m'(s0)`` with ``O_i = p v_J`` and
+    ``m'(s0) = (1 - tanh(s0 / c)^2) * df(s2)`` (each factor 1 where its modifier is absent),
+    ``dq_i = scale * ds0 k_J``, ``dk_J += scale * ds0 q_i``, ``dv_J += p dO_i``, and
+    ``dsink -= exp(sink - lse_i) (dO_i . O_i)``; gradients of broadcast inputs
     are summed over the broadcast axes, and those of grouped-query ``k`` and ``v``
-    (``h_kv`` heads for ``h_q = g * h_kv`` query heads) over each group.  Every product runs over the allowed
+    (``h_kv`` heads for ``h_q = g * h_kv`` query heads) over each group, those of
+    ``sinks`` over the rows and every axis it was broadcast along.  Every product runs over the allowed
     pairs only (never ``0 * x`` for a masked pair), so a NaN or an infinity
     reaches exactly the gradients of the rows and keys that use it: the
     non-finite policy of :func:`sparseattn.sparse_attention`, carried through
-    IEEE arithmetic.  Independent of the engine's kernels (no log-sum-exp, no
-    tiles): the oracle for the backward tests.  Meant for small ``n``.
+    IEEE arithmetic.  Independent of the engine's kernels (no tiles, the
+    probabilities recomputed from the scores): the oracle for the backward tests.  Meant for small ``n``.
 
     Returns
     -------
     dq, dk, dv : ndarray, float64, shapes of ``q``, ``k``, ``v``
+    dsinks : ndarray, float64, the shape of ``sinks`` (only when ``sinks`` is given)
     """
     k_user, v_user = np.asarray(k), np.asarray(v)
     k, v, g = _repeat_kv(q, k, v)
-    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward")
+    mods = {"softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks, "score_mod": score_mod}
+    prep = prepare(q, k, v, pattern, scale, key_padding_mask, caller="dense_attention_backward", modifiers=mods)
+    md = _Mods(prep, alibi_slopes, sinks)
     S, n_q, _ = prep.q.shape
     dv_dim = prep.v.shape[-1]
     go = np.broadcast_to(np.asarray(grad_out, dtype=np.float64), prep.lead + (n_q, dv_dim)).reshape(S, n_q, dv_dim)
@@ -176,25 +270,33 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     dq = np.zeros(prep.q.shape)
     dk = np.zeros(prep.k.shape)
     dvv = np.zeros(prep.v.shape)
+    dsk = np.zeros(S)
     with np.errstate(invalid="ignore", over="ignore"):
         for s in range(S):
             csr = csrs[prep.slice_pattern[s]]
             valid = prep.key_valid[prep.slice_batch[s]] if prep.key_valid is not None else None
             qs, ks, vs = (x[s].astype(np.float64) for x in (prep.q, prep.k, prep.v))
+            sink = md.sink(s)
             for i in range(n_q):
-                cols = csr.indices[csr.indptr[i] : csr.indptr[i + 1]]
+                cols = csr.indices[csr.indptr[i] : csr.indptr[i + 1]].astype(np.int64)
                 if valid is not None:
                     cols = cols[valid[cols]]
                 if cols.size == 0:
-                    continue
-                scores = (ks[cols] @ qs[i]) * prep.scale
-                p = np.exp(scores - scores.max())
-                p /= p.sum()
+                    continue  # no key: out = 0, so D = 0 and the sink's gradient gets nothing either
+                raw = (ks[cols] @ qs[i]) * prep.scale
+                scores, fac = md.scores(raw, s, i, cols)
+                m = _row_max(scores.max(), sink)
+                e = np.exp(scores - m)
+                den = e.sum() + (0.0 if sink is None else np.exp(sink - m))
+                p = e / den
                 dp = vs[cols] @ go[s, i]
-                ds = p * (dp - go[s, i] @ (p @ vs[cols]))  # D = dO . O, as the policy states it
+                D = go[s, i] @ (p @ vs[cols])  # D = dO . O, as the policy states it
+                ds = p * (dp - D) * fac
                 dq[s, i] = prep.scale * (ds @ ks[cols])
                 dk[s, cols] += prep.scale * ds[:, None] * qs[i][None, :]
                 dvv[s, cols] += p[:, None] * go[s, i][None, :]
+                if sink is not None:
+                    dsk[s] -= np.exp(sink - m) / den * D
 
     def reduce(g, x):
         x = np.asarray(x)
@@ -207,4 +309,13 @@ def dense_attention_backward(grad_out, q, k, v, pattern, *, scale=None, key_padd
     if g > 1:  # grouped-query heads: each key/value head's gradient is the sum over its query heads
         dk, dvv = _sum_groups(dk, g), _sum_groups(dvv, g)
         assert dk.shape == k_user.shape and dvv.shape == v_user.shape
-    return reduce(dq, q), dk, dvv
+    grads = (reduce(dq, q), dk, dvv)
+    if sinks is None:
+        return grads
+    # the sinks' gradient per slice, summed over the leading axes sinks was broadcast along
+    shape = np.shape(sinks)
+    gs = dsk.reshape(prep.lead) if prep.lead else dsk.reshape(())
+    gs = gs.sum(axis=tuple(range(gs.ndim - len(shape)))) if gs.ndim > len(shape) else gs
+    axes = tuple(i for i, (a, b) in enumerate(zip(shape, gs.shape)) if a == 1 and b != 1)
+    gs = gs.sum(axis=axes, keepdims=True) if axes else gs
+    return grads + (gs.reshape(shape),)

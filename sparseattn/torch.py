@@ -89,16 +89,19 @@ def _patterns(pattern):
     return _pattern_of("pattern", pattern)
 
 
+def _sinks_numpy(sinks):
+    return None if sinks is None else sinks.detach().to(torch.float64).numpy()
+
+
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, pattern, scale, key_padding_mask, mods):
-        sk = None if sinks is None else _to_numpy(sinks)
         out, lse = _np_sparse_attention(
             _to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=key_padding_mask,
-            sinks=sk, return_lse=True, **mods,
+            sinks=_sinks_numpy(sinks), return_lse=True, **mods,
         )  # fmt: skip
         out_t, lse_t = torch.from_numpy(out), torch.from_numpy(lse)
-        ctx.save_for_backward(q, k, v, sinks, out_t, lse_t)
+        ctx.save_for_backward(q, k, v, out_t, lse_t, sinks)
         ctx.pattern, ctx.scale, ctx.key_padding_mask, ctx.mods = pattern, scale, key_padding_mask, mods
         ctx.mark_non_differentiable(lse_t)
         return out_t, lse_t
@@ -110,22 +113,29 @@ class _SparseAttention(torch.autograd.Function):
                 "sparseattn.torch.sparse_attention has no double backward: its gradient is computed outside "
                 "autograd, so create_graph=True (e.g. a gradient penalty) cannot differentiate it again"
             )
-        q, k, v, sinks, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         if grad_out is None:
             return (None,) * 8
         go = _to_numpy(grad_out.to(out.dtype))
         grads = _np_sparse_attention_backward(
             go, _to_numpy(q), _to_numpy(k), _to_numpy(v), ctx.pattern, _to_numpy(out), _to_numpy(lse),
-            scale=ctx.scale, key_padding_mask=ctx.key_padding_mask,
-            sinks=None if sinks is None else _to_numpy(sinks), **ctx.mods,
+            scale=ctx.scale, key_padding_mask=ctx.key_padding_mask, sinks=_sinks_numpy(sinks), **ctx.mods,
         )  # fmt: skip
-        if sinks is None:
-            grads = (*grads, None)
-        need = ctx.needs_input_grad[:4]
-        grads = [torch.from_numpy(np.asarray(g)) if n and g is not None else None for g, n in zip(grads, need)]
-        if grads[3] is not None:
-            grads[3] = grads[3].to(sinks.dtype)
-        return (*grads, None, None, None, None)
+        need = ctx.needs_input_grad
+        out = [torch.from_numpy(g) if n else None for g, n in zip(grads[:3], need[:3])]
+        dsinks = torch.from_numpy(grads[3]).to(sinks.dtype) if sinks is not None and need[3] else None
+        return (*out, dsinks, None, None, None, None)
+
+
+def _host_array(name, x):
+    """A tensor option (slopes, sinks without grad) as NumPy; refuses one that asks for a gradient it cannot get."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.requires_grad:
+        raise ValueError(f"{name} requires grad, but sparseattn has no gradient for {name}; pass {name}.detach()")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} is on device {x.device}, but sparseattn runs on the CPU only; use {name}.cpu()")
+    return x.detach().to(torch.float64).numpy() if x.is_floating_point() else x.numpy()
 
 
 _COMPILE_REASON = (
@@ -136,7 +146,7 @@ _COMPILE_REASON = (
 
 @functools.partial(torch.compiler.disable, reason=_COMPILE_REASON)
 def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
-                     key_padding_mask=None):
+                     key_padding_mask=None):  # fmt: skip
     """Differentiable sparse attention on CPU tensors.
 
     The torch face of :func:`sparseattn.sparse_attention`: same pattern
@@ -159,14 +169,11 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
         of those (one per head).
     scale : float, optional
         Default ``1 / sqrt(d)``.
-    softcap, alibi_slopes, score_mod
-        The score modifiers of :func:`sparseattn.sparse_attention`, passed
-        unchanged to both directions (``alibi_slopes`` as a tensor or array
-        that does not require grad).
-    sinks : Tensor, shape (h_q,) or broadcasting like ``alibi_slopes``, optional
-        A logit per query head in every row's softmax denominator, with no
-        value (GPT-OSS's ``s_aux``); differentiable: when it requires grad it
-        gets ``-sum_i exp(sink - lse_i) (dO_i . O_i)`` from the backward.
+    softcap, alibi_slopes, score_mod : optional
+        As for :func:`sparseattn.sparse_attention` (tensors or arrays; no gradient).
+    sinks : Tensor of shape (h_q,), optional
+        The sink logit per query head; when it requires grad, its gradient
+        ``-sum_i exp(sink - lse_i) dO_i . O_i`` flows back (GPT-OSS's ``s_aux``).
     key_padding_mask : bool Tensor or array, shape broadcastable to (..., n_k), optional
         True = padded key, removed from every row.  Never differentiable.
 
@@ -218,20 +225,16 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
     if isinstance(kpm, np.ndarray):
         kpm = kpm.copy()  # the autograd node keeps it: later in-place changes must not reach the backward
     pattern = _patterns(pattern)
-    if isinstance(alibi_slopes, torch.Tensor):
-        if alibi_slopes.requires_grad:
-            raise ValueError("alibi_slopes requires grad, but sparseattn has no gradient for the slopes; pass .detach()")
-        alibi_slopes = _to_numpy(alibi_slopes.cpu()).copy()
-    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod)
-    if sinks is not None:
-        _check_tensor("sinks", sinks)
-        if sinks.dtype != q.dtype:
-            raise TypeError(f"sinks must have the dtype of q ({q.dtype}), got {sinks.dtype}; cast it with sinks.to(q.dtype)")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
+    mods = dict(softcap=softcap.item() if isinstance(softcap, torch.Tensor) else softcap,
+                alibi_slopes=_host_array("alibi_slopes", alibi_slopes), score_mod=score_mod)  # fmt: skip
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        sinks = torch.as_tensor(np.asarray(sinks))
+    if sinks is not None and (sinks.device.type != "cpu" or not sinks.is_floating_point()):
+        raise ValueError(f"sinks must be a floating-point CPU tensor, got {sinks.dtype} on {sinks.device}")
+    grad_sinks = sinks is not None and sinks.requires_grad
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or grad_sinks):
         out, _lse = _SparseAttention.apply(q, k, v, sinks, pattern, scale, kpm, mods)
         return out
-    sk = None if sinks is None else _to_numpy(sinks)
-    out = _np_sparse_attention(
-        _to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=kpm, sinks=sk, **mods
-    )
+    out = _np_sparse_attention(_to_numpy(q), _to_numpy(k), _to_numpy(v), pattern, scale=scale, key_padding_mask=kpm,
+                               sinks=_sinks_numpy(sinks), **mods)  # fmt: skip
     return torch.from_numpy(out)

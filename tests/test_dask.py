@@ -459,3 +459,27 @@ def test_shards_arguments_are_checked(rng):
         dask_attention(x, x, x, p, shards=["tcp://a:1"])
     with pytest.raises(ValueError, match="pin=True and shards"):
         dask_attention(x, x, x, p, pin=True, shards=shards)
+
+
+@pytest.mark.parametrize("pattern_kind", ["band_globals", "generic"])
+def test_softcap_on_every_task_equals_the_reference(client, rng, pattern_kind):
+    """Halo blocks, the shared global-key partial and split long rows all cap the scores (checked against float64)."""
+    from sparseattn.reference import dense_attention
+
+    n, d = 500, 16
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float64)
+    q *= 3  # scores well past the cap, so a task that forgot it would differ
+    if pattern_kind == "band_globals":
+        p = sa.sliding_window(n, 20) | sa.global_tokens(n, [0, 250])
+    else:
+        p = sa.from_sparse(sp.random(n, n, density=0.05, random_state=1, format="csr") + sp.eye(n))
+    got = _run(client, q, k, v, p, (1, (120, 180, 200), d), (2, (100, 150, 250), d), softcap=2.0)
+    np.testing.assert_allclose(got, dense_attention(q, k, v, p, softcap=2.0), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(got, dense_attention(q, k, v, p), atol=1e-3)
+
+
+@pytest.mark.parametrize("name, value", [("alibi_slopes", np.ones(2)), ("sinks", np.zeros(2))])
+def test_position_modifiers_are_refused_by_name(rng, name, value):
+    q, k, v = _arrays(rng, (2, 64, 8), (2, 64, 8), np.float64)
+    with pytest.raises(ValueError, match=f"{name} is not yet supported on Dask"):
+        dask_attention(da.from_array(q, chunks=(1, 32, 8)), k, v, sa.causal(64), **{name: value})

@@ -16,7 +16,8 @@ from .plans import block_bounds, plan_patterns
 __all__ = ["sparse_attention"]
 
 
-def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, serial=True, pin=False, shards=None):
+def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
+                     key_padding_mask=None, serial=True, pin=False, shards=None):  # fmt: skip
     """:func:`sparseattn.sparse_attention` on Dask arrays: a lazy result chunked like ``q``.
 
     Parameters
@@ -40,6 +41,9 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
         axis -3).
     scale : float, optional
         Multiplies the scores; defaults to ``1 / sqrt(d)``.
+    softcap : float, optional
+        As for the local engine.  ``alibi_slopes``, ``sinks`` and
+        ``score_mod`` are not yet supported on Dask (a ``ValueError`` names them).
     key_padding_mask : bool NumPy or dask array, optional
         True marks a padded key; broadcasts like the local engine's (the
         leading shape without the heads axis, then ``n_k``).
@@ -102,7 +106,8 @@ def sparse_attention(q, k, v, pattern, *, scale=None, key_padding_mask=None, ser
     da = import_dask()
     from dask.base import tokenize
 
-    x = prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    x = prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods)
     # -- work lists, one per distinct pattern ----------------------------------------------
     qb, kb = block_bounds(x.q.chunks[-2]), block_bounds(x.k_chunks)
     plans = plan_patterns(x.patterns, x.n_k, kb)

@@ -16,8 +16,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..engine.modifiers import check_modifiers
 from ..engine.validate import check_scale, check_shapes_and_patterns, kv_groups
 from .shards import ContiguousShards
+from .tasks import Score
 
 
 def import_dask():
@@ -44,7 +46,7 @@ class Inputs(NamedTuple):
     dv: int
     patterns: list  #: the distinct patterns (one per head when per_head)
     per_head: bool
-    scale: float
+    scale: Any  #: a tasks.Score: the scale and the softcap
     serial: bool
     out_dtype: np.dtype
     q_user_chunks: tuple  #: q's chunks before one head per task: the output is rechunked back to them
@@ -52,7 +54,7 @@ class Inputs(NamedTuple):
     k_chunks: tuple  #: the chunks of the key axis, shared by k, v and the mask
 
 
-def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da):
+def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods=None):
     """Check the arguments of :func:`sparse_attention` (in its order: the errors it documents) and lay them out."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_input(name, x, da)
@@ -82,7 +84,7 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
             f"heads here (e.g. repeated with da.repeat(k, {q.shape[-3] // k.shape[-3]}, axis=-3)), or use the "
             f"local engine, sparseattn.sparse_attention, which reads grouped heads without copies"
         )
-    scale = check_scale(scale, d)
+    scale = Score(check_scale(scale, d), _softcap(mods or {}, lead, n_q, n_k))
     out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
 
     # -- layout: broadcast, one chunk along d, k/v chunked like q on the leading axes -------
@@ -103,6 +105,19 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
     return Inputs(
         q, k, v, mask, lead, n_k, dv, patterns, per_head, scale, serial, out_dtype, q_user_chunks, lead_chunks, k_chunks
     )
+
+
+def _softcap(mods, lead, n_q, n_k):
+    """The softcap, checked as the local engine checks it; the other modifiers are refused by name."""
+    for name in ("alibi_slopes", "sinks", "score_mod"):
+        if mods.get(name) is not None:
+            raise ValueError(
+                f"{name} is not yet supported on Dask (the tasks see key segments, not the call's positions and "
+                f"heads); softcap is. Use the local engine, sparseattn.sparse_attention, for {name}"
+            )
+    if mods.get("softcap") is None:
+        return None
+    return check_modifiers(mods["softcap"], lead=lead, n_q=n_q, n_k=n_k, compute=np.float64).softcap
 
 
 def _check_input(name, x, da):

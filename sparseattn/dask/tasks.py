@@ -9,6 +9,8 @@ log-sum-exp formula (:func:`_merge`).  The graph that calls them is built in
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..engine.validate import check_scale
@@ -16,7 +18,14 @@ from ..patterns.base import CSRPattern
 from ..patterns.builders import sliding_window
 
 
-def _engine(q, k, v, pattern, scale, kpm, serial):
+class Score(NamedTuple):
+    """How a task turns ``q . k`` into a score: the scale and the softcap (None: none)."""
+
+    scale: float | None
+    softcap: float | None = None
+
+
+def _engine(q, k, v, pattern, score, kpm, serial):
     """The local engine's forward on one block: ``(out, lse)`` in the compute dtype.
 
     Through the engine's dispatcher (``paths.forward``, fused), so a block
@@ -27,7 +36,7 @@ def _engine(q, k, v, pattern, scale, kpm, serial):
     from ..engine import paths
     from ..engine.validate import prepare
 
-    prep = prepare(q, k, v, pattern, scale, kpm)
+    prep = prepare(q, k, v, pattern, score.scale, kpm, modifiers=dict(softcap=score.softcap) if score.softcap else None)
     out, lse, _ = paths.forward(prep, "fused", parallel=False if serial else None)
     return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
 
@@ -165,10 +174,12 @@ def _shared_partial(q, gk, gv, gm, scale, serial):
     if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
         return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
     dt = np.dtype(np.float64 if np.result_type(q, gk, gv).itemsize >= 8 else np.float32)
-    sc = dt.type(check_scale(scale, q.shape[-1]))
+    sc = dt.type(check_scale(scale.scale, q.shape[-1]))
     q, gk, gv = (np.asarray(x, dtype=dt) for x in (q, gk, gv))
     s = np.matmul(q, np.swapaxes(gk, -1, -2))
     s *= sc
+    if scale.softcap is not None:  # the engine's definition (sparseattn.engine.modifiers), as blocked computes it
+        s = dt.type(scale.softcap) * np.tanh(s / dt.type(scale.softcap))
     allowed = np.ones(1, dtype=bool)
     if gm is not None:
         pad = np.asarray(gm, dtype=bool)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import paths
+from . import decode, paths, regroup
 from .paths import check_path
 from .staged import AttentionWeights
 from .validate import prepare
@@ -40,21 +40,13 @@ def sparse_attention(
         The allowed pairs, shape ``(n_q, n_k)``; a sequence gives one pattern per head.
     scale : float, optional
         Multiplies the scores; defaults to ``1 / sqrt(d)``.
-    softcap : float, optional
-        Caps the scaled scores smoothly: ``s <- softcap * tanh(s / softcap)``
-        (Gemma 2; FlashAttention's ``softcap``).
-    alibi_slopes : ndarray, optional
-        ALiBi: ``s <- s - slope_h * |i + n_k - n_q - j|`` (FlashAttention's
-        convention), shape ``(h_q,)`` or ``(batch, h_q)`` (broadcasting to
-        the leading shape, query heads last).
-    sinks : ndarray, optional
-        Shape ``(h_q,)`` (or broadcasting like ``alibi_slopes``): a logit per
-        query head that joins every row's softmax denominator and carries no
-        value (GPT-OSS's ``s_aux``); the returned ``lse`` includes it.
-    score_mod : ScoreMod, optional
-        A user's modifier ``f(s, b, h, i, j)`` with its derivative, applied
-        after softcap and ALiBi, fused into the kernels (see
-        :class:`sparseattn.ScoreMod` and :mod:`sparseattn.engine.modifiers`).
+    softcap, alibi_slopes, sinks, score_mod : optional
+        Score modifiers and sinks (Gemma 2, ALiBi models, GPT-OSS), defined in
+        :mod:`sparseattn.engine.modifiers`: ``s <- softcap tanh(s / softcap)``,
+        then ``s <- s - slope_h |i + n_k - n_q - j|`` (``alibi_slopes`` of
+        shape ``(h_q,)`` or ``(batch, h_q)``), then a user's
+        :class:`sparseattn.ScoreMod`; ``sinks`` ``(h_q,)``: a logit per query
+        head in every row's softmax denominator, with no value.
     key_padding_mask : bool ndarray, optional
         True marks a padded key, removed from every row of every head.  Shape
         ``(batch, n_k)`` for 4-D inputs; in general it broadcasts against the
@@ -99,13 +91,9 @@ def sparse_attention(
     -----
     *Non-finite inputs.*  The result is what IEEE arithmetic gives for
     softmax attention over each row's allowed, non-padded keys only: a NaN or
-    an infinity in ``q[i]`` makes row ``i`` NaN (output and log-sum-exp) if
-    the row has any allowed key; a NaN or an infinity in ``k[j]`` or ``v[j]``
-    affects exactly the rows that attend key ``j``, never another row, and is
-    never turned into zeros.  Scores are ``s_j = scale * q_i . k_j``, the row
-    max propagates NaN, the weights are ``exp(s_j - max)``: a ``+inf`` score,
-    or all scores ``-inf``, give a NaN row; a ``-inf`` score among finite
-    ones gets weight 0, and ``0 * inf`` in ``v`` gives NaN in that column.
+    infinity in ``q[i]`` reaches row ``i`` only, one in ``k[j]`` or ``v[j]``
+    exactly the rows that attend key ``j``; never turned into zeros (the
+    full rules, softcap and sinks included: ``docs/architecture.md``, "Non-finite inputs").
     Every path and :func:`sparseattn.reference.dense_attention` follow this.
 
     Examples
@@ -121,22 +109,18 @@ def sparse_attention(
     >>> bool(np.allclose(out, dense_attention(q, k, v, pattern), atol=1e-5))
     True
 
-    Grouped-query heads: 4 query heads share 2 key/value heads (heads 0, 1
-    read kv head 0; heads 2, 3 read kv head 1):
-
-    >>> q = rng.standard_normal((1, 4, 8, 16))
-    >>> k, v = rng.standard_normal((2, 1, 2, 8, 16))
-    >>> out, lse = sa.sparse_attention(q, k, v, pattern, return_lse=True)
-    >>> out.shape
-    (1, 4, 8, 16)
-    >>> bool(np.allclose(out, sa.sparse_attention(q, k.repeat(2, axis=-3), v.repeat(2, axis=-3), pattern)))
-    True
-    >>> dq, dk, dv = sa.sparse_attention_backward(np.ones_like(out), q, k, v, pattern, out, lse)
-    >>> dk.shape, dv.shape  # k's and v's own shapes, summed over each pair of query heads
-    ((1, 2, 8, 16), (1, 2, 8, 16))
+    Grouped-query heads and every modifier: ``tests/test_gqa.py`` and
+    ``tests/test_modifiers.py``; ``docs/models.md`` spells today's models.
     """
     check_path(path, return_weights)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    if not (return_weights or check_finite or path == "staged"):
+        done = decode.forward(q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse)
+        if done is not None:
+            return done
+        done = regroup.forward(sparse_attention, q, k, v, pattern, scale, key_padding_mask, mods, path, return_lse)
+        if done is not None:
+            return done
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite, modifiers=mods)
     out, lse, weights = paths.forward(prep, path, return_weights)
     out = out.reshape(prep.lead + out.shape[1:]).astype(prep.out_dtype, copy=False)

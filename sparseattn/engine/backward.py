@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import paths
+from . import paths, regroup
 from .paths import check_path
 from .scan import first_nonfinite
 from .validate import prepare
@@ -48,6 +48,21 @@ def _unbroadcast(g, lead, x):
     if axes:
         g = g.sum(axis=axes, keepdims=True)
     return g.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def _check_finite(prep, grad_out, go, out, o, lse, ls):
+    for name, user, x in (("grad_out", grad_out, go), ("out", out, o)):
+        err = first_nonfinite(name, user, x, prep.lead)
+        if err is not None:
+            raise err
+    bad = np.argwhere(np.isnan(ls) | (ls == np.inf))
+    if len(bad):
+        s, i = (int(a) for a in bad[0])
+        idx = (np.unravel_index(s, prep.lead) if prep.lead else ()) + (i,)
+        raise ValueError(
+            f"lse holds {ls[s, i]} at index {tuple(int(a) for a in idx)} (shape {np.shape(lse)}); "
+            f"check_finite=True refuses NaN and +inf in lse (-inf marks a row without keys)"
+        )
 
 
 def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=None, softcap=None, alibi_slopes=None,
@@ -115,6 +130,10 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     """
     check_path(path)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod)
+    args = (grad_out, q, k, v, pattern, out, lse, scale, key_padding_mask, mods, path)
+    done = None if check_finite else regroup.backward(sparse_attention_backward, *args)
+    if done is not None:
+        return done  # a dilated window, class by class as plain bands
     prep = prepare(q, k, v, pattern, scale, key_padding_mask, check_finite=check_finite,
                    caller="sparse_attention_backward", modifiers=mods)  # fmt: skip
     n_q = prep.n_q
@@ -128,18 +147,7 @@ def sparse_attention_backward(grad_out, q, k, v, pattern, out, lse, *, scale=Non
     go, o = _flat(go, S, n_q, dv_dim, dt), _flat(o, S, n_q, dv_dim, dt)
     ls = _flat(ls, S, n_q, None, dt)
     if check_finite:
-        for name, user, x in (("grad_out", grad_out, go), ("out", out, o)):
-            err = first_nonfinite(name, user, x, prep.lead)
-            if err is not None:
-                raise err
-        bad = np.argwhere(np.isnan(ls) | (ls == np.inf))
-        if len(bad):
-            s, i = (int(a) for a in bad[0])
-            idx = (np.unravel_index(s, prep.lead) if prep.lead else ()) + (i,)
-            raise ValueError(
-                f"lse holds {ls[s, i]} at index {tuple(int(a) for a in idx)} (shape {np.shape(lse)}); "
-                f"check_finite=True refuses NaN and +inf in lse (-inf marks a row without keys)"
-            )
+        _check_finite(prep, grad_out, go, out, o, lse, ls)
     dq, dk, dvv = paths.backward(prep, go, o, ls, path)
     # dk and dv come one row block per stored slice of k and v (already summed over the heads and batch
     # rows that share one): k's and v's own shapes

@@ -139,13 +139,14 @@ def _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
                 yield "long", group, rows, union, (mask if valid is None else mask & valid[union][None, :])
 
 
-def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None):
+def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None, mods=None):
     """Sparse attention over flattened slices on NumPy/BLAS; arguments as for ``forward.fused_attention``.
 
     ``qc``, ``kc``, ``vc`` hold the distinct slices and ``maps = (qmap, kmap,
     vmap)`` says which one slice ``s`` reads.  Returns ``out`` (S, n_q, dv)
     and ``lse`` (S, n_q) in ``qc``'s dtype; rows of skipped slices are left
-    uninitialised.
+    uninitialised.  ``mods``: the score modifiers
+    (:meth:`~sparseattn.engine.modifiers.Modifiers.apply`, in NumPy).
 
     Examples
     --------
@@ -161,10 +162,22 @@ def blocked_attention(qc, kc, vc, maps, patterns, slice_pattern, scale, key_vali
     from .threads import numpy_blas_single_thread
 
     with numpy_blas_single_thread():
-        return _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip)
+        return _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip, _mods(mods))
 
 
-def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip):
+def _mods(mods):
+    """The modifiers of a call, or None when none changes a score."""
+    return mods if mods is not None and mods.on_scores else None
+
+
+def _grid(mods, s, sl, rows, cols, grad=False):
+    """``s`` (slices, rows, cols) with the modifiers applied (and ds'/ds with ``grad``)."""
+    if mods is None:
+        return (s, None) if grad else s
+    return mods.apply(s, sl[:, None, None], rows[None, :, None], cols[None, None, :], grad=grad)
+
+
+def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_batch, skip, mods):
     qmap, kmap, vmap = maps
     S = len(slice_pattern)
     n_q, dv = qc.shape[1], vc.shape[2]
@@ -174,7 +187,7 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
     sc = dt.type(scale)
     for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         if kind == "long":
-            _long_rows(qc, kc, vc, qmap, kmap, vmap, sl, *work, sc, out, lse)
+            _long_rows(qc, kc, vc, qmap, kmap, vmap, sl, *work, sc, out, lse, mods)
             continue
         blk, union, mask = work
         rows = (sl[:, None], blk[None, :])
@@ -186,11 +199,11 @@ def _blocked(qc, kc, vc, maps, patterns, slice_pattern, scale, key_valid, slice_
         v = vc[vmap[sl][:, None], union[None, :]]
         scores = np.matmul(q, k.transpose(0, 2, 1))
         scores *= sc
-        out[rows], lse[rows] = masked_softmax(scores, mask[None], v)
+        out[rows], lse[rows] = masked_softmax(_grid(mods, scores, sl, blk, union), mask[None], v)
     return out, lse
 
 
-def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, lse):
+def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, lse, mods):
     """Long ``rows`` of every slice in ``group`` over key chunks of ``union``, merged by log-sum-exp."""
     dt = qc.dtype
     G, L, dv = len(group), len(rows), vc.shape[2]
@@ -204,7 +217,8 @@ def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, 
             cc, mk = union[c0 : c0 + step], mask[None, :, c0 : c0 + step]
             k = kc[kmap[group][:, None], cc[None, :]]
             v = vc[vmap[group][:, None], cc[None, :]]
-            s = np.where(mk, np.matmul(q, k.transpose(0, 2, 1)) * sc, dt.type(-np.inf))  # (G, L, C)
+            s = _grid(mods, np.matmul(q, k.transpose(0, 2, 1)) * sc, group, rows, cc)
+            s = np.where(mk, s, dt.type(-np.inf))  # (G, L, C)
             m_new = np.maximum(m, s.max(axis=2))
             keep = np.where(m == m_new, dt.type(1), np.exp(m - m_new))  # 1 while both are -inf
             w = np.where(mk, np.exp(s - m_new[..., None]), dt.type(0))
@@ -219,7 +233,7 @@ def _long_rows(qc, kc, vc, qmap, kmap, vmap, group, rows, union, mask, sc, out, 
 
 
 def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip=None,
-                     maps=None):  # fmt: skip
+                     maps=None, mods=None):  # fmt: skip
     """Gradients on NumPy/BLAS, from the forward's ``lse``: the fused backward's recipe over the same blocks.
 
     ``q``, ``k``, ``v`` hold the distinct slices and ``maps = (qmap, kmap,
@@ -239,7 +253,8 @@ def blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_val
     if maps is None:
         maps = (np.arange(len(slice_pattern)),) * 3
     with numpy_blas_single_thread():
-        return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps)
+        return _blocked_backward(q, k, v, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps,
+                                 _mods(mods))  # fmt: skip
 
 
 def _add_into(dst, m, cols, c):
@@ -255,7 +270,7 @@ def _add_into(dst, m, cols, c):
     dst[m[:, None], cols[None, :]] += c
 
 
-def _blocked_backward(qc, kc, vc, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps):
+def _blocked_backward(qc, kc, vc, go, o, ls, patterns, slice_pattern, scale, key_valid, slice_batch, skip, maps, mods):
     qmap, kmap, vmap = maps
     dt = qc.dtype
     sc = dt.type(scale)
@@ -264,7 +279,7 @@ def _blocked_backward(qc, kc, vc, go, o, ls, patterns, slice_pattern, scale, key
     D = np.einsum("snd,snd->sn", go, o)
     for kind, sl, *work in _walk(patterns, slice_pattern, skip, key_valid, slice_batch):
         if kind == "long":
-            _long_rows_backward(qc, kc, vc, maps, go, ls, D, sl, *work, sc, dq, dk, dv)
+            _long_rows_backward(qc, kc, vc, maps, go, ls, D, sl, *work, sc, dq, dk, dv, mods)
             continue
         blk, union, mask = work
         if len(union) == 0:
@@ -275,17 +290,20 @@ def _blocked_backward(qc, kc, vc, go, o, ls, patterns, slice_pattern, scale, key
         with np.errstate(over="ignore", invalid="ignore"):
             s = np.matmul(qb, kb.transpose(0, 2, 1))
             s *= sc
+            s, fac = _grid(mods, s, sl, blk, union, grad=True)
             p = np.where(mask[None], np.exp(s - ls[rows][..., None]), dt.type(0))
         ds = np.matmul(gb, vb.transpose(0, 2, 1))
         ds -= D[rows][..., None]
         ds *= p
+        if fac is not None:
+            ds *= fac
         dq[rows] = np.matmul(ds, kb) * sc
         _add_into(dk, kmap[sl], union, np.matmul(ds.transpose(0, 2, 1), qb) * sc)
         _add_into(dv, vmap[sl], union, np.matmul(p.transpose(0, 2, 1), gb))
     return dq, dk, dv
 
 
-def _long_rows_backward(qc, kc, vc, maps, go, ls, D, group, rows, union, mask, sc, dq, dk, dv):
+def _long_rows_backward(qc, kc, vc, maps, go, ls, D, group, rows, union, mask, sc, dq, dk, dv, mods):
     """The gradient contributions of long ``rows`` in every slice of ``group``, over key chunks of ``union``."""
     qmap, kmap, vmap = maps
     dt = qc.dtype
@@ -299,8 +317,11 @@ def _long_rows_backward(qc, kc, vc, maps, go, ls, D, group, rows, union, mask, s
         cc, mk = union[c0 : c0 + step], mask[None, :, c0 : c0 + step]
         kb, vb = kc[kmap[group][:, None], cc[None, :]], vc[vmap[group][:, None], cc[None, :]]
         with np.errstate(over="ignore", invalid="ignore"):
-            p = np.where(mk, np.exp(np.matmul(qi, kb.transpose(0, 2, 1)) * sc - li), dt.type(0))  # (G, L, C)
+            s, fac = _grid(mods, np.matmul(qi, kb.transpose(0, 2, 1)) * sc, group, rows, cc, grad=True)
+            p = np.where(mk, np.exp(s - li), dt.type(0))  # (G, L, C)
         ds = p * (np.matmul(gi, vb.transpose(0, 2, 1)) - di)
+        if fac is not None:
+            ds *= fac
         acc += np.matmul(ds, kb)
         _add_into(dk, kmap[group], cc, np.matmul(ds.transpose(0, 2, 1), qi) * sc)
         _add_into(dv, vmap[group], cc, np.matmul(p.transpose(0, 2, 1), gi))

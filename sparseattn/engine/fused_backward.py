@@ -92,12 +92,12 @@ def _long_ranges(starts, ns, n_ranges):
 
 
 def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_valid, slice_batch, *,
-                   parallel=None, skip=None, maps=None):  # fmt: skip
+                   parallel=None, skip=None, maps=None, mods=None):  # fmt: skip
     """Gradients ``(dq, dk, dv)`` of the fused forward over flattened slices.
 
     Parameters
     ----------
-    q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, parallel, maps
+    q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, parallel, maps, mods
         As for :func:`sparseattn.engine.fused_forward.fused_attention` (C-contiguous, one float dtype):
         ``q``, ``k``, ``v`` hold the stored slices, ``maps = (qmap, kmap, vmap)``
         which one slice ``s`` reads (identity when None).
@@ -119,6 +119,12 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
 
     from ..kernels.backward import flush_keys, long_rows_backward, tiles_backward
     from ..kernels.simd import block_width
+    from .modifiers import NONE
+
+    mods = NONE if mods is None else mods
+    if mods.score_mod is not None:
+        spec = mods.score_mod.kernels("backward")
+        tiles_backward, long_rows_backward = spec["tiles_backward"], spec["long_rows_backward"]
 
     S = len(slice_pattern)
     _, n_q, d = q.shape
@@ -139,6 +145,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
     kv = np.ascontiguousarray(key_valid, dtype=bool) if use_valid else np.ones((1, 1), dtype=bool)
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
     sc = dt.type(scale)
+    mod, slopes = mods.kernel_args(dt)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     n_threads = 1 if parallel is False else get_num_threads()
     simd_ok = d % block_width(dt) == 0 and dv % block_width(dt) == 0
@@ -160,8 +167,9 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             # ranges never cross a slice: a thread's key buffers hold one slice at a time
             bounds = np.union1d(bounds, np.arange(0, ns * n_tiles + 1, max(1, n_tiles))).astype(np.int64)
             const = (q, k, v, qmap, kmap, vmap, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
-                     plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
-                     plan.rs_cols, sc, kv, sb, use_valid)  # fmt: skip
+                     plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
+                     plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
+                     plan.rs_cols, sc, kv, sb, use_valid, mod, slopes)  # fmt: skip
 
             def tiles(b0, b1, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v):
                 if b1 <= b0:
@@ -183,7 +191,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                 run_ranges(
                     long_rows_backward,
                     (q, k, v, qmap, kmap, vmap, dout, out, lse, lslices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr,
-                     plan.it_a, plan.it_b, sc, kv, sb, use_valid, dq, dk, dvv),
+                     plan.it_a, plan.it_b, sc, kv, sb, use_valid, mod, slopes, dq, dk, dvv),
                     (),
                     _long_ranges(starts, ns, n_ranges),
                     n_threads if par else 1,

@@ -66,8 +66,20 @@ def _split_items(plan, n_slices, n_workers):
     return np.maximum.accumulate(bounds)
 
 
+def _kernels(mods):
+    """The modifiers (none: ``NONE``) and the tile and long-row kernels that apply them."""
+    from ..kernels.forward import long_rows_partial, tiles_forward
+    from .modifiers import NONE
+
+    mods = NONE if mods is None else mods
+    if mods.score_mod is None:
+        return mods, tiles_forward, long_rows_partial
+    spec = mods.score_mod.kernels("forward")
+    return mods, spec["tiles_forward"], spec["long_rows_partial"]
+
+
 def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None,
-                    maps=None):  # fmt: skip
+                    maps=None, mods=None):  # fmt: skip
     """Fused sparse attention forward over flattened slices.
 
     Parameters
@@ -92,11 +104,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
         the work is large enough.  ``False``: only in the calling thread (for
         callers that bring their own threads, e.g. Dask workers).
     maps : (qmap, kmap, vmap), optional
-        int64 arrays of shape (S,): slice ``s`` reads ``q[qmap[s]]``,
-        ``k[kmap[s]]`` and ``v[vmap[s]]``, so an input broadcast over slices
-        (e.g. ``k`` shared by the heads) is stored once; then ``q``, ``k``,
-        ``v`` hold only the distinct slices.  Default: slice ``s`` reads row
-        block ``s`` of each.
+        int64 arrays (S,): slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]``,
+        ``v[vmap[s]]`` (an input broadcast over slices is stored once).
+        Default: slice ``s`` reads row block ``s`` of each.
     skip : bool ndarray, shape (S,), optional
         Slices to leave out: their rows of ``out`` and ``lse`` are left
         uninitialised for the caller to fill (``sparse_attention`` computes
@@ -123,8 +133,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from ..kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
+    from ..kernels.forward import long_rows_merge
 
+    mods, tiles_forward, long_rows_partial = _kernels(mods)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     S = len(slice_pattern)
     n_q, d = q.shape[1:]
@@ -141,6 +152,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     kv = np.ascontiguousarray(key_valid, dtype=bool) if use_valid else np.ones((1, 1), dtype=bool)
     sb = np.asarray(slice_batch, dtype=np.int64) if use_valid else np.zeros(S, dtype=np.int64)
     sc = dt.type(scale)
+    mod, slopes = mods.kernel_args(dt)
     n_threads = 1 if parallel is False else get_num_threads()
     with blas_single_thread():
         for p_idx, pattern in enumerate(patterns):
@@ -157,8 +169,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
             run_ranges(
                 tiles_forward,
                 (q, k, v, qmap, kmap, vmap, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
-                 plan.row_lo, plan.row_hi, plan.sh_ptr, plan.sh_cols, plan.sh_mask,
-                 plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid),
+                 plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
+                 plan.sh_ptr, plan.sh_cols, plan.sh_mask,
+                 plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, mod, slopes),
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,
@@ -175,7 +188,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 run_ranges(
                     long_rows_partial,
                     (q, k, v, qmap, kmap, vmap, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
-                     plan.it_off, sc, kv, sb, use_valid, part_m, part_l, part_o),
+                     plan.it_off, sc, kv, sb, use_valid, mod, slopes, part_m, part_l, part_o),
                     (),
                     [i * n_jobs // n_ranges for i in range(n_ranges + 1)],
                     n_threads if par else 1,

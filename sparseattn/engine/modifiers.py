@@ -259,7 +259,7 @@ def _per_head(name, x, lead, compute, what):
     return np.ascontiguousarray(full.reshape(-1), dtype=compute), arr.shape
 
 
-def check_modifiers(softcap, alibi_slopes, sinks, score_mod, lead, n_q, n_k, compute):
+def check_modifiers(softcap=None, alibi_slopes=None, sinks=None, score_mod=None, *, lead, n_q, n_k, compute):
     """Validate the modifier arguments of a call (``lead``: its broadcast leading shape) into a :class:`Modifiers`."""
     if softcap is None and alibi_slopes is None and sinks is None and score_mod is None:
         return NONE

@@ -77,7 +77,7 @@ class Fused(ExecutionPath):
 
         return fused_attention(
             prep.qc, prep.kc, prep.vc, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid,
-            prep.slice_batch, skip=skip, maps=(prep.qmap, prep.kmap, prep.vmap), parallel=parallel,
+            prep.slice_batch, skip=skip, maps=(prep.qmap, prep.kmap, prep.vmap), parallel=parallel, mods=prep.mods,
         )  # fmt: skip
 
     def backward(self, prep, go, o, ls, skip):
@@ -85,7 +85,7 @@ class Fused(ExecutionPath):
 
         return fused_backward(prep.qc, prep.kc, prep.vc, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
                               prep.key_valid, prep.slice_batch, skip=skip,
-                              maps=(prep.qmap, prep.kmap, prep.vmap))  # fmt: skip
+                              maps=(prep.qmap, prep.kmap, prep.vmap), mods=prep.mods)  # fmt: skip
 
 
 class Blocked(ExecutionPath):
@@ -99,7 +99,7 @@ class Blocked(ExecutionPath):
 
         return blocked_attention(
             prep.qc, prep.kc, prep.vc, (prep.qmap, prep.kmap, prep.vmap), prep.patterns, prep.slice_pattern,
-            prep.scale, prep.key_valid, prep.slice_batch, skip=skip,
+            prep.scale, prep.key_valid, prep.slice_batch, skip=skip, mods=prep.mods,
         )  # fmt: skip
 
     def backward(self, prep, go, o, ls, skip):
@@ -107,7 +107,7 @@ class Blocked(ExecutionPath):
 
         return blocked_backward(prep.qc, prep.kc, prep.vc, go, o, ls, prep.patterns, prep.slice_pattern, prep.scale,
                                 prep.key_valid, prep.slice_batch, skip=skip,
-                                maps=(prep.qmap, prep.kmap, prep.vmap))  # fmt: skip
+                                maps=(prep.qmap, prep.kmap, prep.vmap), mods=prep.mods)  # fmt: skip
 
 
 class Staged(ExecutionPath):
@@ -172,6 +172,9 @@ def _compile_forward(dtype_name):
     mask = np.zeros((1, q.shape[1]), dtype=bool)
     mask[0, -3:] = True
     forward(prepare(q[None], k[None], v[None], pattern, None, mask), "fused")
+    # k and v as views of a larger cache (a decode step): the kernels' specialisation for such views
+    kv = np.concatenate([k, v], axis=1)
+    forward(prepare(q, kv[:, : k.shape[1]], kv[:, : k.shape[1]], pattern), "fused")
 
 
 def _compile_backward(dtype_name):

@@ -24,8 +24,11 @@ threads share, and merged with the log-sum-exp formula.
 Every nonzero of the pattern is covered by exactly one of these (checked in
 ``tests/test_plan.py``).  Building a plan never makes an ``n x n`` anything:
 sliding windows (dilation 1, any offset), global tokens and unions of them
-are planned from their parameters in O(n); any other pattern from its CSR in
-O(nnz).
+are planned from their parameters in O(n); other run patterns (causal,
+documents, prefix-LM, neighbourhoods, their unions and intersections: see
+:mod:`sparseattn.patterns.runsets`) from their runs in O(n * runs per row),
+never building their CSR; any other pattern from the maximal runs of its CSR
+in O(nnz).
 Plans are cached by the pattern's identity (:func:`get_plan`).
 
 Examples
@@ -48,10 +51,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..patterns.base import Union
-from ..patterns.base import Pattern
+from ..patterns import runsets
+from ..patterns.base import Pattern, Union
 from ..patterns.builders import GlobalTokens
 from ..patterns.windows import SlidingWindow
+from .planrows import long_items, longest_runs, tile_quartile
 
 __all__ = ["TilePlan", "build_plan", "get_plan", "clear_plan_cache", "plan_cache_info"]
 
@@ -64,6 +68,8 @@ LONG_FACTOR = 8
 MIN_RUN = 8
 #: a span is kept only when the rows' runs fill at least this fraction of it
 MIN_SPAN_FILL = 0.5
+#: keys per micro-kernel panel assumed by the extra spans' fill rule (narrow runs waste most of a panel)
+PANEL = 16
 #: number of cached plans
 CACHE_SIZE = 8
 
@@ -94,6 +100,10 @@ class TilePlan:
         Each tile's key span (empty when equal).
     row_lo, row_hi : int64 ndarray, shape (n_q,)
         Each row's run inside its tile's span.
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi
+        Extra spans: tile ``t`` also has the spans ``x`` in ``xs_ptr[t]:xs_ptr[t+1]``, keys
+        ``[xs_k0[x], xs_k1[x])``, row ``r`` of the tile running over ``[xs_lo[x*T + r], xs_hi[x*T + r])``
+        (one span per kernel row of a neighbourhood, the second document of a tile across a boundary).
     sh_ptr, sh_cols, sh_mask
         Shared columns of tile ``t``: ``sh_cols[sh_ptr[t]:sh_ptr[t+1]]``; row
         ``r`` of the tile uses column ``c`` iff ``sh_mask[c*T + r]`` (global
@@ -109,7 +119,8 @@ class TilePlan:
         items of group ``g`` are ``grp_it_ptr[g]:grp_it_ptr[g+1]``; partial row
         ``rr`` of item ``i`` lives at ``it_off[i] + rr``.
     kind : str
-        ``"structured"`` (planned from builder parameters) or ``"generic"`` (from CSR).
+        ``"structured"`` (planned from a band's and global tokens' parameters), ``"runs"`` (from the
+        pattern's runs) or ``"generic"`` (from the maximal runs of its CSR).
     """
 
     def __init__(self, **fields):
@@ -124,6 +135,7 @@ class TilePlan:
         long_nnz = int(np.sum((self.it_b - self.it_a) * self._item_rows())) if len(self.it_off) else 0
         self.nnz = (
             int(np.sum(self.row_hi - self.row_lo))
+            + int(np.sum(self.xs_hi - self.xs_lo))
             + int(np.count_nonzero(self.sh_mask))
             + len(self.rs_cols)
             + long_nnz
@@ -155,6 +167,14 @@ class TilePlan:
         starts = np.repeat(lo, cnt)
         offs = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         cols.append(starts + offs)
+        # extra spans
+        x_of = np.repeat(np.arange(len(self.xs_k0)), T)
+        tile_of = np.repeat(np.arange(self.n_tiles), np.diff(self.xs_ptr))
+        row = np.repeat(tile_of, T) * T + np.tile(np.arange(T), len(self.xs_k0))
+        xcnt = np.maximum(np.minimum(self.xs_hi, self.xs_k1[x_of]) - np.maximum(self.xs_lo, self.xs_k0[x_of]), 0)
+        xcnt = np.where(self.xs_hi > self.xs_lo, xcnt, 0)
+        rows.append(np.repeat(row, xcnt))
+        cols.append(np.repeat(self.xs_lo, xcnt) + np.arange(int(xcnt.sum())) - np.repeat(np.cumsum(xcnt) - xcnt, xcnt))
         # shared
         for t in range(self.n_tiles):
             for c in range(self.sh_ptr[t], self.sh_ptr[t + 1]):
@@ -183,69 +203,9 @@ class TilePlan:
     def __repr__(self):
         return (
             f"<TilePlan {self.kind} shape={self.shape} T={self.tile_rows} tiles={self.n_tiles} "
-            f"shared={len(self.sh_cols)} residual={len(self.rs_cols)} long_rows={len(self.long_rows)} "
+            f"extra={len(self.xs_k0)} shared={len(self.sh_cols)} residual={len(self.rs_cols)} long_rows={len(self.long_rows)} "
             f"items={len(self.it_grp)} {self.nbytes / 2**20:.1f} MiB>"
         )
-
-
-# -- long rows -----------------------------------------------------------------
-def _long_items(long_rows, row_runs, T, chunk):
-    """Group long rows (consecutive, identical runs, at most T per group) and cut their runs into items.
-
-    ``row_runs[i]`` is the (starts, stops) pair of long row ``long_rows[i]``.
-    """
-    grp_ptr = [0]
-    grp_runs = []
-    for i in range(len(long_rows)):
-        runs = row_runs[i]
-        if (
-            grp_runs
-            and i - grp_ptr[-1] < T
-            and np.array_equal(grp_runs[-1][0], runs[0])
-            and np.array_equal(grp_runs[-1][1], runs[1])
-        ):
-            continue  # joins the current group
-        if grp_runs:
-            grp_ptr.append(i)
-        grp_runs.append(runs)
-    if len(long_rows):
-        grp_ptr.append(len(long_rows))
-    it_grp, it_a, it_b, grp_it_ptr = [], [], [], [0]
-    for g, (starts, stops) in enumerate(grp_runs):
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            n = b - a
-            pieces = max(1, -(-n // chunk))
-            step = -(-n // pieces)
-            for x in range(a, b, step):
-                it_grp.append(g)
-                it_a.append(x)
-                it_b.append(min(b, x + step))
-        grp_it_ptr.append(len(it_grp))
-    i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    grp_ptr = i64(grp_ptr)
-    it_grp = i64(it_grp)
-    sizes = (grp_ptr[1:] - grp_ptr[:-1])[it_grp] if len(it_grp) else i64([])
-    it_off = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64) if len(it_grp) else i64([])
-    return dict(
-        long_rows=i64(long_rows),
-        grp_ptr=grp_ptr if len(long_rows) else i64([0]),
-        grp_it_ptr=i64(grp_it_ptr),
-        it_grp=it_grp,
-        it_a=i64(it_a),
-        it_b=i64(it_b),
-        it_off=it_off,
-    )
-
-
-def _runs_of(cols):
-    """Maximal runs of consecutive integers in a sorted array, as (starts, stops)."""
-    cols = np.asarray(cols, dtype=np.int64)
-    if len(cols) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    brk = np.flatnonzero(np.diff(cols) != 1) + 1
-    starts = cols[np.concatenate(([0], brk))]
-    stops = cols[np.concatenate((brk - 1, [len(cols) - 1]))] + 1
-    return starts, stops
 
 
 # -- numba helpers (imported lazily: building plans needs numba) ------------------
@@ -277,10 +237,19 @@ def _span_of_tiles(lo, hi, T, n_k):
     return k0, k1
 
 
-def _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile):
+def _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile, xs=None):
     """Work estimate per tile for balancing threads: span and shared keys per row, residuals, overhead."""
     rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
-    return rows_per_tile * ((k1 - k0) + np.diff(sh_ptr)) + 4 * rs_tile + 64
+    extra = 0
+    if xs is not None and len(xs["xs_k0"]):
+        widths = np.concatenate(([0], np.cumsum(xs["xs_k1"] - xs["xs_k0"])))
+        extra = widths[xs["xs_ptr"][1:]] - widths[xs["xs_ptr"][:-1]] + 16 * np.diff(xs["xs_ptr"])
+    return rows_per_tile * ((k1 - k0) + extra + np.diff(sh_ptr)) + 4 * rs_tile + 64
+
+
+def _no_extra_spans(n_tiles):
+    z = np.zeros(0, np.int64)
+    return {"xs_ptr": np.zeros(n_tiles + 1, np.int64), "xs_k0": z, "xs_k1": z, "xs_lo": z, "xs_hi": z}
 
 
 def _structure(p):
@@ -319,7 +288,7 @@ def _structured_plan(p, band, g, T, chunk):
     k0, k1 = _span_of_tiles(lo, hi, T, n_k)
     sh_ptr, sh_cols, sh_mask = _helpers().shared_globals(lo, hi, is_long, g, T)
     full = (np.zeros(1, np.int64), np.full(1, n_k, np.int64))
-    longs = _long_items(g, [full] * len(g), T, chunk)
+    longs = long_items(g, [full] * len(g), T, chunk)
     cost = _tile_cost(n_q, T, k0, k1, sh_ptr, 0)
     return dict(
         kind="structured",
@@ -334,41 +303,38 @@ def _structured_plan(p, band, g, T, chunk):
         rs_ptr=np.zeros(n_q + 1, np.int64),
         rs_cols=np.zeros(0, np.int64),
         tile_cost=cost.astype(np.int64),
+        **_no_extra_spans(len(k0)),
         **longs,
     )
 
 
-def _generic_plan(p, T, chunk, long_min):
+def _runs_plan(p, runs, T, chunk, long_min, kind):
+    """The plan of any pattern from its runs (a run pattern's own, or a CSR's maximal runs): O(rows + runs).
+
+    Each row's longest run (at least :data:`MIN_RUN` keys) is its span; a tile keeps its span when the runs
+    fill at least :data:`MIN_SPAN_FILL` of it; the other runs' keys become shared columns or residuals.
+    """
     n_q, n_k = p.shape
-    csr = p.csr
-    indptr = np.asarray(csr.indptr, dtype=np.int64)
-    indices = np.asarray(csr.indices, dtype=np.int64)
-    counts = np.diff(indptr)
+    ptr, run_lo, run_hi = runs
+    counts = runsets.counts(ptr, run_lo, run_hi)
     med = float(np.median(counts)) if n_q else 0.0
-    is_long = counts > max(long_min, LONG_FACTOR * med)
     if T is None:
         T = _tile_rows_for(max(int(med), 1))
-    h = _helpers()
-    lo, hi = h.longest_runs(indptr, indices, is_long, MIN_RUN)
-    # keep a tile's span only when the runs fill enough of it
-    k0, k1 = _span_of_tiles(lo, hi, T, n_k)
-    t_of = np.arange(n_q) // T
-    covered = np.add.reduceat(hi - lo, np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
-    n_rows = np.add.reduceat((~is_long).astype(np.int64), np.arange(0, n_q, T)) if n_q else covered
-    keep = covered >= MIN_SPAN_FILL * (k1 - k0) * np.maximum(n_rows, 1)
-    drop_row = ~keep[t_of] if n_q else np.zeros(0, bool)
-    lo[drop_row] = 0
-    hi[drop_row] = 0
-    k0 = np.where(keep, k0, 0)
-    k1 = np.where(keep, k1, 0)
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = h.leftovers(indptr, indices, is_long, lo, hi, T, n_k)
+    is_long = (counts > max(long_min, LONG_FACTOR * med)) & (counts > LONG_FACTOR * tile_quartile(counts, T))
+    lo, hi = longest_runs(ptr, run_lo, run_hi, is_long, MIN_RUN)
+    # a tile's span: the hull of its rows' runs, or of the best cluster of them, when they fill enough of it
+    k0, k1 = _helpers().tile_spans(lo, hi, is_long, T, MIN_SPAN_FILL)
+    # the runs outside the spans: extra spans where they cluster, else shared columns or residuals
+    *xs, in_span = _helpers().extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, MIN_SPAN_FILL, MIN_RUN, PANEL)
+    xs = dict(zip(("xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi"), xs))
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = _helpers().leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k)
     long_rows = np.flatnonzero(is_long)
-    runs = [_runs_of(indices[indptr[r] : indptr[r + 1]]) for r in long_rows]
-    longs = _long_items(long_rows, runs, T, chunk)
+    row_runs = [(run_lo[ptr[r] : ptr[r + 1]], run_hi[ptr[r] : ptr[r + 1]]) for r in long_rows]
+    longs = long_items(long_rows, row_runs, T, chunk)
     rs_tile = np.add.reduceat(np.diff(rs_ptr), np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
-    cost = _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile)
+    cost = _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile, xs)
     return dict(
-        kind="generic",
+        kind=kind,
         tile_rows=T,
         tile_k0=k0.astype(np.int64),
         tile_k1=k1.astype(np.int64),
@@ -380,8 +346,15 @@ def _generic_plan(p, T, chunk, long_min):
         rs_ptr=rs_ptr,
         rs_cols=rs_cols,
         tile_cost=cost.astype(np.int64),
+        **xs,
         **longs,
     )
+
+
+def _generic_plan(p, T, chunk, long_min):
+    csr = p.csr
+    runs = runsets.from_csr(csr.indptr, csr.indices)
+    return _runs_plan(p, runs, T, chunk, long_min, "generic")
 
 
 def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=False):
@@ -401,7 +374,7 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
         rows (generic planner; the structured planner makes global tokens'
         rows long).
     generic : bool
-        Force the CSR-based planner even when the pattern's structure is known.
+        Force the CSR-based planner even when the pattern's structure or runs are known.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparseattn Pattern, got {type(pattern).__name__}")
@@ -414,6 +387,9 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
     struct = None if generic else _structure(pattern)
     if struct is not None:
         fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
+    elif not generic and pattern.has_runs:
+        runs = pattern.row_runs(0, pattern.shape[0])
+        fields = _runs_plan(pattern, runs, tile_rows, chunk, long_min, "runs")
     else:
         fields = _generic_plan(pattern, tile_rows, chunk, long_min)
     return TilePlan(shape=pattern.shape, chunk=chunk, **fields)

@@ -99,7 +99,7 @@ def _check_staged_memory(prep, slice_pattern, return_weights):
 
 def staged_forward(prep, return_weights, slices=None):
     """The staged kernels over all slices, or over ``slices`` (an int64 index array) only."""
-    from ..kernels.staged import csr_softmax, sddmm, spmm
+    from ..kernels.staged import csr_softmax, modify_values, sddmm, spmm
 
     sl = np.arange(len(prep.slice_pattern)) if slices is None else slices
     slice_pattern, slice_batch = prep.slice_pattern[sl], prep.slice_batch
@@ -119,6 +119,13 @@ def staged_forward(prep, return_weights, slices=None):
     slice_batch = slice_batch if use_valid else np.zeros(S, dtype=np.int64)
     scale = dt.type(prep.scale)
     sddmm(q, k, qmap, kmap, ptr, ind, slice_pattern, slice_off, scale, key_valid, slice_batch, use_valid, vals)
+    mods = prep.mods
+    if mods.on_scores:
+        if mods.score_mod is not None:
+            modify_values = mods.score_mod.kernels("staged")["modify_values"]
+        mod, slopes = mods.kernel_args(dt)
+        modify_values(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, prep.n_q, mod,
+                      slopes, np.ascontiguousarray(sl, dtype=np.int64))  # fmt: skip
     lse = np.empty((S, prep.n_q), dtype=dt)
     csr_softmax(vals, ptr, ind, slice_pattern, slice_off, key_valid, slice_batch, use_valid, prep.n_q, lse)
     out = np.zeros((S, prep.n_q, v.shape[-1]), dtype=dt)
@@ -192,8 +199,12 @@ def staged_backward(prep, go, o, ls, slices=None):
     dsvals = np.empty_like(pvals)
     dq = np.empty((S,) + prep.qc.shape[1:], dtype=dt)
     sc = dt.type(prep.scale)
+    if prep.mods.score_mod is not None:
+        rows_backward = prep.mods.score_mod.kernels("staged")["rows_backward"]
+    mod, slopes = prep.mods.kernel_args(dt)
     rows_backward(prep.qc, prep.kc, prep.vc, qmap, kmap, vmap, go, o, ls, ptr, ind, slice_pattern, slice_off, sc,
-                  key_valid, slice_batch, use_valid, pvals, dsvals, dq)  # fmt: skip
+                  key_valid, slice_batch, use_valid, mod, slopes, np.ascontiguousarray(sl, dtype=np.int64),
+                  pvals, dsvals, dq)  # fmt: skip
     trans = [_transposed(p.csr) for p in prep.patterns]
     tptr = np.stack([t[0] for t in trans])
     offs = np.concatenate(([0], np.cumsum(nnz)))

@@ -275,6 +275,13 @@ def check_shapes_and_patterns(q, k, v, pattern):
     return tuple(lead), n_q, d, n_k, dv, patterns, per_head
 
 
+def _slices_contiguous(xs, compute):
+    """Whether each ``xs[s]`` of a 3-D array is C-contiguous, in the compute dtype and aligned (a cache view)."""
+    item = np.dtype(compute).itemsize
+    return (xs.dtype == compute and xs.ndim == 3 and xs.strides[2] == item and xs.strides[1] == xs.shape[2] * item
+            and xs.strides[0] > 0 and xs.strides[0] % item == 0 and xs.ctypes.data % item == 0)  # fmt: skip
+
+
 def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=False, caller="sparse_attention",
             modifiers=None):  # fmt: skip
     """Validate and broadcast the arguments of an attention call.
@@ -343,17 +350,24 @@ def prepare(q, k, v, pattern, scale=None, key_padding_mask=None, check_finite=Fa
     items["log-sum-exp"] = S * n_q * item
     check_memory(items, caller, ADVICE)
 
-    def compact(x, own):
-        """x's distinct slices, stored once, and the slice -> stored slice map (broadcast axes are not repeated)."""
+    def compact(x, own, view_ok=False):
+        """x's distinct slices, stored once, and the slice -> stored slice map (broadcast axes are not repeated).
+
+        With ``view_ok`` (k and v of a forward call) a view whose slices are
+        each contiguous (a KV cache's ``[:, :, :L]``) is kept, not copied.
+        """
         n_own = int(np.prod(own, dtype=np.int64))
         xs = np.reshape(x, (n_own,) + x.shape[-2:]) if x.ndim > 2 or n_own != 1 else x[None]
         mp = np.arange(n_own, dtype=np.int64).reshape(own)
         if own and own[-1] not in (1, lead[-1]):  # grouped heads: query head h reads stored head h // g
             mp = np.repeat(mp, lead[-1] // own[-1], axis=-1)
         mp = np.broadcast_to(mp, lead).reshape(S)
-        return np.ascontiguousarray(xs, dtype=compute), np.ascontiguousarray(mp)
+        if not (view_ok and _slices_contiguous(xs, compute)):
+            xs = np.ascontiguousarray(xs, dtype=compute)
+        return xs, np.ascontiguousarray(mp)
 
-    (qc, qmap), (kc, kmap), (vc, vmap) = (compact(x, own) for x, own in zip((q, k, v), owns))
+    views = caller == "sparse_attention"
+    (qc, qmap), (kc, kmap), (vc, vmap) = (compact(x, own, views and i > 0) for i, (x, own) in enumerate(zip((q, k, v), owns)))
     if check_finite:
         for name, user, x, own in (("q", q, qc, owns[0]), ("k", k, kc, owns[1]), ("v", v, vc, owns[2])):
             err = first_nonfinite(name, user, x, own)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .mods import active, mod_grad, mod_grad_span
 from .simd import _FM, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
 
 __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
@@ -41,10 +42,11 @@ KEY_PAD = 8
 
 
 @njit(fastmath=_FM)
-def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
+def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, slope, sl):
     """One row over one chunk: scaled scores ``srow`` -> ``P``, ``dprow`` (dO.v) -> ``dS``; zero outside ``[lo, hi)``.
 
-    ``P = exp(s - lse)`` and ``dS = P (dP - D)`` on the row's run, only where
+    ``P = exp(s' - lse)`` and ``dS = P (dP - D) ds'/ds`` on the row's run
+    (``s'`` the modified score of query ``i`` and key ``j0 + j``), only where
     ``vrow`` is True when ``use_valid`` (padded keys).
     """
     n = srow.shape[0]
@@ -56,6 +58,9 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
         dprow[j] = zero
     x = srow[lo:hi]
     y = dprow[lo:hi]
+    if active(mod):  # x <- s', y <- (y - D) ds'/ds, then the plain loops below with D = 0
+        mod_grad_span(srow, dprow, lo, hi, i, j0, di, mod, slope, sl)
+        di = zero
     if use_valid:
         vv = vrow[lo:hi]
         for j in range(x.shape[0]):
@@ -70,16 +75,17 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero):
 
 
 @njit(fastmath=_FM)
-def _one_key_grad(qr, dor, kj, vj, li, di, dqr, dkj, dvj, zero):
-    """Gradient contributions of one allowed (row, key) pair; ``qr`` is the scaled query row."""
+def _one_key_grad(qr, dor, kj, vj, li, di, dqr, dkj, dvj, zero, i, j, mod, slope, sl):
+    """Gradient contributions of one allowed (row ``i``, key ``j``) pair; ``qr`` is the scaled query row."""
     x = zero
     for c in range(qr.shape[0]):
         x += qr[c] * kj[c]
     dp = zero
     for c in range(dor.shape[0]):
         dp += dor[c] * vj[c]
+    x, fac = mod_grad(x, i, j, mod, slope, sl)
     p = _exp(x - li)
-    ds = p * (dp - di)
+    ds = p * (dp - di) * fac
     for c in range(qr.shape[0]):
         dqr[c] += ds * kj[c]
         dkj[c] += ds * qr[c]
@@ -97,10 +103,13 @@ def _touch(j, mark, cols, lohi):
 
 @njit(nogil=True, fastmath=_FM)
 def _span_grad_simd(
-    qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
-    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
+    qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf, dqacc,
+    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
 ):  # fmt: skip
-    """One tile's span ``[k0, k1)`` through the micro-kernels (see the module docstring)."""
+    """One span ``[k0, k1)`` of the tile of rows ``t0..`` through the micro-kernels (see the module docstring).
+
+    Row ``r``'s run is ``[row_lo[rb + r], row_hi[rb + r])`` (the tile's span or one of its extra spans).
+    """
     d = ks.shape[1]
     dv = vs.shape[1]
     n_k = ks.shape[0]
@@ -127,8 +136,8 @@ def _span_grad_simd(
             for r in range(6 * g, min(rows, 6 * g + 6)):
                 if not live[r]:
                     continue
-                lo = max(row_lo[t0 + r], a) - a
-                hi = min(row_hi[t0 + r], b) - a
+                lo = max(row_lo[rb + r], a) - a
+                hi = min(row_hi[rb + r], b) - a
                 if hi > lo:
                     lo_g = min(lo_g, lo)
                     hi_g = max(hi_g, hi)
@@ -154,13 +163,13 @@ def _span_grad_simd(
         # 2. P and dS, row by row
         vrow = kvrow[a:b] if use_valid else kvrow[:0]
         for r in range(rows):
-            lo = max(row_lo[t0 + r], a) - a
-            hi = min(row_hi[t0 + r], b) - a
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
             if hi < lo or not live[r]:
                 lo = 0
                 hi = 0
             _grad_row(sbuf[r * lds : r * lds + lds], dpbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid,
-                      lse_t[r], dsum_t[r], zero)  # fmt: skip
+                      lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, sl)  # fmt: skip
         # 3. dQ += dS K over each block's union of runs
         for g in range(ng):
             if ghi[g] > glo[g]:
@@ -187,10 +196,53 @@ def _span_grad_simd(
         a = b
 
 
+@njit(nogil=True, fastmath=_FM)
+def _span_grad_blas(
+    qt, dot, dqt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf,
+    tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
+):  # fmt: skip
+    """The span ``[k0, k1)`` through BLAS (``d`` or ``d_v`` not a multiple of 2 vectors)."""
+    d = ks.shape[1]
+    dv = vs.shape[1]
+    nch = (k1 - k0 + chunk - 1) // chunk
+    step = (k1 - k0 + nch - 1) // nch
+    a = k0
+    while a < k1:
+        b = min(k1, a + step)
+        wd = b - a
+        sm = sbuf[: rows * wd].reshape((rows, wd))
+        dpm = dpbuf[: rows * wd].reshape((rows, wd))
+        _mm_nt(qt, ks[a:b], sm)
+        _mm_nt(dot, vs[a:b], dpm)
+        vrow = kvrow[a:b] if use_valid else kvrow
+        for r in range(rows):
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
+            if hi < lo or not live[r]:
+                lo = 0
+                hi = 0
+            _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero, t0 + r, a, mod, slope, sl)
+        _mm_nn(dpm, ks[a:b], tmpq[:rows])
+        for r in range(rows):
+            for c in range(d):
+                dqt[r, c] += tmpq[r, c]
+        _mm_tn(dpm, qt, tmpk[:wd])
+        _mm_tn(sm, dot, tmpv[:wd])
+        for j in range(wd):
+            for c in range(d):
+                dkb[a + j, c] += tmpk[j, c]
+            for c in range(dv):
+                dvb[a + j, c] += tmpv[j, c]
+        lohi[0] = min(lohi[0], a)
+        lohi[1] = max(lohi[1], b)
+        a = b
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols, scale, key_valid, slice_batch, use_valid,
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    scale, key_valid, slice_batch, use_valid, mod, slopes,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
     """Backward over the tile items ``[it_begin, it_end)``, all of one slice (``it = si * n_tiles + t``).
@@ -234,6 +286,7 @@ def tiles_backward(
     s = slices[si]
     sq, sk, sv = qmap[s], kmap[s], vmap[s]
     kb = slice_batch[s]
+    slope = slopes[min(s, slopes.shape[0] - 1)]
     kvrow = key_valid[kb] if use_valid else key_valid[0, :0]
     for it in range(it_begin, it_end):
         t = it - si * n_tiles
@@ -257,47 +310,25 @@ def tiles_backward(
         qt = qbuf[: rows * d].reshape((rows, d))
         dot = dobuf[: rows * dv].reshape((rows, dv))
         dqt = dqacc[: rows * d].reshape((rows, d))
-        # -- 1. the contiguous span
-        k0 = tile_k0[t]
-        k1 = tile_k1[t]
-        if simd and k1 > k0:
-            _span_grad_simd(
-                qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, row_lo, row_hi, t0, live, sbuf, dpbuf, dqacc,
-                kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
-            )  # fmt: skip
-        if not simd and k1 > k0:
-            nch = (k1 - k0 + chunk - 1) // chunk
-            step = (k1 - k0 + nch - 1) // nch
-            a = k0
-            while a < k1:
-                b = min(k1, a + step)
-                wd = b - a
-                sm = sbuf[: rows * wd].reshape((rows, wd))
-                dpm = dpbuf[: rows * wd].reshape((rows, wd))
-                _mm_nt(qt, k[sk, a:b], sm)
-                _mm_nt(dot, v[sv, a:b], dpm)
-                vrow = kvrow[a:b] if use_valid else kvrow
-                for r in range(rows):
-                    lo = max(row_lo[t0 + r], a) - a
-                    hi = min(row_hi[t0 + r], b) - a
-                    if hi < lo or not live[r]:
-                        lo = 0
-                        hi = 0
-                    _grad_row(sm[r], dpm[r], lo, hi, vrow, use_valid, lse_t[r], dsum_t[r], zero)
-                _mm_nn(dpm, k[sk, a:b], tmpq[:rows])
-                for r in range(rows):
-                    for c in range(d):
-                        dqt[r, c] += tmpq[r, c]
-                _mm_tn(dpm, qt, tmpk[:wd])
-                _mm_tn(sm, dot, tmpv[:wd])
-                for j in range(wd):
-                    for c in range(d):
-                        dkb[a + j, c] += tmpk[j, c]
-                    for c in range(dv):
-                        dvb[a + j, c] += tmpv[j, c]
-                lohi[0] = min(lohi[0], a)
-                lohi[1] = max(lohi[1], b)
-                a = b
+        # -- 1. the contiguous span, then the extra spans
+        for x in range(xs_ptr[t] - 1, xs_ptr[t + 1]):
+            main = x < xs_ptr[t]
+            k0 = tile_k0[t] if main else xs_k0[x]
+            k1 = tile_k1[t] if main else xs_k1[x]
+            lo_a = row_lo if main else xs_lo
+            hi_a = row_hi if main else xs_hi
+            rb = t0 if main else x * T
+            if simd and k1 > k0:
+                _span_grad_simd(
+                    qbuf, dobuf, k[sk], v[sv], s, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, live, sbuf, dpbuf, dqacc,
+                    kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero,
+                    mod, slope, s,
+                )  # fmt: skip
+            if not simd and k1 > k0:
+                _span_grad_blas(
+                    qt, dot, dqt, k[sk], v[sv], rows, k0, k1, chunk, lo_a, hi_a, rb, t0, live, sbuf, dpbuf,
+                    tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, s,
+                )  # fmt: skip
         # -- 2. shared gathered columns, 3. per-row residual columns: direct per-entry loops
         for c in range(sh_ptr[t], sh_ptr[t + 1]):
             j = sh_cols[c]
@@ -306,7 +337,8 @@ def tiles_backward(
             _touch(j, mark, cols, lohi)
             for r in range(rows):
                 if sh_mask[c * T + r] != 0 and live[r]:
-                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
+                                  t0 + r, j, mod, slope, s)  # fmt: skip
         for r in range(rows):
             if not live[r]:
                 continue
@@ -316,7 +348,8 @@ def tiles_backward(
                 if use_valid and not key_valid[kb, j]:
                     continue
                 _touch(j, mark, cols, lohi)
-                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero)
+                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
+                              i, j, mod, slope, s)  # fmt: skip
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):
@@ -357,7 +390,7 @@ def flush_keys(dk_s, dv_s, dkb, dvb, lohi, mark, cols):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, lg_rows, grp_ptr, grp_it_ptr, it_a, it_b,
-    scale, key_valid, slice_batch, use_valid, dq, dk, dvv, si_begin, si_end,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, dq, dk, dvv, si_begin, si_end,
 ):  # fmt: skip
     """Gradients of the long rows of slices ``slices[si_begin:si_end]``: ``dq`` rows set, ``dk`` / ``dvv`` added to.
 
@@ -423,7 +456,8 @@ def long_rows_backward(
                     i = lg_rows[r0 + rr]
                     li = lse[s, i]
                     hi = wd if li != ninf else 0
-                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero)
+                    _grad_row(sm[rr], dpm[rr], 0, hi, vrow, use_valid, li if hi else zero, dsum_g[rr], zero, i, a, mod,
+                              slopes[min(s, slopes.shape[0] - 1)], s)  # fmt: skip
                 _mm_nn(dpm, k[sk, a:b], tq)
                 for rr in range(nr):
                     for c in range(d):

@@ -12,14 +12,20 @@ from __future__ import annotations
 __all__ = ["cached", "numba_ready"]
 
 
-def cached(disp, want=None):
-    """Whether Numba's on-disk cache holds ``disp`` compiled for this CPU and source (for dtype ``want``)."""
+def cached(disp, want=None, layout=None):
+    """Whether Numba's on-disk cache holds ``disp`` compiled for this CPU and source (for dtype ``want``).
+
+    ``layout``: also require an array argument of dtype ``want`` with that
+    layout (``"A"``: the kernels' specialisation for views of a KV cache).
+    """
     try:
         cache = disp._cache
         codegen = disp.targetctx.codegen()
         for key in cache._cache_file._load_index():
             sig = key[0]
             if want is not None and not any(getattr(t, "dtype", None) == want for t in sig):
+                continue
+            if layout is not None and not any(getattr(t, "layout", None) == layout for t in sig):
                 continue
             if cache._index_key(sig, codegen) == key:
                 return True

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from numba import njit
 
+from .simd import as_c
+
 __all__ = ["nonfinite_slices"]
 
 
@@ -19,7 +21,8 @@ def nonfinite_slices(bits, abs_mask, exp_mask, lo, hi, flags):
     """``flags[s] |= slice s holds a NaN or +-inf``, for slices ``lo <= s < hi``.
 
     ``bits`` is the float array viewed as signed integers of the same width
-    (int32 for float32, int64 for float64), shape (S, n * d), C-contiguous;
+    (int32 for float32, int64 for float64), shape (S, n * d), each row
+    contiguous (a view of a KV cache need not be contiguous between rows);
     ``abs_mask`` clears the sign bit and ``exp_mask`` is the exponent field
     (``0x7f800000`` or ``0x7ff0000000000000``), both of the integer dtype.  A
     value is non-finite exactly when its bits without the sign are
@@ -29,7 +32,7 @@ def nonfinite_slices(bits, abs_mask, exp_mask, lo, hi, flags):
     not vectorise without it).  Memory-bound: one read of the input.
     """
     for s in range(lo, hi):
-        row = bits[s]
+        row = as_c(bits[s])
         if row.shape[0] == 0:
             continue
         m = row[0] & abs_mask

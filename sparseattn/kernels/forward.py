@@ -34,7 +34,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import _FM, _exp, _fmax, _mm_nn, _mm_nt, _neg, as_readonly, lanes, pack_panel, pv_block, qk_block
+from .mods import mod_cols, mod_one, mod_span
+from .online import _add_into, _one_key_update, _row_update
+from .simd import _FM, _mm_nn, _mm_nt, _neg, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 
@@ -42,89 +44,15 @@ __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 _FEW_SHARED = 8
 
 
-@njit(fastmath=True)
-def _row_update(row, j0, j1, vrow, use_valid, r, m, l, acc, neg, zero):
-    """Online-softmax update of query row ``r`` with one chunk of scaled scores ``row``.
-
-    Only ``row[j0:j1]`` is allowed; with ``use_valid`` also only where
-    ``vrow`` is True (padded keys).  The row is overwritten with ``exp(score - new max)`` (zero where not allowed), and
-    the running max ``m[r]``, sum ``l[r]`` and output ``acc[r]`` are rescaled.
-    Loops start at 0 over 1-D views so that LLVM can vectorise them (fast-math
-    is safe: masked scores are the finite sentinel ``neg``, never inf/NaN).
-    """
-    half = neg * 0.5
-    x = row[j0:j1]
-    n = x.shape[0]
-    mx = neg
-    if use_valid:
-        vv = vrow[j0:j1]
-        for j in range(n):
-            y = x[j] if vv[j] else neg
-            x[j] = y
-            mx = _fmax(mx, y)
-    else:
-        for j in range(n):
-            mx = _fmax(mx, x[j])
-    for j in range(j0):
-        row[j] = zero
-    for j in range(j1, row.shape[0]):
-        row[j] = zero
-    if mx <= half:  # nothing allowed in this chunk for this row
-        for j in range(n):
-            x[j] = zero
-        return
-    mo = m[r]
-    mn = _fmax(mx, mo)
-    ssum = zero
-    for j in range(n):
-        p = _exp(x[j] - mn)
-        x[j] = p
-        ssum += p
-    m[r] = mn
-    if mo <= half:  # first allowed keys of this row: its sum and output are still zero
-        l[r] = ssum
-        return
-    alpha = _exp(mo - mn)
-    l[r] = l[r] * alpha + ssum
-    if alpha != 1:
-        a = acc[r]
-        for c in range(a.shape[0]):
-            a[c] *= alpha
-
-
-@njit(fastmath=True)
-def _one_key_update(x, vj, r, m, l, acc, half, zero):
-    """Online-softmax update of row ``r`` with one key: scaled score ``x``, value row ``vj``."""
-    mo = m[r]
-    a = acc[r]
-    if x > mo:
-        alpha = _exp(mo - x) if mo > half else zero
-        for c in range(a.shape[0]):
-            a[c] = a[c] * alpha + vj[c]
-        l[r] = l[r] * alpha + 1
-        m[r] = x
-    else:
-        p = _exp(x - mo)
-        for c in range(a.shape[0]):
-            a[c] += p * vj[c]
-        l[r] += p
-
-
-
-@njit(fastmath=_FM)
-def _add_into(acc, tmp, rows):
-    for r in range(rows):
-        for c in range(acc.shape[1]):
-            acc[r, c] += tmp[r, c]
-
-
-
 @njit(nogil=True, fastmath=_FM)
 def _span_simd(
-    qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
-    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero,
+    qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, accf, dv,
+    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, sl,
 ):  # fmt: skip
-    """One tile's contiguous span ``[k0, k1)`` through the micro-kernels (``qk_block``, ``pv_block``).
+    """One span ``[k0, k1)`` of the tile of rows ``t0..`` through the micro-kernels (``qk_block``, ``pv_block``).
+
+    Row ``r`` of the tile has its run ``[row_lo[rb + r], row_hi[rb + r])`` (``rb = t0`` for the tile's
+    span, ``x * T`` for its extra span ``x``).
 
     Chunks start on panel boundaries (2L keys).  Per 6-row register block only
     the panels that its rows' runs touch are computed (QK^T) and only the keys
@@ -154,8 +82,8 @@ def _span_simd(
             lo_g = lds
             hi_g = 0
             for r in range(6 * g, min(rows, 6 * g + 6)):
-                lo = max(row_lo[t0 + r], a) - a
-                hi = min(row_hi[t0 + r], b) - a
+                lo = max(row_lo[rb + r], a) - a
+                hi = min(row_hi[rb + r], b) - a
                 if hi > lo:
                     lo_g = min(lo_g, lo)
                     hi_g = max(hi_g, hi)
@@ -171,10 +99,11 @@ def _span_simd(
         # 2. online softmax, row by row
         vrow = kvrow[a:b] if use_valid else kvrow[:0]
         for r in range(rows):
-            lo = max(row_lo[t0 + r], a) - a
-            hi = min(row_hi[t0 + r], b) - a
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
             if hi < lo:
                 hi = lo
+            mod_span(sbuf[r * lds : r * lds + lds], lo, hi, t0 + r, a, mod, slope, sl)
             _row_update(sbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
         # 3. P.V into the accumulator, over each block's union of runs
         for g in range(ng):
@@ -184,11 +113,41 @@ def _span_simd(
         a = b
 
 
+@njit(nogil=True, fastmath=_FM)
+def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kvrow, use_valid,
+               m, l, acc, tmp, neg, zero, mod, slope, sl, first):  # fmt: skip
+    """The span ``[k0, k1)`` through BLAS (``d_v`` not a multiple of 2 vectors); returns the new ``first``."""
+    nch = (k1 - k0 + chunk - 1) // chunk
+    step = (k1 - k0 + nch - 1) // nch
+    a = k0
+    while a < k1:
+        b = min(k1, a + step)
+        wd = b - a
+        sm = sbuf[: rows * wd].reshape((rows, wd))
+        _mm_nt(qt, ks[a:b], sm)
+        vrow = kvrow[a:b] if use_valid else kvrow[:0]
+        for r in range(rows):
+            lo = max(row_lo[rb + r], a) - a
+            hi = min(row_hi[rb + r], b) - a
+            if hi < lo:
+                hi = lo
+            mod_span(sm[r], lo, hi, t0 + r, a, mod, slope, sl)
+            _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
+        if first:
+            _mm_nn(sm, vs[a:b], acc[:rows])
+            first = False
+        else:
+            _mm_nn(sm, vs[a:b], tmp[:rows])
+            _add_into(acc, tmp, rows)
+        a = b
+    return first
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_forward(
     q, k, v, qmap, kmap, vmap, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
-    scale, key_valid, slice_batch, use_valid, it_begin, it_end, out, lse, kp, packed,
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, it_begin, it_end, out, lse, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
 
@@ -198,7 +157,8 @@ def tiles_forward(
     Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of those
     tiles; long rows come out empty here and are overwritten by the long-row
     pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
-    several threads.
+    several threads.  ``mod`` and ``slopes``: the score modifiers (see
+    :mod:`sparseattn.kernels.mods`), applied to every row of scores.
 
     ``kp`` and ``packed`` are the calling thread's K^T panel cache (see
     :func:`sparseattn.engine.fused_forward.panel_buffers`; reused across its ranges of one call).  When they
@@ -240,7 +200,9 @@ def tiles_forward(
             t = it - si * n_tiles
             s = slices[si]
             sq, sk, sv = qmap[s], kmap[s], vmap[s]  # a broadcast input is one array shared by its slices
+            ks, vs = as_c(k[sk]), as_c(v[sv])  # each stored slice is contiguous (a cache view: not between them)
             kb = slice_batch[s]
+            slope = slopes[min(s, slopes.shape[0] - 1)]
             t0 = t * T
             t1 = min(n_q, t0 + T)
             rows = t1 - t0
@@ -257,37 +219,23 @@ def tiles_forward(
             for r in range(rows):
                 for c in range(d):
                     qt[r, c] = qsrc[r, c] * scale
-            # -- 1. the contiguous span, in chunks of at most `chunk` keys
-            k0 = tile_k0[t]
-            k1 = tile_k1[t]
-            if simd and k1 > k0:
-                _span_simd(
-                    qbuf, k[sk], v[sv], sk, rows, k0, k1, chunk, row_lo, row_hi, t0, sbuf, accf, dv,
-                    kp, packed, glo, ghi, use_valid, key_valid[kb], m, l, acc, neg, zero,
-                )  # fmt: skip
-            if not simd and k1 > k0:
-                nch = (k1 - k0 + chunk - 1) // chunk
-                step = (k1 - k0 + nch - 1) // nch
-                a = k0
-                while a < k1:
-                    b = min(k1, a + step)
-                    wd = b - a
-                    sm = sbuf[: rows * wd].reshape((rows, wd))
-                    _mm_nt(qt, k[sk, a:b], sm)
-                    vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
-                    for r in range(rows):
-                        lo = max(row_lo[t0 + r], a) - a
-                        hi = min(row_hi[t0 + r], b) - a
-                        if hi < lo:
-                            hi = lo
-                        _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
-                    if first:
-                        _mm_nn(sm, v[sv, a:b], acc[:rows])
-                        first = False
-                    else:
-                        _mm_nn(sm, v[sv, a:b], tmp[:rows])
-                        _add_into(acc, tmp, rows)
-                    a = b
+            # -- 1. the contiguous span, then the extra spans, in chunks of at most `chunk` keys
+            kvrow = key_valid[kb] if use_valid else key_valid[0, :0]
+            for x in range(xs_ptr[t] - 1, xs_ptr[t + 1]):
+                main = x < xs_ptr[t]
+                k0 = tile_k0[t] if main else xs_k0[x]
+                k1 = tile_k1[t] if main else xs_k1[x]
+                lo_a = row_lo if main else xs_lo
+                hi_a = row_hi if main else xs_hi
+                rb = t0 if main else x * T
+                if simd and k1 > k0:
+                    _span_simd(
+                        qbuf, ks, vs, sk, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, sbuf, accf, dv,
+                        kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, s,
+                    )  # fmt: skip
+                if not simd and k1 > k0:
+                    first = _span_blas(qt, ks, vs, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, sbuf, kvrow, use_valid,
+                                       m, l, acc, tmp, neg, zero, mod, slope, s, first)  # fmt: skip
             if first:
                 for r in range(rows):
                     for c in range(dv):
@@ -302,8 +250,8 @@ def tiles_forward(
                     j = sh_cols[c]
                     if use_valid and not key_valid[kb, j]:
                         continue
-                    kj = k[sk, j]
-                    vj = v[sv, j]
+                    kj = ks[j]
+                    vj = vs[j]
                     for r in range(rows):
                         if sh_mask[c * T + r] == 0:
                             continue
@@ -311,7 +259,7 @@ def tiles_forward(
                         x = zero
                         for e in range(d):
                             x += qr[e] * kj[e]
-                        _one_key_update(x, vj, r, m, l, acc, half, zero)
+                        _one_key_update(mod_one(x, t0 + r, j, mod, slope, s), vj, r, m, l, acc, half, zero)
                 c0 = c1
             while c0 < c1:
                 cb = min(c1, c0 + g_cap)
@@ -319,9 +267,9 @@ def tiles_forward(
                 for c in range(nc):
                     j = sh_cols[c0 + c]
                     for e in range(d):
-                        kg[c, e] = k[sk, j, e]
+                        kg[c, e] = ks[j, e]
                     for e in range(dv):
-                        vg[c, e] = v[sv, j, e]
+                        vg[c, e] = vs[j, e]
                 sm = sbuf[: rows * nc].reshape((rows, nc))
                 _mm_nt(qt, as_readonly(kg[:nc]), sm)  # the call site of k's slices: one specialisation
                 for r in range(rows):
@@ -330,6 +278,7 @@ def tiles_forward(
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
+                    mod_cols(sm[r], nc, sh_cols, c0, t0 + r, mod, slope, s)
                     _row_update(sm[r], np.int64(0), nc, okb, np.bool_(True), r, m, l, acc, neg, zero)  # typed, not literal: one specialisation
                 _mm_nn(sm, as_readonly(vg[:nc]), tmp[:rows])
                 _add_into(acc, tmp, rows)
@@ -346,20 +295,21 @@ def tiles_forward(
                     qi = qt[r]
                     for e in range(ne):
                         j = rs_cols[e0 + e]
-                        kj = k[sk, j]
+                        kj = ks[j]
                         x = zero
                         for c in range(d):
                             x += qi[c] * kj[c]
                         sr[e] = x
                         if use_valid:
                             okb[e] = key_valid[kb, j]
+                    mod_cols(sr, ne, rs_cols, e0, i, mod, slope, s)
                     _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
                     for e in range(ne):
                         p = sr[e]
                         if p != zero:
                             j = rs_cols[e0 + e]
                             for c in range(dv):
-                                acc[r, c] += p * v[sv, j, c]
+                                acc[r, c] += p * vs[j, c]
                     e0 = eb
             # -- finalise
             for r in range(rows):
@@ -378,7 +328,7 @@ def tiles_forward(
 @njit(cache=True, nogil=True, fastmath=_FM)
 def long_rows_partial(
     q, k, v, qmap, kmap, vmap, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-    scale, key_valid, slice_batch, use_valid, part_m, part_l, part_o, job_begin, job_end,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, part_m, part_l, part_o, job_begin, job_end,
 ):  # fmt: skip
     """Partial softmax of the (slice, long-row chunk) jobs ``[job_begin, job_end)``, ``job = si * n_items + it``.
 
@@ -408,6 +358,7 @@ def long_rows_partial(
         it = job - si * n_items
         s = slices[si]
         sq, sk, sv = qmap[s], kmap[s], vmap[s]
+        ks, vs = as_c(k[sk]), as_c(v[sv])
         kb = slice_batch[s]
         g = it_grp[it]
         r0 = grp_ptr[g]
@@ -420,14 +371,15 @@ def long_rows_partial(
             for c in range(d):
                 qg[rr, c] = q[sq, lg_rows[r0 + rr], c] * scale
         sm = sbuf[: nr * wd].reshape((nr, wd))
-        _mm_nt(qg, k[sk, a:b], sm)
+        _mm_nt(qg, ks[a:b], sm)
         o = part_o[si, it_off[it] : it_off[it] + nr]
         for rr in range(nr):
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
+            mod_span(sm[rr], np.int64(0), wd, lg_rows[r0 + rr], a, mod, slopes[min(s, slopes.shape[0] - 1)], s)
             _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
-        _mm_nn(sm, v[sv, a:b], o)
+        _mm_nn(sm, vs[a:b], o)
         for rr in range(nr):
             part_m[si, it_off[it] + rr] = m[rr]
             part_l[si, it_off[it] + rr] = l[rr]

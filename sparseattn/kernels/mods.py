@@ -25,11 +25,15 @@ from __future__ import annotations
 import types as _pytypes
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .simd import _FM, _exp
 
-__all__ = ["SOFTCAP", "ALIBI", "mod_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
+#: the modifiers' loops must vectorise: NumPy's error model (no ZeroDivisionError branch in a division)
+_OPTS = dict(fastmath=_FM, nogil=True, error_model="numpy")
+
+__all__ = ["SOFTCAP", "ALIBI", "active", "mod_span", "mod_grad_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
 
 SOFTCAP = 1
 ALIBI = 2
@@ -47,31 +51,60 @@ _user_f = _no_mod
 _user_df = _no_mod
 
 
-@njit(fastmath=_FM, nogil=True)
+def _one(x):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_one)
+def _one_overload(x):
+    """1 in ``x``'s float type (an int literal would promote float32 arithmetic to float64)."""
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: np.float32(1)
+    return lambda x: 1.0
+
+
+def _cast(like, v):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_cast)
+def _cast_overload(like, v):
+    """The integer ``v`` as ``like``'s float type."""
+    if isinstance(like, types.Float) and like.bitwidth == 32:
+        return lambda like, v: np.float32(v)
+    return lambda like, v: np.float64(v)
+
+
+@njit(nogil=True)
+def active(mod):
+    """Whether any score modifier runs (the kernels keep their plain loops otherwise)."""
+    return mod[0] != 0 or _USER
+
+
+@njit(**_OPTS)
 def tanh(x):
     """``tanh(x)`` from the kernels' vectorisable ``exp``: ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``.
 
     Its absolute error is a few ulps of 1, so ``cap tanh(s / cap)`` is off by
     a few ulps of ``cap``: what a softmax sees of a score.
     """
+    one = _one(x)
     a = abs(x)
     e = _exp(-(a + a))
-    t = (1 - e) / (1 + e)
+    t = (one - e) / (one + e)
     return t if x >= 0 else -t
 
 
-@njit(fastmath=_FM, nogil=True)
+@njit(**_OPTS)
 def mod_span(x, lo, hi, i, j0, mod, slope, s):
     """Modify ``x[lo:hi]``, the scores of query ``i`` with keys ``j0 + lo .. j0 + hi - 1``, in place."""
     flags, cap, off, heads = mod
     if flags & SOFTCAP:
-        inv = 1 / cap
+        inv = _one(cap) / cap
         for j in range(lo, hi):
             x[j] = cap * tanh(x[j] * inv)
     if flags & ALIBI:
-        c = i + off - j0
-        for j in range(lo, hi):
-            x[j] -= slope * abs(c - j)
+        _alibi_span(x, lo, hi, i + off - j0, slope)
     if _USER:
         b = s // heads
         h = s - b * heads
@@ -79,17 +112,47 @@ def mod_span(x, lo, hi, i, j0, mod, slope, s):
             x[j] = _user_f(x[j], b, h, i, j0 + j)
 
 
-@njit(fastmath=_FM, nogil=True)
+@njit(**_OPTS)
+def _alibi_span(x, lo, hi, c, slope):
+    """``x[j] -= slope |c - j|`` for ``lo <= j < hi``, in ``x``'s float type."""
+    for j in range(lo, hi):
+        x[j] -= slope * _cast(slope, abs(c - j))
+
+
+@njit(**_OPTS)
+def mod_grad_span(x, y, lo, hi, i, j0, di, mod, slope, s):
+    """Backward over ``x[lo:hi]`` (raw scores) and ``y[lo:hi]`` (``dO . v``): ``x <- s'``, ``y <- (y - di) ds'/ds``."""
+    flags, cap, off, heads = mod
+    if flags & SOFTCAP:
+        inv = _one(cap) / cap
+        for j in range(lo, hi):
+            t = tanh(x[j] * inv)
+            x[j] = cap * t
+            y[j] = (y[j] - di) * (_one(cap) - t * t)
+    else:
+        for j in range(lo, hi):
+            y[j] -= di
+    if flags & ALIBI:
+        _alibi_span(x, lo, hi, i + off - j0, slope)
+    if _USER:
+        b = s // heads
+        h = s - b * heads
+        for j in range(lo, hi):
+            y[j] *= _user_df(x[j], b, h, i, j0 + j)
+            x[j] = _user_f(x[j], b, h, i, j0 + j)
+
+
+@njit(**_OPTS)
 def mod_cols(x, n, cols, c0, i, mod, slope, s):
     """Modify ``x[:n]``, the scores of query ``i`` with keys ``cols[c0 : c0 + n]``, in place."""
     flags, cap, off, heads = mod
     if flags & SOFTCAP:
-        inv = 1 / cap
+        inv = _one(cap) / cap
         for c in range(n):
             x[c] = cap * tanh(x[c] * inv)
     if flags & ALIBI:
         for c in range(n):
-            x[c] -= slope * abs(i + off - cols[c0 + c])
+            x[c] -= slope * _cast(slope, abs(i + off - cols[c0 + c]))
     if _USER:
         b = s // heads
         h = s - b * heads
@@ -97,31 +160,31 @@ def mod_cols(x, n, cols, c0, i, mod, slope, s):
             x[c] = _user_f(x[c], b, h, i, cols[c0 + c])
 
 
-@njit(fastmath=_FM, nogil=True)
+@njit(**_OPTS)
 def mod_one(x, i, j, mod, slope, s):
     """The modified score of query ``i`` and key ``j``."""
     flags, cap, off, heads = mod
     if flags & SOFTCAP:
         x = cap * tanh(x / cap)
     if flags & ALIBI:
-        x -= slope * abs(i + off - j)
+        x -= slope * _cast(slope, abs(i + off - j))
     if _USER:
         b = s // heads
         x = _user_f(x, b, s - b * heads, i, j)
     return x
 
 
-@njit(fastmath=_FM, nogil=True)
+@njit(**_OPTS)
 def mod_grad(x, i, j, mod, slope, s):
     """``(s', ds'/ds)``: the modified score of query ``i`` and key ``j`` and its derivative in the raw score."""
     flags, cap, off, heads = mod
-    fac = x - x + 1
+    fac = _one(x)
     if flags & SOFTCAP:
         t = tanh(x / cap)
         x = cap * t
-        fac = 1 - t * t
+        fac = _one(x) - t * t
     if flags & ALIBI:
-        x -= slope * abs(i + off - j)
+        x -= slope * _cast(slope, abs(i + off - j))
     if _USER:
         b = s // heads
         h = s - b * heads
@@ -130,14 +193,14 @@ def mod_grad(x, i, j, mod, slope, s):
     return x, fac
 
 
-_FUNCS = ("tanh", "mod_span", "mod_cols", "mod_one", "mod_grad")
+_FUNCS = ("active", "tanh", "_alibi_span", "mod_span", "mod_grad_span", "mod_cols", "mod_one", "mod_grad")
 
 
 def _copy(disp, glb):
     """A new, uncached dispatcher of ``disp``'s Python function whose globals are ``glb``."""
     f = disp.py_func
     g = _pytypes.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
-    opts = {k: v for k, v in disp.targetoptions.items() if k != "cache"}
+    opts = {k: v for k, v in disp.targetoptions.items() if k not in ("cache", "nopython")}
     return njit(**opts)(g)
 
 

@@ -156,6 +156,28 @@ def as_readonly(typingctx, arr):
     return ro(arr), codegen
 
 
+@intrinsic
+def as_c(typingctx, arr):
+    """The same array typed C-contiguous, for a block the caller knows is contiguous.
+
+    A view of a preallocated KV cache (``k_cache[:, :, :L]``) is contiguous
+    within each head but not between heads; the kernels read it in place,
+    one head's ``(n_k, d)`` block at a time, retyped here so that the code
+    that follows (reshapes, BLAS call sites) is the contiguous code.  The
+    engine checks that each block is contiguous before it passes such a view.
+    """
+    if not isinstance(arr, types.Array):
+        return None
+    c = arr.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        from numba.core.imputils import impl_ret_borrowed
+
+        return impl_ret_borrowed(context, builder, c, args[0])
+
+    return c(arr), codegen
+
+
 @njit(nogil=True)
 def _mm_nt(a, b, out):
     """``out = a @ b.T`` through BLAS (one shared call site keeps compile time down)."""

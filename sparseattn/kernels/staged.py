@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["sddmm", "csr_softmax", "spmm"]
+from .mods import mod_one
+
+__all__ = ["sddmm", "modify_values", "csr_softmax", "spmm"]
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -44,6 +46,31 @@ def sddmm(q, k, qmap, kmap, ptr, ind, slice_pat, slice_off, scale, key_valid, sl
             for t in range(d):
                 acc += q[sq, i, t] * k[sk, j, t]
             vals[base + e] = acc * scale
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def modify_values(vals, ptr, ind, slice_pat, slice_off, key_valid, slice_batch, use_valid, n_q, mod, slopes, slices):
+    """The score modifiers (:mod:`sparseattn.kernels.mods`) on every usable nonzero's score, in place.
+
+    Slice ``s`` of these arrays is slice ``slices[s]`` of the call (what a
+    user's ``score_mod`` and the ALiBi slopes see).  A NaN score stays NaN;
+    ``+-inf`` goes through the modifiers (softcap maps it to ``+-cap``).
+    """
+    S = slice_pat.shape[0]
+    for r in prange(S * n_q):
+        s = r // n_q
+        i = r - s * n_q
+        p = slice_pat[s]
+        base = slice_off[s] - ptr[p, 0]
+        sl = slices[s]
+        slope = slopes[min(sl, slopes.shape[0] - 1)]
+        for e in range(ptr[p, i], ptr[p, i + 1]):
+            j = ind[e]
+            if use_valid and not key_valid[slice_batch[s], j]:
+                continue
+            x = vals[base + e]
+            if x == x:
+                vals[base + e] = mod_one(x, i, np.int64(j), mod, slope, sl)
 
 
 @njit(parallel=True, cache=True, nogil=True)

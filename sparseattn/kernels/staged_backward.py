@@ -31,13 +31,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .mods import active, mod_grad
+
 __all__ = ["rows_backward", "cols_backward"]
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def rows_backward(q, k, v, qmap, kmap, vmap, dout, out, lse, ptr, ind, slice_pat, slice_off, scale, key_valid,
-                  slice_batch, use_valid, pvals, dsvals, dq):  # fmt: skip
-    """Fill ``pvals``, ``dsvals`` (one per nonzero and slice) and ``dq`` (S, n_q, d)."""
+                  slice_batch, use_valid, mod, slopes, slices, pvals, dsvals, dq):  # fmt: skip
+    """Fill ``pvals``, ``dsvals`` (one per nonzero and slice) and ``dq`` (S, n_q, d).
+
+    With score modifiers (``mod``, ``slopes``; slice ``s`` here is slice
+    ``slices[s]`` of the call) ``p = exp(s' - lse)`` and ``ds`` is taken
+    through ``ds'/ds``; a NaN score stays NaN.
+    """
     S, n_q, d = dq.shape
     dv = v.shape[2]
     for r in prange(S * n_q):
@@ -49,6 +56,9 @@ def rows_backward(q, k, v, qmap, kmap, vmap, dout, out, lse, ptr, ind, slice_pat
         sk = kmap[s]
         sv = vmap[s]
         zero = scale - scale
+        sl = slices[s]
+        slope = slopes[min(sl, slopes.shape[0] - 1)]
+        modded = active(mod)
         for c in range(d):
             dq[s, i, c] = zero
         li = lse[s, i]
@@ -69,11 +79,15 @@ def rows_backward(q, k, v, qmap, kmap, vmap, dout, out, lse, ptr, ind, slice_pat
             x = zero
             for c in range(d):
                 x += q[sq, i, c] * k[sk, j, c]
-            p = np.exp(x * scale - li)
+            x = x * scale
+            fac = zero + 1
+            if modded and x == x:
+                x, fac = mod_grad(x, i, np.int64(j), mod, slope, sl)
+            p = np.exp(x - li)
             dp = zero
             for c in range(dv):
                 dp += dout[s, i, c] * v[sv, j, c]
-            ds = p * (dp - big_d)
+            ds = p * (dp - big_d) * fac
             pvals[base + e] = p
             dsvals[base + e] = ds
             for c in range(d):

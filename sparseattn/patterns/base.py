@@ -18,6 +18,8 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
+from .._memory import check as _memory_check
+from . import runsets
 from .csr import (  # noqa: F401  (re-exported: builders and adapters import them from here)
     INDEX_MAX,
     _check_size,
@@ -27,6 +29,7 @@ from .csr import (  # noqa: F401  (re-exported: builders and adapters import the
     index_dtype_for,
     ranges_to_indices,
 )
+from .csr import _fold, _merge_small  # noqa: F401  (re-exported: tests import them from here)
 
 __all__ = ["Pattern", "CSRPattern", "as_pattern", "index_dtype_for", "checked_csr", "union", "intersection",
            "transpose", "Union", "Intersection", "Transposed"]
@@ -74,10 +77,63 @@ class Pattern:
         """A hashable value; equal identities imply equal patterns."""
         raise NotImplementedError
 
+    # -- runs (optional): rows that are a few contiguous key ranges ----------
+    #: True when :meth:`_runs` gives the rows as canonical runs (see :mod:`sparseattn.patterns.runsets`)
+    has_runs = False
+
+    def _runs(self, start, stop):  # pragma: no cover - provided by run patterns
+        """Canonical runs ``(ptr, lo, hi)`` of rows ``[start, stop)``, in O(rows * runs per row)."""
+        raise NotImplementedError
+
+    def row_runs(self, start=0, stop=None):
+        """The rows ``[start, stop)`` as runs of keys: ``(ptr, lo, hi)``, int64.
+
+        Row ``start + r`` allows the keys ``lo[k] <= j < hi[k]`` for ``k`` in
+        ``ptr[r]:ptr[r+1]``; runs are sorted, non-empty and neither overlap
+        nor touch.  Only patterns with :attr:`has_runs`; others raise
+        ``TypeError`` (use :meth:`rows`).
+
+        >>> import sparseattn as sa
+        >>> ptr, lo, hi = (sa.sliding_window(6, 1) | sa.global_tokens(6, [5])).row_runs(0, 3)
+        >>> ptr.tolist(), lo.tolist(), hi.tolist()
+        ([0, 2, 4, 6], [0, 5, 0, 5, 1, 5], [2, 6, 3, 6, 4, 6])
+        """
+        n_q = self._shape[0]
+        stop = n_q if stop is None else _check_size("stop", stop)
+        start = _check_size("start", start)
+        if not start <= stop <= n_q:
+            raise ValueError(
+                f"row range [start, stop) = [{start}, {stop}) must satisfy 0 <= start <= stop <= n_q = {n_q}"
+            )
+        if not self.has_runs:
+            raise TypeError(f"{self!r} is not a run pattern (has_runs is False); use .rows(start, stop)")
+        return self._runs(start, stop)
+
     # -- structure hints for the planner (optional) ------------------------
     def _row_counts(self, start, stop):
+        if self.has_runs:
+            return runsets.counts(*self._runs(start, stop))
         indptr, _ = self._rows(start, stop)
         return np.diff(indptr)
+
+    def _nnz_estimate(self, start, stop):
+        """Entries of rows ``[start, stop)`` without building them (an upper bound for folds), or None."""
+        if self.has_runs or type(self)._row_counts is not Pattern._row_counts:
+            return int(np.sum(self._row_counts(start, stop), dtype=np.int64))
+        return None
+
+    def _guard(self, nnz, start, stop, extra=0):
+        """Ask the memory guard before building ``nnz`` CSR entries (plus ``extra`` bytes of temporaries)."""
+        if nnz is None:
+            return
+        isz = np.dtype(index_dtype_for(nnz, self._shape[1])).itemsize
+        _memory_check(
+            {"CSR indices": nnz * isz, "CSR data (bool)": nnz, "indptr": 8 * (stop - start + 1), "temporaries": extra},
+            f"building the CSR of {self!r} (rows [{start}, {stop}), {nnz} entries)",
+            "The fused path plans run patterns (windows, causal, documents, prefix_lm, neighborhood, global "
+            "tokens and their unions and intersections) without a CSR; otherwise build fewer rows at a time "
+            "with .rows(start, stop).",
+        )
 
     def _union_row_counts(self, parts, start, stop):
         """Row counts of the union of ``parts`` (this pattern among them) in closed form, or None (merge the rows)."""
@@ -107,8 +163,19 @@ class Pattern:
             )
         if "csr" in self.__dict__:
             return self.__dict__["csr"][start:stop]
-        indptr, indices = self._rows(start, stop)
+        if self.has_runs:
+            runs = self._runs(start, stop)
+            nnz = int(np.sum(runs[2] - runs[1], dtype=np.int64))
+            self._guard(nnz, start, stop)
+            indptr, indices = runsets.expand(*runs, dtype=index_dtype_for(nnz, self._shape[1]))
+        else:
+            nnz = self._nnz_estimate(start, stop)
+            self._guard(nnz, start, stop, extra=self._fold_bytes(nnz))
+            indptr, indices = self._rows(start, stop)
         return _csr_array(indptr, indices, (stop - start, self._shape[1]))
+
+    def _fold_bytes(self, nnz):
+        return 0
 
     def row_arrays(self, start, stop):
         """Raw ``(indptr, indices)`` for rows ``[start, stop)``; indptr starts at 0."""
@@ -194,7 +261,13 @@ class Pattern:
             return NotImplemented
         if self is other or self.identity == other.identity:
             return True
-        if self.shape != other.shape or self.nnz != other.nnz:
+        if self.shape != other.shape:
+            return False
+        if self.has_runs and other.has_runs:  # canonical runs are unique: compare them, not the CSR
+            n_q = self._shape[0]
+            a, b = self._runs(0, n_q), other._runs(0, n_q)
+            return all(np.array_equal(x, y) for x, y in zip(a, b))
+        if self.nnz != other.nnz:
             return False
         a, b = self.csr, other.csr
         return bool(np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices))
@@ -284,57 +357,6 @@ def _same_shape(op, a, b):
         raise ValueError(f"pattern {op} ({sym}): shapes differ, left is {a.shape} and right is {b.shape}")
 
 
-_SMALL = 1 << 16  # below this many entries a NumPy merge beats starting Numba's threads
-
-
-#: up to this many entries, NumPy merges while Numba's merge is not compiled yet (its compile takes ~2 s)
-_NUMPY_COLD = 1 << 23
-
-
-def _merge_compiled():
-    from ..kernels.cache import numba_ready
-    from ..kernels.csr_ops import _merge
-
-    return numba_ready(_merge)
-
-
-def _merge_small(a, b, n_rows, union):
-    """NumPy merge of two small CSR row blocks through sorted ``row * width + col`` keys."""
-    width = int(max(a[1].max(initial=-1), b[1].max(initial=-1))) + 1
-    keys = []
-    for indptr, indices in (a, b):
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
-        keys.append(rows * width + indices)
-    # each key list is sorted and unique: a stable sort of the two runs is a linear merge (timsort), and a
-    # repeated key is one both sides hold
-    both = np.concatenate(keys)
-    both.sort(kind="stable")
-    same = both[1:] == both[:-1]
-    if union:
-        merged = both[np.concatenate(([True], ~same))] if len(both) else both
-    else:
-        merged = both[:-1][same]
-    rows = merged // max(width, 1)
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return indptr, merged - rows * width
-
-
-def _fold(parts, start, stop, union):
-    """Merge the parts' CSR row blocks pairwise, row by row (Numba for large blocks)."""
-    acc = parts[0]._rows(start, stop)
-    for p in parts[1:]:
-        nxt = p._rows(start, stop)
-        size = len(acc[1]) + len(nxt[1])
-        if size <= _SMALL or (size <= _NUMPY_COLD and not _merge_compiled()):
-            acc = _merge_small(acc, nxt, stop - start, union)
-        else:
-            from ..kernels.csr_ops import merge_rows
-
-            acc = merge_rows(acc, nxt, union)
-    return acc
-
-
 class _Combine(Pattern):
     symbol = "?"
 
@@ -350,6 +372,23 @@ class _Combine(Pattern):
     def describe(self):
         return "(" + f" {self.symbol} ".join(p.describe() for p in self.parts) + ")"
 
+    @cached_property
+    def has_runs(self):
+        return all(p.has_runs for p in self.parts)
+
+    def _combined_runs(self, parts, start, stop, need):
+        return runsets.combine([p._runs(start, stop) for p in parts], self._shape[1], need)
+
+    def _nnz_estimate(self, start, stop):
+        if self.has_runs:
+            return super()._nnz_estimate(start, stop)
+        # a fold builds every operand's rows: bound the result by their sum
+        sizes = [p._nnz_estimate(start, stop) for p in self.parts]
+        return None if None in sizes else sum(sizes)
+
+    def _fold_bytes(self, nnz):
+        return 0 if nnz is None else 24 * nnz  # merge keys and their copies (int64)
+
 
 class Union(_Combine):
     """Entries allowed by any part (de-duplicated)."""
@@ -357,10 +396,17 @@ class Union(_Combine):
     name = "union"
     symbol = "|"
 
+    def _runs(self, start, stop):
+        return self._combined_runs(self.parts, start, stop, 1)
+
     def _rows(self, start, stop):
+        if self.has_runs:
+            return runsets.expand(*self._runs(start, stop))
         return _fold(self.parts, start, stop, union=True)
 
     def _row_counts(self, start, stop):
+        if self.has_runs:
+            return runsets.counts(*self._runs(start, stop))
         # a part may know the union's row counts in closed form (a window with global tokens does)
         for p in self.parts:
             counts = p._union_row_counts(self.parts, start, stop)
@@ -375,8 +421,26 @@ class Intersection(_Combine):
     name = "intersection"
     symbol = "&"
 
+    def _runs(self, start, stop):
+        return self._combined_runs(self.parts, start, stop, len(self.parts))
+
     def _rows(self, start, stop):
-        return _fold(self.parts, start, stop, union=False)
+        if self.has_runs:
+            return runsets.expand(*self._runs(start, stop))
+        run_parts = [p for p in self.parts if p.has_runs]
+        other = [p for p in self.parts if not p.has_runs]
+        acc = _fold(other, start, stop, union=False)
+        if not run_parts:
+            return acc
+        # keep the CSR operands' entries that lie in the run operands' runs: the runs are never expanded
+        runs = self._combined_runs(run_parts, start, stop, len(run_parts))
+        return runsets.filter_csr(acc[0], acc[1], runs, self._shape[1])
+
+    def _nnz_estimate(self, start, stop):
+        if self.has_runs:
+            return super()._nnz_estimate(start, stop)
+        sizes = [p._nnz_estimate(start, stop) for p in self.parts if not p.has_runs]
+        return None if None in sizes else sum(sizes)
 
 
 def _flatten(cls, patterns):

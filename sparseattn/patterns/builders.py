@@ -8,6 +8,7 @@ import operator
 
 import numpy as np
 
+from . import runsets
 from .base import CSRPattern, Pattern, _canonical_from_scipy, _from_dense, counts_to_indptr
 from .registry import register_pattern
 from .windows import SlidingWindow, _check_int, causal, sliding_window  # noqa: F401  (re-exported)
@@ -39,6 +40,20 @@ class GlobalTokens(Pattern):
     @property
     def identity(self):
         return ("global_tokens", self.shape, tuple(self.indices.tolist()))
+
+    has_runs = True
+
+    def _runs(self, start, stop):
+        """A global row is one run ``[0, n)``; any other row holds the global columns' runs."""
+        g = self._is_global[start:stop]
+        gs, ge = runsets.from_csr(np.array([0, len(self.indices)]), self.indices)[1:]
+        if len(gs) == 0:
+            return runsets.empty(stop - start)
+        valid = np.ones((stop - start, len(gs)), dtype=bool)
+        valid[g, 1:] = False
+        lo = np.where(g[:, None], 0, gs[None, :])[valid]
+        hi = np.where(g[:, None], self.shape[1], ge[None, :])[valid]
+        return counts_to_indptr(valid.sum(axis=1)), lo, hi
 
     def _row_counts(self, start, stop):
         g = self._is_global[start:stop]
@@ -290,6 +305,15 @@ class _DropRows(Pattern):
     @property
     def identity(self):
         return ("drop_rows", self._inner.identity, self.shape, self._digest)
+
+    @property
+    def has_runs(self):
+        return self._inner.has_runs
+
+    def _runs(self, start, stop):
+        ptr, lo, hi = self._inner._runs(start, stop)
+        keep = np.repeat(~self._drop[start:stop], np.diff(ptr))
+        return runsets.counts_to_ptr(ptr, keep), lo[keep], hi[keep]
 
     def _rows(self, start, stop):
         indptr, indices = self._inner._rows(start, stop)

@@ -195,3 +195,55 @@ def checked_csr(m, argname="pattern"):
     csr.eliminate_zeros()
     csr.sort_indices()
     return csr.indptr.astype(np.int64, copy=False), csr.indices.astype(np.int64, copy=False), shape
+
+
+# -- merging canonical CSR row blocks (the algebra of patterns without runs) --------------------------
+_SMALL = 1 << 16  # below this many entries a NumPy merge beats starting Numba's threads
+
+
+#: up to this many entries, NumPy merges while Numba's merge is not compiled yet (its compile takes ~2 s)
+_NUMPY_COLD = 1 << 23
+
+
+def _merge_compiled():
+    from ..kernels.cache import numba_ready
+    from ..kernels.csr_ops import _merge
+
+    return numba_ready(_merge)
+
+
+def _merge_small(a, b, n_rows, union):
+    """NumPy merge of two small CSR row blocks through sorted ``row * width + col`` keys."""
+    width = int(max(a[1].max(initial=-1), b[1].max(initial=-1))) + 1
+    keys = []
+    for indptr, indices in (a, b):
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+        keys.append(rows * width + indices)
+    # each key list is sorted and unique: a stable sort of the two runs is a linear merge (timsort), and a
+    # repeated key is one both sides hold
+    both = np.concatenate(keys)
+    both.sort(kind="stable")
+    same = both[1:] == both[:-1]
+    if union:
+        merged = both[np.concatenate(([True], ~same))] if len(both) else both
+    else:
+        merged = both[:-1][same]
+    rows = merged // max(width, 1)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return indptr, merged - rows * width
+
+
+def _fold(parts, start, stop, union):
+    """Merge the parts' CSR row blocks pairwise, row by row (Numba for large blocks)."""
+    acc = parts[0]._rows(start, stop)
+    for p in parts[1:]:
+        nxt = p._rows(start, stop)
+        size = len(acc[1]) + len(nxt[1])
+        if size <= _SMALL or (size <= _NUMPY_COLD and not _merge_compiled()):
+            acc = _merge_small(acc, nxt, stop - start, union)
+        else:
+            from ..kernels.csr_ops import merge_rows
+
+            acc = merge_rows(acc, nxt, union)
+    return acc

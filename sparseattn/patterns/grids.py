@@ -6,6 +6,7 @@ import numbers
 
 import numpy as np
 
+from . import runsets
 from .base import INDEX_MAX, Pattern, counts_to_indptr
 from .registry import register_pattern
 
@@ -45,6 +46,29 @@ class Neighborhood(Pattern):
                 count = np.full(len(rows), k, dtype=np.int64)
             out.append((r + lo * d, count))
         return out
+
+    @property
+    def has_runs(self):
+        # along the last axis (stride 1) the window is one run of keys unless that axis is dilated
+        return self.dilation[-1] == 1
+
+    def _runs(self, start, stop):
+        """One run per window position on the other axes: ``prod(kernel_size[:-1])`` runs per row."""
+        rows = np.arange(start, stop, dtype=np.int64)
+        windows = self._axis_windows(rows)
+        owner = np.arange(len(rows), dtype=np.int64)
+        base = np.zeros(len(rows), dtype=np.int64)
+        for a, (first, count) in enumerate(windows[:-1]):
+            reps = count[owner]
+            group_start = counts_to_indptr(reps)
+            owner = np.repeat(owner, reps)
+            step = np.arange(len(owner), dtype=np.int64) - np.repeat(group_start[:-1], reps)
+            base = np.repeat(base, reps) + (first[owner] + step * self.dilation[a]) * self._strides[a]
+        first, count = windows[-1]
+        ptr = counts_to_indptr(np.bincount(owner, minlength=len(rows)))
+        lo = base + first[owner]
+        # runs of consecutive grid lines touch when the window spans the whole last axis
+        return runsets.canonical(ptr, lo, lo + count[owner])
 
     def _row_counts(self, start, stop):
         rows = np.arange(start, stop, dtype=np.int64)

@@ -2,8 +2,8 @@
 
 Each row of :func:`full`, :func:`documents` and :func:`prefix_lm` is one
 contiguous run of keys, computed per row range from the parameters in
-O(nnz of the range).  Today they reach the engine as CSR: nothing plans them
-from their runs yet.
+O(rows) (:meth:`~sparseattn.patterns.base.Pattern.row_runs`); the planner
+reads these runs, and the CSR is built from them only when asked for.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from . import runsets
 from .base import Pattern, counts_to_indptr, ranges_to_indices
 from .builders import _check_int
 from .registry import register_pattern
@@ -58,6 +59,11 @@ class Full(Pattern):
     """Every query sees every key."""
 
     name = "full"
+    has_runs = True
+
+    def _runs(self, start, stop):
+        rows = stop - start
+        return runsets.one_per_row(np.zeros(rows, np.int64), np.full(rows, self.shape[1], np.int64))
 
     @property
     def identity(self):
@@ -115,6 +121,12 @@ class Documents(Pattern):
 
     def _doc_of(self, start, stop):
         return np.searchsorted(self.offsets, np.arange(start, stop, dtype=np.int64), side="right") - 1
+
+    has_runs = True
+
+    def _runs(self, start, stop):
+        doc = self._doc_of(start, stop)
+        return runsets.one_per_row(self.offsets[doc], self.offsets[doc + 1])
 
     def _row_counts(self, start, stop):
         return self.lengths[self._doc_of(start, stop)]
@@ -265,6 +277,11 @@ class PrefixLM(Pattern):
     @property
     def identity(self):
         return ("prefix_lm", self.shape, self.prefix)
+
+    has_runs = True
+
+    def _runs(self, start, stop):
+        return runsets.one_per_row(np.zeros(stop - start, np.int64), self._row_counts(start, stop))
 
     def _row_counts(self, start, stop):
         return np.maximum(np.arange(start + 1, stop + 1, dtype=np.int64), self.prefix)

@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from . import runsets
 from .base import INDEX_MAX, Pattern, counts_to_indptr, ranges_to_indices
 from .registry import register_pattern
 
@@ -66,6 +67,15 @@ class SlidingWindow(Pattern):
         hi_m = np.minimum(self.right, self.shape[1] - 1 - c) // d
         counts = np.maximum(hi_m - lo_m + 1, 0)
         return c + lo_m * d, counts
+
+    @property
+    def has_runs(self):
+        # a dilated window's keys are single keys, one run each: it is planned from its CSR (or regrouped)
+        return self.dilation == 1
+
+    def _runs(self, start, stop):
+        lo, counts = self._bounds(start, stop)
+        return runsets.one_per_row(lo, lo + counts)
 
     def _row_counts(self, start, stop):
         return self._bounds(start, stop)[1]
