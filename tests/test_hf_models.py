@@ -238,7 +238,7 @@ def test_no_n_by_n_tensor_at_16k_tokens_on_a_sliding_layer():
     import sys
 
     n = 16384
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n)], check=False, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     grown, seconds = out.stdout.split()[-2:]
     assert int(grown) < n * n // 2, f"peak memory grew by {int(grown) / 2**20:.0f} MiB in {float(seconds):.1f} s"

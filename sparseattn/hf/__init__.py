@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .layer import LongformerSelfAttention
 
-__all__ = ["LongformerSelfAttention", "patch_longformer", "register", "NAME"]
+__all__ = ["NAME", "LongformerSelfAttention", "patch_longformer", "register"]
 
 NAME = "sparseattn"
 

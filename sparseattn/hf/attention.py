@@ -32,7 +32,8 @@ import inspect
 import logging
 
 from ..patterns.base import as_pattern
-from ..patterns.windows import causal, sliding_window as _sliding_window
+from ..patterns.windows import causal
+from ..patterns.windows import sliding_window as _sliding_window
 from .masks import SparseMask
 
 __all__ = ["sparse_attention_forward"]
@@ -47,14 +48,14 @@ def _warn_once(key, message):
         logger.warning(message)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _engine_options():
     from ..torch import sparse_attention
 
     return set(inspect.signature(sparse_attention).parameters)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _softcap_applied():
     """Whether the engine's kernels apply ``softcap`` (a keyword that validates but changes nothing would be wrong)."""
     import numpy as np

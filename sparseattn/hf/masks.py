@@ -46,7 +46,7 @@ from ..patterns.csr import counts_to_indptr, ranges_to_indices
 from ..patterns.explicit import from_predicate
 from ..patterns.windows import causal, sliding_window
 
-__all__ = ["SparseMask", "RowRuns", "sparse_mask"]
+__all__ = ["RowRuns", "SparseMask", "sparse_mask"]
 
 
 class RowRuns(Pattern):
@@ -96,7 +96,7 @@ class SparseMask:
         for documents, or ``"predicate"`` (evaluated in row blocks).
     """
 
-    __slots__ = ("patterns", "key_padding_mask", "kind", "batch_size", "q_length", "kv_length")
+    __slots__ = ("batch_size", "key_padding_mask", "kind", "kv_length", "patterns", "q_length")
 
     def __init__(self, patterns, key_padding_mask, kind, batch_size, q_length, kv_length):
         self.patterns, self.key_padding_mask, self.kind = patterns, key_padding_mask, kind
