@@ -598,3 +598,16 @@ def test_demo_float64_matches_reference_tightly(capsys):
     assert "[extrapolated" not in out  # measured at the full size
     diff = float(re.search(r"max \|difference\| = ([0-9.eE+-]+)", out).group(1))
     assert diff < 1e-11
+
+
+def test_hf_demo_runs_three_families_and_refuses_bad_options(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    code, out, err = run(capsys, "hf-demo", "--n", "96", "--window", "16", "--repeat", "1")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("mistral", "sdpa"), ("mistral", "sparseattn"), ("modernbert", "sdpa"),
+                                            ("modernbert", "sparseattn"), ("gpt_oss", "eager"), ("gpt_oss", "sparseattn")]  # fmt: skip
+    assert all(float(r[-1]) < 1e-4 for r in rows)  # the logits agree with the dense backend
+    code, out, err = run(capsys, "hf-demo", "--families", "mistral,bert")
+    assert code == 2 and "--families: unknown bert" in err

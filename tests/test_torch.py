@@ -317,3 +317,18 @@ def test_sinks_alone_get_a_gradient_and_a_slope_that_requires_grad_is_refused():
     assert sinks.grad is not None and sinks.grad.shape == (2,) and torch.all(sinks.grad != 0)
     with pytest.raises(ValueError, match="alibi_slopes requires grad"):
         sparse_attention(q, k, v, sa.causal(6), alibi_slopes=torch.ones(2, requires_grad=True))
+
+
+def test_sinks_are_differentiable_and_match_the_concatenated_softmax():
+    """GPT-OSS's s_aux: a per-head logit in each row's denominator, no value; its gradient flows (gradcheck)."""
+    q, k, v = (make((1, 2, 12, 8), torch.float64, s) for s in (0, 1, 2))
+    sinks = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    p = sa.causal(12, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v, s: sparse_attention(q, k, v, p, sinks=s), (q, k, v, sinks))
+    allowed = torch.from_numpy(p.to_dense())
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~allowed, float("-inf"))
+    logits = torch.cat([scores, sinks.view(1, 2, 1, 1).expand(1, 2, 12, 1)], dim=-1)
+    ref = logits.softmax(-1)[..., :-1] @ v
+    torch.testing.assert_close(sparse_attention(q, k, v, p, sinks=sinks), ref)
+    with torch.no_grad():  # the plain forward takes them too
+        torch.testing.assert_close(sparse_attention(q, k, v, p, sinks=sinks), ref.detach())

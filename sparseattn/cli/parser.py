@@ -6,7 +6,7 @@ module only fixes their order in ``sparseattn --help``. Only :mod:`sparseattn.cl
 
 from __future__ import annotations
 
-from . import delegated, demo, receptive, show, warmup
+from . import delegated, demo, hf_demo, receptive, show, warmup
 from ._common import PROG, _Parser, _version
 
 
@@ -23,5 +23,6 @@ def _make_parser():
     show.add_parser(sub)
     receptive.add_parser(sub)
     warmup.add_parser(sub)
+    hf_demo.add_parser(sub)
     delegated.add_parsers(sub)
     return parser

@@ -1,19 +1,65 @@
-"""Hugging Face Longformer: a NumPy port of its self-attention layer, and a drop-in for loaded torch models.
+"""Hugging Face: any transformers model through ``attn_implementation="sparseattn"``, and the Longformer patch.
 
-* :class:`LongformerSelfAttention` -- the layer's forward pass in NumPy, loaded
-  from a state dict or a ``.safetensors`` file; needs neither torch nor
-  transformers.
+* :func:`register` -- registers ``"sparseattn"`` with transformers'
+  ``AttentionInterface`` and ``AttentionMaskInterface`` (:mod:`.attention`,
+  :mod:`.masks`), so ``from_pretrained(..., attn_implementation="sparseattn")``,
+  ``from_config(...)`` and ``model.set_attn_implementation("sparseattn")`` run
+  the model's attention on the sparse engine, masks as patterns (never n x n).
+* :class:`LongformerSelfAttention` -- the Longformer layer's forward pass in
+  NumPy, loaded from a state dict or a ``.safetensors`` file; needs neither
+  torch nor transformers.
 * :func:`patch_longformer` -- makes every ``LongformerSelfAttention`` of a
   loaded ``transformers`` model compute its attention with the sparse engine
-  (forward and backward, through :mod:`sparseattn.torch`).  torch and
-  transformers are imported only when it is called.
+  (Longformer, LED and BigBird do not use the attention interface).
+
+torch and transformers are imported only when :func:`register` or
+:func:`patch_longformer` is called.
 """
 
 from __future__ import annotations
 
 from .layer import LongformerSelfAttention
 
-__all__ = ["LongformerSelfAttention", "patch_longformer"]
+__all__ = ["NAME", "LongformerSelfAttention", "patch_longformer", "register"]
+
+NAME = "sparseattn"
+
+
+def register():
+    """Register ``"sparseattn"`` with transformers (idempotent); returns the name.
+
+    Returns
+    -------
+    str
+        ``"sparseattn"``, to pass as ``attn_implementation=``.
+
+    Examples
+    --------
+    >>> import sparseattn.hf, transformers
+    >>> sparseattn.hf.register()
+    'sparseattn'
+    >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sparseattn")
+    >>> model.config._attn_implementation
+    'sparseattn'
+    """
+    import transformers
+
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+    except ImportError as exc:  # older transformers: no mask plug-in, and masks would silently be None
+        raise ImportError(
+            f"sparseattn.hf.register() needs transformers' AttentionInterface and AttentionMaskInterface "
+            f"(tested with 5.25.0); transformers {transformers.__version__} does not have them: upgrade it"
+        ) from exc
+
+    from .attention import sparse_attention_forward
+    from .masks import sparse_mask
+
+    AttentionInterface.register(NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(NAME, sparse_mask)
+    return NAME
 
 
 def __getattr__(name):
