@@ -382,21 +382,6 @@ def section_decode(rep, args):
 # --------------------------------------------------------------------------------------------
 
 
-def gemm_rate(n, repeats=3):
-    """Best float32 GEMM rate (numpy matmul n x n, all BLAS threads), GFLOP/s."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty_like(a)
-    np.matmul(a, b, out=c)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best / 1e9
-
-
 def _heads(text):
     hq, hkv = (int(x) for x in text.split("/"))
     if hq % hkv:
@@ -419,7 +404,7 @@ def section_prefill(rep, args):
     errors = {}
     gemm_n = args.gemm_n
     blas = benchlib.blas_info()
-    gemm = gemm_rate(gemm_n)
+    gemm = benchlib.gemm_rate(gemm_n, repeats=3)["gemm_gflops"]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, hq, n, d), dtype=np.float32)
     k = rng.standard_normal((1, hkv, n, d), dtype=np.float32)
