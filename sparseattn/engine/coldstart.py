@@ -68,16 +68,21 @@ def _kernels(kind):
     return tiles_backward, long_rows_backward, flush_keys
 
 
-def _in_disk_cache(key):
-    """Whether Numba's cache holds the fused kernels of ``key`` (``"forward float32"``...; see :func:`sparseattn.kernels.cache.cached`)."""
+def _in_disk_cache(key, views=False):
+    """Whether Numba's cache holds the fused kernels of ``key`` (``"forward float32"``...; see :func:`sparseattn.kernels.cache.cached`).
+
+    ``views``: also their specialisation for k and v that are views of a KV
+    cache (the forward only), which the compile job builds too.
+    """
     import numba
     import numpy as np
 
     kind, dtype_name = key.split()
     want = numba.from_dtype(np.dtype(dtype_name))
     kernels = _kernels(kind)
-    views = kind != "forward" or cached(kernels[0], want, layout="A")  # the forward also runs on cache views
-    return views and all(cached(disp, want) for disp in kernels)
+    if views and kind == "forward" and not cached(kernels[0], want, layout="A"):
+        return False
+    return all(cached(disp, want) for disp in kernels)
 
 
 def _key(dtype, kind):
@@ -86,20 +91,24 @@ def _key(dtype, kind):
     return f"{kind} {__import__('numpy').dtype(dtype).name}"
 
 
-def fused_ready(dtype, kind="forward"):
-    """True when an ``auto`` call of this dtype (``kind``: forward or backward) should run the fused kernels now."""
+def fused_ready(dtype, kind="forward", views=False):
+    """True when an ``auto`` call of this dtype (``kind``: forward or backward) should run the fused kernels now.
+
+    ``views``: the call's k or v are views of a KV cache (their own kernel specialisation).
+    """
     key = _key(dtype, kind)
-    if key in _ready or mode() == "wait" or in_compile_thread():
+    rkey = f"{key} views" if views else key
+    if rkey in _ready or mode() == "wait" or in_compile_thread():
         return True
     with _lock:
         t = _threads.get(key)
         if t is not None:
             if t.is_alive():
                 return False
-            _ready.add(key)
+            _ready.update((key, f"{key} views"))  # the compile job builds both
             return True
-    if _in_disk_cache(key):
-        _ready.add(key)
+    if _in_disk_cache(key, views):
+        _ready.add(rkey)
         return True
     return False
 
@@ -114,7 +123,8 @@ def choose(prep, kind, job):
     compiles the kernels and stores them in the cache).
     """
     dtype = prep.qc.dtype
-    if fused_ready(dtype, kind):
+    views = not (prep.kc.flags.c_contiguous and prep.vc.flags.c_contiguous)
+    if fused_ready(dtype, kind, views):
         return "fused"
     for p in prep.patterns:
         p.csr
