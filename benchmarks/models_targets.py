@@ -101,7 +101,7 @@ def machine_info():
         "numba_threads": numba.get_num_threads(),
         "numpy": np.__version__,
         "numba": numba.__version__,
-        "blas": benchlib.blas_info(),
+        "blas": {k: v for k, v in benchlib.blas_info().items() if k != "filepath"},  # no machine paths
         "threadpools": [{"user_api": e.get("user_api"), "internal_api": e.get("internal_api"),
                           "num_threads": e.get("num_threads"), "architecture": e.get("architecture"),
                           "lib": os.path.basename(str(e.get("filepath", "")))}
