@@ -18,6 +18,7 @@ import numpy as np
 
 from . import paths, regroup
 from .paths import check_path
+from .modifiers import sum_to_shape
 from .scan import first_nonfinite
 from .validate import prepare
 
@@ -40,14 +41,7 @@ def _flat(x, n_slices, n_rows, last, dtype):
 
 def _unbroadcast(g, lead, x):
     """Sum the gradient ``g`` (lead + (n, last)) over the axes that ``x`` was broadcast along; x's shape and dtype."""
-    g = g.reshape(tuple(lead) + g.shape[1:])
-    extra = g.ndim - x.ndim
-    if extra:
-        g = g.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape[:-2], g.shape[:-2])) if a == 1 and b != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g.reshape(x.shape).astype(x.dtype, copy=False)
+    return sum_to_shape(g.reshape(tuple(lead) + g.shape[1:]), x.shape).astype(x.dtype, copy=False)
 
 
 def _check_finite(prep, grad_out, go, out, o, lse, ls):

@@ -38,7 +38,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ScoreMod", "Modifiers", "NONE", "check_modifiers"]
+__all__ = ["ScoreMod", "Modifiers", "NONE", "check_modifiers", "sum_to_shape"]
+
+
+def sum_to_shape(g, shape):
+    """``g`` summed over the axes that an array of ``shape`` was broadcast along (NumPy's rules), as ``shape``.
+
+    The adjoint of broadcasting: the gradient of a broadcast input (``q`` of a
+    call, ``sinks`` given per head and summed over the batch).
+    """
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(a for a, (x, y) in enumerate(zip(shape, g.shape)) if x == 1 and y != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
 
 
 def _jit(fn, name):
@@ -220,14 +235,7 @@ class Modifiers:
         D = np.einsum("snd,snd->sn", go, o)
         with np.errstate(invalid="ignore", over="ignore"):
             per = -(np.exp(self.sinks[:, None] - ls) * D).sum(axis=1)
-        g = per.reshape(self.sinks_lead) if self.sinks_lead else per.reshape(())
-        extra = g.ndim - len(self.sinks_shape)
-        if extra:
-            g = g.sum(axis=tuple(range(extra)))
-        axes = tuple(a for a, (x, y) in enumerate(zip(self.sinks_shape, g.shape)) if x == 1 and y != 1)
-        if axes:
-            g = g.sum(axis=axes, keepdims=True)
-        return g.reshape(self.sinks_shape)
+        return sum_to_shape(per.reshape(self.sinks_lead), self.sinks_shape)
 
 
 NONE = Modifiers()
