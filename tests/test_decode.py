@@ -127,3 +127,130 @@ def test_a_step_reads_the_cache_in_place_without_copies():
     ref = dense_attention(q, k[:, :, T - W :], v[:, :, T - W :], sa.causal(1, W - 1, n_k=W))
     np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-5)
     assert np.array_equal(kc, before[0]) and np.array_equal(vc, before[1])
+
+
+# --------------------------------------------------------------------------------------------
+# the decode kernel (sparseattn.kernels.decode): which calls it takes, and that they equal the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The number of calls :func:`sparseattn.engine.decode._kernel_call` answered (not None)."""
+    calls = []
+    real = decode._kernel_call
+
+    def spy(*args):
+        done = real(*args)
+        calls.append(done is not None)
+        return done
+
+    monkeypatch.setattr(decode, "_kernel_call", spy)
+    return calls
+
+
+def _gqa_ref(q, k, v, p, **kw):
+    g = q.shape[-3] // k.shape[-3]
+    return dense_attention(q, np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3), p, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("h_q, h_kv, n_q", [(8, 2, 1), (8, 8, 1), (8, 1, 1), (4, 2, 5), (3, 1, 16), (16, 2, 2)])
+@pytest.mark.parametrize("opts", ["plain", "softcap+alibi", "sinks+padding", "alibi per batch"])
+def test_the_decode_kernel_equals_the_reference(kernel_calls, dtype, h_q, h_kv, n_q, opts):
+    rng = np.random.default_rng(h_q * 100 + h_kv * 10 + n_q)
+    T, W, d, dv = 150, 37, 12, 20
+    kc = rng.standard_normal((2, h_kv, 170, d)).astype(dtype)
+    vc = rng.standard_normal((2, h_kv, 170, dv)).astype(dtype)
+    k, v = kc[:, :, :T], vc[:, :, :T]
+    q = rng.standard_normal((2, h_q, n_q, d)).astype(dtype)
+    p = sa.causal(n_q, W - 1, n_k=T)
+    kw = {}
+    if "softcap" in opts:
+        kw["softcap"] = 2.5
+    if opts == "softcap+alibi":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, h_q)
+    if opts == "alibi per batch":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (2, h_q))
+    if "sinks" in opts:
+        kw["sinks"] = rng.standard_normal(h_q)
+    if "padding" in opts:  # left padding: batch 0's window is partly padded, batch 1's not at all
+        mask = np.zeros((2, T), dtype=bool)
+        mask[0, : T - 20] = True
+        kw["key_padding_mask"] = mask
+    before = (kc.copy(), vc.copy(), q.copy())
+    out, lse = sa.sparse_attention(q, k, v, p, return_lse=True, **kw)
+    assert kernel_calls == [True]
+    ref, ref_lse = _gqa_ref(q, k, v, p, **kw)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out, ref, **tol)
+    np.testing.assert_allclose(lse, ref_lse, **tol)
+    assert out.dtype == dtype and lse.dtype == dtype and out.shape == (2, h_q, n_q, dv)
+    assert all(np.array_equal(a, b) for a, b in zip((kc, vc, q), before))
+
+
+def test_the_decode_kernel_on_2d_inputs_sliding_windows_and_rows_without_keys(kernel_calls):
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((3, 8)), rng.standard_normal((90, 8)), rng.standard_normal((90, 8))
+    for p in (sa.sliding_window(3, 4, n_k=90, offset=40), sa.causal(3, 5, n_k=90, offset=2),
+              sa.from_dense(np.eye(3, 90, k=50, dtype=bool) | np.eye(3, 90, k=51, dtype=bool))):  # fmt: skip
+        out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
+        ref, ref_lse = dense_attention(q, k, v, p, return_lse=True)
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-12)
+    assert kernel_calls == [True] * 3
+    # a row with no key at all (a window that ends before key 0): zeros and lse = -inf, with the other rows right
+    p = sa.sliding_window(3, 1, n_k=90, offset=-2)
+    out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
+    ref, ref_lse = dense_attention(q, k, v, p, return_lse=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert lse[0] == -np.inf and np.all(out[0] == 0) and np.isfinite(lse[1:]).all()
+
+
+@pytest.mark.parametrize("where", ["q", "k in window", "v in window", "k padded", "v outside window"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_follow_the_policy_through_the_decode_kernel(where, value):
+    """The kernel flags a NaN or an infinity it meets, and the call is recomputed on the policy's paths."""
+    rng = np.random.default_rng(11)
+    T, W, d = 80, 16, 8
+    kc, vc = _cache(rng, 1, 2, 100, d)
+    q = rng.standard_normal((1, 4, 1, d))
+    mask = np.zeros((1, T), dtype=bool)
+    mask[0, T - 3] = True
+    if where == "q":
+        q[0, 1, 0, 2] = value
+    elif where == "k in window":
+        kc[0, 1, T - 5, 3] = value
+    elif where == "v in window":
+        vc[0, 0, T - 4, 1] = value
+    elif where == "k padded":
+        kc[0, 0, T - 3, 0] = value
+    else:
+        vc[0, 1, T - W - 4, 0] = value
+    k, v = kc[:, :, :T], vc[:, :, :T]
+    p = sa.causal(1, W - 1, n_k=T)
+    out, lse = sa.sparse_attention(q, k, v, p, key_padding_mask=mask, return_lse=True)
+    ref, ref_lse = _gqa_ref(q, k, v, p, key_padding_mask=mask)
+    for got, want in ((out, ref), (lse, ref_lse)):
+        for cls in (np.isnan, np.isposinf, np.isneginf):
+            assert np.array_equal(cls(got), cls(want)), (where, value, cls.__name__)
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-10, atol=1e-12)
+
+
+def test_calls_outside_the_kernel_s_form_take_the_other_paths(kernel_calls):
+    rng = np.random.default_rng(2)
+    kc, vc = _cache(rng, 1, 2, 64, 8)
+    q = rng.standard_normal((1, 4, 1, 8))
+    k, v = kc[:, :, :50], vc[:, :, :50]
+    cases = [
+        (q, k, v, sa.sliding_window(1, 6, n_k=50, offset=40, dilation=2), {}),  # two runs per row
+        (q, k[:1, :1], v[:1, :1], sa.causal(1, 7, n_k=50), {}),  # one k/v head, q's batch axis broadcast: equal here
+        (q.astype(np.float32), k, v, sa.causal(1, 7, n_k=50), {}),  # mixed dtypes
+        (q, k, v, sa.causal(1, 7, n_k=50), {"path": "blocked"}),
+    ]
+    for qq, kk, vv, p, kw in cases:
+        out = sa.sparse_attention(qq, kk, vv, p, **kw)
+        ref = _gqa_ref(qq.astype(np.float64), kk, vv, p)[0]
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    assert kernel_calls[0] is False and kernel_calls[2:] == [False] * (len(kernel_calls) - 2)

@@ -42,6 +42,15 @@ def _forward(dtype, **kw):
     return run
 
 
+def _decode(dtype):
+    def run():
+        from .decode import compile_kernel
+
+        compile_kernel(dtype)
+
+    return run
+
+
 def _backward(dtype, path):
     def run():
         from ..patterns.builders import global_tokens, sliding_window
@@ -77,6 +86,7 @@ def steps():
             (f"forward {dt} (fused)", _forward(dt, path="fused")),
             (f"forward {dt} (staged)", _forward(dt, path="staged")),
             (f"forward {dt} (return_weights)", _forward(dt, return_weights=True)),
+            (f"decode {dt}", _decode(dt)),
             (f"backward {dt} (fused)", _backward(dt, "fused")),
             (f"backward {dt} (staged)", _backward(dt, "staged")),
         ]

@@ -1,0 +1,185 @@
+"""The decode kernel: a few query rows per key/value head against one contiguous key span, K and V read once.
+
+Raw arrays in, raw arrays out; no validation (``sparseattn.engine.decode``
+prepares everything).  A decode step has a handful of query rows (the ``g``
+query heads of one key/value head, times at most 16 new tokens) and thousands
+of keys, so its cost is reading K and V, not arithmetic.  The tile kernels
+pack K^T into panels for their register blocks, which pays off over 64 query
+rows and doubles the traffic over 4; here each key row is read once, from
+the cache in place, and dotted with every query row while it is in L1
+(``q . k`` as a vectorised reduction over ``d``), and each value row is read
+once and added into every output row.
+
+Each slice (one key/value head of one batch entry) keeps its scores in a
+(rows, span) scratch buffer: plain softmax (max, ``exp``, sum), no online
+rescaling.  The kernel checks what the fast-math arithmetic could get wrong
+instead of scanning the inputs beforehand: a NaN or an infinity among a row's
+raw scores (from ``q`` or ``k``) or in its output (from ``v``, or an
+overflow) flags the slice, and the engine recomputes flagged calls on the
+paths that follow the non-finite policy exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .mods import mod_span
+from .simd import _FM, _exp, _neg, as_c
+
+__all__ = ["decode_slices"]
+
+
+@njit(nogil=True, fastmath=_FM, inline="always")
+def _dot(a, b, zero):
+    acc = zero
+    for t in range(a.shape[0]):
+        acc += a[t] * b[t]
+    return acc
+
+
+@njit(nogil=True, fastmath=_FM)
+def _scores(qs, ks, jmin, jmax, scale, sbuf):
+    """``sbuf[r, j] = scale * q_r . k_j`` for every row and ``jmin <= j < jmax``: each key row read once."""
+    R = qs.shape[0]
+    zero = sbuf.dtype.type(0)
+    R4 = R - R % 4
+    for j in range(jmin, jmax):
+        kj = ks[j]
+        for r in range(0, R4, 4):
+            q0, q1, q2, q3 = qs[r], qs[r + 1], qs[r + 2], qs[r + 3]
+            a0 = zero
+            a1 = zero
+            a2 = zero
+            a3 = zero
+            for t in range(kj.shape[0]):
+                x = kj[t]
+                a0 += q0[t] * x
+                a1 += q1[t] * x
+                a2 += q2[t] * x
+                a3 += q3[t] * x
+            sbuf[r, j] = a0 * scale
+            sbuf[r + 1, j] = a1 * scale
+            sbuf[r + 2, j] = a2 * scale
+            sbuf[r + 3, j] = a3 * scale
+        for r in range(R4, R):
+            sbuf[r, j] = _dot(qs[r], kj, zero) * scale
+
+
+@njit(nogil=True, fastmath=_FM)
+def _values(sbuf, vs, jmin, jmax, mrow, has_mask, os_):
+    """``os_[r] = sum_j sbuf[r, j] v_j`` over ``jmin <= j < jmax`` (padded keys skipped): each value row read once."""
+    R = os_.shape[0]
+    zero = os_.dtype.type(0)
+    R4 = R - R % 4
+    for r in range(R):
+        for t in range(os_.shape[1]):
+            os_[r, t] = zero
+    for j in range(jmin, jmax):
+        if has_mask and mrow[j] != 0:
+            continue
+        vj = vs[j]
+        for r in range(0, R4, 4):
+            o0, o1, o2, o3 = os_[r], os_[r + 1], os_[r + 2], os_[r + 3]
+            p0, p1, p2, p3 = sbuf[r, j], sbuf[r + 1, j], sbuf[r + 2, j], sbuf[r + 3, j]
+            for t in range(vj.shape[0]):
+                x = vj[t]
+                o0[t] += p0 * x
+                o1[t] += p1 * x
+                o2[t] += p2 * x
+                o3[t] += p3 * x
+        for r in range(R4, R):
+            p = sbuf[r, j]
+            o = os_[r]
+            for t in range(vj.shape[0]):
+                o[t] += p * vj[t]
+
+
+@njit(nogil=True, fastmath=_FM)
+def _all_finite(x, big):
+    ok = True
+    for j in range(x.shape[0]):
+        ok &= abs(x[j]) <= big
+    return ok
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, s0, s1, out, lse, bad, sbuf):
+    """Slices ``s0 <= s < s1``: ``out[s]``, ``lse[s]`` of the query rows ``q[s]`` over keys ``k[s]``, ``v[s]``.
+
+    ``q``: (S, R, d) with ``R = g * n_q`` rows, row ``r`` the query row
+    ``r % n_q`` of the ``r // n_q``-th query head of the group; ``k``, ``v``:
+    (S, W, d) and (S, W, dv), each slice contiguous (views of a cache allowed);
+    ``kpm``: (B, W) uint8, 1 = padded key, for batch entry ``s // kv_heads``,
+    read only when ``has_mask``; ``lo``, ``hi``: (n_q,) each query row's run of keys
+    ``[lo, hi)`` in ``[0, W)``; ``i0``, ``j0``: the positions of query row 0
+    and key 0 in the user's call (the modifiers' ``i`` and ``j``); ``mod``,
+    ``slopes``: the modifiers (``slopes`` per query slice ``s * g + r // n_q``);
+    ``bad[s]`` is set to 1 when a raw score of an allowed key or an output of
+    the slice is NaN or infinite; ``sbuf``: (R, W) scratch of the compute dtype.
+    """
+    R = q.shape[1]
+    zero = out.dtype.type(0)
+    big = np.finfo(out.dtype).max
+    neg = _neg(zero)
+    jmin = lo.min()
+    jmax = hi.max()
+    for s in range(s0, s1):
+        ks = as_c(k[s])
+        mrow = kpm[s // kv_heads if has_mask else 0]
+        # every row's score with every key of [jmin, jmax); a row's keys outside its run are discarded below
+        _scores(q[s], ks, jmin, jmax, scale, sbuf)
+        finite = True
+        for r in range(R):
+            i = r % n_q
+            a, b = lo[i], hi[i]
+            row = sbuf[r]
+            if has_mask:
+                for j in range(a, b):
+                    if mrow[j] != 0:
+                        row[j] = zero
+            finite &= _all_finite(row[a:b], big)
+            if not finite:
+                break
+            if mod[0] != 0 and b > a:
+                q_slice = s * g + r // n_q
+                mod_span(row, a, b, i0 + i, j0, mod, slopes[min(q_slice, slopes.shape[0] - 1)], q_slice)
+            if has_mask:
+                for j in range(a, b):
+                    if mrow[j] != 0:
+                        row[j] = neg
+            m = neg
+            for j in range(a, b):
+                m = max(m, row[j])
+            for j in range(jmin, a):  # keys outside the run take no part in the products
+                row[j] = zero
+            for j in range(b, jmax):
+                row[j] = zero
+            if b <= a or m == neg:  # no key (or every key padded): zeros, lse = -inf
+                for j in range(a, b):
+                    row[j] = zero
+                lse[s, r] = -np.inf
+                continue
+            x = row[a:b]
+            tot = zero
+            for j in range(x.shape[0]):
+                e = _exp(min(x[j] - m, zero))
+                x[j] = e
+                tot += e
+            if has_mask:
+                for j in range(a, b):
+                    if mrow[j] != 0:
+                        tot -= row[j]
+                        row[j] = zero
+            lse[s, r] = m + np.log(tot)
+            inv = 1 / tot
+            for j in range(x.shape[0]):
+                x[j] *= inv
+        if not finite:  # the engine recomputes the call on the paths that follow the non-finite policy
+            bad[s] = 1
+            continue
+        _values(sbuf, as_c(v[s]), jmin, jmax, mrow, has_mask, out[s])
+        for r in range(R):
+            finite &= _all_finite(out[s, r], big)
+        if not finite:
+            bad[s] = 1
