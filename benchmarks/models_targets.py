@@ -889,7 +889,13 @@ def main(argv=None):
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     info["commit"] = commit
-    rep.line(f"- commit {commit}; CPU {info['cpu_model']}, features {info['cpu_features']}, {info['cpu_count']} CPUs "
+    try:
+        porcelain = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"], check=False,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        info["dirty"] = bool(porcelain)
+    except (OSError, subprocess.SubprocessError):
+        info["dirty"] = None
+    rep.line(f"- commit {commit}{' (dirty tree)' if info['dirty'] else ''}; CPU {info['cpu_model']}, features {info['cpu_features']}, {info['cpu_count']} CPUs "
              f"({info['affinity']} usable)")  # fmt: skip
     b = info["blas"]
     rep.line(f"- NumPy {info['numpy']} BLAS {b.get('internal_api')} {b.get('version')} kernel **{b.get('architecture')}**, "
