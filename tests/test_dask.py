@@ -108,6 +108,25 @@ def test_per_head_patterns_heads_chunked(client, rng):
     _run(client, q, k, v, heads, (1, 3, 100, d), (2, 2, 70, d))
 
 
+def test_per_head_gathers_with_key_padding(client, rng):
+    # per-head patterns gather other key columns from the same mask block (the mask has no heads axis):
+    # each head's gather of the mask is its own task (they once shared a name, and one head read the
+    # other's columns)
+    n, d = 240, 8
+    q, k, v = _arrays(rng, (2, 2, n, d), (2, 2, n, d), np.float64)
+
+    def columns(cols):
+        m = sp.lil_matrix((n, n), dtype=bool)
+        m[:, cols] = True
+        return sa.from_sparse(m.tocsr())
+
+    heads = [columns([3, 60, 97, 130, 190]), columns([10, 20, 80, 150, 220, 230])]
+    kpm = np.zeros((2, n), dtype=bool)
+    kpm[0, 200:] = True
+    kpm[:, 60] = True
+    _run(client, q, k, v, heads, (1, 1, 100, d), (1, 1, 100, d), key_padding_mask=kpm)
+
+
 @pytest.mark.parametrize("mask_kind", ["numpy", "dask"])
 def test_batch_with_key_padding(client, rng, mask_kind):
     n, d = 300, 8

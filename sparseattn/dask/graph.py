@@ -215,7 +215,9 @@ class _GraphBuilder:
                     home[key] = src
                     taken.setdefault(j, set()).add(key)
                 else:
-                    key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
+                    # the columns are those of pattern pi's query block i: the key names the pattern too
+                    # (a mask block serves every head, whose per-head patterns may gather other columns)
+                    key = (f"{name}-gather-{arr.name}",) + bidx + (blk.pi, i)
                     dsk[key] = (take_cols, src, cols)
                     parts.append(key)
                     home[key] = src
@@ -233,17 +235,17 @@ class _GraphBuilder:
                 continue
             parts = []
             for j, cols in srcs:
-                key = (f"{name}-global-{arr.name}",) + bidx + (j,)
+                key = (f"{name}-global-{arr.name}",) + bidx + (blk.pi, j)
                 self.dsk[key] = (take_cols, (arr.name,) + bidx + ((j, 0) if arr is not self.mask else (j,)), cols)
                 parts.append(key)
-            ckey = (f"{name}-globals-{arr.name}",) + bidx
+            ckey = (f"{name}-globals-{arr.name}",) + bidx + (blk.pi,)
             self.dsk[ckey] = (concat, parts, -2 if arr is not self.mask else -1)
             out.append(ckey)
         key = (f"{name}-shared",) + lb
         self.dsk[key] = (tuple, out)
         for j, _ in blk.plan.shared_sources():
             blk.taken.setdefault(j, set()).update(
-                (f"{name}-global-{arr.name}",) + bidx + (j,) for arr, bidx in ((self.k, lb), (self.v, lb), (self.mask, mb))
+                (f"{name}-global-{arr.name}",) + bidx + (blk.pi, j) for arr, bidx in ((self.k, lb), (self.v, lb), (self.mask, mb))
                 if arr is not None
             )  # fmt: skip
         return key
