@@ -110,10 +110,11 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
     x = prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods)
     # -- work lists, one per distinct pattern ----------------------------------------------
     qb, kb = block_bounds(x.q.chunks[-2]), block_bounds(x.k_chunks)
-    plans = plan_patterns(x.patterns, x.n_k, kb)
+    plans = plan_patterns(x.patterns, x.n_k, kb, contiguous=x.slopes is not None)
 
     token = tokenize(x.q.name, x.k.name, x.v.name, None if x.mask is None else x.mask.name,
-                     [p.identity for p in x.patterns], x.scale, x.serial, x.per_head, pin, shards)  # fmt: skip
+                     [p.identity for p in x.patterns], x.scale, x.serial, x.per_head, pin, shards,
+                     x.kv_heads, x.slopes, x.sinks)  # fmt: skip
     name = f"sparse-attention-{token}"
     dsk, home = build_graph(name, x, plans, qb, kb, shards)
     graph = placed_graph(name, dsk, home, x, pin, shards)
