@@ -4,8 +4,11 @@ The same shape and pattern rules as the local engine
 (:func:`~sparseattn.engine.validate.check_shapes_and_patterns`), plus what
 Dask adds: NumPy inputs wrapped as Dask arrays, the inputs broadcast to the
 common leading shape, one chunk along the head dimension, ``k`` and ``v``
-chunked like ``q`` on the leading axes and alike along the keys, and the
-padding mask chunked like the keys.  Dask is imported only when called.
+chunked like ``q`` on the leading axes (grouped-query heads: ``k`` and ``v``
+keep their ``h_kv`` heads, chunked to match ``q``'s head chunks) and alike
+along the keys, and the padding mask chunked like the keys.  The modifiers
+are checked by the engine's ``check_modifiers``; ``score_mod`` is refused.
+Dask is imported only when called.
 """
 
 from __future__ import annotations
