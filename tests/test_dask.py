@@ -108,6 +108,25 @@ def test_per_head_patterns_heads_chunked(client, rng):
     _run(client, q, k, v, heads, (1, 3, 100, d), (2, 2, 70, d))
 
 
+def test_per_head_gathers_with_key_padding(client, rng):
+    # per-head patterns gather other key columns from the same mask block (the mask has no heads axis):
+    # each head's gather of the mask is its own task (they once shared a name, and one head read the
+    # other's columns)
+    n, d = 240, 8
+    q, k, v = _arrays(rng, (2, 2, n, d), (2, 2, n, d), np.float64)
+
+    def columns(cols):
+        m = sp.lil_matrix((n, n), dtype=bool)
+        m[:, cols] = True
+        return sa.from_sparse(m.tocsr())
+
+    heads = [columns([3, 60, 97, 130, 190]), columns([10, 20, 80, 150, 220, 230])]
+    kpm = np.zeros((2, n), dtype=bool)
+    kpm[0, 200:] = True
+    kpm[:, 60] = True
+    _run(client, q, k, v, heads, (1, 1, 100, d), (1, 1, 100, d), key_padding_mask=kpm)
+
+
 @pytest.mark.parametrize("mask_kind", ["numpy", "dask"])
 def test_batch_with_key_padding(client, rng, mask_kind):
     n, d = 300, 8
@@ -478,8 +497,116 @@ def test_softcap_on_every_task_equals_the_reference(client, rng, pattern_kind):
     assert not np.allclose(got, dense_attention(q, k, v, p), atol=1e-3)
 
 
-@pytest.mark.parametrize("name, value", [("alibi_slopes", np.ones(2)), ("sinks", np.zeros(2))])
-def test_position_modifiers_are_refused_by_name(rng, name, value):
-    q, k, v = _arrays(rng, (2, 64, 8), (2, 64, 8), np.float64)
-    with pytest.raises(ValueError, match=f"{name} is not yet supported on Dask"):
-        dask_attention(da.from_array(q, chunks=(1, 32, 8)), k, v, sa.causal(64), **{name: value})
+# ------------------------------------------------------------------------------------------
+# sinks, ALiBi and grouped-query heads: every partial at the call's positions, sinks once per row
+# ------------------------------------------------------------------------------------------
+
+
+def _mod_pattern(kind, n):
+    if kind == "longformer":  # band + global tokens: halos, the shared global keys, split global rows
+        return sa.sliding_window(n, 20) | sa.global_tokens(n, [0, 131, n - 1])
+    if kind == "causal":
+        return sa.causal(n, 30)
+    return sa.sliding_window(n, 6, dilation=3)  # the generic path: key slices from rows, not parameters
+
+
+def _mod_run(client, q, k, v, p, q_chunks, k_chunks, **mods):
+    """The Dask output against the float64 oracle with the same modifiers (float32: 2e-4; float64: 1e-10)."""
+    from sparseattn.reference import dense_attention
+
+    dq, dk, dv = da.from_array(q, chunks=q_chunks), da.from_array(k, chunks=k_chunks), da.from_array(v, chunks=k_chunks)
+    out = dask_attention(dq, dk, dv, p, **mods)
+    assert out.chunks[:-1] == dq.chunks[:-1] and out.dtype == q.dtype
+    got = client.compute(out).result()
+    ref = dense_attention(q, k, v, p, **mods)
+    tol = 1e-10 if q.dtype == np.float64 else 2e-4
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    return got, ref
+
+
+@pytest.mark.parametrize("kind", ["longformer", "causal", "generic"])
+@pytest.mark.parametrize("mods", ["sinks", "alibi", "alibi_per_batch+softcap+sinks"])
+def test_sinks_and_alibi_with_grouped_heads(client, rng, kind, mods):
+    """4 query heads over 2 kv heads, q's head chunks (3, 1) not aligned to groups, uneven sequence chunks."""
+    n, d = 260, 8
+    q, k, v = _arrays(rng, (2, 4, n, d), (2, 2, n, d), np.float64)
+    kw = {}
+    if "sinks" in mods:
+        kw["sinks"] = rng.standard_normal(4)
+    if mods == "alibi":
+        kw["alibi_slopes"] = 2.0 ** -np.arange(1, 5)
+    elif "alibi" in mods:
+        kw["alibi_slopes"] = rng.uniform(0.02, 0.5, (2, 4))
+    if "softcap" in mods:
+        q *= 3
+        kw["softcap"] = 2.0
+    got, _ = _mod_run(client, q, k, v, _mod_pattern(kind, n), (1, (3, 1), (90, 70, 100), d),
+                      (2, 1, (100, 60, 100), d), **kw)  # fmt: skip
+    # the modifiers matter here: without them the output differs
+    from sparseattn.reference import dense_attention
+
+    assert not np.allclose(got, dense_attention(q, k, v, _mod_pattern(kind, n)), atol=1e-3)
+
+
+@pytest.mark.parametrize("h_kv, q_heads", [(4, (1, 1, 2, 4)), (2, (4, 4)), (1, (3, 5))])
+def test_grouped_heads_ratios_float32(client, rng, h_kv, q_heads):
+    """g = 2, 4 and 8 (multi-query): k and v keep their h_kv heads; ALiBi and sinks per query head."""
+    n, d = 200, 8
+    q, k, v = _arrays(rng, (2, 8, n, d), (2, h_kv, n, d), np.float32)
+    kw = dict(alibi_slopes=rng.uniform(0.02, 0.3, 8).astype(np.float32), sinks=rng.standard_normal(8))
+    _mod_run(client, q, k, v, _mod_pattern("longformer", n), (1, q_heads, (120, 80), d), (1, h_kv, 70, d), **kw)
+    dk = da.from_array(k, chunks=(1, h_kv, 70, d))
+    out = dask_attention(da.from_array(q, chunks=(1, q_heads, 100, d)), dk, dk, _mod_pattern("causal", n))
+    # the graph reads k's blocks with h_kv heads (a rechunk along the heads at most), never a copy per query head
+    layers = out.__dask_graph__().layers
+    assert not any(name.startswith(("broadcast", "repeat")) for name in layers)
+
+
+def test_split_long_rows_with_alibi_and_sinks(client, rng):
+    # the generic path splits the full rows over key blocks: one engine call per split row with ALiBi
+    n, d = 2500, 8
+    p = sa.from_sparse((sa.sliding_window(n, 3) | sa.global_tokens(n, [10, 2000])).csr)
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float64)
+    kw = dict(alibi_slopes=np.array([0.01, 0.003]), sinks=np.array([0.5, -1.0]), softcap=3.0)
+    _mod_run(client, q, k, v, p, (1, 900, d), (2, 700, d), **kw)
+
+
+def test_nonfinite_inputs_with_alibi_and_sinks(client, rng):
+    # a NaN and an inf: the shared global keys' partial falls back to the engine (one call per global key)
+    n, d = 300, 8
+    q, k, v = _arrays(rng, (2, n, d), (2, n, d), np.float32)
+    q[1, 99, 2] = np.nan
+    v[0, 0, 3] = np.inf  # a global key's value
+    p = sa.sliding_window(n, 12) | sa.global_tokens(n, [0, 200])
+    kw = dict(alibi_slopes=np.array([0.1, 0.05]), sinks=np.array([0.0, 1.0]))
+    ref = sa.sparse_attention(q, k, v, p, **kw)
+    out = dask_attention(da.from_array(q, chunks=(1, 100, d)), da.from_array(k, chunks=(1, 70, d)),
+                         da.from_array(v, chunks=(1, 70, d)), p, **kw)  # fmt: skip
+    got = client.compute(out).result()
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(test(got), test(ref), err_msg=test.__name__)
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-5, atol=2e-5)
+
+
+def test_modifier_errors_name_the_argument(rng):
+    q, k, v = _arrays(rng, (2, 4, 64, 8), (2, 2, 64, 8), np.float64)
+    dq = da.from_array(q, chunks=(1, 2, 32, 8))
+    p = sa.causal(64)
+    with pytest.raises(ValueError, match=r"alibi_slopes has shape \(3,\) but must have shape \(4,\)"):
+        dask_attention(dq, k, v, p, alibi_slopes=np.ones(3))
+    with pytest.raises(ValueError, match=r"sinks has shape \(3, 4\) but must have shape \(4,\)"):
+        dask_attention(dq, k, v, p, sinks=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="sinks must be finite"):
+        dask_attention(dq, k, v, p, sinks=np.array([0.0, np.inf, 0.0, 0.0]))
+    with pytest.raises(TypeError, match="alibi_slopes must be a real floating-point array"):
+        dask_attention(dq, k, v, p, alibi_slopes=np.array(["a"] * 4))
+    with pytest.raises(ValueError, match="softcap must be a finite positive number"):
+        dask_attention(dq, k, v, p, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"q has 4 heads.*3 heads|h_kv heads where h_kv divides 4"):
+        dask_attention(dq, k[:, :1].repeat(3, axis=1), v[:, :1].repeat(3, axis=1), p)
+    with pytest.raises(ValueError, match="k and v must have the same number of heads"):
+        dask_attention(dq, k, v[:, :1].repeat(4, axis=1)[:, :3], p)
+    mod = sa.ScoreMod(lambda s, b, h, i, j: s, lambda s, b, h, i, j: 1.0)
+    with pytest.raises(ValueError, match="score_mod is not supported on Dask"):
+        dask_attention(dq, k, v, p, score_mod=mod)

@@ -178,17 +178,21 @@ def test_torch_gradcheck(h_q, h_kv):
     torch.testing.assert_close(k.grad, kr.grad.reshape(1, h_kv, h_q // h_kv, n, 4).sum(2), rtol=1e-12, atol=1e-12)
 
 
-def test_dask_refuses_gqa_with_a_clear_error():
+def test_dask_reads_grouped_heads_without_copies():
     pytest.importorskip("dask.array")
     import dask.array as da
 
     from sparseattn.dask import sparse_attention as dask_attention
 
-    q = da.zeros((1, 8, 64, 4), chunks=(1, 8, 32, 4))
-    k = da.zeros((1, 2, 64, 4), chunks=(1, 2, 32, 4))
-    with pytest.raises(ValueError, match=r"grouped-query attention is not yet supported on Dask: q has shape "
-                                         r"\(1, 8, 64, 4\) \(8 heads\) but k and v have \(1, 2, 64, 4\)"):
-        dask_attention(q, k, k, sa.sliding_window(64, 2))
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 8, 64, 4))
+    k, v = rng.standard_normal((2, 1, 2, 64, 4))
+    p = sa.sliding_window(64, 2)
+    out = dask_attention(da.from_array(q, chunks=(1, 8, 32, 4)), da.from_array(k, chunks=(1, 2, 32, 4)),
+                         da.from_array(v, chunks=(1, 2, 32, 4)), p)  # fmt: skip
+    assert not any(name.startswith(("broadcast", "repeat")) for name in out.__dask_graph__().layers)
+    np.testing.assert_allclose(out.compute(scheduler="synchronous"), sa.sparse_attention(q, k, v, p),
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
 @pytest.mark.parametrize(

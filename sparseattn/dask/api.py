@@ -33,17 +33,30 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
         array.  The head dimension is rechunked to one chunk; ``v`` is
         rechunked to ``k``'s sequence chunks when they differ, and ``k`` and
         ``v`` to ``q``'s chunks on the leading axes.  Grouped-query heads
-        (``k``, ``v`` with ``1 < h_kv < h_q`` heads) are not yet supported on
-        Dask: a ``ValueError`` names the shapes (repeat ``k`` and ``v`` along
-        axis -3, or use the local engine).
+        (``k``, ``v`` with ``h_kv`` heads, ``q`` with ``h_q = g * h_kv``;
+        multi-query too): ``k`` and ``v`` keep their ``h_kv`` heads (never
+        copied per query head), chunked to match ``q``'s head chunks; a
+        chunk of query heads must lie inside one group or start and end on
+        group boundaries, else ``q``'s heads axis is rechunked to whole
+        groups (the output is rechunked back).
     pattern : Pattern, scipy sparse matrix/array, 2-D bool ndarray, or a sequence of them
         As for :func:`sparseattn.sparse_attention` (a sequence: one per head,
         axis -3).
     scale : float, optional
         Multiplies the scores; defaults to ``1 / sqrt(d)``.
-    softcap : float, optional
-        As for the local engine.  ``alibi_slopes``, ``sinks`` and
-        ``score_mod`` are not yet supported on Dask (a ``ValueError`` names them).
+    softcap, alibi_slopes, sinks : optional
+        As for the local engine (same checks and messages; slopes and sinks
+        ``(h_q,)`` or broadcasting to the leading shape, heads last).  ALiBi
+        is applied at the positions of the whole attention: each task passes
+        the diagonal of its rows and keys to the engine (the generic path
+        then reads key slices, never gathers, and runs one engine call per
+        run of contiguous keys; split rows one call per row).  Sinks are
+        added once per row after its partials are merged.
+    score_mod : None
+        Not supported on Dask (a ``ValueError`` names it): a ``ScoreMod``'s
+        compiled kernels see the positions of the engine call they run in,
+        so each task would need the function compiled again for its offsets.
+        Use the local engine.
     key_padding_mask : bool NumPy or dask array, optional
         True marks a padded key; broadcasts like the local engine's (the
         leading shape without the heads axis, then ``n_k``).
@@ -110,10 +123,11 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
     x = prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods)
     # -- work lists, one per distinct pattern ----------------------------------------------
     qb, kb = block_bounds(x.q.chunks[-2]), block_bounds(x.k_chunks)
-    plans = plan_patterns(x.patterns, x.n_k, kb)
+    plans = plan_patterns(x.patterns, x.n_k, kb, contiguous=x.slopes is not None)
 
     token = tokenize(x.q.name, x.k.name, x.v.name, None if x.mask is None else x.mask.name,
-                     [p.identity for p in x.patterns], x.scale, x.serial, x.per_head, pin, shards)  # fmt: skip
+                     [p.identity for p in x.patterns], x.scale, x.serial, x.per_head, pin, shards,
+                     x.kv_heads, x.slopes, x.sinks)  # fmt: skip
     name = f"sparse-attention-{token}"
     dsk, home = build_graph(name, x, plans, qb, kb, shards)
     graph = placed_graph(name, dsk, home, x, pin, shards)

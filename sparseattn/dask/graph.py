@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from .tasks import (
     block_task,
     concat,
@@ -58,8 +60,10 @@ def build_graph(name, inputs, plans, qb, kb, shards):
 class _LeadBlock:
     """The bookkeeping of one block of the leading axes while its tasks are added."""
 
-    def __init__(self, lb, mb, pi, plan):
+    def __init__(self, lb, mb, kvb, pi, plan, score):
         self.lb, self.mb, self.pi, self.plan = lb, mb, pi, plan  # block index, its mask index, pattern, plan
+        self.kvb = kvb  # the index of its k and v blocks on the leading axes (grouped heads: fewer heads)
+        self.score = score  # the tasks.Score of this block: the call's scale and softcap, its heads' slopes, sinks
         self.shared_key = None
         self.readers = {}  # key block j -> (rows read, the block task reading the most of it, its q block)
         self.pending = []  # query blocks with split rows
@@ -77,6 +81,9 @@ class _GraphBuilder:
         self.q, self.k, self.v, self.mask = inputs.q, inputs.k, inputs.v, inputs.mask
         self.lead, self.lead_chunks, self.per_head = inputs.lead, inputs.lead_chunks, inputs.per_head
         self.scale, self.serial, self.dv, self.out_dtype = inputs.scale, inputs.serial, inputs.dv, inputs.out_dtype
+        self.kv_heads = inputs.kv_heads  # q's head block -> k's and v's (grouped heads), or None
+        self.slopes, self.sinks = inputs.slopes, inputs.sinks  # (lead) arrays, or None
+        self.lead_bounds = [np.concatenate(([0], np.cumsum(c))).astype(np.int64) for c in self.lead_chunks]
         self.dsk = {}
         self.home = {}  # task key -> the input block it reads most of (for pin=True)
         self.blocks = [[None] * (len(qb) - 1) for _ in plans]  # work lists, per pattern and query block
@@ -100,7 +107,8 @@ class _GraphBuilder:
     def _add_lead_block(self, lb):
         """Every task of block ``lb`` of the leading axes: block tasks, then split rows, then the ordering."""
         pi = lb[-1] if self.per_head else 0
-        blk = _LeadBlock(lb, lb[:-1] if self.lead else (), pi, self.plans[pi])
+        kvb = lb if self.kv_heads is None else lb[:-1] + (self.kv_heads[lb[-1]],)
+        blk = _LeadBlock(lb, lb[:-1] if self.lead else (), kvb, pi, self.plans[pi], self._score(lb))
         for i in range(len(self.qb) - 1):
             self._add_block(blk, i)
         # split rows last, once every block task of this block of the leading axes is known
@@ -110,23 +118,37 @@ class _GraphBuilder:
             # the split partial over the block's own keys can run right after it
             qrows = (f"{self.name}-qrows",) + lb + (i,)
             self._wait(block_key, [qrows])
-            self.dsk[out_key] = (write_rows, done_key, long_local, long_key)
+            self.dsk[out_key] = (write_rows, done_key, long_local, long_key, blk.score)
             self.home[out_key] = q_key
         self._order_split_partials(blk)
         self._order_cuts(blk)
+
+    def _score(self, lb):
+        """The :class:`~sparseattn.dask.tasks.Score` of block ``lb``: the slopes and sinks of its query heads."""
+        if self.slopes is None and self.sinks is None:
+            return self.scale
+        box = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(self.lead_bounds, lb))
+
+        def cut(x):
+            if x is None:
+                return None
+            y = np.ascontiguousarray(x[box])
+            return y if y.ndim else y.reshape(1)
+
+        return self.scale._replace(slopes=cut(self.slopes), sinks=cut(self.sinks))
 
     def _wait(self, key, extra):
         """Task ``key`` (a block task) also waits for ``extra``: appended to its last argument."""
         task = self.dsk[key]
         self.dsk[key] = task[:-1] + (task[-1] + extra,)
 
-    def _block_node(self, kind, spec, q_key, parts, shared_key):
+    def _block_node(self, blk, kind, spec, a, q_key, parts, shared_key):
         """A :func:`~sparseattn.dask.tasks.block_task` node; it waits for nothing yet (its last argument)."""
         kparts, vparts, mparts = parts
         return (
             block_task, kind, (tuple, list(spec)), q_key, kparts, vparts,
-            mparts if self.mask is not None else None, shared_key, self.scale, self.serial, self.dv,
-            self.out_dtype, [],
+            mparts if self.mask is not None else None, shared_key, blk.score, self.serial, self.dv,
+            self.out_dtype, a, [],
         )  # fmt: skip
 
     def _add_block(self, blk, i):
@@ -161,12 +183,12 @@ class _GraphBuilder:
             spec = (self.pattern_keys[blk.pi],) + spec[1:]
         out_key = (name,) + lb + (i, 0)
         main_key = (f"{name}-main",) + lb + (i, 0) if len(long_rows) or edge else out_key
-        self.dsk[main_key] = self._block_node(plan.kind, spec, q_key, parts, blk.shared_key)
+        self.dsk[main_key] = self._block_node(blk, plan.kind, spec, a, q_key, parts, blk.shared_key)
         self.home[main_key] = q_key
         done_key = main_key  # the block task, or the task writing its edge rows into it
         if edge is not None:
             done_key = (f"{name}-edged",) + lb + (i, 0) if len(long_rows) else out_key
-            self._add_edge(blk, i, q_key, main_key, edge, done_key)
+            self._add_edge(blk, i, a, q_key, main_key, edge, done_key)
         for piece in pieces:  # the block task reading most of key block j
             j, lo, hi = piece[:3]
             cols = piece[3] if len(piece) > 3 else None
@@ -177,7 +199,7 @@ class _GraphBuilder:
             blk.pending.append((i, q_key, main_key, done_key, out_key, spec[-1], long_blocks))
         blk.mains.append(main_key)
 
-    def _add_edge(self, blk, i, q_key, main_key, edge, done_key):
+    def _add_edge(self, blk, i, a, q_key, main_key, edge, done_key):
         """The edge task of query block ``i`` (rows ``[a, a + e)``), written into its block task's result by ``done_key``."""
         name, lb, dsk, home = self.name, blk.lb, self.dsk, self.home
         e, edge_pieces, edge_spec = edge
@@ -187,7 +209,7 @@ class _GraphBuilder:
         dsk[main_key] = dsk[main_key][:-1] + ([q_edge],)  # q's block is released with the block task
         edge_parts = self._add_parts(blk, edge_pieces, i)
         edge_key = (f"{name}-edge",) + lb + (i, 0)
-        dsk[edge_key] = self._block_node("window", edge_spec, q_edge, edge_parts, blk.shared_key)
+        dsk[edge_key] = self._block_node(blk, "window", edge_spec, a, q_edge, edge_parts, blk.shared_key)
         home[edge_key] = q_key
         dsk[done_key] = (write_edge, main_key, e, edge_key)
         home[done_key] = q_key
@@ -195,12 +217,12 @@ class _GraphBuilder:
     def _add_parts(self, blk, pieces, i):
         """The keys, values and mask pieces of a work list: whole blocks, or slice / gather tasks."""
         name, dsk, home, taken = self.name, self.dsk, self.home, blk.taken
-        lb, mb, kb = blk.lb, blk.mb, self.kb
+        kvb, mb, kb = blk.kvb, blk.mb, self.kb
         kparts, vparts, mparts = [], [], []
         for piece in pieces:
             j, lo, hi = piece[:3]
             cols = piece[3] if len(piece) > 3 else None
-            for arr, parts, bidx in ((self.k, kparts, lb + (j, 0)), (self.v, vparts, lb + (j, 0)),
+            for arr, parts, bidx in ((self.k, kparts, kvb + (j, 0)), (self.v, vparts, kvb + (j, 0)),
                                      (self.mask, mparts, mb + (j,))):  # fmt: skip
                 if arr is None:
                     continue
@@ -215,8 +237,9 @@ class _GraphBuilder:
                     home[key] = src
                     taken.setdefault(j, set()).add(key)
                 else:
-                    key = (f"{name}-gather-{arr.name}",) + bidx + (i,)
-                    dsk[key] = (take_cols, src, cols)
+                    # the columns are those of pattern pi's query block i (several head blocks may share it)
+                    key = (f"{name}-gather-{arr.name}",) + bidx + (blk.pi, i)
+                    dsk.setdefault(key, (take_cols, src, cols))
                     parts.append(key)
                     home[key] = src
                     taken.setdefault(j, set()).add(key)
@@ -224,27 +247,28 @@ class _GraphBuilder:
 
     def _add_shared(self, blk):
         """The small shared block of global keys for one block of the leading axes: ``(k, v, mask)``."""
-        name, lb, mb = self.name, blk.lb, blk.mb
+        name, lb, mb, kvb, pi = self.name, blk.lb, blk.mb, blk.kvb, blk.pi
         srcs = blk.plan.shared_sources()
         out = []
-        for arr, bidx in ((self.k, lb), (self.v, lb), (self.mask, mb)):
+        # keyed by the input block and the pattern: head blocks sharing both (grouped heads) share them
+        for arr, bidx in ((self.k, kvb), (self.v, kvb), (self.mask, mb)):
             if arr is None:
                 out.append(None)
                 continue
             parts = []
             for j, cols in srcs:
-                key = (f"{name}-global-{arr.name}",) + bidx + (j,)
-                self.dsk[key] = (take_cols, (arr.name,) + bidx + ((j, 0) if arr is not self.mask else (j,)), cols)
+                key = (f"{name}-global-{arr.name}",) + bidx + (pi, j)
+                self.dsk.setdefault(key, (take_cols, (arr.name,) + bidx + ((j, 0) if arr is not self.mask else (j,)), cols))
                 parts.append(key)
-            ckey = (f"{name}-globals-{arr.name}",) + bidx
-            self.dsk[ckey] = (concat, parts, -2 if arr is not self.mask else -1)
+            ckey = (f"{name}-globals-{arr.name}",) + bidx + (pi,)
+            self.dsk.setdefault(ckey, (concat, parts, -2 if arr is not self.mask else -1))
             out.append(ckey)
         key = (f"{name}-shared",) + lb
-        self.dsk[key] = (tuple, out)
+        self.dsk[key] = (tuple, out + [blk.plan.glob])  # (k, v, mask, the keys' positions)
         for j, _ in blk.plan.shared_sources():
             blk.taken.setdefault(j, set()).update(
-                (f"{name}-global-{arr.name}",) + bidx + (j,) for arr, bidx in ((self.k, lb), (self.v, lb), (self.mask, mb))
-                if arr is not None
+                (f"{name}-global-{arr.name}",) + bidx + (pi, j)
+                for arr, bidx in ((self.k, kvb), (self.v, kvb), (self.mask, mb)) if arr is not None
             )  # fmt: skip
         return key
 
@@ -256,7 +280,7 @@ class _GraphBuilder:
         ``after``), so that the scheduler runs it next to that block task instead
         of generating or keeping every key block early for the split rows.
         """
-        name, lb, mb, dsk, home = self.name, blk.lb, blk.mb, self.dsk, self.home
+        name, lb, mb, kvb, dsk, home = self.name, blk.lb, blk.mb, blk.kvb, self.dsk, self.home
         k, v, mask = self.k, self.v, self.mask
         qrows = (f"{name}-qrows",) + lb + (i,)
         dsk[qrows] = (rows_of, q_key, long_local)
@@ -275,9 +299,10 @@ class _GraphBuilder:
                     dsk[token] = (order_token, reader)
                     home[token] = reader_q
                     blk.after[token] = True
-            dsk[key] = (long_partial, qrows, (k.name,) + lb + (j, 0), (v.name,) + lb + (j, 0), m_key,
-                        None if csr is None else (tuple, list(csr)), self.scale, self.serial, token)  # fmt: skip
-            home[key] = (k.name,) + lb + (j, 0)
+            dsk[key] = (long_partial, qrows, (k.name,) + kvb + (j, 0), (v.name,) + kvb + (j, 0), m_key,
+                        None if csr is None else (tuple, list(csr)), blk.score, self.serial, token,
+                        long_local + int(self.qb[i]), int(self.kb[j]))  # fmt: skip
+            home[key] = (k.name,) + kvb + (j, 0)
             level.append(key)
             blk.splits.setdefault(j, []).append(key)
         if not level:

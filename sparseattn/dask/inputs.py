@@ -4,8 +4,11 @@ The same shape and pattern rules as the local engine
 (:func:`~sparseattn.engine.validate.check_shapes_and_patterns`), plus what
 Dask adds: NumPy inputs wrapped as Dask arrays, the inputs broadcast to the
 common leading shape, one chunk along the head dimension, ``k`` and ``v``
-chunked like ``q`` on the leading axes and alike along the keys, and the
-padding mask chunked like the keys.  Dask is imported only when called.
+chunked like ``q`` on the leading axes (grouped-query heads: ``k`` and ``v``
+keep their ``h_kv`` heads, chunked to match ``q``'s head chunks) and alike
+along the keys, and the padding mask chunked like the keys.  The modifiers
+are checked by the engine's ``check_modifiers``; ``score_mod`` is refused.
+Dask is imported only when called.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ class Inputs(NamedTuple):
     dv: int
     patterns: list  #: the distinct patterns (one per head when per_head)
     per_head: bool
-    scale: Any  #: a tasks.Score: the scale and the softcap
+    scale: Any  #: a tasks.Score: the scale, the softcap and n_k - n_q (each block's gets its slopes and sinks)
     serial: bool
     out_dtype: np.dtype
     q_user_chunks: tuple  #: q's chunks before one head per task: the output is rechunked back to them
     lead_chunks: tuple  #: the chunks of the leading axes, shared by q, k and v
     k_chunks: tuple  #: the chunks of the key axis, shared by k, v and the mask
+    kv_heads: tuple | None = None  #: grouped heads: q's head block -> k's and v's head block (else None)
+    slopes: Any = None  #: ALiBi slopes broadcast to ``lead`` (float64), or None
+    sinks: Any = None  #: sink logits broadcast to ``lead`` (float64), or None
 
 
 def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods=None):
@@ -77,14 +83,16 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
     q = _wrap(q, qd if qd is not None else k, da)
     # the same shape and pattern rules as the local engine
     lead, n_q, d, n_k, dv, patterns, per_head = check_shapes_and_patterns(q, k, v, pattern)
-    if kv_groups(q, k, v) > 1:
-        raise ValueError(
-            f"grouped-query attention is not yet supported on Dask: q has shape {q.shape} ({q.shape[-3]} heads) but "
-            f"k and v have {k.shape} and {v.shape} ({k.shape[-3]} heads); pass k and v with 1 or {q.shape[-3]} "
-            f"heads here (e.g. repeated with da.repeat(k, {q.shape[-3] // k.shape[-3]}, axis=-3)), or use the "
-            f"local engine, sparseattn.sparse_attention, which reads grouped heads without copies"
-        )
-    scale = Score(check_scale(scale, d), _softcap(mods or {}, lead, n_q, n_k))
+    kv_groups(q, k, v)  # the engine's errors for heads that do not group
+    h_q = lead[-1] if lead else 1
+    h_kv = _heads(k)
+    # grouped-query heads (multi-query too): k and v keep their h_kv heads, each task reads the kv heads
+    # of its query heads; a heads axis that broadcasts otherwise (k with 1 head, v with h_q) is broadcast
+    grouped = bool(lead) and h_q > 1 and h_kv == _heads(v) and h_kv < h_q
+    checked = _modifiers(mods or {}, lead, n_q, n_k)
+    scale = Score(check_scale(scale, d), checked.softcap, n_k - n_q)
+    slopes = None if checked.slopes is None else checked.slopes.reshape(lead)
+    sinks = None if checked.sinks is None else checked.sinks.reshape(lead)
     out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
 
     # -- layout: broadcast, one chunk along d, k/v chunked like q on the leading axes -------
@@ -92,32 +100,69 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
     q_user_chunks = q.chunks
     if per_head and any(c != 1 for c in q.chunks[-3]):
         q = q.rechunk({q.ndim - 3: 1})  # one head per task; the output is rechunked back
+    kv_heads = None
+    kv_lead = lead
+    if grouped:
+        q, kv_chunks, kv_heads = _group_heads(q, h_q // h_kv)
+        kv_lead = lead[:-1] + (h_kv,)
     q = q.rechunk({q.ndim - 1: -1})
     lead_chunks = q.chunks[:-2]
-    k = da.broadcast_to(k, lead + (n_k, d)) if k.shape[:-2] != lead else k
-    k = k.rechunk(lead_chunks + (k.chunks[-2], (d,)))
+    kv_lead_chunks = lead_chunks if not grouped else lead_chunks[:-1] + (kv_chunks,)
+    k = da.broadcast_to(k, kv_lead + (n_k, d)) if k.shape[:-2] != kv_lead else k
+    k = k.rechunk(kv_lead_chunks + (k.chunks[-2], (d,)))
     k_chunks = k.chunks[-2]
-    v = da.broadcast_to(v, lead + (n_k, dv)) if v.shape[:-2] != lead else v
-    v = v.rechunk(lead_chunks + (k_chunks, (dv,)))
+    v = da.broadcast_to(v, kv_lead + (n_k, dv)) if v.shape[:-2] != kv_lead else v
+    v = v.rechunk(kv_lead_chunks + (k_chunks, (dv,)))
     mask = None
     if key_padding_mask is not None:
         mask = _prepare_mask(key_padding_mask, lead, n_k, lead_chunks, k_chunks, da)
     return Inputs(
-        q, k, v, mask, lead, n_k, dv, patterns, per_head, scale, serial, out_dtype, q_user_chunks, lead_chunks, k_chunks
-    )
+        q, k, v, mask, lead, n_k, dv, patterns, per_head, scale, serial, out_dtype, q_user_chunks, lead_chunks,
+        k_chunks, kv_heads, slopes, sinks,
+    )  # fmt: skip
 
 
-def _softcap(mods, lead, n_q, n_k):
-    """The softcap, checked as the local engine checks it; the other modifiers are refused by name."""
-    for name in ("alibi_slopes", "sinks", "score_mod"):
-        if mods.get(name) is not None:
-            raise ValueError(
-                f"{name} is not yet supported on Dask (the tasks see key segments, not the call's positions and "
-                f"heads); softcap is. Use the local engine, sparseattn.sparse_attention, for {name}"
-            )
-    if mods.get("softcap") is None:
-        return None
-    return check_modifiers(mods["softcap"], lead=lead, n_q=n_q, n_k=n_k, compute=np.float64).softcap
+def _heads(x):
+    return x.shape[-3] if x.ndim >= 3 else 1
+
+
+def _group_heads(q, g):
+    """q's head chunks made to fit groups of ``g`` query heads, and the matching k / v head chunks.
+
+    A chunk of query heads must read one chunk of key heads: it either lies
+    inside one group (it reads one key head), or starts and ends on group
+    boundaries (its ``h / g`` key heads, grouped like the local engine's).
+    Other chunks are rechunked to whole groups, about as many heads as the
+    largest chunk (the output is rechunked back).  Returns
+    ``(q, kv_chunks, kv_heads)``: ``kv_heads[i]`` is the key head block of
+    query head block ``i``.
+    """
+    def spans(chunks):
+        b = np.concatenate(([0], np.cumsum(chunks))).astype(np.int64)
+        return list(zip(b[:-1].tolist(), b[1:].tolist()))
+
+    def fits(h0, h1):
+        return h1 > h0 and (h0 // g == (h1 - 1) // g or (h0 % g == 0 and h1 % g == 0))
+
+    if not all(fits(h0, h1) for h0, h1 in spans(q.chunks[-3])):
+        q = q.rechunk({q.ndim - 3: g * max(1, round(max(q.chunks[-3]) / g))})
+    ranges = [(h0 // g, (h1 - 1) // g + 1) for h0, h1 in spans(q.chunks[-3])]
+    distinct = sorted(set(ranges))
+    return q, tuple(r1 - r0 for r0, r1 in distinct), tuple(distinct.index(r) for r in ranges)
+
+
+def _modifiers(mods, lead, n_q, n_k):
+    """The modifiers, checked as the local engine checks them (its messages); ``score_mod`` is refused by name."""
+    if mods.get("score_mod") is not None:
+        raise ValueError(
+            "score_mod is not supported on Dask: a task sees a segment of rows and keys, and a ScoreMod's kernels "
+            "see the positions of the engine call they run in, so each task would need the user's function "
+            "compiled again for its offsets (tens of seconds per compile, per worker). softcap, alibi_slopes, "
+            "sinks and grouped-query heads are supported; use the local engine, sparseattn.sparse_attention, "
+            "for score_mod"
+        )
+    mods = {name: mods.get(name) for name in ("softcap", "alibi_slopes", "sinks")}
+    return check_modifiers(**mods, lead=lead, n_q=n_q, n_k=n_k, compute=np.float64)
 
 
 def _check_input(name, x, da):

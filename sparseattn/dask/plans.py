@@ -30,12 +30,15 @@ def block_bounds(chunks):
     return np.concatenate(([0], np.cumsum(chunks))).astype(np.int64)
 
 
-def plan_patterns(patterns, n_k, kb):
-    """One plan per distinct pattern (``kb``: the key blocks' edges): a :class:`WindowPlan` where it can be one."""
+def plan_patterns(patterns, n_k, kb, contiguous=False):
+    """One plan per distinct pattern (``kb``: the key blocks' edges): a :class:`WindowPlan` where it can be one.
+
+    ``contiguous`` (ALiBi): the generic path reads key slices only, no gathers (see :class:`CSRPlan`).
+    """
     plans = []
     for p in patterns:
         st = _structure(p)
-        plans.append(WindowPlan(*st, n_k, kb) if st is not None else CSRPlan(p, kb))
+        plans.append(WindowPlan(*st, n_k, kb) if st is not None else CSRPlan(p, kb, contiguous))
     return plans
 
 
@@ -100,12 +103,20 @@ class WindowPlan:
 
 
 class CSRPlan:
-    """Work lists of any pattern, from ``pattern.rows(a, b)`` of each query block."""
+    """Work lists of any pattern, from ``pattern.rows(a, b)`` of each query block.
+
+    The keys of a key block are a slice (the columns' span) when dense, else
+    a gather.  With ``contiguous`` (ALiBi) always a slice: the block task then
+    holds runs of contiguous key positions, and runs one engine call per run
+    with that run's ALiBi offset (a gather's scattered keys have no single
+    offset).  The cost: up to a whole key block read where a gather would
+    have taken a few columns.
+    """
 
     kind = "csr"
 
-    def __init__(self, pattern, kb):
-        self.pattern, self.kb = pattern, kb
+    def __init__(self, pattern, kb, contiguous=False):
+        self.pattern, self.kb, self.contiguous = pattern, kb, contiguous
 
     def block(self, a, b):
         m = self.pattern.rows(a, b)
@@ -124,7 +135,7 @@ class CSRPlan:
         slices, gathers = [], []
         for j in np.unique(blk):
             c = cols[blk == j] - kb[j]
-            if c[-1] - c[0] + 1 <= 2 * len(c):
+            if self.contiguous or c[-1] - c[0] + 1 <= 2 * len(c):
                 slices.append((int(j), int(c[0]), int(c[-1]) + 1))
             else:
                 gathers.append((int(j), c))

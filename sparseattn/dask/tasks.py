@@ -19,26 +19,121 @@ from ..patterns.builders import sliding_window
 
 
 class Score(NamedTuple):
-    """How a task turns ``q . k`` into a score: the scale and the softcap (None: none)."""
+    """How a task turns ``q . k`` into a score, for one block of the leading axes.
+
+    ``scale`` and ``softcap`` (None: none) are the call's; ``slopes`` and
+    ``sinks`` (None: none) are the ALiBi slopes and sink logits of the
+    block's query heads, shaped like the block's leading axes (``(1,)``
+    without leading axes); ``delta`` is the call's ``n_k - n_q`` (ALiBi's
+    diagonal).  ALiBi needs absolute positions: every engine call of a task
+    passes the ``offset`` that puts its rows and keys back in the call's
+    frame (:func:`_engine`).  Sinks carry no value: they are applied once per
+    output row, after its partials are merged (:func:`_add_sinks`).
+    """
 
     scale: float | None
     softcap: float | None = None
+    delta: int = 0
+    slopes: np.ndarray | None = None
+    sinks: np.ndarray | None = None
 
 
-def _engine(q, k, v, pattern, score, kpm, serial):
-    """The local engine's forward on one block: ``(out, lse)`` in the compute dtype.
+def _engine(q, k, v, pattern, score, kpm, serial, offset=None):
+    """The local engine's forward on one block: ``(out, lse)`` in the compute dtype, without sinks.
 
     Through the engine's dispatcher (``paths.forward``, fused), so a block
     whose inputs hold a NaN or an infinity follows the engine's non-finite
     policy (its slices run on the staged kernels) instead of meeting the
     fast-math fused kernels.
+
+    With ALiBi (``score.slopes``), ``offset`` is the ALiBi diagonal of this
+    call's local frame: row ``i`` and key ``j`` of the call are at distance
+    ``|i + offset - j|``, i.e. ``offset = (first row's position) + n_k - n_q -
+    (first key's position)`` in the whole attention (the keys of one call are
+    contiguous positions, so one offset holds for all of them).  The
+    modifiers are checked by the engine's ``check_modifiers`` and only the
+    diagonal is replaced: the formula stays the engine's.
     """
+    from dataclasses import replace
+
     from ..engine import paths
     from ..engine.validate import prepare
 
-    prep = prepare(q, k, v, pattern, score.scale, kpm, modifiers=dict(softcap=score.softcap) if score.softcap else None)
+    mods = {}
+    if score.softcap is not None:
+        mods["softcap"] = score.softcap
+    if score.slopes is not None:
+        if offset is None:  # pragma: no cover - a programming error in the graph, not a user's
+            raise AssertionError("an ALiBi partial needs its offset")
+        mods["alibi_slopes"] = score.slopes
+    prep = prepare(q, k, v, pattern, score.scale, kpm, modifiers=mods or None)
+    if score.slopes is not None:
+        prep = replace(prep, mods=replace(prep.mods, offset=int(offset)))
     out, lse, _ = paths.forward(prep, "fused", parallel=False if serial else None)
     return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
+
+
+def _add_sinks(part, score):
+    """``(out, lse)`` of whole rows (every partial merged) with the block's sinks, in place (the engine's formula)."""
+    if score.sinks is None or part is None:
+        return part
+    from ..engine.modifiers import Modifiers
+
+    out, lse = part
+    n, dv = out.shape[-2], out.shape[-1]
+    S = int(np.prod(out.shape[:-2], dtype=np.int64)) if out.ndim > 2 else 1
+    o3, l2 = out.reshape(S, n, dv), lse.reshape(S, n)
+    Modifiers(sinks=np.asarray(score.sinks, dtype=lse.dtype).reshape(S)).add_sinks(o3, l2)
+    return o3.reshape(out.shape), l2.reshape(lse.shape)
+
+
+def _rowwise(q_rows, rows_abs, k, v, mask, csr, score, serial, k0):
+    """Scattered rows against contiguous keys (from position ``k0``) with ALiBi: one engine call per row.
+
+    Each row has its own ALiBi diagonal; rows are few (split rows, global
+    rows), so a call per row costs a planning step each, not a kernel.
+    """
+    n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
+    outs, lses = [], []
+    for r in range(n_rows):
+        if csr is None:
+            pattern = _full(1, n_keys)
+        else:
+            indptr, indices = csr
+            lo, hi = int(indptr[r]), int(indptr[r + 1])
+            pattern = CSRPattern(np.array([0, hi - lo], dtype=np.int64), indices[lo:hi], (1, n_keys))
+        o, l_ = _engine(q_rows[..., r : r + 1, :], k, v, pattern, score, mask, serial,
+                        offset=int(rows_abs[r]) + score.delta - int(k0))  # fmt: skip
+        outs.append(o)
+        lses.append(l_)
+    if not outs:
+        dt = np.float64 if np.result_type(q_rows, k, v).itemsize >= 8 else np.float32
+        return empty_partial(q_rows, v.shape[-1], dt)
+    return np.concatenate(outs, axis=-2), np.concatenate(lses, axis=-1)
+
+
+def _csr_runs(q, k_seg, v_seg, indptr, local, cols, a, score, mask, serial):
+    """A CSR block with ALiBi: one engine call per run of contiguous key positions in ``cols``, merged.
+
+    ``cols`` (sorted absolute key positions the segment holds) is cut where
+    it jumps; within a run the keys are contiguous, so one ALiBi offset holds.
+    """
+    n_rows = q.shape[-2]
+    cuts = np.flatnonzero(np.diff(cols) != 1) + 1
+    starts = np.concatenate(([0], cuts)).astype(np.int64)
+    ends = np.concatenate((cuts, [len(cols)])).astype(np.int64)
+    row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    parts = []
+    for r0, r1 in zip(starts, ends):
+        keep = (local >= r0) & (local < r1)
+        if not keep.any():
+            continue
+        ptr = np.concatenate(([0], np.cumsum(np.bincount(row_of[keep], minlength=n_rows)))).astype(np.int64)
+        sub = CSRPattern(ptr, local[keep] - r0, (n_rows, int(r1 - r0)))
+        m = None if mask is None else mask[..., r0:r1]
+        parts.append(_engine(q, k_seg[..., r0:r1, :], v_seg[..., r0:r1, :], sub, score, m, serial,
+                             offset=a + score.delta - int(cols[r0])))  # fmt: skip
+    return _merge(parts) if parts else None
 
 
 def _merge(parts):
@@ -107,8 +202,11 @@ def _full(n_rows, n_keys):
     return sliding_window(n_rows, left=n_rows, right=n_keys, n_k=n_keys)
 
 
-def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv, out_dtype, after=()):
+def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv, out_dtype, a=0, after=()):
     """Compute one output block (its split rows, if any, are written in later by :func:`write_rows`).
+
+    ``a`` is the position of the block's first query row in the whole
+    attention (ALiBi's positions); ``scale`` the block's :class:`Score`.
 
     ``after`` holds small results this task only waits for (unused): see the graph builder.
 
@@ -132,10 +230,10 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
                 extra[gpos] = True
             mask = _combined_mask(mparts, extra)
             band = sliding_window(n_rows, left=left - shift, right=right + shift, n_k=m)
-            part = _engine(q, k_seg, v_seg, band, scale, mask, serial)
+            part = _engine(q, k_seg, v_seg, band, scale, mask, serial, offset=shift + scale.delta)
         del k_seg, v_seg
         if shared is not None:
-            part = _merge_shared(part, q, shared, scale, serial, dv)
+            part = _merge_shared(part, q, shared, scale, serial, dv, a)
     else:
         pattern, a, b, cols, long_local = spec
         if k_seg is not None and len(cols):
@@ -149,11 +247,15 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
                 counts = np.where(keep_row, counts, 0)
                 indptr = np.concatenate(([0], np.cumsum(counts)))
             local = np.searchsorted(cols, indices)
-            sub = CSRPattern(indptr, local, (n_rows, len(cols)))
             mask = _combined_mask(mparts, None)
-            part = _engine(q, k_seg, v_seg, sub, scale, mask, serial)
-    if part is None:
+            if scale.slopes is None:
+                sub = CSRPattern(indptr, local, (n_rows, len(cols)))
+                part = _engine(q, k_seg, v_seg, sub, scale, mask, serial)
+            else:
+                part = _csr_runs(q, k_seg, v_seg, indptr, local, cols, a, scale, mask, serial)
+    if part is None:  # no key at all: zeros, with or without sinks
         return np.zeros(q.shape[:-1] + (dv,), dtype=out_dtype)
+    part = _add_sinks(part, scale)
     return part[0].astype(out_dtype, copy=False)
 
 
@@ -161,43 +263,79 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
 SHARED_ROWS = 8192
 
 
-def _shared_partial(q, gk, gv, gm, scale, serial):
+def _shared_partial(q, gk, gv, gm, scale, serial, r0=0, gpos=None):
     """``(out, lse)`` of rows ``q`` against every shared global key (``gm``: their padding, or None).
 
     A dense (rows x keys) product: the keys are few, so BLAS does it in one
     call where the engine would plan and walk a tile per row.  Inputs with a
     NaN or an infinity go through the engine instead, for its non-finite
-    policy (a padded key must not reach a row even as ``0 * inf``).
+    policy (a padded key must not reach a row even as ``0 * inf``).  ``r0``
+    is the position of the first row and ``gpos`` those of the keys (ALiBi);
+    the global keys are scattered, so with ALiBi the engine's fallback runs
+    one call per global key (each a single key, so one offset holds).
     """
     from ..engine.blocked import masked_softmax
+    from ..engine.modifiers import Modifiers
 
     if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
-        return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
+        if scale.slopes is None:
+            return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
+        parts = [_engine(q, gk[..., c : c + 1, :], gv[..., c : c + 1, :], _full(q.shape[-2], 1), scale,
+                         None if gm is None else gm[..., c : c + 1], serial, offset=r0 + scale.delta - int(gpos[c]))
+                 for c in range(gk.shape[-2])]  # fmt: skip
+        return _merge(parts)
     dt = np.dtype(np.float64 if np.result_type(q, gk, gv).itemsize >= 8 else np.float32)
     sc = dt.type(check_scale(scale.scale, q.shape[-1]))
     q, gk, gv = (np.asarray(x, dtype=dt) for x in (q, gk, gv))
-    s = np.matmul(q, np.swapaxes(gk, -1, -2))
+    g = _groups(q, gk)
+    if g > 1:  # grouped-query heads: query head h reads key head h // g, by broadcasting (no copies)
+        hk = gk.shape[-3]
+        qg = q.reshape(q.shape[:-3] + (hk, g) + q.shape[-2:])
+        gk, gv = gk[..., None, :, :], gv[..., None, :, :]
+        s = np.matmul(qg, np.swapaxes(gk, -1, -2)).reshape(q.shape[:-1] + (gk.shape[-2],))
+    else:
+        s = np.matmul(q, np.swapaxes(gk, -1, -2))
     s *= sc
-    if scale.softcap is not None:  # the engine's definition (sparseattn.engine.modifiers), as blocked computes it
-        s = dt.type(scale.softcap) * np.tanh(s / dt.type(scale.softcap))
+    if scale.softcap is not None or scale.slopes is not None:
+        # the engine's definition (sparseattn.engine.modifiers), as its blocked path computes it, at the
+        # rows' and keys' positions in the whole attention
+        S = int(np.prod(q.shape[:-2], dtype=np.int64)) if q.ndim > 2 else 1
+        slopes = None if scale.slopes is None else np.asarray(scale.slopes, dtype=dt).reshape(S)
+        mods = Modifiers(softcap=scale.softcap, slopes=slopes, offset=scale.delta)
+        sl = np.arange(S).reshape(q.shape[:-2] + (1, 1))
+        rows = (r0 + np.arange(q.shape[-2]))[:, None]
+        s = mods.apply(s, sl, rows, np.asarray(gpos if gpos is not None else np.arange(gk.shape[-2]))[None, :])
     allowed = np.ones(1, dtype=bool)
     if gm is not None:
         pad = np.asarray(gm, dtype=bool)
         allowed = ~pad.reshape(pad.shape[:-1] + ((1,) if q.ndim >= 3 else ()) + (1, pad.shape[-1]))
+    if g > 1:
+        grouped = q.shape[:-3] + (q.shape[-3] // g, g) + s.shape[-2:]
+        if allowed.ndim > 1:
+            allowed = allowed[..., None, :, :]
+        out, lse = masked_softmax(s.reshape(grouped), allowed, gv)
+        return out.reshape(q.shape[:-1] + out.shape[-1:]), lse.reshape(q.shape[:-1])
     return masked_softmax(s, allowed, gv)
 
 
-def _merge_shared(part, q, shared, scale, serial, dv):
+def _groups(q, k):
+    """The query heads per key head of a block (1 unless ``k`` has fewer, more than one, heads than ``q``)."""
+    if q.ndim < 3 or k.ndim < 3 or k.shape[-3] in (q.shape[-3], 1):
+        return 1
+    return q.shape[-3] // k.shape[-3]
+
+
+def _merge_shared(part, q, shared, scale, serial, dv, a=0):
     """Merge the partial of every row against the shared global keys into ``part`` (``(out, lse)`` or None).
 
     Row tiles of :data:`SHARED_ROWS` at a time, merged in place, so the extra
     memory is a tile's, not a second output block and its float64 copies.
     """
-    gk, gv, gm = shared
+    gk, gv, gm, gpos = shared
     n_rows = q.shape[-2]
     for t0 in range(0, max(n_rows, 1), SHARED_ROWS):
         t1 = min(t0 + SHARED_ROWS, n_rows)
-        g_out, g_lse = _shared_partial(q[..., t0:t1, :], gk, gv, gm, scale, serial)
+        g_out, g_lse = _shared_partial(q[..., t0:t1, :], gk, gv, gm, scale, serial, a + t0, gpos)
         if part is None:  # no other keys: the shared partial is the block's result
             part = (np.empty(q.shape[:-1] + (dv,), dtype=g_out.dtype), np.empty(q.shape[:-1], dtype=g_lse.dtype))
             if not n_rows:
@@ -209,14 +347,18 @@ def _merge_shared(part, q, shared, scale, serial, dv):
     return part
 
 
-def write_rows(out, rows, part):
+def write_rows(out, rows, part, score=None):
     """The block ``out`` with its split ``rows`` set from their merged partial ``part``.
 
     Writes in place when ``out`` is writeable: it is the block task's own
     result and this task its only reader, and writing the same rows again
-    (a retried task) gives the same block.
+    (a retried task) gives the same block.  With ``score`` (a :class:`Score`
+    holding sinks), ``part`` is every partial of these rows merged: the sinks
+    are added to it here, once.
     """
     out = out if out.flags.writeable else np.array(out, copy=True)
+    if score is not None and score.sinks is not None:
+        part = _add_sinks((np.array(part[0], copy=True), np.array(part[1], copy=True)), score)
     out[..., rows, :] = part[0]
     return out
 
@@ -231,13 +373,17 @@ def order_token(*_):
     return None
 
 
-def long_partial(q_rows, k, v, mask, csr, scale, serial, after=None):
+def long_partial(q_rows, k, v, mask, csr, scale, serial, after=None, rows_abs=None, k0=0):
     """Split rows against one key block: ``(out, lse)``; ``csr`` None means every key of the block.
 
     ``after`` is an ordering token (unused): the partial waits for the block
     task that reads this key block, so that the key block is released when
     both are done rather than held from an early partial to a late block task.
+    ``rows_abs`` are the rows' positions and ``k0`` the key block's first
+    position in the whole attention (ALiBi: one engine call per row).
     """
+    if scale.slopes is not None:
+        return _rowwise(q_rows, rows_abs, k, v, mask, csr, scale, serial, k0)
     n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
     if csr is None:
         pattern = _full(n_rows, n_keys)
