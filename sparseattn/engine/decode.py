@@ -267,7 +267,7 @@ def _kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     if isinstance(pattern, (list, tuple)) or not isinstance(pattern, Pattern) or pattern.shape != (n_q, n_k):
         return None
     h_q, h_kv = (q.shape[-3], k.shape[-3]) if q.ndim > 2 else (1, 1)
-    if q.shape[:-3] != k.shape[:-3] or v.shape[:-2] != k.shape[:-2] or h_kv == 0 or h_q % h_kv:
+    if q.shape[:-3] != k.shape[:-3] or v.shape[:-2] != k.shape[:-2] or h_kv == 0 or h_q == 0 or h_q % h_kv:
         return None
     span = _span(pattern, n_q)
     runs = None if span is None else _runs(pattern, n_q)
