@@ -7,11 +7,15 @@ Random weights from configs (no download), batch 1, float32, each pair timed alt
   ``n`` tokens: forward and forward + backward against ``sdpa``; peak resident memory of each
   (``extra_info[...]["rss_peak_delta_bytes"]``). Targets: >= 2x, >= 2x, memory <= 0.5x.
 * Gemma-2-like (window 4096 alternating with global, 8 query / 4 kv heads, d 256, hidden 512, 4 layers, attention
-  softcap 50): one training step (forward + backward) against ``eager``. Target >= 5x. While the engine's
-  kernels do not apply ``softcap`` (validated since main 8db476e, not applied), both run with the softcap off
-  and the label says so.
+  softcap 50): one training step (forward + backward) against ``eager``. Target >= 5x.
 * Mistral-like (window 4096, 16 query / 4 kv heads, d 128, hidden 512, 4 layers): prefill of ``n`` tokens against
   ``sdpa`` (target >= 3x), then 64 greedy decode steps from the prefilled cache (target >= 1.5x tokens/s).
+
+Each test also records, in ``extra_info["attention_share"]``, what share of one step is attention for each backend
+(one extra untimed-pair call each): the attention function is wrapped with a clock (``sdpa`` and ``sparseattn``
+through transformers' ``AttentionInterface``, ``eager`` through the model module's ``eager_attention_forward``);
+in training steps the attention's backward is the time from the gradient of its output to that of its query
+(tensor hooks). The share is attention time over the step's time in that same call.
 
 Sizes: the issue's n (8192, 8192, 16384) by default; ``SPARSEATTN_BENCH_HF_SCALE=k`` divides every n by k, and
 the 4096-token windows of the Gemma-2-like and Mistral-like models with it (so that the window stays the same
@@ -68,6 +72,69 @@ def _step(model, ids, backward):
     return fn
 
 
+class _AttentionClock:
+    """Wrap a model's attention function with a clock: forward seconds, and backward seconds through tensor hooks."""
+
+    def __init__(self, model, impl):
+        self.model, self.impl = model, impl
+        self.fwd = self.bwd = 0.0
+
+    def _wrap(self, fn):
+        import time
+
+        def timed(module, query, key, value, *args, **kwargs):
+            t0 = time.perf_counter()
+            out, weights = fn(module, query, key, value, *args, **kwargs)
+            self.fwd += time.perf_counter() - t0
+            if out.requires_grad and query.requires_grad:
+                start = []
+                out.register_hook(lambda g: start.append(time.perf_counter()))
+                query.register_hook(lambda g: setattr(self, "bwd", self.bwd + time.perf_counter() - start[-1]))
+            return out, weights
+
+        return timed
+
+    def __enter__(self):
+        import sys
+
+        from transformers import AttentionInterface
+
+        if self.impl == "eager":
+            self._mod = sys.modules[type(self.model).__module__]
+            self._saved = self._mod.eager_attention_forward
+            self._mod.eager_attention_forward = self._wrap(self._saved)
+        else:
+            self._saved = AttentionInterface._global_mapping[self.impl]
+            AttentionInterface._global_mapping[self.impl] = self._wrap(self._saved)
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import AttentionInterface
+
+        if self.impl == "eager":
+            self._mod.eager_attention_forward = self._saved
+        else:
+            AttentionInterface._global_mapping[self.impl] = self._saved
+
+
+def _attention_share(benchmark, *runs):
+    """``extra_info["attention_share"][name]``: attention's seconds and share of one call of ``fn`` (runs: (name, model, impl, fn))."""
+    import time
+
+    shares = {}
+    for name, model, impl, fn in runs:
+        with _AttentionClock(model, impl) as clock:
+            t0 = time.perf_counter()
+            fn()
+            step = time.perf_counter() - t0
+        att = clock.fwd + clock.bwd
+        shares[name] = dict(step_s=step, attention_forward_s=clock.fwd, attention_backward_s=clock.bwd,
+                            attention_share=att / step)  # fmt: skip
+        print(f"  {name}: step {step:.3f} s, attention {att:.3f} s ({100 * att / step:.0f}%; forward {clock.fwd:.3f} s, "
+              f"backward {clock.bwd:.3f} s)")  # fmt: skip
+    benchmark.extra_info["attention_share"] = shares
+
+
 def _checked(name, fn, ref_fn, info):
     """(name, fn, info, check): check = the logits' largest difference relative to the dense backend's."""
     ref = {}
@@ -109,6 +176,7 @@ def test_paired_modernbert_base(benchmark, backward):
         label=f"ModernBERT-base n={n} {what}, sdpa / sparseattn", target=">= 2",
     )  # fmt: skip
     benchmark.extra_info["rss_peak_delta_bytes"] = info["rss_peak_delta_bytes"]
+    _attention_share(benchmark, (NAME, sparse, NAME, fs), ("sdpa", dense, "sdpa", fd))
 
 
 def test_paired_gemma2_like_training_step(benchmark):
@@ -129,6 +197,7 @@ def test_paired_gemma2_like_training_step(benchmark):
         benchmark, _checked(NAME, fs, fd, info), _checked("eager", fd, fd, info),
         label=f"Gemma-2-like n={n} window {_n(4096)} {cap} training step, eager / sparseattn", target=">= 5",
     )  # fmt: skip
+    _attention_share(benchmark, (NAME, sparse, NAME, fs), ("eager", dense, "eager", fd))
 
 
 def _mistral(n):
@@ -150,6 +219,7 @@ def test_paired_mistral_like_prefill(benchmark):
         benchmark, _checked(NAME, fs, fd, info), _checked("sdpa", fd, fd, info),
         label=f"Mistral-like prefill n={n} window {_n(4096)}, sdpa / sparseattn", target=">= 3",
     )  # fmt: skip
+    _attention_share(benchmark, (NAME, sparse, NAME, fs), ("sdpa", dense, "sdpa", fd))
 
 
 def _decoder(model, ids, steps=64):
@@ -180,3 +250,4 @@ def test_paired_mistral_like_decode(benchmark):
         benchmark, ("sparseattn", fs, info, same), ("sdpa", fd, info, same),
         label=f"Mistral-like 64 decode steps after n={n} window {_n(4096)}, sdpa / sparseattn (= tokens/s ratio)", target=">= 1.5",
     )  # fmt: skip
+    _attention_share(benchmark, (NAME, sparse, NAME, fs), ("sdpa", dense, "sdpa", fd))
