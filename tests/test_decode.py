@@ -254,3 +254,34 @@ def test_calls_outside_the_kernel_s_form_take_the_other_paths(kernel_calls):
         ref = _gqa_ref(qq.astype(np.float64), kk, vv, p)[0]
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
     assert kernel_calls[0] is False and kernel_calls[2:] == [False] * (len(kernel_calls) - 2)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+@pytest.mark.parametrize("opts", ["plain", "alibi+sinks+padding", "softcap"])
+def test_keys_cut_into_parts_merge_to_the_reference(monkeypatch, kernel_calls, parts, opts):
+    """A few slices on many threads: each slice's keys in ``parts`` ranges, merged by log-sum-exp."""
+    monkeypatch.setattr(decode, "key_parts", lambda slices, keys, n_threads: parts)
+    rng = np.random.default_rng(parts)
+    T, W, d = 200, 61, 16
+    kc, vc = _cache(rng, 2, 1, 230, d)
+    k, v = kc[:, :, :T], vc[:, :, :T]
+    q = rng.standard_normal((2, 4, 5, d))
+    p = sa.causal(5, W - 1, n_k=T, offset=T - 20)  # rows' windows end 20 keys before the last: parts differ per row
+    kw = {"softcap": 3.0} if opts == "softcap" else {}
+    if opts == "alibi+sinks+padding":  # batch 0: a padded stretch that covers whole parts of its window
+        mask = np.zeros((2, T), dtype=bool)
+        mask[0, : T - 45] = True
+        kw = {"alibi_slopes": rng.uniform(0.05, 0.3, 4), "sinks": rng.standard_normal(4), "key_padding_mask": mask}
+    out, lse = sa.sparse_attention(q, k, v, p, return_lse=True, **kw)
+    assert kernel_calls == [True]
+    ref, ref_lse = _gqa_ref(q, k, v, p, **kw)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-12)
+
+
+def test_key_parts_fill_the_threads_with_ranges_of_at_least_512_keys():
+    assert decode.key_parts(8, 4096, 2) == 1  # enough slices
+    assert decode.key_parts(8, 4096, 16) == 2
+    assert decode.key_parts(1, 4096, 16) == 8  # multi-query, batch 1: 8 ranges of 512 keys
+    assert decode.key_parts(1, 100000, 16) == 16
+    assert decode.key_parts(3, 300, 16) == 1  # too few keys to cut

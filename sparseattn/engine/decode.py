@@ -241,6 +241,37 @@ def compile_kernel(dtype_name):
     _kernel_call(q, k, v, causal(1, 39, n_k=40), None, None, {}, "fused")
 
 
+#: keys per part, at least, when a slice's keys are cut into parts
+_MIN_PART_KEYS = 512
+
+
+def key_parts(slices, keys, n_threads):
+    """Into how many key ranges to cut each slice: enough work items for ``n_threads`` (1 when there are).
+
+    A decode step of one batch entry has one slice per key/value head (8 for
+    Mistral, 1 for multi-query attention): fewer than a server's threads.
+    Each part's softmax is merged afterwards (log-sum-exp), as in
+    FlashAttention's split-K decoding.
+    """
+    if slices >= n_threads:
+        return 1
+    return max(1, min(-(-n_threads // slices), keys // _MIN_PART_KEYS))
+
+
+def _merge_parts(out, lse):
+    """``(out, lse)`` of whole rows from the softmax of each key range: (S, P, R, dv), (S, P, R) -> (S, R, dv), (S, R)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = lse.max(axis=1)
+        safe = np.where(np.isfinite(top), top, 0)
+        wts = np.exp(lse - safe[:, None])  # exp(-inf) = 0: a range where the row had no key
+        tot = wts.sum(axis=1)
+        merged = np.einsum("spr,sprd->srd", wts, out)
+        nz = tot > 0
+        merged[nz] /= tot[nz][:, None]
+        lse_m = np.where(nz, safe + np.log(np.where(nz, tot, 1)), -np.inf).astype(lse.dtype)
+    return merged.astype(out.dtype, copy=False), lse_m
+
+
 def _kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     """``(out, lse)`` of a decode call on :func:`sparseattn.kernels.decode.decode_slices`, or None.
 
@@ -302,21 +333,23 @@ def _kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     g = h_q // h_kv
     S, R = n_b * h_kv, g * n_q
     qp = np.ascontiguousarray(q).reshape(S, R, d)
-    out = np.empty((S, R, v.shape[-1]), dtype=dt)
-    lse = np.empty((S, R), dtype=dt)
-    bad = np.zeros(S, dtype=np.uint8)
     from numba import get_num_threads
 
     from ..kernels.decode import decode_slices
 
-    n_threads = min(get_num_threads(), S)
-    if n_threads > 1 and S * R * w * (d + v.shape[-1]) < _PARALLEL_MIN_FLOP:
+    n_threads = get_num_threads()
+    if S * R * w * (d + v.shape[-1]) < _PARALLEL_MIN_FLOP:
         n_threads = 1
-    bounds = [i * S // n_threads for i in range(n_threads + 1)]
+    parts = key_parts(S, w, n_threads)
+    out = np.empty((S * parts, R, v.shape[-1]), dtype=dt)
+    lse = np.empty((S * parts, R), dtype=dt)
+    bad = np.zeros(S * parts, dtype=np.uint8)
+    n_threads = min(n_threads, S * parts)
+    bounds = [i * S * parts // n_threads for i in range(n_threads + 1)]
     run_ranges(
         decode_slices,
         (qp, ks, vs, kpm, has_mask, max(h_kv, 1), lo, hi, np.int64(n_q), np.int64(0), np.int64(a), dt.type(scale),
-         mod, slopes, np.int64(g)),
+         mod, slopes, np.int64(g), np.int64(parts)),
         (out, lse, bad),
         bounds,
         n_threads,
@@ -324,6 +357,8 @@ def _kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     )  # fmt: skip
     if bad.any():
         return None
+    if parts > 1:
+        out, lse = _merge_parts(out.reshape(S, parts, R, -1), lse.reshape(S, parts, R))
     out = out.reshape(q.shape[:-1] + (v.shape[-1],))
     lse = lse.reshape(q.shape[:-1])
     if m.sinks is not None:

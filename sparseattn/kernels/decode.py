@@ -104,8 +104,10 @@ def _all_finite(x, big):
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
-def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, s0, s1, out, lse, bad, sbuf):
-    """Slices ``s0 <= s < s1``: ``out[s]``, ``lse[s]`` of the query rows ``q[s]`` over keys ``k[s]``, ``v[s]``.
+def decode_slices(
+    q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, parts, w0, w1, out, lse, bad, sbuf
+):  # fmt: skip
+    """Work items ``w0 <= w < w1``: part ``w % parts`` of the keys of slice ``s = w // parts``.
 
     ``q``: (S, R, d) with ``R = g * n_q`` rows, row ``r`` the query row
     ``r % n_q`` of the ``r // n_q``-th query head of the group; ``k``, ``v``:
@@ -114,17 +116,25 @@ def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, 
     read only when ``has_mask``; ``lo``, ``hi``: (n_q,) each query row's run of keys
     ``[lo, hi)`` in ``[0, W)``; ``i0``, ``j0``: the positions of query row 0
     and key 0 in the user's call (the modifiers' ``i`` and ``j``); ``mod``,
-    ``slopes``: the modifiers (``slopes`` per query slice ``s * g + r // n_q``);
-    ``bad[s]`` is set to 1 when a raw score of an allowed key or an output of
-    the slice is NaN or infinite; ``sbuf``: (R, W) scratch of the compute dtype.
+    ``slopes``: the modifiers (``slopes`` per query slice ``s * g + r // n_q``).
+    ``parts``: the keys of each slice are cut into that many equal ranges (a
+    few slices on many threads); item ``w`` writes the softmax over its range
+    to ``out[w]``, ``lse[w]`` (``-inf`` for a row without key there), which
+    the caller merges (log-sum-exp).  ``bad[w]`` is set to 1 when a raw score
+    of an allowed key or an output is NaN or infinite; ``sbuf``: (R, W)
+    scratch of the compute dtype.
     """
     R = q.shape[1]
     zero = out.dtype.type(0)
     big = np.finfo(out.dtype).max
     neg = _neg(zero)
-    jmin = lo.min()
-    jmax = hi.max()
-    for s in range(s0, s1):
+    span0 = lo.min()
+    span1 = hi.max()
+    step = (span1 - span0 + parts - 1) // parts
+    for w in range(w0, w1):
+        s = w // parts
+        jmin = min(span0 + (w % parts) * step, span1)
+        jmax = min(jmin + step, span1)
         ks = as_c(k[s])
         mrow = kpm[s // kv_heads if has_mask else 0]
         # every row's score with every key of [jmin, jmax); a row's keys outside its run are discarded below
@@ -132,7 +142,8 @@ def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, 
         finite = True
         for r in range(R):
             i = r % n_q
-            a, b = lo[i], hi[i]
+            a, b = max(lo[i], jmin), min(hi[i], jmax)
+            b = max(a, b)
             row = sbuf[r]
             if has_mask:
                 for j in range(a, b):
@@ -158,7 +169,7 @@ def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, 
             if b <= a or m == neg:  # no key (or every key padded): zeros, lse = -inf
                 for j in range(a, b):
                     row[j] = zero
-                lse[s, r] = -np.inf
+                lse[w, r] = -np.inf
                 continue
             x = row[a:b]
             tot = zero
@@ -171,15 +182,15 @@ def decode_slices(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, 
                     if mrow[j] != 0:
                         tot -= row[j]
                         row[j] = zero
-            lse[s, r] = m + np.log(tot)
+            lse[w, r] = m + np.log(tot)
             inv = 1 / tot
             for j in range(x.shape[0]):
                 x[j] *= inv
         if not finite:  # the engine recomputes the call on the paths that follow the non-finite policy
-            bad[s] = 1
+            bad[w] = 1
             continue
-        _values(sbuf, as_c(v[s]), jmin, jmax, mrow, has_mask, out[s])
+        _values(sbuf, as_c(v[s]), jmin, jmax, mrow, has_mask, out[w])
         for r in range(R):
-            finite &= _all_finite(out[s, r], big)
+            finite &= _all_finite(out[w, r], big)
         if not finite:
-            bad[s] = 1
+            bad[w] = 1
