@@ -353,7 +353,7 @@ def _kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
         (out, lse, bad),
         bounds,
         n_threads,
-        per_thread=lambda: (np.empty((R, w), dtype=dt),),
+        per_thread=lambda: (np.zeros((-(-R // 6) * 6, w), dtype=dt), np.empty((-(-R // 6) * 6, v.shape[-1]), dtype=dt)),
     )  # fmt: skip
     if bad.any():
         return None

@@ -8,7 +8,9 @@ pack K^T into panels for their register blocks, which pays off over 64 query
 rows and doubles the traffic over 4; here each key row is read once, from
 the cache in place, and dotted with every query row while it is in L1
 (``q . k`` as a vectorised reduction over ``d``), and each value row is read
-once and added into every output row.
+once, column block by column block, into the register-blocked ``pv_block``
+of :mod:`sparseattn.kernels.simd` (6 rows x 2L columns held in registers; a
+group of fewer than 6 rows leaves zero rows in the block).
 
 Each slice (one key/value head of one batch entry) keeps its scores in a
 (rows, span) scratch buffer: plain softmax (max, ``exp``, sum), no online
@@ -25,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from .mods import mod_span
-from .simd import _FM, _exp, _neg, as_c
+from .simd import _FM, _exp, _neg, as_c, lanes, pv_block
 
 __all__ = ["decode_slices"]
 
@@ -67,32 +69,42 @@ def _scores(qs, ks, jmin, jmax, scale, sbuf):
 
 
 @njit(nogil=True, fastmath=_FM)
-def _values(sbuf, vs, jmin, jmax, mrow, has_mask, os_):
-    """``os_[r] = sum_j sbuf[r, j] v_j`` over ``jmin <= j < jmax`` (padded keys skipped): each value row read once."""
-    R = os_.shape[0]
-    zero = os_.dtype.type(0)
-    R4 = R - R % 4
+def _values_blocks(sbuf, vs, jmin, jmax, R, acc, os_):
+    """``os_[r] = sum_j sbuf[r, j] v_j`` for ``r < R``, on the register-blocked ``pv_block`` (6 rows x 2L columns).
+
+    ``sbuf`` has a multiple of 6 rows (those from ``R`` on hold zeros) and
+    ``acc`` as many rows of ``dv`` columns; each column block streams its
+    columns of every value row once, its 12 accumulators held in registers.
+    Columns past the last full block go through the plain loop.
+    """
+    W = sbuf.shape[1]
+    dv = vs.shape[1]
+    L2 = 2 * lanes(sbuf)
+    full = dv - dv % L2
+    sf = sbuf.reshape(-1)
+    vf = vs.reshape(-1)
+    af = acc.reshape(-1)
+    zero = acc.dtype.type(0)
+    for x in range(af.shape[0]):
+        af[x] = zero
+    for r0 in range(0, R, 6):
+        for c0 in range(0, full, L2):
+            pv_block(sf, r0 * W, W, jmin, jmax, vf, c0, dv, af, r0 * dv + c0, dv)
     for r in range(R):
-        for t in range(os_.shape[1]):
-            os_[r, t] = zero
-    for j in range(jmin, jmax):
-        if has_mask and mrow[j] != 0:
-            continue
-        vj = vs[j]
-        for r in range(0, R4, 4):
-            o0, o1, o2, o3 = os_[r], os_[r + 1], os_[r + 2], os_[r + 3]
-            p0, p1, p2, p3 = sbuf[r, j], sbuf[r + 1, j], sbuf[r + 2, j], sbuf[r + 3, j]
-            for t in range(vj.shape[0]):
-                x = vj[t]
-                o0[t] += p0 * x
-                o1[t] += p1 * x
-                o2[t] += p2 * x
-                o3[t] += p3 * x
-        for r in range(R4, R):
-            p = sbuf[r, j]
-            o = os_[r]
-            for t in range(vj.shape[0]):
-                o[t] += p * vj[t]
+        o = os_[r]
+        a = acc[r]
+        for t in range(full):
+            o[t] = a[t]
+        for t in range(full, dv):
+            o[t] = zero
+    if full < dv:
+        for j in range(jmin, jmax):
+            vj = vs[j]
+            for r in range(R):
+                p = sbuf[r, j]
+                o = os_[r]
+                for t in range(full, dv):
+                    o[t] += p * vj[t]
 
 
 @njit(nogil=True, fastmath=_FM)
@@ -105,7 +117,7 @@ def _all_finite(x, big):
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
 def decode_slices(
-    q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, parts, w0, w1, out, lse, bad, sbuf
+    q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, parts, w0, w1, out, lse, bad, sbuf, acc
 ):  # fmt: skip
     """Work items ``w0 <= w < w1``: part ``w % parts`` of the keys of slice ``s = w // parts``.
 
@@ -121,8 +133,9 @@ def decode_slices(
     few slices on many threads); item ``w`` writes the softmax over its range
     to ``out[w]``, ``lse[w]`` (``-inf`` for a row without key there), which
     the caller merges (log-sum-exp).  ``bad[w]`` is set to 1 when a raw score
-    of an allowed key or an output is NaN or infinite; ``sbuf``: (R, W)
-    scratch of the compute dtype.
+    of an allowed key or an output is NaN or infinite; ``sbuf``: (R6, W)
+    scratch of the compute dtype, ``R6`` the multiple of 6 from ``R`` up,
+    zero from row ``R`` on; ``acc``: (R6, dv) scratch.
     """
     R = q.shape[1]
     zero = out.dtype.type(0)
@@ -189,7 +202,7 @@ def decode_slices(
         if not finite:  # the engine recomputes the call on the paths that follow the non-finite policy
             bad[w] = 1
             continue
-        _values(sbuf, as_c(v[s]), jmin, jmax, mrow, has_mask, out[w])
+        _values_blocks(sbuf, as_c(v[s]), jmin, jmax, R, acc, out[w])
         for r in range(R):
             finite &= _all_finite(out[w, r], big)
         if not finite:
