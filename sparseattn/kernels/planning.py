@@ -52,45 +52,58 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
 
     The keys come as runs (``ptr``, ``run_lo``, ``run_hi``); ``in_span[k]`` tells whether run ``k`` is a
     row's run inside one of its tile's spans (see :func:`plan_extra_spans`).  A column used by at least a
-    quarter of the tile's rows (and by two or more) becomes shared; the rest stays with its row.  Time
-    O(keys outside the spans), memory O(n_k + the plan).
+    quarter of the tile's rows (and by two or more) becomes shared, in order of first appearance (rows in
+    order, each row's keys ascending); the rest stays with its row.  One pass over the tiles, each tile's
+    keys visited twice (counted, then written; a third time, to list the shared columns, only when one
+    reaches the threshold); counts are tagged with their tile, so nothing is reset.  Time O(runs + keys
+    outside the spans), memory O(n_k + the plan).
     """
     n_q = ptr.shape[0] - 1
     n_tiles = (n_q + T - 1) // T
+    # an upper bound of the residual entries: every key outside the spans
+    bound = np.int64(0)
+    for r in range(n_q):
+        if is_long[r]:
+            continue
+        for k in range(ptr[r], ptr[r + 1]):
+            if not in_span[k]:
+                bound += run_hi[k] - run_lo[k]
     cnt = np.zeros(n_k, dtype=np.int64)
+    tag = np.full(n_k, -1, dtype=np.int64)
     sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
     rs_ptr = np.zeros(n_q + 1, dtype=np.int64)
-    cols = np.empty(0, dtype=np.int64)
-    sh_cols = np.empty(0, dtype=np.int64)
-    sh_mask = np.empty(0, dtype=np.uint8)
-    rs_cols = np.empty(0, dtype=np.int64)
-    for phase in range(2):
-        if phase == 1:
-            for i in range(n_q):
-                rs_ptr[i + 1] += rs_ptr[i]
-            sh_cols = np.empty(sh_ptr[n_tiles], dtype=np.int64)
-            sh_mask = np.zeros(sh_ptr[n_tiles] * T, dtype=np.uint8)
-            rs_cols = np.empty(rs_ptr[n_q], dtype=np.int64)
-        for t in range(n_tiles):
-            r0 = t * T
-            r1 = min(n_q, r0 + T)
-            nrows = 0
-            for r in range(r0, r1):
-                if not is_long[r]:
-                    nrows += 1
-            thr = max(2, (nrows + 3) // 4)
-            for r in range(r0, r1):
-                if is_long[r]:
+    rs_cols = np.empty(bound, dtype=np.int64)
+    sh_cols = np.empty(16, dtype=np.int64)
+    sh_mask = np.zeros(16 * T, dtype=np.uint8)
+    nsh_all = 0
+    pos = 0
+    for t in range(n_tiles):
+        r0 = t * T
+        r1 = min(n_q, r0 + T)
+        nrows = 0
+        for r in range(r0, r1):
+            if not is_long[r]:
+                nrows += 1
+        thr = max(2, (nrows + 3) // 4)
+        hot = False
+        for r in range(r0, r1):
+            if is_long[r]:
+                continue
+            for k in range(ptr[r], ptr[r + 1]):
+                if in_span[k]:
                     continue
-                for k in range(ptr[r], ptr[r + 1]):
-                    if in_span[k]:
-                        continue  # the span
-                    for j in range(run_lo[k], run_hi[k]):
+                for j in range(run_lo[k], run_hi[k]):
+                    if tag[j] != t:
+                        tag[j] = t
+                        cnt[j] = 1
+                    else:
                         cnt[j] += 1
-            # distinct shared columns, sorted
-            nsh = 0
-            if cols.shape[0] < 64:
-                cols = np.empty(64, dtype=np.int64)
+                    if cnt[j] >= thr:
+                        hot = True
+        base = nsh_all
+        nsh = 0
+        if hot:
+            # the shared columns in order of first appearance; slot c is encoded as count -(c + 2)
             for r in range(r0, r1):
                 if is_long[r]:
                     continue
@@ -99,46 +112,29 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         if cnt[j] >= thr:
-                            if nsh == cols.shape[0]:
-                                grown = np.empty(2 * nsh, dtype=np.int64)
-                                grown[:nsh] = cols[:nsh]
-                                cols = grown
-                            cols[nsh] = j
+                            if base + nsh == sh_cols.shape[0]:
+                                sh_mask = _grown(sh_mask, 2 * sh_cols.shape[0] * T)
+                                sh_cols = _grown(sh_cols, 2 * sh_cols.shape[0])
+                            sh_cols[base + nsh] = j
+                            cnt[j] = -(nsh + 2)
                             nsh += 1
-                            cnt[j] = -1  # counted once
-            srt = cols[:nsh]  # order of first appearance
-            base = sh_ptr[t]
-            for c in range(nsh):
-                cnt[srt[c]] = -(c + 2)  # slot c is encoded as -(c + 2)
-                if phase == 1:
-                    sh_cols[base + c] = srt[c]
-            if phase == 0:
-                sh_ptr[t + 1] = sh_ptr[t] + nsh
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                pos = rs_ptr[r]
+        nsh_all = base + nsh
+        sh_ptr[t + 1] = nsh_all
+        for r in range(r0, r1):
+            if not is_long[r]:
                 for k in range(ptr[r], ptr[r + 1]):
                     if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         if cnt[j] <= -2:
-                            if phase == 1:
-                                sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
-                        elif phase == 0:
-                            rs_ptr[r + 1] += 1
+                            sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
                         else:
                             rs_cols[pos] = j
                             pos += 1
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                for k in range(ptr[r], ptr[r + 1]):
-                    if in_span[k]:
-                        continue
-                    for j in range(run_lo[k], run_hi[k]):
-                        cnt[j] = 0
-    return sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols
+            rs_ptr[r + 1] = pos
+    if 8 * (bound - pos) > bound:  # many keys went to shared columns: give the spare room back
+        rs_cols = rs_cols[:pos].copy()
+    return sh_ptr, sh_cols[:nsh_all].copy(), sh_mask[: nsh_all * T].copy(), rs_ptr, rs_cols[:pos]
 
 
 @njit(cache=True, nogil=True)
