@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+_I64_MAX = np.iinfo(np.int64).max
+
 __all__ = ["plan_extra_spans", "plan_leftovers", "plan_shared_globals", "plan_tile_spans"]
 
 
@@ -86,12 +88,14 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                 nrows += 1
         thr = max(2, (nrows + 3) // 4)
         hot = False
+        keys = np.int64(0)
         for r in range(r0, r1):
             if is_long[r]:
                 continue
             for k in range(ptr[r], ptr[r + 1]):
                 if in_span[k]:
                     continue
+                keys += run_hi[k] - run_lo[k]
                 for j in range(run_lo[k], run_hi[k]):
                     if tag[j] != t:
                         tag[j] = t
@@ -103,6 +107,13 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
         base = nsh_all
         nsh = 0
         if hot:
+            # room for every column that can reach thr, grown here (an array reassigned inside the key
+            # loops below would be reference-counted on every access)
+            need = base + keys // thr + 1
+            if need > sh_cols.shape[0]:
+                cap = max(need, 2 * sh_cols.shape[0])
+                sh_mask = _grown(sh_mask, cap * T)
+                sh_cols = _grown(sh_cols, cap)
             # the shared columns in order of first appearance; slot c is encoded as count -(c + 2)
             for r in range(r0, r1):
                 if is_long[r]:
@@ -112,9 +123,6 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                         continue
                     for j in range(run_lo[k], run_hi[k]):
                         if cnt[j] >= thr:
-                            if base + nsh == sh_cols.shape[0]:
-                                sh_mask = _grown(sh_mask, 2 * sh_cols.shape[0] * T)
-                                sh_cols = _grown(sh_cols, 2 * sh_cols.shape[0])
                             sh_cols[base + nsh] = j
                             cnt[j] = -(nsh + 2)
                             nsh += 1
@@ -226,8 +234,13 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
     xs_lo = np.zeros(cap * T, dtype=np.int64)
     xs_hi = np.zeros(cap * T, dtype=np.int64)
     nx = 0
-    cand = np.empty(64, dtype=np.int64)
-    crow = np.empty(64, dtype=np.int64)
+    # sized once for the tile with most runs: an array grown (reassigned) inside the loop costs reference
+    # counting on every access (4x the whole pass on a neighbourhood)
+    most = 1
+    for t in range(n_tiles):
+        most = max(most, ptr[min(n_q, (t + 1) * T)] - ptr[t * T])
+    cand = np.empty(most, dtype=np.int64)
+    crow = np.empty(most, dtype=np.int64)
     ng = (T + 5) // 6
     ga = np.empty(ng, dtype=np.int64)
     gb = np.empty(ng, dtype=np.int64)
@@ -239,6 +252,7 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
         r0 = t * T
         r1 = min(n_q, r0 + T)
         nc = 0
+        fits = False
         for r in range(r0, r1):
             if is_long[r]:
                 continue
@@ -246,16 +260,17 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
                 if hi[r] > lo[r] and lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
                     in_span[k] = 1
                     continue
-                if nc == cand.shape[0]:
-                    grown = np.empty(2 * nc, dtype=np.int64)
-                    grown[:nc] = cand[:nc]
-                    cand = grown
-                    grown = np.empty(2 * nc, dtype=np.int64)
-                    grown[:nc] = crow[:nc]
-                    crow = grown
+                w = run_hi[k] - run_lo[k]
+                if w >= min_fill * ((w + panel - 1) // panel * panel):
+                    fits = True
                 cand[nc] = k
                 crow[nc] = r - r0
                 nc += 1
+        if not fits:
+            # a cluster's area is at least its picked runs' widths rounded up to panels: when no run fills
+            # min_fill of its own panels no cluster can (a 7-key neighbourhood's rows), so skip the sort
+            xs_ptr[t + 1] = nx
+            continue
         order = _start_order(cand, crow, nc, run_lo)
         x = 0
         while x < nc:
@@ -265,10 +280,10 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
                 cb = max(cb, run_hi[cand[order[y]]])
                 y += 1
             for g in range(ng):
-                ga[g] = np.iinfo(np.int64).max
+                ga[g] = _I64_MAX
                 gb[g] = 0
                 gn[g] = 0
-            sa = np.iinfo(np.int64).max
+            sa = _I64_MAX
             sb = np.int64(0)
             cov = np.int64(0)
             for z in range(x, y):
