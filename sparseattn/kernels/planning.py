@@ -11,7 +11,33 @@ from numba import njit
 
 _I64_MAX = np.iinfo(np.int64).max
 
-__all__ = ["plan_extra_spans", "plan_leftovers", "plan_shared_globals", "plan_tile_spans"]
+__all__ = ["plan_extra_spans", "plan_leftovers", "plan_longest_runs", "plan_shared_globals", "plan_tile_spans"]
+
+
+@njit(cache=True, nogil=True)
+def plan_longest_runs(ptr, run_lo, run_hi, is_long, min_run):
+    """Each row's longest run ``[lo, hi)``, the first of equal ones; empty when shorter than ``min_run`` or long.
+
+    One pass over the runs, O(rows + runs) (the NumPy form needed a row index per run and four run-sized
+    temporaries).
+    """
+    n_q = ptr.shape[0] - 1
+    lo = np.zeros(n_q, dtype=np.int64)
+    hi = np.zeros(n_q, dtype=np.int64)
+    for r in range(n_q):
+        if is_long[r]:
+            continue
+        best = np.int64(-1)
+        for k in range(ptr[r], ptr[r + 1]):
+            w = run_hi[k] - run_lo[k]
+            if w > best:
+                best = w
+                lo[r] = run_lo[k]
+                hi[r] = run_hi[k]
+        if best < min_run:
+            lo[r] = 0
+            hi[r] = 0
+    return lo, hi
 
 
 @njit(cache=True, nogil=True)
