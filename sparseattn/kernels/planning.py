@@ -83,8 +83,10 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
     quarter of the tile's rows (and by two or more) becomes shared, in order of first appearance (rows in
     order, each row's keys ascending); the rest stays with its row.  One pass over the tiles, each tile's
     keys visited twice (counted, then written; a third time, to list the shared columns, only when one
-    reaches the threshold); counts are tagged with their tile, so nothing is reset.  Time O(runs + keys
-    outside the spans), memory O(n_k + the plan).
+    reaches the threshold).  Tile ``t`` counts column ``j`` in ``cnt[j]`` above ``t * (T + 1)`` (a value
+    below is stale: nothing is reset, and a run's counting loop is branch-free); a tile where no column
+    reaches the threshold writes its residual runs as ranges.  Time O(runs + keys outside the spans),
+    memory O(n_k + the plan).
     """
     n_q = ptr.shape[0] - 1
     n_tiles = (n_q + T - 1) // T
@@ -97,7 +99,6 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
             if not in_span[k]:
                 bound += run_hi[k] - run_lo[k]
     cnt = np.zeros(n_k, dtype=np.int64)
-    tag = np.full(n_k, -1, dtype=np.int64)
     sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
     rs_ptr = np.zeros(n_q + 1, dtype=np.int64)
     rs_cols = np.empty(bound, dtype=np.int64)
@@ -113,7 +114,8 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
             if not is_long[r]:
                 nrows += 1
         thr = max(2, (nrows + 3) // 4)
-        hot = False
+        floor = t * (T + 1)  # this tile's counts are cnt[j] - floor, in 1..T
+        top = floor
         keys = np.int64(0)
         for r in range(r0, r1):
             if is_long[r]:
@@ -123,13 +125,10 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                     continue
                 keys += run_hi[k] - run_lo[k]
                 for j in range(run_lo[k], run_hi[k]):
-                    if tag[j] != t:
-                        tag[j] = t
-                        cnt[j] = 1
-                    else:
-                        cnt[j] += 1
-                    if cnt[j] >= thr:
-                        hot = True
+                    v = max(cnt[j], floor) + 1
+                    cnt[j] = v
+                    top = max(top, v)
+        hot = top - floor >= thr
         base = nsh_all
         nsh = 0
         if hot:
@@ -148,7 +147,7 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                     if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
-                        if cnt[j] >= thr:
+                        if cnt[j] - floor >= thr:
                             sh_cols[base + nsh] = j
                             cnt[j] = -(nsh + 2)
                             nsh += 1
@@ -159,7 +158,13 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                 for k in range(ptr[r], ptr[r + 1]):
                     if in_span[k]:
                         continue
-                    for j in range(run_lo[k], run_hi[k]):
+                    a = run_lo[k]
+                    if not hot:  # no shared column in this tile: the run is residual
+                        for e in range(run_hi[k] - a):
+                            rs_cols[pos + e] = a + e
+                        pos += run_hi[k] - a
+                        continue
+                    for j in range(a, run_hi[k]):
                         if cnt[j] <= -2:
                             sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
                         else:
