@@ -56,31 +56,19 @@ def long_items(long_rows, row_runs, T, chunk):
 
 
 def longest_runs(ptr, run_lo, run_hi, is_long, min_run):
-    """Each row's longest run ``[lo, hi)`` (the first of equal ones; empty if shorter than ``min_run`` or long)."""
-    n_q = len(ptr) - 1
-    lo = np.zeros(n_q, np.int64)
-    hi = np.zeros(n_q, np.int64)
-    per_row = np.diff(ptr)
-    if np.all(per_row <= 1):  # one run per row at most: that run
-        has = per_row == 1
-        take = has & ~is_long
-        take[has] &= (run_hi - run_lo) >= min_run
-        lo[take], hi[take] = run_lo[take[has]], run_hi[take[has]]
-        return lo, hi
-    nonempty = np.flatnonzero(per_row > 0)
-    if len(nonempty) == 0:
-        return lo, hi
-    lens = run_hi - run_lo
-    best = np.zeros(n_q, np.int64)
-    best[nonempty] = np.maximum.reduceat(lens, ptr[nonempty])
-    row = np.repeat(np.arange(n_q, dtype=np.int64), np.diff(ptr))
-    cand = np.flatnonzero(lens == best[row])
-    first = cand[np.concatenate(([True], row[cand][1:] != row[cand][:-1]))]
-    r = row[first]
-    take = (lens[first] >= min_run) & ~is_long[r]
-    lo[r[take]] = run_lo[first[take]]
-    hi[r[take]] = run_hi[first[take]]
-    return lo, hi
+    """Each row's longest run ``[lo, hi)`` (the first of equal ones; empty if shorter than ``min_run`` or long).
+
+    One Numba pass over the runs (:func:`sparseattn.kernels.planning.plan_longest_runs`).
+    """
+    from ..kernels.planning import plan_longest_runs
+
+    return plan_longest_runs(
+        np.asarray(ptr, dtype=np.int64),
+        np.asarray(run_lo, dtype=np.int64),
+        np.asarray(run_hi, dtype=np.int64),
+        np.asarray(is_long, dtype=np.bool_),
+        int(min_run),
+    )
 
 
 def tile_quartile(counts, T):

@@ -9,7 +9,35 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["plan_extra_spans", "plan_leftovers", "plan_shared_globals", "plan_tile_spans"]
+_I64_MAX = np.iinfo(np.int64).max
+
+__all__ = ["plan_extra_spans", "plan_leftovers", "plan_longest_runs", "plan_shared_globals", "plan_tile_spans"]
+
+
+@njit(cache=True, nogil=True)
+def plan_longest_runs(ptr, run_lo, run_hi, is_long, min_run):
+    """Each row's longest run ``[lo, hi)``, the first of equal ones; empty when shorter than ``min_run`` or long.
+
+    One pass over the runs, O(rows + runs) (the NumPy form needed a row index per run and four run-sized
+    temporaries).
+    """
+    n_q = ptr.shape[0] - 1
+    lo = np.zeros(n_q, dtype=np.int64)
+    hi = np.zeros(n_q, dtype=np.int64)
+    for r in range(n_q):
+        if is_long[r]:
+            continue
+        best = np.int64(-1)
+        for k in range(ptr[r], ptr[r + 1]):
+            w = run_hi[k] - run_lo[k]
+            if w > best:
+                best = w
+                lo[r] = run_lo[k]
+                hi[r] = run_hi[k]
+        if best < min_run:
+            lo[r] = 0
+            hi[r] = 0
+    return lo, hi
 
 
 @njit(cache=True, nogil=True)
@@ -52,45 +80,66 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
 
     The keys come as runs (``ptr``, ``run_lo``, ``run_hi``); ``in_span[k]`` tells whether run ``k`` is a
     row's run inside one of its tile's spans (see :func:`plan_extra_spans`).  A column used by at least a
-    quarter of the tile's rows (and by two or more) becomes shared; the rest stays with its row.  Time
-    O(keys outside the spans), memory O(n_k + the plan).
+    quarter of the tile's rows (and by two or more) becomes shared, in order of first appearance (rows in
+    order, each row's keys ascending); the rest stays with its row.  One pass over the tiles, each tile's
+    keys visited twice (counted, then written; a third time, to list the shared columns, only when one
+    reaches the threshold).  Tile ``t`` counts column ``j`` in ``cnt[j]`` above ``t * (T + 1)`` (a value
+    below is stale: nothing is reset, and a run's counting loop is branch-free); a tile where no column
+    reaches the threshold writes its residual runs as ranges.  Time O(runs + keys outside the spans),
+    memory O(n_k + the plan).
     """
     n_q = ptr.shape[0] - 1
     n_tiles = (n_q + T - 1) // T
+    # an upper bound of the residual entries: every key outside the spans
+    bound = np.int64(0)
+    for r in range(n_q):
+        if is_long[r]:
+            continue
+        for k in range(ptr[r], ptr[r + 1]):
+            if not in_span[k]:
+                bound += run_hi[k] - run_lo[k]
     cnt = np.zeros(n_k, dtype=np.int64)
     sh_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
     rs_ptr = np.zeros(n_q + 1, dtype=np.int64)
-    cols = np.empty(0, dtype=np.int64)
-    sh_cols = np.empty(0, dtype=np.int64)
-    sh_mask = np.empty(0, dtype=np.uint8)
-    rs_cols = np.empty(0, dtype=np.int64)
-    for phase in range(2):
-        if phase == 1:
-            for i in range(n_q):
-                rs_ptr[i + 1] += rs_ptr[i]
-            sh_cols = np.empty(sh_ptr[n_tiles], dtype=np.int64)
-            sh_mask = np.zeros(sh_ptr[n_tiles] * T, dtype=np.uint8)
-            rs_cols = np.empty(rs_ptr[n_q], dtype=np.int64)
-        for t in range(n_tiles):
-            r0 = t * T
-            r1 = min(n_q, r0 + T)
-            nrows = 0
-            for r in range(r0, r1):
-                if not is_long[r]:
-                    nrows += 1
-            thr = max(2, (nrows + 3) // 4)
-            for r in range(r0, r1):
-                if is_long[r]:
+    rs_cols = np.empty(bound, dtype=np.int64)
+    sh_cols = np.empty(16, dtype=np.int64)
+    sh_mask = np.zeros(16 * T, dtype=np.uint8)
+    nsh_all = 0
+    pos = 0
+    for t in range(n_tiles):
+        r0 = t * T
+        r1 = min(n_q, r0 + T)
+        nrows = 0
+        for r in range(r0, r1):
+            if not is_long[r]:
+                nrows += 1
+        thr = max(2, (nrows + 3) // 4)
+        floor = t * (T + 1)  # this tile's counts are cnt[j] - floor, in 1..T
+        top = floor
+        keys = np.int64(0)
+        for r in range(r0, r1):
+            if is_long[r]:
+                continue
+            for k in range(ptr[r], ptr[r + 1]):
+                if in_span[k]:
                     continue
-                for k in range(ptr[r], ptr[r + 1]):
-                    if in_span[k]:
-                        continue  # the span
-                    for j in range(run_lo[k], run_hi[k]):
-                        cnt[j] += 1
-            # distinct shared columns, sorted
-            nsh = 0
-            if cols.shape[0] < 64:
-                cols = np.empty(64, dtype=np.int64)
+                keys += run_hi[k] - run_lo[k]
+                for j in range(run_lo[k], run_hi[k]):
+                    v = max(cnt[j], floor) + 1
+                    cnt[j] = v
+                    top = max(top, v)
+        hot = top - floor >= thr
+        base = nsh_all
+        nsh = 0
+        if hot:
+            # room for every column that can reach thr, grown here (an array reassigned inside the key
+            # loops below would be reference-counted on every access)
+            need = base + keys // thr + 1
+            if need > sh_cols.shape[0]:
+                cap = max(need, 2 * sh_cols.shape[0])
+                sh_mask = _grown(sh_mask, cap * T)
+                sh_cols = _grown(sh_cols, cap)
+            # the shared columns in order of first appearance; slot c is encoded as count -(c + 2)
             for r in range(r0, r1):
                 if is_long[r]:
                     continue
@@ -98,47 +147,33 @@ def plan_leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k):
                     if in_span[k]:
                         continue
                     for j in range(run_lo[k], run_hi[k]):
-                        if cnt[j] >= thr:
-                            if nsh == cols.shape[0]:
-                                grown = np.empty(2 * nsh, dtype=np.int64)
-                                grown[:nsh] = cols[:nsh]
-                                cols = grown
-                            cols[nsh] = j
+                        if cnt[j] - floor >= thr:
+                            sh_cols[base + nsh] = j
+                            cnt[j] = -(nsh + 2)
                             nsh += 1
-                            cnt[j] = -1  # counted once
-            srt = cols[:nsh]  # order of first appearance
-            base = sh_ptr[t]
-            for c in range(nsh):
-                cnt[srt[c]] = -(c + 2)  # slot c is encoded as -(c + 2)
-                if phase == 1:
-                    sh_cols[base + c] = srt[c]
-            if phase == 0:
-                sh_ptr[t + 1] = sh_ptr[t] + nsh
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                pos = rs_ptr[r]
+        nsh_all = base + nsh
+        sh_ptr[t + 1] = nsh_all
+        for r in range(r0, r1):
+            if not is_long[r]:
                 for k in range(ptr[r], ptr[r + 1]):
                     if in_span[k]:
                         continue
-                    for j in range(run_lo[k], run_hi[k]):
+                    a = run_lo[k]
+                    if not hot:  # no shared column in this tile: the run is residual
+                        for e in range(run_hi[k] - a):
+                            rs_cols[pos + e] = a + e
+                        pos += run_hi[k] - a
+                        continue
+                    for j in range(a, run_hi[k]):
                         if cnt[j] <= -2:
-                            if phase == 1:
-                                sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
-                        elif phase == 0:
-                            rs_ptr[r + 1] += 1
+                            sh_mask[(base + (-cnt[j] - 2)) * T + (r - r0)] = 1
                         else:
                             rs_cols[pos] = j
                             pos += 1
-            for r in range(r0, r1):
-                if is_long[r]:
-                    continue
-                for k in range(ptr[r], ptr[r + 1]):
-                    if in_span[k]:
-                        continue
-                    for j in range(run_lo[k], run_hi[k]):
-                        cnt[j] = 0
-    return sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols
+            rs_ptr[r + 1] = pos
+    if 8 * (bound - pos) > bound:  # many keys went to shared columns: give the spare room back
+        rs_cols = rs_cols[:pos].copy()
+    return sh_ptr, sh_cols[:nsh_all].copy(), sh_mask[: nsh_all * T].copy(), rs_ptr, rs_cols[:pos]
 
 
 @njit(cache=True, nogil=True)
@@ -230,8 +265,13 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
     xs_lo = np.zeros(cap * T, dtype=np.int64)
     xs_hi = np.zeros(cap * T, dtype=np.int64)
     nx = 0
-    cand = np.empty(64, dtype=np.int64)
-    crow = np.empty(64, dtype=np.int64)
+    # sized once for the tile with most runs: an array grown (reassigned) inside the loop costs reference
+    # counting on every access (4x the whole pass on a neighbourhood)
+    most = 1
+    for t in range(n_tiles):
+        most = max(most, ptr[min(n_q, (t + 1) * T)] - ptr[t * T])
+    cand = np.empty(most, dtype=np.int64)
+    crow = np.empty(most, dtype=np.int64)
     ng = (T + 5) // 6
     ga = np.empty(ng, dtype=np.int64)
     gb = np.empty(ng, dtype=np.int64)
@@ -243,6 +283,7 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
         r0 = t * T
         r1 = min(n_q, r0 + T)
         nc = 0
+        fits = False
         for r in range(r0, r1):
             if is_long[r]:
                 continue
@@ -250,16 +291,17 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
                 if hi[r] > lo[r] and lo[r] <= run_lo[k] and run_hi[k] <= hi[r]:
                     in_span[k] = 1
                     continue
-                if nc == cand.shape[0]:
-                    grown = np.empty(2 * nc, dtype=np.int64)
-                    grown[:nc] = cand[:nc]
-                    cand = grown
-                    grown = np.empty(2 * nc, dtype=np.int64)
-                    grown[:nc] = crow[:nc]
-                    crow = grown
+                w = run_hi[k] - run_lo[k]
+                if w >= min_fill * ((w + panel - 1) // panel * panel):
+                    fits = True
                 cand[nc] = k
                 crow[nc] = r - r0
                 nc += 1
+        if not fits:
+            # a cluster's area is at least its picked runs' widths rounded up to panels: when no run fills
+            # min_fill of its own panels no cluster can (a 7-key neighbourhood's rows), so skip the sort
+            xs_ptr[t + 1] = nx
+            continue
         order = _start_order(cand, crow, nc, run_lo)
         x = 0
         while x < nc:
@@ -269,10 +311,10 @@ def plan_extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, min_fill, min_widt
                 cb = max(cb, run_hi[cand[order[y]]])
                 y += 1
             for g in range(ng):
-                ga[g] = np.iinfo(np.int64).max
+                ga[g] = _I64_MAX
                 gb[g] = 0
                 gn[g] = 0
-            sa = np.iinfo(np.int64).max
+            sa = _I64_MAX
             sb = np.int64(0)
             cov = np.int64(0)
             for z in range(x, y):

@@ -53,22 +53,45 @@ class Neighborhood(Pattern):
         return self.dilation[-1] == 1
 
     def _runs(self, start, stop):
-        """One run per window position on the other axes: ``prod(kernel_size[:-1])`` runs per row."""
+        """One run per window position on the other axes: ``prod(kernel_size[:-1])`` runs per row.
+
+        O(rows * runs per row), never per key.  Without causal axes before the last every row has as many
+        runs, laid out as a ``(rows, runs per row)`` grid by broadcasting; runs of consecutive grid lines
+        touch (and are merged) only where the window spans the whole last axis.
+        """
         rows = np.arange(start, stop, dtype=np.int64)
         windows = self._axis_windows(rows)
-        owner = np.arange(len(rows), dtype=np.int64)
-        base = np.zeros(len(rows), dtype=np.int64)
-        for a, (first, count) in enumerate(windows[:-1]):
-            reps = count[owner]
-            group_start = counts_to_indptr(reps)
-            owner = np.repeat(owner, reps)
-            step = np.arange(len(owner), dtype=np.int64) - np.repeat(group_start[:-1], reps)
-            base = np.repeat(base, reps) + (first[owner] + step * self.dilation[a]) * self._strides[a]
         first, count = windows[-1]
-        ptr = counts_to_indptr(np.bincount(owner, minlength=len(rows)))
-        lo = base + first[owner]
-        # runs of consecutive grid lines touch when the window spans the whole last axis
-        return runsets.canonical(ptr, lo, lo + count[owner])
+        m = len(rows)
+        if not any(self.causal[:-1]):
+            # every row: kernel_size[a] positions on each axis a before the last, the same number of runs
+            lo = first.reshape(m, *([1] * (len(windows) - 1)))
+            for a, (f, _) in enumerate(windows[:-1]):
+                shape = [1] * len(windows)
+                shape[0], shape[a + 1] = m, self.kernel_size[a]
+                steps = np.arange(self.kernel_size[a], dtype=np.int64) * (self.dilation[a] * self._strides[a])
+                shape_f = [m] + [1] * (len(windows) - 1)
+                lo = lo + (f * self._strides[a]).reshape(shape_f) + steps.reshape([1] * (a + 1) + [-1] + [1] * (len(windows) - a - 2))
+            per = int(np.prod(self.kernel_size[:-1], dtype=np.int64))
+            lo = np.ascontiguousarray(np.broadcast_to(lo, (m, *self.kernel_size[:-1]))).reshape(m * per)
+            hi = lo + np.repeat(count, per)
+            ptr = np.arange(m + 1, dtype=np.int64) * per
+        else:
+            owner = np.arange(m, dtype=np.int64)
+            base = np.zeros(m, dtype=np.int64)
+            for a, (f, cnt) in enumerate(windows[:-1]):
+                reps = cnt[owner]
+                group_start = counts_to_indptr(reps)
+                owner = np.repeat(owner, reps)
+                step = np.arange(len(owner), dtype=np.int64) - np.repeat(group_start[:-1], reps)
+                base = np.repeat(base, reps) + (f[owner] + step * self.dilation[a]) * self._strides[a]
+            ptr = counts_to_indptr(np.bincount(owner, minlength=m))
+            lo = base + first[owner]
+            hi = lo + count[owner]
+        if len(windows) > 1 and m and int(count.max()) == self.grid[-1]:
+            # runs of consecutive grid lines touch when the window spans the whole last axis
+            return runsets.canonical(ptr, lo, hi)
+        return ptr, lo, hi
 
     def _row_counts(self, start, stop):
         rows = np.arange(start, stop, dtype=np.int64)

@@ -125,8 +125,15 @@ class Documents(Pattern):
     has_runs = True
 
     def _runs(self, start, stop):
-        doc = self._doc_of(start, stop)
-        return runsets.one_per_row(self.offsets[doc], self.offsets[doc + 1])
+        # each document's bounds repeated over its rows in [start, stop): no search per row
+        a, b = np.searchsorted(self.offsets, [start, stop], side="right") - 1
+        b = min(b, len(self.lengths) - 1)
+        if stop <= start:
+            return runsets.empty(0)
+        first = self.offsets[a : b + 1]
+        last = self.offsets[a + 1 : b + 2]
+        reps = np.minimum(last, stop) - np.maximum(first, start)
+        return runsets.one_per_row(np.repeat(first, reps), np.repeat(last, reps))
 
     def _row_counts(self, start, stop):
         return self.lengths[self._doc_of(start, stop)]

@@ -32,6 +32,8 @@ def one_per_row(lo, hi):
     lo = np.asarray(lo, dtype=_I64)
     hi = np.asarray(hi, dtype=_I64)
     keep = hi > lo
+    if keep.all():  # every row has its run (windows, documents, causal): no copies
+        return np.arange(len(lo) + 1, dtype=_I64), lo, hi
     ptr = np.zeros(len(lo) + 1, _I64)
     np.cumsum(keep, out=ptr[1:])
     return ptr, lo[keep], hi[keep]
@@ -90,10 +92,12 @@ def combine(sets, n_k, need):
     width = n_k + 1
     if m == 0 or not any(len(s[1]) for s in sets):
         return empty(m)
-    if need == len(sets) and all(len(s[1]) == m for s in sets) and all(np.all(np.diff(s[0]) == 1) for s in sets):
+    if need == len(sets) and all(len(s[1]) == m for s in sets) and all(_one_each(s[0]) for s in sets):
         # an intersection of one run per row each (windows, documents, causal): elementwise, O(rows)
-        lo = np.maximum.reduce([s[1] for s in sets])
-        hi = np.minimum.reduce([s[2] for s in sets])
+        lo, hi = sets[0][1].copy(), sets[0][2].copy()
+        for s in sets[1:]:
+            np.maximum(lo, s[1], out=lo)
+            np.minimum(hi, s[2], out=hi)
         return one_per_row(lo, hi)
     if 2 * m * width >= _ENC_MAX:  # too wide to encode: halve the rows
         half = m // 2
@@ -116,6 +120,11 @@ def combine(sets, n_k, need):
     row = a // width
     ptr = np.searchsorted(row, np.arange(m + 1, dtype=_I64), side="left").astype(_I64)
     return canonical(ptr, a - row * width, b - row * width)
+
+
+def _one_each(ptr):
+    """True when ``ptr`` gives every row exactly one run (``ptr == arange``)."""
+    return ptr[-1] == len(ptr) - 1 and bool(np.all(ptr[1:] != ptr[:-1]))  # non-decreasing, m steps, none 0
 
 
 def _slice(s, a, b):

@@ -63,6 +63,12 @@ class SlidingWindow(Pattern):
         """First key and key count of rows ``[start, stop)`` (the first key is meaningless where the count is 0)."""
         c = np.arange(start, stop, dtype=np.int64) + self.offset  # each query's key position
         d = self.dilation
+        if d == 1:  # the same in fewer passes (causal, bands): [max(c - left, 0), min(c + right, n_k - 1)]
+            lo = np.maximum(c - self.left, 0)
+            np.minimum(c, self.shape[1] - 1 - self.right, out=c)
+            c += self.right + 1
+            c -= lo
+            return lo, np.maximum(c, 0, out=c)
         lo_m = -(np.minimum(self.left, c) // d)
         hi_m = np.minimum(self.right, self.shape[1] - 1 - c) // d
         counts = np.maximum(hi_m - lo_m + 1, 0)
