@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sparseattn as sa
-from sparseattn.engine import decode
+from sparseattn.engine import decode, decode_step
 from sparseattn.reference import dense_attention
 
 
@@ -260,7 +260,7 @@ def test_calls_outside_the_kernel_s_form_take_the_other_paths(kernel_calls):
 @pytest.mark.parametrize("opts", ["plain", "alibi+sinks+padding", "softcap"])
 def test_keys_cut_into_parts_merge_to_the_reference(monkeypatch, kernel_calls, parts, opts):
     """A few slices on many threads: each slice's keys in ``parts`` ranges, merged by log-sum-exp."""
-    monkeypatch.setattr(decode, "key_parts", lambda slices, keys, n_threads: parts)
+    monkeypatch.setattr(decode_step, "key_parts", lambda slices, keys, n_threads: parts)
     rng = np.random.default_rng(parts)
     T, W, d = 200, 61, 16
     kc, vc = _cache(rng, 2, 1, 230, d)
@@ -280,8 +280,8 @@ def test_keys_cut_into_parts_merge_to_the_reference(monkeypatch, kernel_calls, p
 
 
 def test_key_parts_fill_the_threads_with_ranges_of_at_least_512_keys():
-    assert decode.key_parts(8, 4096, 2) == 1  # enough slices
-    assert decode.key_parts(8, 4096, 16) == 2
-    assert decode.key_parts(1, 4096, 16) == 8  # multi-query, batch 1: 8 ranges of 512 keys
-    assert decode.key_parts(1, 100000, 16) == 16
-    assert decode.key_parts(3, 300, 16) == 1  # too few keys to cut
+    assert decode_step.key_parts(8, 4096, 2) == 1  # enough slices
+    assert decode_step.key_parts(8, 4096, 16) == 2
+    assert decode_step.key_parts(1, 4096, 16) == 8  # multi-query, batch 1: 8 ranges of 512 keys
+    assert decode_step.key_parts(1, 100000, 16) == 16
+    assert decode_step.key_parts(3, 300, 16) == 1  # too few keys to cut

@@ -175,9 +175,9 @@ def _compile_forward(dtype_name):
     # k and v as views of a larger cache (a decode step): the kernels' specialisation for such views
     kv = np.concatenate([k, v], axis=1)
     forward(prepare(q, kv[:, : k.shape[1]], kv[:, : k.shape[1]], pattern), "fused")
-    from .decode import compile_kernel
+    from .decode_step import compile_kernel
 
-    compile_kernel(dtype_name)  # the decode steps' kernel (sparseattn.engine.decode)
+    compile_kernel(dtype_name)  # the decode steps' kernel (sparseattn.engine.decode_step)
 
 
 def _compile_backward(dtype_name):

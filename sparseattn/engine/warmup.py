@@ -44,7 +44,7 @@ def _forward(dtype, **kw):
 
 def _decode(dtype):
     def run():
-        from .decode import compile_kernel
+        from .decode_step import compile_kernel
 
         compile_kernel(dtype)
 

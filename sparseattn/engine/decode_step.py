@@ -1,0 +1,240 @@
+"""The decode kernel's call: a few query rows whose keys are one run each, on :func:`sparseattn.kernels.decode.decode_slices`.
+
+:func:`sparseattn.engine.decode.forward` tries :func:`kernel_call` first.  It
+takes calls of the kernel's form (equal float dtypes, q's leading axes equal
+to k's but for the grouped heads, one run of keys per row, no ``score_mod``):
+the keys the rows reach become views of the cache, the query heads of each
+key/value group rows of one slice, and a slice's keys are cut into ranges
+when there are fewer slices than threads (merged by log-sum-exp).  Kept apart
+from :mod:`sparseattn.engine.decode` (which falls back on the dispatcher) so
+that the cold start's compile job (:mod:`sparseattn.engine.paths`) can
+compile the kernel without an import cycle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..patterns.base import Pattern
+from ..patterns.windows import SlidingWindow
+
+__all__ = ["kernel_call", "key_parts", "compile_kernel", "MAX_ROWS"]
+
+#: calls with at most this many query rows are decode steps
+MAX_ROWS = 16
+
+
+def _span(pattern, n_q):
+    """``(a, b)``: the keys the rows of ``pattern`` reach (``a == b``: none), or None if unknown cheaply."""
+    if isinstance(pattern, SlidingWindow):
+        lo, counts = pattern._bounds(0, n_q)
+        has = counts > 0
+        if not has.any():
+            return 0, 0
+        return int(lo[has].min()), int((lo + (counts - 1) * pattern.dilation)[has].max()) + 1
+    if not isinstance(pattern, Pattern):
+        return None
+    m = pattern.rows(0, n_q)
+    if m.nnz == 0:
+        return 0, 0
+    return int(m.indices.min()), int(m.indices.max()) + 1
+
+
+#: below this many multiply-adds a call runs in the calling thread
+_PARALLEL_MIN_FLOP = 1 << 21
+
+
+def _runs(pattern, n_q):
+    """``(lo, hi)``: each row's one run of keys ``[lo, hi)`` (empty rows: ``lo == hi``), or None if a row has more."""
+    if isinstance(pattern, SlidingWindow):
+        if pattern.dilation != 1:
+            return None
+        lo, counts = pattern._bounds(0, n_q)
+        lo = np.asarray(lo, dtype=np.int64)
+        return lo, lo + np.asarray(counts, dtype=np.int64)
+    m = pattern.rows(0, n_q)
+    ptr, ind = np.asarray(m.indptr, dtype=np.int64), np.asarray(m.indices, dtype=np.int64)
+    lens = np.diff(ptr)
+    has = lens > 0
+    first, last = ind[ptr[:-1][has]], ind[ptr[1:][has] - 1]
+    if (last - first + 1 != lens[has]).any():
+        return None
+    lo = np.zeros(n_q, dtype=np.int64)
+    lo[has] = first
+    hi = lo.copy()
+    hi[has] = last + 1
+    return lo, hi
+
+
+def _as_slices(x, w):
+    """``x`` (..., w, e) as an (S, w, e) view whose slices are contiguous, or None (it would need a copy)."""
+    y = x.view()
+    try:
+        y.shape = (-1, w, x.shape[-1])
+    except AttributeError:
+        return None
+    item = x.dtype.itemsize
+    if (x.shape[-1] > 1 and y.strides[2] != item) or (w > 1 and y.strides[1] != x.shape[-1] * item):
+        return None
+    return y
+
+
+def _ready(ks, vs):
+    """Whether the decode kernel can run on ``k``, ``v`` slices like these without compiling in this call."""
+    import numba
+
+    from ..kernels.cache import cached
+    from ..kernels.decode import decode_slices
+    from . import coldstart
+
+    kt, vt = numba.typeof(ks), numba.typeof(vs)
+    if any(sig[1] == kt and sig[2] == vt for sig in decode_slices.signatures):
+        return True
+    if coldstart.mode() == "wait" or coldstart.in_compile_thread():
+        return True
+    if coldstart.compiling():
+        return False
+    views = "A" if "A" in (kt.layout, vt.layout) else None
+    return cached(decode_slices, kt.dtype, layout=views)
+
+
+def compile_kernel(dtype_name):
+    """Compile (or load) the decode kernel for ``dtype_name``: k and v contiguous, and views of a cache.
+
+    Part of the cold start's forward compile job (:func:`sparseattn.engine.paths.compile_job`)
+    and of ``sparseattn warmup``.
+    """
+    from ..patterns.windows import causal
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 1, 8)).astype(dtype_name)
+    kv = rng.standard_normal((2, 1, 2, 40, 8)).astype(dtype_name)
+    p = causal(1, 15, n_k=32)
+    _kernel_call(q, kv[0, :, :, :32], kv[1, :, :, :32], p, None, None, {}, "fused")
+    k, v = np.ascontiguousarray(kv[0]), np.ascontiguousarray(kv[1])
+    _kernel_call(q, k, v, causal(1, 39, n_k=40), None, None, {}, "fused")
+
+
+#: keys per part, at least, when a slice's keys are cut into parts
+_MIN_PART_KEYS = 512
+
+
+def key_parts(slices, keys, n_threads):
+    """Into how many key ranges to cut each slice: enough work items for ``n_threads`` (1 when there are).
+
+    A decode step of one batch entry has one slice per key/value head (8 for
+    Mistral, 1 for multi-query attention): fewer than a server's threads.
+    Each part's softmax is merged afterwards (log-sum-exp), as in
+    FlashAttention's split-K decoding.
+    """
+    if slices >= n_threads:
+        return 1
+    return max(1, min(-(-n_threads // slices), keys // _MIN_PART_KEYS))
+
+
+def _merge_parts(out, lse):
+    """``(out, lse)`` of whole rows from the softmax of each key range: (S, P, R, dv), (S, P, R) -> (S, R, dv), (S, R)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = lse.max(axis=1)
+        safe = np.where(np.isfinite(top), top, 0)
+        wts = np.exp(lse - safe[:, None])  # exp(-inf) = 0: a range where the row had no key
+        tot = wts.sum(axis=1)
+        merged = np.einsum("spr,sprd->srd", wts, out)
+        nz = tot > 0
+        merged[nz] /= tot[nz][:, None]
+        lse_m = np.where(nz, safe + np.log(np.where(nz, tot, 1)), -np.inf).astype(lse.dtype)
+    return merged.astype(out.dtype, copy=False), lse_m
+
+
+def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
+    """``(out, lse)`` of a decode call on :func:`sparseattn.kernels.decode.decode_slices`, or None.
+
+    None when the call is not of the kernel's form (equal float dtypes, q's
+    leading axes equal to k's but for the grouped heads, one run of keys per
+    row, no ``score_mod``), when the kernel is not compiled yet and ``path``
+    is ``"auto"`` (the cold start answers on the blocked path meanwhile), or
+    when a raw score or an output is not finite: the caller then computes the
+    call on the paths that follow the non-finite policy.
+    """
+    from .modifiers import check_modifiers
+    from .threads import run_ranges
+    from .validate import check_scale, check_scale_dtype
+
+    if path not in ("auto", "fused") or mods.get("score_mod") is not None:
+        return None
+    dt = q.dtype
+    if dt not in (np.float32, np.float64) or k.dtype != dt or v.dtype != dt or q.ndim < 2 or not k.ndim == v.ndim == q.ndim:
+        return None
+    n_q, d = q.shape[-2:]
+    n_k = k.shape[-2]
+    if not 0 < n_q <= MAX_ROWS or k.shape[-1] != d or v.shape[-2] != n_k or d == 0 or v.shape[-1] == 0:
+        return None
+    if isinstance(pattern, (list, tuple)) or not isinstance(pattern, Pattern) or pattern.shape != (n_q, n_k):
+        return None
+    h_q, h_kv = (q.shape[-3], k.shape[-3]) if q.ndim > 2 else (1, 1)
+    if q.shape[:-3] != k.shape[:-3] or v.shape[:-2] != k.shape[:-2] or h_kv == 0 or h_q == 0 or h_q % h_kv:
+        return None
+    span = _span(pattern, n_q)
+    runs = None if span is None else _runs(pattern, n_q)
+    if runs is None or span[0] >= span[1]:
+        return None
+    a, b = span
+    w = b - a
+    ks, vs = _as_slices(k[..., a:b, :], w), _as_slices(v[..., a:b, :], w)
+    if ks is None or vs is None:
+        return None
+    lead_b = q.shape[:-3]
+    n_b = int(np.prod(lead_b, dtype=np.int64)) if lead_b else 1
+    has_mask = key_padding_mask is not None
+    kpm = np.zeros((1, 1), dtype=np.uint8)
+    if has_mask:
+        km = key_padding_mask
+        if not isinstance(km, np.ndarray) or km.dtype != bool or km.ndim < 1 or km.shape[-1] != n_k:
+            return None
+        try:
+            kpm = np.ascontiguousarray(np.broadcast_to(km[..., a:b], lead_b + (w,)).reshape(n_b, w)).view(np.uint8)
+        except ValueError:
+            return None  # the validation names the mask's shape
+    if path == "auto" and not _ready(ks, vs):
+        return None
+    scale = check_scale(scale, d)
+    check_scale_dtype(scale, dt.type, scale)
+    m = check_modifiers(**mods, lead=q.shape[:-2], n_q=n_q, n_k=n_k, compute=dt)
+    mod, slopes = m.kernel_args(dt)
+    lo, hi = runs
+    lo, hi = np.maximum(lo - a, 0), np.maximum(hi - a, 0)
+    lo = np.minimum(lo, hi)
+    g = h_q // h_kv
+    S, R = n_b * h_kv, g * n_q
+    qp = np.ascontiguousarray(q).reshape(S, R, d)
+    from numba import get_num_threads
+
+    from ..kernels.decode import decode_slices
+
+    n_threads = get_num_threads()
+    if S * R * w * (d + v.shape[-1]) < _PARALLEL_MIN_FLOP:
+        n_threads = 1
+    parts = key_parts(S, w, n_threads)
+    out = np.empty((S * parts, R, v.shape[-1]), dtype=dt)
+    lse = np.empty((S * parts, R), dtype=dt)
+    bad = np.zeros(S * parts, dtype=np.uint8)
+    n_threads = min(n_threads, S * parts)
+    bounds = [i * S * parts // n_threads for i in range(n_threads + 1)]
+    run_ranges(
+        decode_slices,
+        (qp, ks, vs, kpm, has_mask, max(h_kv, 1), lo, hi, np.int64(n_q), np.int64(0), np.int64(a), dt.type(scale),
+         mod, slopes, np.int64(g), np.int64(parts)),
+        (out, lse, bad),
+        bounds,
+        n_threads,
+        per_thread=lambda: (np.zeros((-(-R // 6) * 6, w), dtype=dt), np.empty((-(-R // 6) * 6, v.shape[-1]), dtype=dt)),
+    )  # fmt: skip
+    if bad.any():
+        return None
+    if parts > 1:
+        out, lse = _merge_parts(out.reshape(S, parts, R, -1), lse.reshape(S, parts, R))
+    out = out.reshape(q.shape[:-1] + (v.shape[-1],))
+    lse = lse.reshape(q.shape[:-1])
+    if m.sinks is not None:
+        m.add_sinks(out.reshape(-1, n_q, out.shape[-1]), lse.reshape(-1, n_q))
+    return out, lse
