@@ -9,6 +9,7 @@ included); packed sequences (position_ids that restart) equal to the sequences r
 import copy
 
 import pytest
+from packaging.version import Version
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -18,6 +19,8 @@ from sparseattn.hf.attention import _engine_options, _softcap_applied  # noqa: E
 
 pytestmark = pytest.mark.compat
 NAME = sh.register()
+# from_config's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before
+DTYPE = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 W, VOCAB = 8, 97  # every window is shorter than the sequences below
 
 needs_softcap = pytest.mark.skipif(
@@ -63,7 +66,7 @@ def pair(name, dtype=torch.float32):
     """(eager model, the same weights on sparseattn via set_attn_implementation)."""
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
-    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype).eval()
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **{DTYPE: dtype}).eval()
     sparse = copy.deepcopy(eager)
     sparse.set_attn_implementation(NAME)
     assert sparse.config._attn_implementation == NAME and eager.config._attn_implementation == "eager"
