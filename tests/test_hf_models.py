@@ -66,12 +66,20 @@ DECODERS = [pytest.param(name, marks=MARKS.get(name, [])) for name in CONFIGS]
 
 
 def pair(name, dtype=torch.float32):
-    """(eager model, the same weights on sparseattn via set_attn_implementation)."""
+    """(eager model, the same weights on sparseattn via set_attn_implementation).
+
+    transformers 4.53 has no set_attn_implementation (4.54+): there the sparseattn model is built with
+    from_config(attn_implementation=...) and given the eager model's weights.
+    """
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
     eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **{DTYPE: dtype}).eval()
-    sparse = copy.deepcopy(eager)
-    sparse.set_attn_implementation(NAME)
+    if hasattr(eager, "set_attn_implementation"):
+        sparse = copy.deepcopy(eager)
+        sparse.set_attn_implementation(NAME)
+    else:
+        sparse = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME, **{DTYPE: dtype}).eval()
+        sparse.load_state_dict(eager.state_dict())
     assert sparse.config._attn_implementation == NAME and eager.config._attn_implementation == "eager"
     return eager, sparse
 
