@@ -131,13 +131,14 @@ def _known_codes(mu):
     """The code objects of masking_utils' closures, made once from its own factories.
 
     transformers 4.x has no bidirectional overlay and no position remap (packed documents are index-based
-    there): a factory it lacks has no code to match.
+    there), 4.53.0 no packed-sequence mask: a factory it lacks has no code to match.
     """
     codes = {
         "and": mu.and_masks(mu.causal_mask_function).__code__,
         "sliding": mu.sliding_window_overlay(1).__code__,
-        "docs": mu.packed_sequence_mask_function(None).__code__,
     }
+    if hasattr(mu, "packed_sequence_mask_function"):  # 4.53.0 has no packed-sequence masks
+        codes["docs"] = mu.packed_sequence_mask_function(None).__code__
     if hasattr(mu, "sliding_window_bidirectional_overlay"):
         codes["band"] = mu.sliding_window_bidirectional_overlay(1).__code__
     if hasattr(mu, "remap_positions_for_packed_sequence"):
@@ -161,7 +162,7 @@ def _leaves(fn, mu, codes):
     if code is codes.get("band"):  # |q - kv| <= W
         w = int(cells["sliding_window"])
         return [("left", w), ("right", w)]
-    if code is codes["docs"]:
+    if code is codes.get("docs"):
         return [("docs", cells["packed_sequence_mask"])]
     if code is codes.get("remap"):
         return [("remap", cells["position_ids"]), *_leaves(cells["mask_function"], mu, codes)]
