@@ -140,6 +140,12 @@ def test_register_is_idempotent():
     assert transformers.masking_utils.AttentionMaskInterface._global_mapping["sparseattn"] is sparse_mask
 
 
+def test_register_names_the_installed_and_the_minimum_transformers(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "4.52.4")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.53\.0 .*transformers 4\.52\.4 is installed"):
+        sh.register()
+
+
 class _Module(torch.nn.Module):
     is_causal = True
     num_key_value_groups = 2
