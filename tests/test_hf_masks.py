@@ -141,8 +141,11 @@ def test_register_is_idempotent():
 
 
 def test_register_names_the_installed_and_the_minimum_transformers(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.52.4")
-    with pytest.raises(ImportError, match=r"transformers >= 4\.53\.0 .*transformers 4\.52\.4 is installed"):
+    """A transformers below the minimum is refused by name (the minimum is raised here: the installed one is real)."""
+    assert sh.MIN_TRANSFORMERS == "4.53.0"
+    monkeypatch.setattr(sh, "MIN_TRANSFORMERS", "99.0")
+    installed = transformers.__version__.replace(".", r"\.")
+    with pytest.raises(ImportError, match=rf"transformers >= 99\.0 .*transformers {installed} is installed"):
         sh.register()
 
 
