@@ -6,6 +6,7 @@ cache), left and right padding, packed sequences, and an unrecognised mask funct
 blocks). The attention function's errors are here too.
 """
 
+import inspect
 import warnings
 
 import numpy as np
@@ -32,17 +33,39 @@ def dense(m):
     return out
 
 
+# transformers 4.x: sdpa_mask takes the queries' positions (cache_position), 5.x their length and offset
+CACHE_POSITION = "cache_position" in inspect.signature(mu.sdpa_mask).parameters
+# transformers 4.x has no bidirectional mask functions (its encoders do not build masks through masking_utils)
+HAS_BIDIRECTIONAL = hasattr(mu, "sliding_window_bidirectional_mask_function")
+no_bidirectional = pytest.mark.skipif(
+    not HAS_BIDIRECTIONAL,
+    reason=f"transformers {transformers.__version__} has no bidirectional mask functions in masking_utils (5.0+)",
+)
+
+
 def reference(b, nq, nk, qo, ko, fn, am, vmap=False):
-    ref = mu.sdpa_mask(b, nq, nk, qo, ko, fn, am, allow_is_causal_skip=False, use_vmap=vmap)
+    if CACHE_POSITION:
+        ref = mu.sdpa_mask(b, cache_position=torch.arange(qo, qo + nq), kv_length=nk, kv_offset=ko, mask_function=fn,
+                           attention_mask=am, allow_is_causal_skip=False)  # fmt: skip
+    else:
+        ref = mu.sdpa_mask(b, nq, nk, qo, ko, fn, am, allow_is_causal_skip=False, use_vmap=vmap)
     return ref.expand(b, 1, nq, nk)[:, 0].numpy()
 
 
 FUNCTIONS = {
     "causal": (mu.causal_mask_function, "causal"),
     "sliding causal": (mu.sliding_window_causal_mask_function(4), "sliding causal"),
-    "bidirectional": (mu.bidirectional_mask_function, "bidirectional"),
-    "sliding bidirectional": (mu.sliding_window_bidirectional_mask_function(2), "sliding bidirectional"),
 }
+if HAS_BIDIRECTIONAL:
+    FUNCTIONS["bidirectional"] = (mu.bidirectional_mask_function, "bidirectional")
+    FUNCTIONS["sliding bidirectional"] = (mu.sliding_window_bidirectional_mask_function(2), "sliding bidirectional")
+no_packing = pytest.mark.skipif(
+    not hasattr(mu, "packed_sequence_mask_function"),
+    reason=f"transformers {transformers.__version__} has no packed-sequence masks in masking_utils (4.53.1+)",
+)
+NAMES = list(FUNCTIONS) + [
+    pytest.param(name, marks=no_bidirectional) for name in ("bidirectional", "sliding bidirectional") if name not in FUNCTIONS
+]
 # (q_length, kv_length, q_offset, kv_offset): prefill, decode, chunked prefill, a full sliding cache, odd offsets
 SHAPES = [(12, 12, 0, 0), (1, 12, 11, 0), (3, 12, 9, 0), (1, 4, 11, 8), (4, 7, 8, 5), (2, 5, 0, 0)]
 
@@ -56,7 +79,7 @@ def padding(kind):
     return None if kind == "none" else am
 
 
-@pytest.mark.parametrize("name", list(FUNCTIONS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 def test_masks_equal_sdpa_mask(name, shape, pad):
@@ -76,12 +99,16 @@ def test_windows_are_planned_from_parameters():
 
 
 def packed(base, pos):
+    """The mask function transformers builds for packed rows (4.x: no position remap; the window sees indices)."""
     pos = torch.as_tensor(pos)
     ids = mu.find_packed_sequence_indices(pos)
+    if not hasattr(mu, "remap_positions_for_packed_sequence"):
+        return mu.and_masks(base, mu.packed_sequence_mask_function(ids))
     return mu.and_masks(mu.remap_positions_for_packed_sequence(base, pos), mu.packed_sequence_mask_function(ids))
 
 
-@pytest.mark.parametrize("name", list(FUNCTIONS))
+@no_packing
+@pytest.mark.parametrize("name", NAMES)
 def test_packed_sequences(name):
     fn = FUNCTIONS[name][0]
     pos = [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6]]
@@ -111,6 +138,15 @@ def test_register_is_idempotent():
     assert sh.register() == sh.register() == "sparseattn"
     assert transformers.AttentionInterface._global_mapping["sparseattn"] is sparse_attention_forward
     assert transformers.masking_utils.AttentionMaskInterface._global_mapping["sparseattn"] is sparse_mask
+
+
+def test_register_names_the_installed_and_the_minimum_transformers(monkeypatch):
+    """A transformers below the minimum is refused by name (the minimum is raised here: the installed one is real)."""
+    assert sh.MIN_TRANSFORMERS == "4.53.0"
+    monkeypatch.setattr(sh, "MIN_TRANSFORMERS", "99.0")
+    installed = transformers.__version__.replace(".", r"\.")
+    with pytest.raises(ImportError, match=rf"transformers >= 99\.0 .*transformers {installed} is installed"):
+        sh.register()
 
 
 class _Module(torch.nn.Module):

@@ -9,6 +9,7 @@ included); packed sequences (position_ids that restart) equal to the sequences r
 import copy
 
 import pytest
+from packaging.version import Version
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -18,6 +19,8 @@ from sparseattn.hf.attention import _engine_options, _softcap_applied  # noqa: E
 
 pytestmark = pytest.mark.compat
 NAME = sh.register()
+# from_config's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before
+DTYPE = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 W, VOCAB = 8, 97  # every window is shorter than the sequences below
 
 needs_softcap = pytest.mark.skipif(
@@ -55,17 +58,28 @@ CONFIGS = {
         **_common(num_hidden_layers=2, sliding_window=W, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
     ),
 }
-MARKS = {"gemma2": [needs_softcap], "gpt_oss": [needs_sinks]}
+needs_gpt_oss = pytest.mark.skipif(
+    not hasattr(transformers, "GptOssConfig"), reason=f"transformers {transformers.__version__} has no GPT-OSS (4.55+)"
+)
+MARKS = {"gemma2": [needs_softcap], "gpt_oss": [needs_gpt_oss, needs_sinks]}
 DECODERS = [pytest.param(name, marks=MARKS.get(name, [])) for name in CONFIGS]
 
 
 def pair(name, dtype=torch.float32):
-    """(eager model, the same weights on sparseattn via set_attn_implementation)."""
+    """(eager model, the same weights on sparseattn via set_attn_implementation).
+
+    transformers 4.53 has no set_attn_implementation (4.54+): there the sparseattn model is built with
+    from_config(attn_implementation=...) and given the eager model's weights.
+    """
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
-    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype).eval()
-    sparse = copy.deepcopy(eager)
-    sparse.set_attn_implementation(NAME)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **{DTYPE: dtype}).eval()
+    if hasattr(eager, "set_attn_implementation"):
+        sparse = copy.deepcopy(eager)
+        sparse.set_attn_implementation(NAME)
+    else:
+        sparse = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME, **{DTYPE: dtype}).eval()
+        sparse.load_state_dict(eager.state_dict())
     assert sparse.config._attn_implementation == NAME and eager.config._attn_implementation == "eager"
     return eager, sparse
 
@@ -142,6 +156,10 @@ def test_sampling_generate_equals_eager():
     assert torch.equal(*outs)
 
 
+@pytest.mark.skipif(
+    not hasattr(transformers.masking_utils, "find_packed_sequence_indices"),
+    reason=f"transformers {transformers.__version__} does not detect packed sequences in its masks (4.53.1+)",
+)
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma3", "cohere2"])
 def test_packed_sequences_equal_one_by_one(name):
     """position_ids that restart (DataCollatorWithFlattening's layout) give each document its own attention.
@@ -177,6 +195,11 @@ def modernbert_pair():
     return eager, sparse
 
 
+@pytest.mark.skipif(
+    not getattr(transformers.ModernBertPreTrainedModel, "_supports_attention_backend", False),
+    reason=f"ModernBERT in transformers {transformers.__version__} does not run its attention through "
+    f"AttentionInterface (it does from 5.0)",
+)
 def test_modernbert_bidirectional_window_global_layers_and_padding():
     eager, sparse = modernbert_pair()
     assert eager.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]

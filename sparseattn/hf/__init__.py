@@ -23,6 +23,9 @@ from .layer import LongformerSelfAttention
 __all__ = ["NAME", "LongformerSelfAttention", "patch_longformer", "register"]
 
 NAME = "sparseattn"
+# The lowest transformers with AttentionMaskInterface; the versions the HF tests were run with
+MIN_TRANSFORMERS = "4.53.0"
+TESTED_TRANSFORMERS = ("4.53.0", "4.53.3", "4.54.1", "4.55.4", "4.56.2", "4.57.6", "5.25.0")
 
 
 def register():
@@ -45,14 +48,19 @@ def register():
     'sparseattn'
     """
     import transformers
+    from packaging.version import Version
 
+    too_old = Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
     except ImportError as exc:  # older transformers: no mask plug-in, and masks would silently be None
+        too_old = exc
+    if too_old:
         raise ImportError(
-            f"sparseattn.hf.register() needs transformers' AttentionInterface and AttentionMaskInterface "
-            f"(tested with 5.25.0); transformers {transformers.__version__} does not have them: upgrade it"
-        ) from exc
+            f"sparseattn.hf.register() needs transformers >= {MIN_TRANSFORMERS} (its AttentionInterface and "
+            f"AttentionMaskInterface; tested with {MIN_TRANSFORMERS} and {TESTED_TRANSFORMERS[-1]}), but transformers "
+            f"{transformers.__version__} is installed: upgrade it (pip install 'transformers>={MIN_TRANSFORMERS}')"
+        ) from (too_old if isinstance(too_old, Exception) else None)
 
     from .attention import sparse_attention_forward
     from .masks import sparse_mask

@@ -128,21 +128,29 @@ def _cells(fn):
 
 
 def _known_codes(mu):
-    """The code objects of masking_utils' closures, made once from its own factories."""
-    return {
+    """The code objects of masking_utils' closures, made once from its own factories.
+
+    transformers 4.x has no bidirectional overlay and no position remap (packed documents are index-based
+    there), 4.53.0 no packed-sequence mask: a factory it lacks has no code to match.
+    """
+    codes = {
         "and": mu.and_masks(mu.causal_mask_function).__code__,
         "sliding": mu.sliding_window_overlay(1).__code__,
-        "band": mu.sliding_window_bidirectional_overlay(1).__code__,
-        "docs": mu.packed_sequence_mask_function(None).__code__,
-        "remap": mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None).__code__,
     }
+    if hasattr(mu, "packed_sequence_mask_function"):  # 4.53.0 has no packed-sequence masks
+        codes["docs"] = mu.packed_sequence_mask_function(None).__code__
+    if hasattr(mu, "sliding_window_bidirectional_overlay"):
+        codes["band"] = mu.sliding_window_bidirectional_overlay(1).__code__
+    if hasattr(mu, "remap_positions_for_packed_sequence"):
+        codes["remap"] = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None).__code__
+    return codes
 
 
 def _leaves(fn, mu, codes):
     """The constraints of an ``and_masks`` tree: ("right", 0), ("left", L), ("docs", ids), ("remap", pos)."""
     if fn is mu.causal_mask_function:
         return [("right", 0)]
-    if fn is mu.bidirectional_mask_function:
+    if fn is getattr(mu, "bidirectional_mask_function", None):
         return []
     code, cells = getattr(fn, "__code__", None), _cells(fn)
     if code is None:
@@ -151,12 +159,12 @@ def _leaves(fn, mu, codes):
         return [leaf for f in cells["mask_functions"] for leaf in _leaves(f, mu, codes)]
     if code is codes["sliding"]:  # kv > q - W: W keys up to the query
         return [("left", int(cells["sliding_window"]) - 1)]
-    if code is codes["band"]:  # |q - kv| <= W
+    if code is codes.get("band"):  # |q - kv| <= W
         w = int(cells["sliding_window"])
         return [("left", w), ("right", w)]
-    if code is codes["docs"]:
+    if code is codes.get("docs"):
         return [("docs", cells["packed_sequence_mask"])]
-    if code is codes["remap"]:
+    if code is codes.get("remap"):
         return [("remap", cells["position_ids"]), *_leaves(cells["mask_function"], mu, codes)]
     raise _Unrecognised
 
@@ -178,8 +186,12 @@ def _structure(mask_function):
             docs = value
         else:
             positions = value
-    if (positions is None) != (docs is None):  # a remap without documents (or the reverse) is not index-based
+    if positions is not None and docs is None:  # a remap without documents is not index-based
         raise _Unrecognised
+    if docs is not None and positions is None:
+        if hasattr(mu, "remap_positions_for_packed_sequence"):  # 5.x remaps packed positions; without it, not ours
+            raise _Unrecognised
+        positions = "indices"  # 4.x: the window leaves see the indices themselves
     return left, right, docs, positions
 
 
@@ -216,7 +228,11 @@ def _runs(n_q, n_k, left, right, offset, start, stop):
 def _document_patterns(docs, positions, n, left, right):
     """One RowRuns per batch row of packed documents (ids that change where a document starts)."""
     ids = np.asarray(docs.detach().cpu().numpy(), dtype=np.int64)
-    pos = np.asarray(positions.detach().cpu().numpy(), dtype=np.int64)
+    if isinstance(positions, str):  # "indices": transformers 4.x, no remap
+        positions = np.arange(ids.shape[-1], dtype=np.int64)
+    else:
+        positions = positions.detach().cpu().numpy()
+    pos = np.asarray(positions, dtype=np.int64)
     if ids.shape[-1] != n or pos.shape[-1] != n:
         raise _Unrecognised
     pos = np.broadcast_to(pos, ids.shape)
@@ -285,14 +301,25 @@ def _key_padding(attention_mask, kv_length, kv_offset):
     return np.ascontiguousarray(kpm) if kpm.any() else None
 
 
-def sparse_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-                local_size=None, **kwargs):  # fmt: skip
+def sparse_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                attention_mask=None, local_size=None, cache_position=None, **kwargs):  # fmt: skip
     """The ``AttentionMaskInterface`` function of ``"sparseattn"``: a :class:`SparseMask`, never an n x n tensor.
 
     Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (the others,
     e.g. ``allow_is_causal_skip``, ``dtype``, ``config``, are accepted and not
-    needed).  See the module docstring for how the layer kind is recognised.
+    needed).  transformers 4.x passes the queries' positions as
+    ``cache_position`` (consecutive) instead of ``q_length`` and ``q_offset``;
+    both forms are accepted.  See the module docstring for how the layer kind
+    is recognised.
     """
+    if cache_position is not None:
+        pos = np.asarray(cache_position.detach().cpu().numpy() if hasattr(cache_position, "detach") else cache_position,
+                         dtype=np.int64).reshape(-1)  # fmt: skip
+        if len(pos) and np.any(np.diff(pos) != 1):
+            raise ValueError(f"cache_position must be consecutive positions, got {pos.tolist()[:16]}")
+        q_length, q_offset = len(pos), (int(pos[0]) if len(pos) else 0)
+    if q_length is None or kv_length is None:
+        raise TypeError("sparse_mask needs q_length (or cache_position) and kv_length")
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function as mask_function
