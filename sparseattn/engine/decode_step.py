@@ -13,6 +13,8 @@ compile the kernel without an import cycle.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..patterns.base import Pattern
@@ -79,8 +81,15 @@ def _as_slices(x, w):
     return y
 
 
+#: (dtype, ndim, k contiguous, v contiguous) of the calls the kernel is known to run without compiling
+_READY = set()
+
+
 def _ready(ks, vs):
     """Whether the decode kernel can run on ``k``, ``v`` slices like these without compiling in this call."""
+    key = (ks.dtype, ks.ndim, ks.flags.c_contiguous, vs.flags.c_contiguous)
+    if key in _READY:  # a decode loop asks once per layer and step
+        return True
     import numba
 
     from ..kernels.cache import cached
@@ -89,6 +98,7 @@ def _ready(ks, vs):
 
     kt, vt = numba.typeof(ks), numba.typeof(vs)
     if any(sig[1] == kt and sig[2] == vt for sig in decode_slices.signatures):
+        _READY.add(key)
         return True
     if coldstart.mode() == "wait" or coldstart.in_compile_thread():
         return True
@@ -144,6 +154,21 @@ def _merge_parts(out, lse):
         merged[nz] /= tot[nz][:, None]
         lse_m = np.where(nz, safe + np.log(np.where(nz, tot, 1)), -np.inf).astype(lse.dtype)
     return merged.astype(out.dtype, copy=False), lse_m
+
+
+_local = threading.local()
+
+
+def _scratch(dt, R, w, dv):
+    """This thread's ``(sbuf, acc)`` for the kernel, kept from the last call of the same shapes (a decode loop's)."""
+    R6 = -(-R // 6) * 6
+    key = (np.dtype(dt), R6, w, dv)
+    if getattr(_local, "key", None) != key:
+        _local.key = key
+        _local.bufs = (np.zeros((R6, w), dtype=dt), np.empty((R6, dv), dtype=dt))
+    sbuf, acc = _local.bufs
+    sbuf[R:] = 0  # the rows of the last register block past the group's rows
+    return sbuf, acc
 
 
 def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
@@ -227,7 +252,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
         (out, lse, bad),
         bounds,
         n_threads,
-        per_thread=lambda: (np.zeros((-(-R // 6) * 6, w), dtype=dt), np.empty((-(-R // 6) * 6, v.shape[-1]), dtype=dt)),
+        per_thread=lambda: _scratch(dt, R, w, v.shape[-1]),
     )  # fmt: skip
     if bad.any():
         return None
