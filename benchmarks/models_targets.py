@@ -88,6 +88,21 @@ def _uptime():
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def git(*cmd):
+    """``git -C <this checkout> cmd``'s output, or None."""
+    try:
+        r = subprocess.run(["git", "-C", HERE, *cmd], check=False, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state():
+    """``(commit, dirty)`` of this checkout (``"?"`` and None when git cannot say): results must come from a clean commit."""
+    porcelain = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") or "?", None if porcelain is None else bool(porcelain)
+
+
 def machine_info():
     import numba
     import threadpoolctl
@@ -897,18 +912,8 @@ def main(argv=None):
     rep.line(f"# Issue 17 targets{' (--quick: small sizes, smoke run only)' if args.quick else ''}")
     rep.line()
     rep.line(f"- command: `python benchmarks/models_targets.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    try:
-        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                                text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
+    commit, info["dirty"] = git_state()
     info["commit"] = commit
-    try:
-        porcelain = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"], check=False,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        info["dirty"] = bool(porcelain)
-    except (OSError, subprocess.SubprocessError):
-        info["dirty"] = None
     rep.line(f"- commit {commit}{' (dirty tree)' if info['dirty'] else ''}; CPU {info['cpu_model']}, features {info['cpu_features']}, {info['cpu_count']} CPUs "
              f"({info['affinity']} usable)")  # fmt: skip
     b = info["blas"]

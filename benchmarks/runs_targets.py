@@ -65,7 +65,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import benchlib
-from models_targets import Report, check, check_fwd_bwd_small, machine_info, med, ms, round_robin, summary, verdict
+from models_targets import (Report, check, check_fwd_bwd_small, git_state, machine_info, med, ms, round_robin, summary,
+                            verdict)  # fmt: skip
 
 import sparseattn as sa
 from sparseattn.engine.plan import build_plan, get_plan
@@ -88,6 +89,18 @@ def best(fn, repeats=5):
 def within(value, limit, unit):
     """``met (target <= 20 ms)`` or ``MISSED (...)``: ``value`` and ``limit`` in ``unit``."""
     return f"{'met' if value <= limit else 'MISSED'} (target <= {limit:g} {unit})"
+
+
+def flex_lines(rep, res, times, sf, measured, flex_info, label, spelled):
+    """The FlexAttention line of a section (its ratio to sparseattn's forward ``sf``, target >= 3), into ``res`` too."""
+    if not measured:
+        rep.line(f"{label} forward: FlexAttention not measured: {flex_info['error']}")
+        return
+    ff = med(times["flex fwd"])
+    res.update(flex_fwd_s=ff, flex_ratio=ff / sf, flex_ratio_rounds=ratio_stats(times["flex fwd"], times["sparse fwd"]))
+    rep.line(f"{label} forward: FlexAttention compiled{spelled} {ms(ff)} (block mask {ms(flex_info['block_mask_s'])}, "
+             f"first call {ms(flex_info['first_call_s'])}, both untimed): Flex / sparseattn **{ff / sf:.2f}** "
+             f"{verdict(ff / sf, '>=', 3)}")  # fmt: skip
 
 
 def doc_lengths(n, k=64, seed=0):
@@ -438,14 +451,7 @@ def section_documents(rep, args):
            "flex_backward_error": flex_bwd}  # fmt: skip
     rep.line(f"documents forward: sparseattn {ms(sf)}, SDPA (dense bool mask) {ms(df_)}: SDPA / sparseattn "
              f"**{df_ / sf:.1f}** {verdict(df_ / sf, '>=', 10)}")
-    if flex_f is not None:
-        ff = med(times["flex fwd"])
-        res.update(flex_fwd_s=ff, flex_ratio=ff / sf, flex_ratio_rounds=ratio_stats(times["flex fwd"], times["sparse fwd"]))
-        rep.line(f"documents forward: FlexAttention compiled {ms(ff)} (block mask {ms(flex_info['block_mask_s'])}, "
-                 f"first call {ms(flex_info['first_call_s'])}, both untimed): Flex / sparseattn **{ff / sf:.2f}** "
-                 f"{verdict(ff / sf, '>=', 3)}")
-    else:
-        rep.line(f"documents forward: FlexAttention not measured: {flex_info['error']}")
+    flex_lines(rep, res, times, sf, flex_f is not None, flex_info, "documents", "")
     rep.line(f"documents forward+backward: sparseattn {ms(sfb)} (runs); FlexAttention compiled with inputs requiring "
              f"grad on CPU (n 256, in a fresh process): {flex_bwd or 'not tried'}")
     rep.line(f"checks: worst error {max(errors.values()):.1e} over {len(errors)}")
@@ -575,14 +581,7 @@ def section_neighborhood(rep, args):
            "sparse3_fwdbwd_s": tfb3, "flex": flex_info, "natten": nat_info}  # fmt: skip
     rep.line(f"neighborhood(({H}, {W}), 7) forward: sparseattn {ms(sf)} ({4.0 * pattern.nnz * d * heads / sf / 1e9:.0f} "
              f"GFLOP/s); forward+backward {ms(sfb)} (runs)")
-    if flex_f is not None:
-        ff = med(times["flex fwd"])
-        res.update(flex_fwd_s=ff, flex_ratio=ff / sf, flex_ratio_rounds=ratio_stats(times["flex fwd"], times["sparse fwd"]))
-        rep.line(f"neighborhood forward: FlexAttention compiled (NATTEN mask_mod) {ms(ff)} (block mask "
-                 f"{ms(flex_info['block_mask_s'])}, first call {ms(flex_info['first_call_s'])}, untimed): Flex / "
-                 f"sparseattn **{ff / sf:.2f}** {verdict(ff / sf, '>=', 3)}")
-    else:
-        rep.line(f"neighborhood forward: FlexAttention not measured: {flex_info['error']}")
+    flex_lines(rep, res, times, sf, flex_f is not None, flex_info, "neighborhood", " (NATTEN mask_mod)")
     if nat_f is not None:
         nf = med(times["natten fwd"])
         res.update(natten_fwd_s=nf, natten_ratio=nf / sf)
@@ -668,14 +667,6 @@ def parse_args(argv=None):
     return args
 
 
-def git(*cmd):
-    try:
-        r = subprocess.run(["git", "-C", HERE, *cmd], check=False, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def scrub(text):
     """``text`` without this machine's paths (the interpreter, the checkout, site-packages) for the JSON."""
     text = text.replace(sys.executable, "python").replace(os.path.dirname(HERE) + os.sep, "")
@@ -693,9 +684,7 @@ def main(argv=None):
     rep = Report()
     t_start = time.perf_counter()
     info = machine_info()
-    info["commit"] = git("rev-parse", "--short", "HEAD") or "?"
-    porcelain = git("status", "--porcelain")
-    info["dirty"] = None if porcelain is None else bool(porcelain)
+    info["commit"], info["dirty"] = git_state()
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rep.line(f"# Issue 18 targets{' (--quick: small sizes, smoke run only)' if args.quick else ''}")
     rep.line(f"command: python benchmarks/runs_targets.py {' '.join(sys.argv[1:] if argv is None else argv)}")
