@@ -285,3 +285,15 @@ def test_key_parts_fill_the_threads_with_ranges_of_at_least_512_keys():
     assert decode_step.key_parts(1, 4096, 16) == 8  # multi-query, batch 1: 8 ranges of 512 keys
     assert decode_step.key_parts(1, 100000, 16) == 16
     assert decode_step.key_parts(3, 300, 16) == 1  # too few keys to cut
+
+
+def test_the_compile_job_s_decode_step_runs_the_kernel():
+    """What the cold start's compile job and ``sparseattn warmup`` run for the decode kernel (both layouts)."""
+    import numba
+
+    from sparseattn.kernels.decode import decode_slices
+
+    decode_step.compile_kernel("float64")
+    f64 = numba.float64
+    layouts = {(sig[1].layout, sig[2].layout) for sig in decode_slices.signatures if sig[1].dtype == f64}
+    assert ("C", "C") in layouts and any("A" in pair for pair in layouts)

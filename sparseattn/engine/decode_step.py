@@ -120,9 +120,9 @@ def compile_kernel(dtype_name):
     q = rng.standard_normal((1, 4, 1, 8)).astype(dtype_name)
     kv = rng.standard_normal((2, 1, 2, 40, 8)).astype(dtype_name)
     p = causal(1, 15, n_k=32)
-    _kernel_call(q, kv[0, :, :, :32], kv[1, :, :, :32], p, None, None, {}, "fused")
+    kernel_call(q, kv[0, :, :, :32], kv[1, :, :, :32], p, None, None, {}, "fused")
     k, v = np.ascontiguousarray(kv[0]), np.ascontiguousarray(kv[1])
-    _kernel_call(q, k, v, causal(1, 39, n_k=40), None, None, {}, "fused")
+    kernel_call(q, k, v, causal(1, 39, n_k=40), None, None, {}, "fused")
 
 
 #: keys per part, at least, when a slice's keys are cut into parts
