@@ -137,31 +137,10 @@ def _csr_runs(q, k_seg, v_seg, indptr, local, cols, a, score, mask, serial):
 
 
 def _merge(parts):
-    """Log-sum-exp merge of ``(out, lse)`` partials over disjoint key sets, in the partials' dtype.
+    """Log-sum-exp merge of ``(out, lse)`` partials (None: no key there): the engine's ``merge_partials``."""
+    from ..engine.blocked import merge_partials
 
-    The weights ``exp(lse_i - max)`` lie in [0, 1] and their sum in [1, parts]:
-    float32 loses nothing that matters here (``lse_i - max`` of two float32
-    values within a factor of two of each other is exact, and a far smaller
-    one gets a negligible weight), and it avoids casting whole output blocks
-    to float64 and back, which took a fifth of a block task's time.
-    """
-    parts = [p for p in parts if p is not None]
-    if len(parts) == 1:
-        return parts[0]
-    dt = np.result_type(*(p[0].dtype for p in parts))
-    lses = np.stack([np.asarray(p[1], dtype=dt) for p in parts])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = lses.max(axis=0)
-        m = np.where(np.isfinite(m), m, dt.type(0))  # all -inf: weights become 0, not NaN
-        w = np.exp(lses - m)
-        total = w.sum(axis=0)
-        safe = np.where(total > 0, total, dt.type(1))
-        w /= safe
-        out = np.multiply(w[0][..., None], parts[0][0], dtype=dt)
-        for wi, p in zip(w[1:], parts[1:]):
-            out += wi[..., None] * p[0]
-        lse = np.where(total > 0, m + np.log(safe), dt.type(-np.inf))
-    return out, lse
+    return merge_partials([p for p in parts if p is not None])
 
 
 def merge_task(*parts):

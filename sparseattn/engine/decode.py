@@ -34,10 +34,26 @@ import numpy as np
 
 from ..patterns.base import CSRPattern, Pattern
 from ..patterns.windows import SlidingWindow, sliding_window
-from .decode_step import MAX_ROWS, _span
+from .decode_step import MAX_ROWS
 from .decode_step import kernel_call as _kernel_call
 
 __all__ = ["rewrite", "MAX_ROWS"]
+
+def _span(pattern, n_q):
+    """``(a, b)``: the keys the rows of ``pattern`` reach (``a == b``: none), or None if unknown cheaply."""
+    if isinstance(pattern, SlidingWindow):
+        lo, counts = pattern._bounds(0, n_q)
+        has = counts > 0
+        if not has.any():
+            return 0, 0
+        return int(lo[has].min()), int((lo + (counts - 1) * pattern.dilation)[has].max()) + 1
+    if not isinstance(pattern, Pattern):
+        return None
+    m = pattern.rows(0, n_q)
+    if m.nnz == 0:
+        return 0, 0
+    return int(m.indices.min()), int(m.indices.max()) + 1
+
 
 def _shifted(pattern, n_q, a, b):
     """``pattern``'s columns ``[a, b)`` as a pattern of shape ``(n_q, b - a)``."""

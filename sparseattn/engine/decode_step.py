@@ -17,8 +17,8 @@ import threading
 
 import numpy as np
 
+from ..patterns import runsets
 from ..patterns.base import Pattern
-from ..patterns.windows import SlidingWindow
 
 __all__ = ["kernel_call", "key_parts", "compile_kernel", "MAX_ROWS"]
 
@@ -26,46 +26,26 @@ __all__ = ["kernel_call", "key_parts", "compile_kernel", "MAX_ROWS"]
 MAX_ROWS = 16
 
 
-def _span(pattern, n_q):
-    """``(a, b)``: the keys the rows of ``pattern`` reach (``a == b``: none), or None if unknown cheaply."""
-    if isinstance(pattern, SlidingWindow):
-        lo, counts = pattern._bounds(0, n_q)
-        has = counts > 0
-        if not has.any():
-            return 0, 0
-        return int(lo[has].min()), int((lo + (counts - 1) * pattern.dilation)[has].max()) + 1
-    if not isinstance(pattern, Pattern):
-        return None
-    m = pattern.rows(0, n_q)
-    if m.nnz == 0:
-        return 0, 0
-    return int(m.indices.min()), int(m.indices.max()) + 1
-
-
 #: below this many multiply-adds a call runs in the calling thread
 _PARALLEL_MIN_FLOP = 1 << 21
 
 
 def _runs(pattern, n_q):
-    """``(lo, hi)``: each row's one run of keys ``[lo, hi)`` (empty rows: ``lo == hi``), or None if a row has more."""
-    if isinstance(pattern, SlidingWindow):
-        if pattern.dilation != 1:
-            return None
-        lo, counts = pattern._bounds(0, n_q)
-        lo = np.asarray(lo, dtype=np.int64)
-        return lo, lo + np.asarray(counts, dtype=np.int64)
-    m = pattern.rows(0, n_q)
-    ptr, ind = np.asarray(m.indptr, dtype=np.int64), np.asarray(m.indices, dtype=np.int64)
-    lens = np.diff(ptr)
-    has = lens > 0
-    first, last = ind[ptr[:-1][has]], ind[ptr[1:][has] - 1]
-    if (last - first + 1 != lens[has]).any():
+    """``(lo, hi)``: each row's one run of keys ``[lo, hi)`` (a row without keys: ``lo == hi == 0``), or None if a row has more."""
+    if pattern.has_runs:
+        ptr, lo, hi = pattern.row_runs(0, n_q)
+    else:
+        m = pattern.rows(0, n_q)
+        ptr, lo, hi = runsets.from_csr(m.indptr, m.indices)
+    per_row = np.diff(ptr)
+    if (per_row > 1).any():
         return None
-    lo = np.zeros(n_q, dtype=np.int64)
-    lo[has] = first
-    hi = lo.copy()
-    hi[has] = last + 1
-    return lo, hi
+    if len(lo) == n_q:
+        return lo, hi
+    has = per_row == 1
+    rlo, rhi = np.zeros(n_q, dtype=np.int64), np.zeros(n_q, dtype=np.int64)
+    rlo[has], rhi[has] = lo, hi
+    return rlo, rhi
 
 
 def _as_slices(x, w):
@@ -142,20 +122,6 @@ def key_parts(slices, keys, n_threads):
     return max(1, min(-(-n_threads // slices), keys // _MIN_PART_KEYS))
 
 
-def _merge_parts(out, lse):
-    """``(out, lse)`` of whole rows from the softmax of each key range: (S, P, R, dv), (S, P, R) -> (S, R, dv), (S, R)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        top = lse.max(axis=1)
-        safe = np.where(np.isfinite(top), top, 0)
-        wts = np.exp(lse - safe[:, None])  # exp(-inf) = 0: a range where the row had no key
-        tot = wts.sum(axis=1)
-        merged = np.einsum("spr,sprd->srd", wts, out)
-        nz = tot > 0
-        merged[nz] /= tot[nz][:, None]
-        lse_m = np.where(nz, safe + np.log(np.where(nz, tot, 1)), -np.inf).astype(lse.dtype)
-    return merged.astype(out.dtype, copy=False), lse_m
-
-
 _local = threading.local()
 
 
@@ -199,11 +165,14 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     h_q, h_kv = (q.shape[-3], k.shape[-3]) if q.ndim > 2 else (1, 1)
     if q.shape[:-3] != k.shape[:-3] or v.shape[:-2] != k.shape[:-2] or h_kv == 0 or h_q == 0 or h_q % h_kv:
         return None
-    span = _span(pattern, n_q)
-    runs = None if span is None else _runs(pattern, n_q)
-    if runs is None or span[0] >= span[1]:
+    runs = _runs(pattern, n_q)
+    if runs is None:
         return None
-    a, b = span
+    lo, hi = runs
+    keys = hi > lo
+    if not keys.any():
+        return None
+    a, b = int(lo[keys].min()), int(hi[keys].max())  # the keys the rows reach
     w = b - a
     ks, vs = _as_slices(k[..., a:b, :], w), _as_slices(v[..., a:b, :], w)
     if ks is None or vs is None:
@@ -226,9 +195,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     check_scale_dtype(scale, dt.type, scale)
     m = check_modifiers(**mods, lead=q.shape[:-2], n_q=n_q, n_k=n_k, compute=dt)
     mod, slopes = m.kernel_args(dt)
-    lo, hi = runs
-    lo, hi = np.maximum(lo - a, 0), np.maximum(hi - a, 0)
-    lo = np.minimum(lo, hi)
+    lo, hi = np.maximum(lo - a, 0), np.maximum(hi - a, 0)  # on the span (rows without keys: 0, 0)
     g = h_q // h_kv
     S, R = n_b * h_kv, g * n_q
     qp = np.ascontiguousarray(q).reshape(S, R, d)
@@ -257,7 +224,10 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     if bad.any():
         return None
     if parts > 1:
-        out, lse = _merge_parts(out.reshape(S, parts, R, -1), lse.reshape(S, parts, R))
+        from .blocked import merge_partials
+
+        o4, l3 = out.reshape(S, parts, R, -1), lse.reshape(S, parts, R)
+        out, lse = merge_partials([(o4[:, p], l3[:, p]) for p in range(parts)])
     out = out.reshape(q.shape[:-1] + (v.shape[-1],))
     lse = lse.reshape(q.shape[:-1])
     if m.sinks is not None:
