@@ -88,6 +88,15 @@ def _uptime():
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def chosen_sections(text, sections):
+    """The comma-separated section names of ``--sections``, each one of ``sections`` (else the run stops, naming them)."""
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in sections]
+    if bad:
+        raise SystemExit(f"unknown sections {bad}; choose from {sections}")
+    return wanted
+
+
 def git(*cmd):
     """``git -C <this checkout> cmd``'s output, or None."""
     try:
@@ -901,10 +910,7 @@ def main(argv=None):
     if args.mem_case:
         print(json.dumps(mem_case(args.mem_case, args.mem_n, args.mem_window, 128)))
         return 0
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in wanted if s not in SECTIONS]
-    if bad:
-        raise SystemExit(f"unknown sections {bad}; choose from {SECTIONS}")
+    wanted = chosen_sections(args.sections, SECTIONS)
     rep = Report()
     t_start = time.perf_counter()
     info = machine_info()

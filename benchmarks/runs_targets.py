@@ -65,8 +65,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import benchlib
-from models_targets import (Report, check, check_fwd_bwd_small, git_state, machine_info, med, ms, round_robin, summary,
-                            verdict)  # fmt: skip
+from models_targets import (Report, check, check_fwd_bwd_small, chosen_sections, git_state, machine_info, med, ms,
+                            round_robin, summary, verdict)  # fmt: skip
 
 import sparseattn as sa
 from sparseattn.engine.plan import build_plan, get_plan
@@ -677,10 +677,7 @@ def main(argv=None):
     global QUICK
     args = parse_args(argv)
     QUICK = args.quick
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in wanted if s not in SECTIONS]
-    if bad:
-        raise SystemExit(f"unknown sections {bad}; choose from {SECTIONS}")
+    wanted = chosen_sections(args.sections, SECTIONS)
     rep = Report()
     t_start = time.perf_counter()
     info = machine_info()
