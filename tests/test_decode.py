@@ -256,6 +256,26 @@ def test_calls_outside_the_kernel_s_form_take_the_other_paths(kernel_calls):
     assert kernel_calls[0] is False and kernel_calls[2:] == [False] * (len(kernel_calls) - 2)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_spans_longer_than_a_value_chunk_equal_the_reference(kernel_calls, dtype):
+    """The P.V pass walks the span in chunks of value rows: spans of several chunks, rows ending apart, dv with a tail."""
+    from sparseattn.kernels import decode as kernel
+
+    rng = np.random.default_rng(11)
+    T, W, d, dv = 700, 3 * kernel._KC + 29, 16, 2 * 16 + 5
+    kc = rng.standard_normal((2, 2, 760, d)).astype(dtype)
+    vc = rng.standard_normal((2, 2, 760, dv)).astype(dtype)
+    k, v = kc[:, :, :T], vc[:, :, :T]
+    q = rng.standard_normal((2, 6, 4, d)).astype(dtype)
+    p = sa.causal(4, W - 1, n_k=T, offset=T - 70)  # each row's run starts and ends 1 key after the last row's
+    out, lse = sa.sparse_attention(q, k, v, p, return_lse=True)
+    assert kernel_calls == [True]
+    ref, ref_lse = _gqa_ref(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), p)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out, ref, **tol)
+    np.testing.assert_allclose(lse, ref_lse, **tol)
+
+
 @pytest.mark.parametrize("parts", [2, 3, 7])
 @pytest.mark.parametrize("opts", ["plain", "alibi+sinks+padding", "softcap"])
 def test_keys_cut_into_parts_merge_to_the_reference(monkeypatch, kernel_calls, parts, opts):

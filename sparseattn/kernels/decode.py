@@ -7,10 +7,14 @@ of keys, so its cost is reading K and V, not arithmetic.  The tile kernels
 pack K^T into panels for their register blocks, which pays off over 64 query
 rows and doubles the traffic over 4; here each key row is read once, from
 the cache in place, and dotted with every query row while it is in L1
-(``q . k`` as a vectorised reduction over ``d``), and each value row is read
-once, column block by column block, into the register-blocked ``pv_block``
-of :mod:`sparseattn.kernels.simd` (6 rows x 2L columns held in registers; a
-group of fewer than 6 rows leaves zero rows in the block).
+(``q . k`` as a vectorised reduction over ``d``), and the value rows are
+read in chunks of ``_KC`` rows (32 KiB at d 128 in float32, held in L1 and
+L2): each chunk goes through the register-blocked ``pv_block`` of
+:mod:`sparseattn.kernels.simd` column block by column block (6 rows x 2L
+columns held in registers; a group of fewer than 6 rows leaves zero rows in
+the block), so each value row comes from memory once.  Walking the whole
+span once per column block instead read it from memory up to ``dv / 2L``
+times when the span did not stay in L2.
 
 Each slice (one key/value head of one batch entry) keeps its scores in a
 (rows, span) scratch buffer: plain softmax (max, ``exp``, sum), no online
@@ -30,6 +34,9 @@ from .mods import mod_span
 from .simd import _FM, _exp, _neg, as_c, lanes, pv_block
 
 __all__ = ["decode_slices"]
+
+#: value rows per chunk of the P.V pass
+_KC = 64
 
 
 @njit(nogil=True, fastmath=_FM, inline="always")
@@ -73,8 +80,10 @@ def _values_blocks(sbuf, vs, jmin, jmax, R, acc, os_):
     """``os_[r] = sum_j sbuf[r, j] v_j`` for ``r < R``, on the register-blocked ``pv_block`` (6 rows x 2L columns).
 
     ``sbuf`` has a multiple of 6 rows (those from ``R`` on hold zeros) and
-    ``acc`` as many rows of ``dv`` columns; each column block streams its
-    columns of every value row once, its 12 accumulators held in registers.
+    ``acc`` as many rows of ``dv`` columns; the span is walked in chunks of
+    ``_KC`` value rows, and within a chunk each column block streams its
+    columns of the chunk's rows, its 12 accumulators held in registers and
+    added to ``acc`` at the chunk's end.
     Columns past the last full block go through the plain loop.
     """
     W = sbuf.shape[1]
@@ -87,9 +96,11 @@ def _values_blocks(sbuf, vs, jmin, jmax, R, acc, os_):
     zero = acc.dtype.type(0)
     for x in range(af.shape[0]):
         af[x] = zero
-    for r0 in range(0, R, 6):
-        for c0 in range(0, full, L2):
-            pv_block(sf, r0 * W, W, jmin, jmax, vf, c0, dv, af, r0 * dv + c0, dv)
+    for k0 in range(jmin, jmax, _KC):
+        k1 = min(k0 + _KC, jmax)
+        for r0 in range(0, R, 6):
+            for c0 in range(0, full, L2):
+                pv_block(sf, r0 * W, W, k0, k1, vf, c0, dv, af, r0 * dv + c0, dv)
     for r in range(R):
         o = os_[r]
         a = acc[r]
