@@ -19,6 +19,10 @@ import numpy as np
 
 from ..patterns import runsets
 from ..patterns.base import Pattern
+from ..patterns.windows import SlidingWindow
+from .modifiers import NONE, check_modifiers
+from .threads import run_ranges
+from .validate import check_scale, check_scale_dtype
 
 __all__ = ["kernel_call", "key_parts", "compile_kernel", "MAX_ROWS"]
 
@@ -31,7 +35,20 @@ _PARALLEL_MIN_FLOP = 1 << 21
 
 
 def _runs(pattern, n_q):
-    """``(lo, hi)``: each row's one run of keys ``[lo, hi)`` (a row without keys: ``lo == hi == 0``), or None if a row has more."""
+    """``(lo, hi)``: each row's one run of keys ``[lo, hi)`` (a row without keys: ``lo == hi == 0``), or None if a row has more.
+
+    Lists of ints: a decode step has at most :data:`MAX_ROWS` rows, and a
+    window (what a decode loop builds at every step) gives its runs from its
+    four parameters without an array.
+    """
+    if type(pattern) is SlidingWindow and pattern.dilation == 1:
+        n_k, c0, left, right = pattern.shape[1], pattern.offset, pattern.left, pattern.right
+        lo, hi = [], []
+        for c in range(c0, c0 + n_q):  # query i sits at key position c = i + offset
+            a, b = max(c - left, 0), min(c + right + 1, n_k)
+            lo.append(a if b > a else 0)
+            hi.append(b if b > a else 0)
+        return lo, hi
     if pattern.has_runs:
         ptr, lo, hi = pattern.row_runs(0, n_q)
     else:
@@ -41,11 +58,11 @@ def _runs(pattern, n_q):
     if (per_row > 1).any():
         return None
     if len(lo) == n_q:
-        return lo, hi
+        return lo.tolist(), hi.tolist()
     has = per_row == 1
     rlo, rhi = np.zeros(n_q, dtype=np.int64), np.zeros(n_q, dtype=np.int64)
     rlo[has], rhi[has] = lo, hi
-    return rlo, rhi
+    return rlo.tolist(), rhi.tolist()
 
 
 def _as_slices(x, w):
@@ -124,6 +141,19 @@ def key_parts(slices, keys, n_threads):
 
 _local = threading.local()
 
+#: the kernel's key padding argument when a call has none (the kernel only reads it)
+_NO_MASK = np.zeros((1, 1), dtype=np.uint8)
+
+_PLAIN = {}
+
+
+def _plain_args(dt):
+    """``(mod, slopes)`` of a call without modifiers, made once per dtype (the kernel only reads them)."""
+    if dt not in _PLAIN:
+        mod, slopes = NONE.kernel_args(dt)
+        _PLAIN[dt] = (mod, slopes)
+    return _PLAIN[dt]
+
 
 def _scratch(dt, R, w, dv):
     """This thread's ``(sbuf, acc)`` for the kernel, kept from the last call of the same shapes (a decode loop's)."""
@@ -147,10 +177,6 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     when a raw score or an output is not finite: the caller then computes the
     call on the paths that follow the non-finite policy.
     """
-    from .modifiers import check_modifiers
-    from .threads import run_ranges
-    from .validate import check_scale, check_scale_dtype
-
     if path not in ("auto", "fused") or mods.get("score_mod") is not None:
         return None
     dt = q.dtype
@@ -168,11 +194,10 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     runs = _runs(pattern, n_q)
     if runs is None:
         return None
-    lo, hi = runs
-    keys = hi > lo
-    if not keys.any():
+    reached = [(x, y) for x, y in zip(*runs) if y > x]
+    if not reached:
         return None
-    a, b = int(lo[keys].min()), int(hi[keys].max())  # the keys the rows reach
+    a, b = min(x for x, _ in reached), max(y for _, y in reached)  # the keys the rows reach
     w = b - a
     ks, vs = _as_slices(k[..., a:b, :], w), _as_slices(v[..., a:b, :], w)
     if ks is None or vs is None:
@@ -180,7 +205,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     lead_b = q.shape[:-3]
     n_b = int(np.prod(lead_b, dtype=np.int64)) if lead_b else 1
     has_mask = key_padding_mask is not None
-    kpm = np.zeros((1, 1), dtype=np.uint8)
+    kpm = _NO_MASK
     if has_mask:
         km = key_padding_mask
         if not isinstance(km, np.ndarray) or km.dtype != bool or km.ndim < 1 or km.shape[-1] != n_k:
@@ -191,11 +216,15 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
             return None  # the validation names the mask's shape
     if path == "auto" and not _ready(ks, vs):
         return None
+    given = scale
     scale = check_scale(scale, d)
-    check_scale_dtype(scale, dt.type, scale)
+    if given is not None:  # 1 / sqrt(d) is finite in every float dtype
+        check_scale_dtype(scale, dt.type, given)
     m = check_modifiers(**mods, lead=q.shape[:-2], n_q=n_q, n_k=n_k, compute=dt)
-    mod, slopes = m.kernel_args(dt)
-    lo, hi = np.maximum(lo - a, 0), np.maximum(hi - a, 0)  # on the span (rows without keys: 0, 0)
+    mod, slopes = _plain_args(dt) if m is NONE else m.kernel_args(dt)
+    # each row's run on the span (rows without keys: 0, 0)
+    lo = np.array([max(x - a, 0) for x in runs[0]], dtype=np.int64)
+    hi = np.array([max(y - a, 0) for y in runs[1]], dtype=np.int64)
     g = h_q // h_kv
     S, R = n_b * h_kv, g * n_q
     qp = np.ascontiguousarray(q).reshape(S, R, d)
