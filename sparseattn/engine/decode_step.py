@@ -240,7 +240,11 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     lse = np.empty((S * parts, R), dtype=dt)
     bad = np.zeros(S * parts, dtype=np.uint8)
     n_threads = min(n_threads, S * parts)
-    bounds = [i * S * parts // n_threads for i in range(n_threads + 1)]
+    # up to 4 ranges per thread, handed out in turn: a pool thread that wakes late (tens of microseconds, a
+    # good part of a decode step) still finds work, and each range costs one kernel dispatch
+    n_items = S * parts
+    n_ranges = min(n_items, 4 * n_threads) if n_threads > 1 else 1
+    bounds = [i * n_items // n_ranges for i in range(n_ranges + 1)]
     run_ranges(
         decode_slices,
         (qp, ks, vs, kpm, has_mask, max(h_kv, 1), lo, hi, np.int64(n_q), np.int64(0), np.int64(a), dt.type(scale),
