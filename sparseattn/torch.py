@@ -57,7 +57,10 @@ def _check_tensor(name, t):
 
 def _to_numpy(t):
     """A NumPy view of a CPU tensor (shares memory; conjugate/negative views resolved first)."""
-    return t.detach().resolve_conj().resolve_neg().numpy()
+    try:  # the common case in one call (a decode step makes three of these per layer)
+        return t.numpy()
+    except RuntimeError:  # it requires grad, or has the conjugate or negative bit set
+        return t.detach().resolve_conj().resolve_neg().numpy()
 
 
 def _mask_to_numpy(name, m):
