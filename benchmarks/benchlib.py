@@ -412,12 +412,17 @@ def session_gemm():
 
 
 def fused_available():
-    try:
-        from sparseattn.engine import attention
+    """Whether the fused kernels import here (the engine's default path; they compile on first use).
 
-        return bool(attention._fused_available())
+    It asked ``sparseattn.engine.attention._fused_available``, which the
+    engine's layout change removed: from then until this fix every record
+    said "not available" while the fused kernels ran.
+    """
+    try:
+        from sparseattn.engine import fused_backward, fused_forward  # noqa: F401
     except Exception:  # noqa: BLE001 - any failure means "not available" for the record
         return False
+    return True
 
 
 def machine_extra():
