@@ -607,6 +607,5 @@ def test_modifier_errors_name_the_argument(rng):
         dask_attention(dq, k[:, :1].repeat(3, axis=1), v[:, :1].repeat(3, axis=1), p)
     with pytest.raises(ValueError, match="k and v must have the same number of heads"):
         dask_attention(dq, k, v[:, :1].repeat(4, axis=1)[:, :3], p)
-    mod = sa.ScoreMod(lambda s, b, h, i, j: s, lambda s, b, h, i, j: 1.0)
-    with pytest.raises(ValueError, match="score_mod is not supported on Dask"):
-        dask_attention(dq, k, v, p, score_mod=mod)
+    with pytest.raises(TypeError, match="score_mod must be a sparseattn.ScoreMod"):
+        dask_attention(dq, k, v, p, score_mod=lambda s, b, h, i, j: s)  # (score_mod cases: test_dask_scoremod.py)

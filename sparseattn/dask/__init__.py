@@ -39,13 +39,14 @@ The band + global path never calls ``pattern.rows`` while building the
 graph: its work list comes from the pattern's parameters, O(number of blocks
 + number of global tokens).
 
-Modifiers: ``softcap``, ``alibi_slopes`` and ``sinks`` as in the local engine,
-and grouped-query heads (``k``, ``v`` with ``h_kv`` heads, read per block of
-query heads without copies).  ALiBi sees the positions of the whole
-attention: every engine call of a task gets the diagonal of its own rows
-and keys.  Sinks carry no value, so they are added once per output row,
-after its partials are merged.  ``score_mod`` is refused by name (its
-compiled kernels see only the positions inside each task's call).
+Modifiers: ``softcap``, ``alibi_slopes``, ``sinks`` and ``score_mod`` as in
+the local engine, and grouped-query heads (``k``, ``v`` with ``h_kv`` heads,
+read per block of query heads without copies).  ALiBi and ``score_mod`` see
+the positions of the whole attention: every engine call of a task gets the
+position of its own rows and keys (and a ``ScoreMod`` the batch index and
+query head of each slice of its block).  A ``ScoreMod`` is compiled once per
+worker process, on the first task that uses it.  Sinks carry no value, so
+they are added once per output row, after its partials are merged.
 
 The package holds one module per role: :mod:`~sparseattn.dask.api` (the
 public function), :mod:`~sparseattn.dask.inputs` (argument checks and

@@ -52,11 +52,16 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
         then reads key slices, never gathers, and runs one engine call per
         run of contiguous keys; split rows one call per row).  Sinks are
         added once per row after its partials are merged.
-    score_mod : None
-        Not supported on Dask (a ``ValueError`` names it): a ``ScoreMod``'s
-        compiled kernels see the positions of the engine call they run in,
-        so each task would need the function compiled again for its offsets.
-        Use the local engine.
+    score_mod : ScoreMod, optional
+        As for the local engine: ``f(s, b, h, i, j)`` receives the flattened
+        batch index, query head, row and key of the whole call (each task
+        passes its own positions, as for ALiBi, and takes the same paths).
+        Checked and compiled for the compute dtype here, so a function Numba
+        cannot compile raises on the client.  The ``ScoreMod`` is pickled into
+        the tasks (its functions by reference to an importable module, else
+        by value); each worker process compiles it once, on its first task
+        that uses it (about as long as a local first call, per dtype), then
+        reuses it for later tasks and calls with the same object.
     key_padding_mask : bool NumPy or dask array, optional
         True marks a padded key; broadcasts like the local engine's (the
         leading shape without the heads axis, then ``n_k``).
@@ -123,7 +128,7 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
     x = prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shards, da, mods)
     # -- work lists, one per distinct pattern ----------------------------------------------
     qb, kb = block_bounds(x.q.chunks[-2]), block_bounds(x.k_chunks)
-    plans = plan_patterns(x.patterns, x.n_k, kb, contiguous=x.slopes is not None)
+    plans = plan_patterns(x.patterns, x.n_k, kb, contiguous=x.slopes is not None or x.scale.score_mod is not None)
 
     token = tokenize(x.q.name, x.k.name, x.v.name, None if x.mask is None else x.mask.name,
                      [p.identity for p in x.patterns], x.scale, x.serial, x.per_head, pin, shards,

@@ -57,6 +57,24 @@ def build_graph(name, inputs, plans, qb, kb, shards):
     return _GraphBuilder(name, inputs, plans, qb, kb, shards).build()
 
 
+def slice_positions(lead, box):
+    """``(S, 2)`` int64: the flattened batch index and the head, in the leading shape ``lead``, of each slice of the block ``box``.
+
+    ``box`` holds one ``slice`` per leading axis; the block's slices are its
+    index tuples in C order (as the engine flattens a block's leading axes).
+    The batch index is the position over ``lead[:-1]`` (C order): with
+    several batch axes chunked, a block's batch indices are not one range.
+    None without leading axes (one slice: batch 0, head 0).
+    """
+    if not lead:
+        return None
+    axes = np.meshgrid(*(np.arange(s.start, s.stop, dtype=np.int64) for s in box), indexing="ij")
+    idx = [a.reshape(-1) for a in axes]
+    heads = idx[-1]
+    batch = np.ravel_multi_index(idx[:-1], lead[:-1]) if len(lead) > 1 else np.zeros_like(heads)
+    return np.ascontiguousarray(np.stack([batch, heads], axis=1), dtype=np.int64)
+
+
 class _LeadBlock:
     """The bookkeeping of one block of the leading axes while its tasks are added."""
 
@@ -124,8 +142,12 @@ class _GraphBuilder:
         self._order_cuts(blk)
 
     def _score(self, lb):
-        """The :class:`~sparseattn.dask.tasks.Score` of block ``lb``: the slopes and sinks of its query heads."""
-        if self.slopes is None and self.sinks is None:
+        """The :class:`~sparseattn.dask.tasks.Score` of block ``lb``: the slopes and sinks of its query heads.
+
+        With a ``score_mod``, also the batch index and query head in the whole
+        call of each slice of the block (``bh``, what the user's function receives).
+        """
+        if self.slopes is None and self.sinks is None and self.scale.score_mod is None:
             return self.scale
         box = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(self.lead_bounds, lb))
 
@@ -135,7 +157,8 @@ class _GraphBuilder:
             y = np.ascontiguousarray(x[box])
             return y if y.ndim else y.reshape(1)
 
-        return self.scale._replace(slopes=cut(self.slopes), sinks=cut(self.sinks))
+        bh = None if self.scale.score_mod is None else slice_positions(self.lead, box)
+        return self.scale._replace(slopes=cut(self.slopes), sinks=cut(self.sinks), bh=bh)
 
     def _wait(self, key, extra):
         """Task ``key`` (a block task) also waits for ``extra``: appended to its last argument."""

@@ -7,8 +7,9 @@ common leading shape, one chunk along the head dimension, ``k`` and ``v``
 chunked like ``q`` on the leading axes (grouped-query heads: ``k`` and ``v``
 keep their ``h_kv`` heads, chunked to match ``q``'s head chunks) and alike
 along the keys, and the padding mask chunked like the keys.  The modifiers
-are checked by the engine's ``check_modifiers``; ``score_mod`` is refused.
-Dask is imported only when called.
+are checked by the engine's ``check_modifiers`` (a ``score_mod`` compiled
+here, for the inputs' compute dtype, so that one Numba cannot compile fails
+on the client, not on a worker).  Dask is imported only when called.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from ..engine.modifiers import check_modifiers
+from ..engine.modifiers import check_modifiers, check_score_mod
 from ..engine.validate import check_scale, check_shapes_and_patterns, kv_groups
 from .shards import ContiguousShards
 from .tasks import Score
@@ -49,7 +50,7 @@ class Inputs(NamedTuple):
     dv: int
     patterns: list  #: the distinct patterns (one per head when per_head)
     per_head: bool
-    scale: Any  #: a tasks.Score: the scale, the softcap and n_k - n_q (each block's gets its slopes and sinks)
+    scale: Any  #: a tasks.Score: the scale, softcap, score_mod and n_k - n_q (each block's gets its slopes, sinks, bh)
     serial: bool
     out_dtype: np.dtype
     q_user_chunks: tuple  #: q's chunks before one head per task: the output is rechunked back to them
@@ -89,11 +90,11 @@ def prepare_inputs(q, k, v, pattern, scale, key_padding_mask, serial, pin, shard
     # grouped-query heads (multi-query too): k and v keep their h_kv heads, each task reads the kv heads
     # of its query heads; a heads axis that broadcasts otherwise (k with 1 head, v with h_q) is broadcast
     grouped = bool(lead) and h_q > 1 and h_kv == _heads(v) and h_kv < h_q
-    checked = _modifiers(mods or {}, lead, n_q, n_k)
-    scale = Score(check_scale(scale, d), checked.softcap, n_k - n_q)
+    out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    checked = _modifiers(mods or {}, lead, n_q, n_k, out_dtype)
+    scale = Score(check_scale(scale, d), checked.softcap, n_k - n_q, score_mod=checked.score_mod)
     slopes = None if checked.slopes is None else checked.slopes.reshape(lead)
     sinks = None if checked.sinks is None else checked.sinks.reshape(lead)
-    out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
 
     # -- layout: broadcast, one chunk along d, k/v chunked like q on the leading axes -------
     q = da.broadcast_to(q, lead + (n_q, d)) if q.shape[:-2] != lead else q
@@ -151,18 +152,23 @@ def _group_heads(q, g):
     return q, tuple(r1 - r0 for r0, r1 in distinct), tuple(distinct.index(r) for r in ranges)
 
 
-def _modifiers(mods, lead, n_q, n_k):
-    """The modifiers, checked as the local engine checks them (its messages); ``score_mod`` is refused by name."""
-    if mods.get("score_mod") is not None:
-        raise ValueError(
-            "score_mod is not supported on Dask: a task sees a segment of rows and keys, and a ScoreMod's kernels "
-            "see the positions of the engine call they run in, so each task would need the user's function "
-            "compiled again for its offsets (tens of seconds per compile, per worker). softcap, alibi_slopes, "
-            "sinks and grouped-query heads are supported; use the local engine, sparseattn.sparse_attention, "
-            "for score_mod"
-        )
-    mods = {name: mods.get(name) for name in ("softcap", "alibi_slopes", "sinks")}
-    return check_modifiers(**mods, lead=lead, n_q=n_q, n_k=n_k, compute=np.float64)
+def _modifiers(mods, lead, n_q, n_k, out_dtype):
+    """The modifiers, checked as the local engine checks them (its messages).
+
+    Slopes and sinks are laid out in float64 (each task casts its block's);
+    a ``score_mod`` is compiled for the compute dtype the workers will use
+    (the engine's dtype policy), so a function Numba cannot compile raises
+    here with the engine's message.
+    """
+    checked = check_modifiers(**{name: mods.get(name) for name in ("softcap", "alibi_slopes", "sinks")},
+                              lead=lead, n_q=n_q, n_k=n_k, compute=np.float64)  # fmt: skip
+    score_mod = mods.get("score_mod")
+    if score_mod is None:
+        return checked
+    compute = np.float64 if np.dtype(out_dtype).itemsize >= 8 else np.float32  # the engine's DTYPE_POLICY
+    from dataclasses import replace
+
+    return replace(checked, score_mod=check_score_mod(score_mod, compute))
 
 
 def _check_input(name, x, da):

@@ -33,7 +33,7 @@ def block_bounds(chunks):
 def plan_patterns(patterns, n_k, kb, contiguous=False):
     """One plan per distinct pattern (``kb``: the key blocks' edges): a :class:`WindowPlan` where it can be one.
 
-    ``contiguous`` (ALiBi): the generic path reads key slices only, no gathers (see :class:`CSRPlan`).
+    ``contiguous`` (ALiBi, ``score_mod``): the generic path reads key slices only, no gathers (see :class:`CSRPlan`).
     """
     plans = []
     for p in patterns:
@@ -106,10 +106,11 @@ class CSRPlan:
     """Work lists of any pattern, from ``pattern.rows(a, b)`` of each query block.
 
     The keys of a key block are a slice (the columns' span) when dense, else
-    a gather.  With ``contiguous`` (ALiBi) always a slice: the block task then
-    holds runs of contiguous key positions, and runs one engine call per run
-    with that run's ALiBi offset (a gather's scattered keys have no single
-    offset).  The cost: up to a whole key block read where a gather would
+    a gather.  With ``contiguous`` (ALiBi, ``score_mod``) always a slice: the
+    block task then holds runs of contiguous key positions, and runs one
+    engine call per run at that run's position (a gather's scattered keys
+    have no single ALiBi offset, nor one key position for the user's
+    function).  The cost: up to a whole key block read where a gather would
     have taken a few columns.
     """
 

@@ -9,7 +9,7 @@ log-sum-exp formula (:func:`_merge`).  The graph that calls them is built in
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,13 +21,16 @@ from ..patterns.builders import sliding_window
 class Score(NamedTuple):
     """How a task turns ``q . k`` into a score, for one block of the leading axes.
 
-    ``scale`` and ``softcap`` (None: none) are the call's; ``slopes`` and
-    ``sinks`` (None: none) are the ALiBi slopes and sink logits of the
-    block's query heads, shaped like the block's leading axes (``(1,)``
-    without leading axes); ``delta`` is the call's ``n_k - n_q`` (ALiBi's
-    diagonal).  ALiBi needs absolute positions: every engine call of a task
-    passes the ``offset`` that puts its rows and keys back in the call's
-    frame (:func:`_engine`).  Sinks carry no value: they are applied once per
+    ``scale``, ``softcap`` and ``score_mod`` (None: none) are the call's;
+    ``slopes`` and ``sinks`` (None: none) are the ALiBi slopes and sink
+    logits of the block's query heads, shaped like the block's leading axes
+    (``(1,)`` without leading axes); ``delta`` is the call's ``n_k - n_q``
+    (ALiBi's diagonal); ``bh`` (with ``score_mod``; None without leading
+    axes) the flattened batch index and query head in the whole call of each
+    of the block's slices, int64 ``(S, 2)``.  ALiBi and ``score_mod`` need
+    absolute positions: every engine call of a task passes ``at``, the
+    positions of its first row and first key in the whole call
+    (:func:`_engine`).  Sinks carry no value: they are applied once per
     output row, after its partials are merged (:func:`_add_sinks`).
     """
 
@@ -36,9 +39,16 @@ class Score(NamedTuple):
     delta: int = 0
     slopes: np.ndarray | None = None
     sinks: np.ndarray | None = None
+    score_mod: Any = None
+    bh: np.ndarray | None = None
+
+    @property
+    def positional(self):
+        """Whether the scores depend on where the rows and keys are in the whole call (ALiBi, ``score_mod``)."""
+        return self.slopes is not None or self.score_mod is not None
 
 
-def _engine(q, k, v, pattern, score, kpm, serial, offset=None):
+def _engine(q, k, v, pattern, score, kpm, serial, at=None):
     """The local engine's forward on one block: ``(out, lse)`` in the compute dtype, without sinks.
 
     Through the engine's dispatcher (``paths.forward``, fused), so a block
@@ -46,13 +56,17 @@ def _engine(q, k, v, pattern, score, kpm, serial, offset=None):
     policy (its slices run on the staged kernels) instead of meeting the
     fast-math fused kernels.
 
-    With ALiBi (``score.slopes``), ``offset`` is the ALiBi diagonal of this
-    call's local frame: row ``i`` and key ``j`` of the call are at distance
-    ``|i + offset - j|``, i.e. ``offset = (first row's position) + n_k - n_q -
-    (first key's position)`` in the whole attention (the keys of one call are
-    contiguous positions, so one offset holds for all of them).  The
-    modifiers are checked by the engine's ``check_modifiers`` and only the
-    diagonal is replaced: the formula stays the engine's.
+    With ALiBi or a ``score_mod`` (``score.positional``), ``at = (r0, k0)``
+    are the positions in the whole attention of this call's first row and
+    first key; its rows and keys must be contiguous positions from there
+    (the callers cut scattered rows and keys into such calls).  ALiBi's
+    diagonal in the call's local frame is then ``offset = r0 + n_k - n_q -
+    k0`` (row ``i`` and key ``j`` of the call are at distance ``|i + offset
+    - j|``), and the user's function sees row ``i + r0``, key ``j + k0`` and,
+    for each slice of the block, its batch index and query head in the whole
+    call (``score.bh``).  The modifiers are checked by the engine's
+    ``check_modifiers`` and only the frame is replaced: the formulas stay the
+    engine's.
     """
     from dataclasses import replace
 
@@ -63,12 +77,23 @@ def _engine(q, k, v, pattern, score, kpm, serial, offset=None):
     if score.softcap is not None:
         mods["softcap"] = score.softcap
     if score.slopes is not None:
-        if offset is None:  # pragma: no cover - a programming error in the graph, not a user's
-            raise AssertionError("an ALiBi partial needs its offset")
         mods["alibi_slopes"] = score.slopes
+    if score.score_mod is not None:
+        mods["score_mod"] = score.score_mod
+    if score.positional and at is None:  # pragma: no cover - a programming error in the graph, not a user's
+        raise AssertionError("a partial with ALiBi or score_mod needs the position of its rows and keys")
     prep = prepare(q, k, v, pattern, score.scale, kpm, modifiers=mods or None)
-    if score.slopes is not None:
-        prep = replace(prep, mods=replace(prep.mods, offset=int(offset)))
+    if score.positional:
+        r0, k0 = int(at[0]), int(at[1])
+        frame = {}
+        if score.slopes is not None:
+            frame["offset"] = r0 + score.delta - k0
+        if score.score_mod is not None:
+            bh = score.bh
+            if bh is not None and len(bh) != len(prep.slice_pattern):  # pragma: no cover - a graph error
+                raise AssertionError(f"a block of {len(prep.slice_pattern)} slices got a map of {len(bh)}")
+            frame.update(i0=r0, j0=k0, slice_bh=bh)
+        prep = replace(prep, mods=replace(prep.mods, **frame))
     out, lse, _ = paths.forward(prep, "fused", parallel=False if serial else None)
     return out.reshape(prep.lead + out.shape[1:]), lse.reshape(prep.lead + lse.shape[1:])
 
@@ -88,10 +113,11 @@ def _add_sinks(part, score):
 
 
 def _rowwise(q_rows, rows_abs, k, v, mask, csr, score, serial, k0):
-    """Scattered rows against contiguous keys (from position ``k0``) with ALiBi: one engine call per row.
+    """Scattered rows against contiguous keys (from position ``k0``) with ALiBi or ``score_mod``: a call per row.
 
-    Each row has its own ALiBi diagonal; rows are few (split rows, global
-    rows), so a call per row costs a planning step each, not a kernel.
+    Each row has its own position (ALiBi's diagonal, the user's ``i``); rows
+    are few (split rows, global rows), so a call per row costs a planning
+    step each, not a kernel.
     """
     n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
     outs, lses = [], []
@@ -102,8 +128,7 @@ def _rowwise(q_rows, rows_abs, k, v, mask, csr, score, serial, k0):
             indptr, indices = csr
             lo, hi = int(indptr[r]), int(indptr[r + 1])
             pattern = CSRPattern(np.array([0, hi - lo], dtype=np.int64), indices[lo:hi], (1, n_keys))
-        o, l_ = _engine(q_rows[..., r : r + 1, :], k, v, pattern, score, mask, serial,
-                        offset=int(rows_abs[r]) + score.delta - int(k0))  # fmt: skip
+        o, l_ = _engine(q_rows[..., r : r + 1, :], k, v, pattern, score, mask, serial, at=(rows_abs[r], k0))
         outs.append(o)
         lses.append(l_)
     if not outs:
@@ -113,10 +138,11 @@ def _rowwise(q_rows, rows_abs, k, v, mask, csr, score, serial, k0):
 
 
 def _csr_runs(q, k_seg, v_seg, indptr, local, cols, a, score, mask, serial):
-    """A CSR block with ALiBi: one engine call per run of contiguous key positions in ``cols``, merged.
+    """A CSR block with ALiBi or ``score_mod``: one engine call per run of contiguous key positions in ``cols``, merged.
 
     ``cols`` (sorted absolute key positions the segment holds) is cut where
-    it jumps; within a run the keys are contiguous, so one ALiBi offset holds.
+    it jumps; within a run the keys are contiguous, so the run's first key
+    places all of them (:func:`_engine`'s ``at``).
     """
     n_rows = q.shape[-2]
     cuts = np.flatnonzero(np.diff(cols) != 1) + 1
@@ -132,7 +158,7 @@ def _csr_runs(q, k_seg, v_seg, indptr, local, cols, a, score, mask, serial):
         sub = CSRPattern(ptr, local[keep] - r0, (n_rows, int(r1 - r0)))
         m = None if mask is None else mask[..., r0:r1]
         parts.append(_engine(q, k_seg[..., r0:r1, :], v_seg[..., r0:r1, :], sub, score, m, serial,
-                             offset=a + score.delta - int(cols[r0])))  # fmt: skip
+                             at=(a, cols[r0])))  # fmt: skip
     return _merge(parts) if parts else None
 
 
@@ -185,7 +211,8 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
     """Compute one output block (its split rows, if any, are written in later by :func:`write_rows`).
 
     ``a`` is the position of the block's first query row in the whole
-    attention (ALiBi's positions); ``scale`` the block's :class:`Score`.
+    attention (ALiBi's and ``score_mod``'s positions); ``scale`` the block's
+    :class:`Score`.
 
     ``after`` holds small results this task only waits for (unused): see the graph builder.
 
@@ -209,7 +236,7 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
                 extra[gpos] = True
             mask = _combined_mask(mparts, extra)
             band = sliding_window(n_rows, left=left - shift, right=right + shift, n_k=m)
-            part = _engine(q, k_seg, v_seg, band, scale, mask, serial, offset=shift + scale.delta)
+            part = _engine(q, k_seg, v_seg, band, scale, mask, serial, at=(a, a - shift))
         del k_seg, v_seg
         if shared is not None:
             part = _merge_shared(part, q, shared, scale, serial, dv, a)
@@ -227,7 +254,7 @@ def block_task(kind, spec, q, kparts, vparts, mparts, shared, scale, serial, dv,
                 indptr = np.concatenate(([0], np.cumsum(counts)))
             local = np.searchsorted(cols, indices)
             mask = _combined_mask(mparts, None)
-            if scale.slopes is None:
+            if not scale.positional:
                 sub = CSRPattern(indptr, local, (n_rows, len(cols)))
                 part = _engine(q, k_seg, v_seg, sub, scale, mask, serial)
             else:
@@ -249,18 +276,19 @@ def _shared_partial(q, gk, gv, gm, scale, serial, r0=0, gpos=None):
     call where the engine would plan and walk a tile per row.  Inputs with a
     NaN or an infinity go through the engine instead, for its non-finite
     policy (a padded key must not reach a row even as ``0 * inf``).  ``r0``
-    is the position of the first row and ``gpos`` those of the keys (ALiBi);
-    the global keys are scattered, so with ALiBi the engine's fallback runs
-    one call per global key (each a single key, so one offset holds).
+    is the position of the first row and ``gpos`` those of the keys (ALiBi,
+    ``score_mod``); the global keys are scattered, so with either the
+    engine's fallback runs one call per global key (each a single key, so
+    one position holds).
     """
     from ..engine.blocked import masked_softmax
     from ..engine.modifiers import Modifiers
 
     if not (np.isfinite(q).all() and np.isfinite(gk).all() and np.isfinite(gv).all()):
-        if scale.slopes is None:
+        if not scale.positional:
             return _engine(q, gk, gv, _full(q.shape[-2], gk.shape[-2]), scale, gm, serial)
         parts = [_engine(q, gk[..., c : c + 1, :], gv[..., c : c + 1, :], _full(q.shape[-2], 1), scale,
-                         None if gm is None else gm[..., c : c + 1], serial, offset=r0 + scale.delta - int(gpos[c]))
+                         None if gm is None else gm[..., c : c + 1], serial, at=(r0, gpos[c]))
                  for c in range(gk.shape[-2])]  # fmt: skip
         return _merge(parts)
     dt = np.dtype(np.float64 if np.result_type(q, gk, gv).itemsize >= 8 else np.float32)
@@ -275,12 +303,13 @@ def _shared_partial(q, gk, gv, gm, scale, serial, r0=0, gpos=None):
     else:
         s = np.matmul(q, np.swapaxes(gk, -1, -2))
     s *= sc
-    if scale.softcap is not None or scale.slopes is not None:
+    if scale.softcap is not None or scale.positional:
         # the engine's definition (sparseattn.engine.modifiers), as its blocked path computes it, at the
-        # rows' and keys' positions in the whole attention
+        # rows' and keys' positions in the whole attention (and the slices' batch index and head in it)
         S = int(np.prod(q.shape[:-2], dtype=np.int64)) if q.ndim > 2 else 1
         slopes = None if scale.slopes is None else np.asarray(scale.slopes, dtype=dt).reshape(S)
-        mods = Modifiers(softcap=scale.softcap, slopes=slopes, offset=scale.delta)
+        mods = Modifiers(softcap=scale.softcap, slopes=slopes, offset=scale.delta, score_mod=scale.score_mod,
+                         heads=q.shape[-3] if q.ndim > 2 else 1, slice_bh=scale.bh)  # fmt: skip
         sl = np.arange(S).reshape(q.shape[:-2] + (1, 1))
         rows = (r0 + np.arange(q.shape[-2]))[:, None]
         s = mods.apply(s, sl, rows, np.asarray(gpos if gpos is not None else np.arange(gk.shape[-2]))[None, :])
@@ -359,9 +388,10 @@ def long_partial(q_rows, k, v, mask, csr, scale, serial, after=None, rows_abs=No
     task that reads this key block, so that the key block is released when
     both are done rather than held from an early partial to a late block task.
     ``rows_abs`` are the rows' positions and ``k0`` the key block's first
-    position in the whole attention (ALiBi: one engine call per row).
+    position in the whole attention (ALiBi, ``score_mod``: one engine call
+    per row).
     """
-    if scale.slopes is not None:
+    if scale.positional:
         return _rowwise(q_rows, rows_abs, k, v, mask, csr, scale, serial, k0)
     n_rows, n_keys = q_rows.shape[-2], k.shape[-2]
     if csr is None:

@@ -33,12 +33,16 @@ whose ``tanh`` is libm's.)
 
 from __future__ import annotations
 
+import collections
 import numbers
+import threading
+import uuid
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ScoreMod", "Modifiers", "NONE", "check_modifiers", "sum_to_shape"]
+__all__ = ["ScoreMod", "Modifiers", "NONE", "check_modifiers", "check_score_mod", "sum_to_shape"]
 
 
 def sum_to_shape(g, shape):
@@ -83,6 +87,12 @@ class ScoreMod:
     passes the same object.  Keep one object per modifier: a new ``ScoreMod``
     compiles again.
 
+    A ``ScoreMod`` pickles as its two functions and an identity: unpickled in
+    a process that already holds it (the same object, or an earlier copy, as
+    a Dask worker receives one per task), it is that object, so a process
+    compiles each ``ScoreMod`` once.  ``f`` and ``df`` pickle as Numba
+    pickles functions: by reference to an importable module, else by value.
+
     Examples
     --------
     ALiBi written by hand (equal to ``alibi_slopes=slopes``):
@@ -97,10 +107,22 @@ class ScoreMod:
     """
 
     def __init__(self, f, df):
-        self.f = _jit(f, "f")
-        self.df = _jit(df, "df")
+        self._setup(_jit(f, "f"), _jit(df, "df"), uuid.uuid4().hex)
+
+    def _setup(self, f, df, token):
+        self.f, self.df = f, df
         self._checked = set()
         self._kernels = {}
+        self._lock = threading.Lock()  # one specialisation per direction when worker threads ask together
+        self._token = token
+        with _REGISTRY_LOCK:
+            _REGISTRY.setdefault(token, self)
+
+    def __reduce__(self):
+        return _rebuild_score_mod, (self._token, self.f, self.df)
+
+    def __dask_tokenize__(self):
+        return ("sparseattn.ScoreMod", self._token)
 
     def __repr__(self):
         return f"ScoreMod({getattr(self.f, '__name__', '?')}, {getattr(self.df, '__name__', '?')})"
@@ -138,7 +160,9 @@ class ScoreMod:
                             staged_backward.__name__: ("rows_backward",)}, (staged, staged_backward)),
             }  # fmt: skip
             names, modules = table[direction]
-            self._kernels[direction] = mods.specialise(self.f, self.df, modules, names)
+            with self._lock:
+                if direction not in self._kernels:
+                    self._kernels[direction] = mods.specialise(self.f, self.df, modules, names)
         return self._kernels[direction]
 
     def grid(self, s, b, h, i, j):
@@ -149,6 +173,31 @@ class ScoreMod:
         _grid(self.f, self.df, s.ravel(), b.ravel().astype(np.int64), h.ravel().astype(np.int64),
               i.ravel().astype(np.int64), j.ravel().astype(np.int64), val.reshape(-1), der.reshape(-1))  # fmt: skip
         return val, der
+
+
+#: token -> the ScoreMod of this process with that identity (an unpickled copy resolves to it)
+_REGISTRY = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()
+#: the ScoreMods made by unpickling, most recent last: held here, since between two tasks of a Dask worker
+#: nothing else holds them (and a new object would compile again); the oldest is dropped past this many
+KEEP_UNPICKLED = 8
+_kept = collections.OrderedDict()
+
+
+def _rebuild_score_mod(token, f, df):
+    """The process's :class:`ScoreMod` with identity ``token``, made from ``f`` and ``df`` if it has none."""
+    with _REGISTRY_LOCK:
+        mod = _REGISTRY.get(token)
+    if mod is None:
+        mod = ScoreMod.__new__(ScoreMod)
+        mod._setup(f, df, token)  # two threads unpickling at once: the first one registered wins
+    with _REGISTRY_LOCK:
+        mod = _REGISTRY[token]
+        _kept[token] = mod
+        _kept.move_to_end(token)
+        while len(_kept) > KEEP_UNPICKLED:
+            _kept.popitem(last=False)
+        return mod
 
 
 def _grid(f, df, s, b, h, i, j, val, der):
@@ -181,6 +230,12 @@ class Modifiers:
     heads: int = 1
     sinks_shape: tuple = ()  # the shape the user gave sinks in (dsinks comes back in it)
     sinks_lead: tuple = ()  # the broadcast leading shape of the call
+    # the user function's frame: it sees row i + i0 and key j + j0, and slice s as the flattened batch index
+    # slice_bh[s, 0] and query head slice_bh[s, 1] (None: s // heads, s % heads).  The local engine's call is
+    # its own frame; a Dask task's engine call on a segment of rows, keys and slices passes theirs.
+    i0: int = 0
+    j0: int = 0
+    slice_bh: np.ndarray | None = None  # (S, 2) int64
 
     @property
     def on_scores(self):
@@ -195,7 +250,11 @@ class Modifiers:
     def kernel_args(self, dtype):
         """``(mod, slopes)`` for the compiled kernels (see :mod:`sparseattn.kernels.mods`)."""
         dt = np.dtype(dtype).type
-        mod = (np.int64(self.flags()), dt(self.softcap or 1.0), np.int64(self.offset), np.int64(max(self.heads, 1)))
+        bh = _NO_BH if self.slice_bh is None else self.slice_bh
+        if bh.dtype != np.int64 or bh.ndim != 2 or not bh.flags.c_contiguous or not bh.flags.writeable:
+            bh = np.array(bh, dtype=np.int64, order="C").reshape(-1, 2)  # one kernel signature: int64[:, ::1]
+        mod = (np.int64(self.flags()), dt(self.softcap or 1.0), np.int64(self.offset), np.int64(max(self.heads, 1)),
+               np.int64(self.i0), np.int64(self.j0), bh)  # fmt: skip
         slopes = self.slopes if self.slopes is not None else np.zeros(1, dtype=dtype)
         return mod, np.ascontiguousarray(slopes, dtype=dtype)
 
@@ -213,12 +272,19 @@ class Modifiers:
                 dist = np.abs(np.asarray(i) + self.offset - np.asarray(j)).astype(dt)
                 s = s - self.slopes[sl].astype(dt) * dist
             if self.score_mod is not None:
-                sl = np.asarray(sl)
-                s, d = self.score_mod.grid(s, sl // self.heads, sl % self.heads, i, j)
+                b, h = self.user_bh(sl)
+                s, d = self.score_mod.grid(s, b, h, np.asarray(i) + self.i0, np.asarray(j) + self.j0)
                 fac = d if fac is None else fac * d
         if not grad:
             return s
         return s, (np.ones_like(s) if fac is None else fac)
+
+    def user_bh(self, sl):
+        """The flattened batch index and query head that the user's function receives for slices ``sl``."""
+        sl = np.asarray(sl)
+        if self.slice_bh is None:
+            return sl // self.heads, sl % self.heads
+        return self.slice_bh[sl, 0], self.slice_bh[sl, 1]
 
     def add_sinks(self, out, lse, slices=None):
         """``out`` and ``lse`` (S, n_q, ...) without the sinks -> with them, in place; returns the row factors."""
@@ -239,6 +305,7 @@ class Modifiers:
 
 
 NONE = Modifiers()
+_NO_BH = np.zeros((0, 2), dtype=np.int64)  # the default frame's slice map: s // heads, s % heads
 
 
 def _real(name, x):
@@ -267,6 +334,17 @@ def _per_head(name, x, lead, compute, what):
     return np.ascontiguousarray(full.reshape(-1), dtype=compute), arr.shape
 
 
+def check_score_mod(score_mod, compute):
+    """A :class:`ScoreMod`, compiled for ``compute`` scores, or the ``TypeError`` that names ``score_mod``."""
+    if not isinstance(score_mod, ScoreMod):
+        raise TypeError(
+            f"score_mod must be a sparseattn.ScoreMod(f, df) (the function and its derivative in s), "
+            f"got {type(score_mod).__name__}"
+        )
+    score_mod.check(compute)
+    return score_mod
+
+
 def check_modifiers(softcap=None, alibi_slopes=None, sinks=None, score_mod=None, *, lead, n_q, n_k, compute):
     """Validate the modifier arguments of a call (``lead``: its broadcast leading shape) into a :class:`Modifiers`."""
     if softcap is None and alibi_slopes is None and sinks is None and score_mod is None:
@@ -285,11 +363,6 @@ def check_modifiers(softcap=None, alibi_slopes=None, sinks=None, score_mod=None,
     if sinks is not None:
         sk, sk_shape = _per_head("sinks", sinks, lead, compute, "a sink logit per query head")
     if score_mod is not None:
-        if not isinstance(score_mod, ScoreMod):
-            raise TypeError(
-                f"score_mod must be a sparseattn.ScoreMod(f, df) (the function and its derivative in s), "
-                f"got {type(score_mod).__name__}"
-            )
-        score_mod.check(compute)
+        check_score_mod(score_mod, compute)
     return Modifiers(softcap=softcap, slopes=slopes, offset=int(n_k) - int(n_q), sinks=sk, score_mod=score_mod,
                      heads=lead[-1] if lead else 1, sinks_shape=tuple(sk_shape), sinks_lead=tuple(lead))  # fmt: skip

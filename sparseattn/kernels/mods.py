@@ -8,11 +8,18 @@ which also gives ``ds / ds_raw``.  The order is the one the engine documents
 (:mod:`sparseattn.engine.modifiers`): ``softcap`` first, then ALiBi, then the
 user's function.
 
-``mod`` is one tuple ``(flags, cap, offset, heads)``: bit 1 of ``flags`` is
-softcap ``s <- cap tanh(s / cap)``, bit 2 ALiBi ``s <- s - slope |i + offset - j|``
-with ``slope = slopes[slice]``; ``heads`` turns a slice number into the
-flattened batch index and the query head that a user function receives.
-``flags == 0`` costs one branch per row and chunk.
+``mod`` is one tuple ``(flags, cap, offset, heads, ui, uj, bh)``: bit 1 of
+``flags`` is softcap ``s <- cap tanh(s / cap)``, bit 2 ALiBi
+``s <- s - slope |i + offset - j|`` with ``slope = slopes[slice]``.  The rest
+is the user function's frame, read only by the ``_USER`` branches (the plain
+kernels never touch the array ``bh``, so it costs them nothing): it
+receives row ``i + ui`` and key ``j + uj``, and slice ``s`` is the flattened
+batch index ``bh[s, 0]`` and query head ``bh[s, 1]`` (``bh``: int64
+``(S, 2)``; empty: ``s // heads`` and ``s % heads``).  The local engine's
+frame is ``ui = uj = 0`` and an empty ``bh``; a Dask task's engine call gets
+the position of its rows, keys and slices in the whole call
+(:class:`~sparseattn.engine.modifiers.Modifiers`).  ``flags == 0`` costs one
+branch per row and chunk.
 
 A user's ``score_mod`` is not an argument (Numba cannot cache a kernel that
 takes a function): :func:`specialise` copies the kernels with ``_USER`` set and
@@ -95,6 +102,20 @@ def tanh(x):
     return t if x >= 0 else -t
 
 
+@njit(inline="always", **_OPTS)
+def _user_bh(s, mod):
+    """The flattened batch index and query head of slice ``s`` that the user's function receives.
+
+    Reads ``mod``'s map only here, inside the ``_USER`` branches: a plain
+    kernel never takes a reference to the array (no refcount traffic).
+    """
+    heads, bh = mod[3], mod[6]
+    if bh.shape[0] != 0:
+        return bh[s, 0], bh[s, 1]
+    b = s // heads
+    return b, s - b * heads
+
+
 @njit(**_OPTS)
 def mod_span(x, lo, hi, i, j0, mod, slope, s):
     """Modify ``x[lo:hi]``, the scores of query ``i`` with keys ``j0 + lo .. j0 + hi - 1``, in place.
@@ -102,7 +123,7 @@ def mod_span(x, lo, hi, i, j0, mod, slope, s):
     Loops run from 0 over views (``x[lo:hi]``): an index of unknown sign
     would make every access a wraparound select and keep LLVM from vectorising.
     """
-    flags, cap, off, heads = mod
+    flags, cap, off = mod[0], mod[1], mod[2]
     y = x[lo:hi]
     if flags & SOFTCAP:
         inv = _one(cap) / cap
@@ -111,10 +132,10 @@ def mod_span(x, lo, hi, i, j0, mod, slope, s):
     if flags & ALIBI:
         _alibi_span(y, i + off - j0 - lo, slope)
     if _USER:
-        b = s // heads
-        h = s - b * heads
+        b, h = _user_bh(s, mod)
+        iu, ju = i + mod[4], j0 + lo + mod[5]
         for j in range(y.shape[0]):
-            y[j] = _user_f(y[j], b, h, i, j0 + lo + j)
+            y[j] = _user_f(y[j], b, h, iu, ju + j)
 
 
 @njit(**_OPTS)
@@ -127,7 +148,7 @@ def _alibi_span(y, c, slope):
 @njit(**_OPTS)
 def mod_grad_span(x, dp, lo, hi, i, j0, di, mod, slope, s):
     """Backward over ``x[lo:hi]`` (raw scores) and ``dp[lo:hi]`` (``dO . v``): ``x <- s'``, ``dp <- (dp - di) ds'/ds``."""
-    flags, cap, off, heads = mod
+    flags, cap, off = mod[0], mod[1], mod[2]
     y = x[lo:hi]
     g = dp[lo:hi]
     if flags & SOFTCAP:
@@ -142,17 +163,17 @@ def mod_grad_span(x, dp, lo, hi, i, j0, di, mod, slope, s):
     if flags & ALIBI:
         _alibi_span(y, i + off - j0 - lo, slope)
     if _USER:
-        b = s // heads
-        h = s - b * heads
+        b, h = _user_bh(s, mod)
+        iu, ju = i + mod[4], j0 + lo + mod[5]
         for j in range(y.shape[0]):
-            g[j] *= _user_df(y[j], b, h, i, j0 + lo + j)
-            y[j] = _user_f(y[j], b, h, i, j0 + lo + j)
+            g[j] *= _user_df(y[j], b, h, iu, ju + j)
+            y[j] = _user_f(y[j], b, h, iu, ju + j)
 
 
 @njit(**_OPTS)
 def mod_cols(x, n, cols, c0, i, mod, slope, s):
     """Modify ``x[:n]``, the scores of query ``i`` with keys ``cols[c0 : c0 + n]``, in place."""
-    flags, cap, off, heads = mod
+    flags, cap, off = mod[0], mod[1], mod[2]
     if flags & SOFTCAP:
         inv = _one(cap) / cap
         for c in range(n):
@@ -161,30 +182,30 @@ def mod_cols(x, n, cols, c0, i, mod, slope, s):
         for c in range(n):
             x[c] -= slope * _cast(slope, abs(i + off - cols[c0 + c]))
     if _USER:
-        b = s // heads
-        h = s - b * heads
+        b, h = _user_bh(s, mod)
+        iu, uj = i + mod[4], mod[5]
         for c in range(n):
-            x[c] = _user_f(x[c], b, h, i, cols[c0 + c])
+            x[c] = _user_f(x[c], b, h, iu, cols[c0 + c] + uj)
 
 
 @njit(**_OPTS)
 def mod_one(x, i, j, mod, slope, s):
     """The modified score of query ``i`` and key ``j``."""
-    flags, cap, off, heads = mod
+    flags, cap, off = mod[0], mod[1], mod[2]
     if flags & SOFTCAP:
         x = cap * tanh(x / cap)
     if flags & ALIBI:
         x -= slope * _cast(slope, abs(i + off - j))
     if _USER:
-        b = s // heads
-        x = _user_f(x, b, s - b * heads, i, j)
+        b, h = _user_bh(s, mod)
+        x = _user_f(x, b, h, i + mod[4], j + mod[5])
     return x
 
 
 @njit(**_OPTS)
 def mod_grad(x, i, j, mod, slope, s):
     """``(s', ds'/ds)``: the modified score of query ``i`` and key ``j`` and its derivative in the raw score."""
-    flags, cap, off, heads = mod
+    flags, cap, off = mod[0], mod[1], mod[2]
     fac = _one(x)
     if flags & SOFTCAP:
         t = tanh(x / cap)
@@ -193,10 +214,10 @@ def mod_grad(x, i, j, mod, slope, s):
     if flags & ALIBI:
         x -= slope * _cast(slope, abs(i + off - j))
     if _USER:
-        b = s // heads
-        h = s - b * heads
-        fac *= _user_df(x, b, h, i, j)
-        x = _user_f(x, b, h, i, j)
+        b, h = _user_bh(s, mod)
+        iu, ju = i + mod[4], j + mod[5]
+        fac *= _user_df(x, b, h, iu, ju)
+        x = _user_f(x, b, h, iu, ju)
     return x, fac
 
 
