@@ -23,14 +23,6 @@ from sparseattn.patterns.base import Pattern  # noqa: E402
 from helpers import assert_attention_close  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
-    ) as cluster, distributed.Client(cluster) as c:
-        yield c
-
-
 def _arrays(rng, shape_q, shape_k, dtype, d_v=None):
     q = rng.standard_normal(shape_q).astype(dtype)
     k = rng.standard_normal(shape_k).astype(dtype)

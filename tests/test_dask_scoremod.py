@@ -55,14 +55,6 @@ def _bad_f(s, b, h, i, j):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
-    ) as cluster, distributed.Client(cluster) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def bias_mod():
     return sa.ScoreMod(_bias_f, _bias_df)
 
@@ -122,7 +114,7 @@ def test_score_mod_pickles_to_the_same_object(bias_mod):
 # -- every kind of task, against the float64 reference -------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
 def test_band_globals_halos_shared_keys_and_global_rows(client, rng, bias_mod, dtype):
     """Row and key chunks (halos), the shared global-key partial and the split global rows; heads chunked."""
     n, d = 260, 8
@@ -168,7 +160,7 @@ def test_per_head_patterns_with_key_padding(client, rng, bias_mod):
     _check(client, q, k, v, heads, (1, 3, 80, d), (2, 3, 70, d), mask=kpm, score_mod=bias_mod)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
 def test_grouped_heads_with_softcap_alibi_and_sinks(client, rng, bias_mod, dtype):
     """4 query heads over 2 kv heads, head chunks (3, 1) (rechunked to groups), every modifier at once."""
     n, d = 260, 8
@@ -180,6 +172,7 @@ def test_grouped_heads_with_softcap_alibi_and_sinks(client, rng, bias_mod, dtype
         _check(client, q, k, v, p, (1, (3, 1), (90, 70, 100), d), (2, 2, (100, 60, 100), d), **mods)
 
 
+@pytest.mark.slow  # a second ScoreMod to compile on every worker and locally: about 30 s
 def test_hand_written_alibi_equals_alibi_slopes_and_the_local_engine(client, rng, alibi_mod):
     """ALiBi as a ScoreMod on Dask (chunked prefill, n_q < n_k) equals alibi_slopes, and the local engine."""
     d = 8

@@ -53,15 +53,11 @@ def sparse_attention(q, k, v, pattern, *, scale=None, softcap=None, alibi_slopes
         run of contiguous keys; split rows one call per row).  Sinks are
         added once per row after its partials are merged.
     score_mod : ScoreMod, optional
-        As for the local engine: ``f(s, b, h, i, j)`` receives the flattened
-        batch index, query head, row and key of the whole call (each task
-        passes its own positions, as for ALiBi, and takes the same paths).
-        Checked and compiled for the compute dtype here, so a function Numba
-        cannot compile raises on the client.  The ``ScoreMod`` is pickled into
-        the tasks (its functions by reference to an importable module, else
-        by value); each worker process compiles it once, on its first task
-        that uses it (about as long as a local first call, per dtype), then
-        reuses it for later tasks and calls with the same object.
+        As for the local engine: ``f(s, b, h, i, j)`` sees the positions of
+        the whole call (each task passes its own, as for ALiBi).  Compiled
+        here first, so a function Numba cannot compile raises on the client;
+        then once per worker process and dtype, on its first task that uses
+        it (docs/dask.md says what that costs).
     key_padding_mask : bool NumPy or dask array, optional
         True marks a padded key; broadcasts like the local engine's (the
         leading shape without the heads axis, then ``n_k``).
