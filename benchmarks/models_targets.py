@@ -388,15 +388,13 @@ def section_decode(rep, args):
         def sparse(k=k, v=v, T=T):
             return sa.sparse_attention(q, k, v, sa.causal(1, W - 1, n_k=T, offset=T - 1), path="fused")
 
-        def floor(k=k, v=v, T=T):
-            for h in range(hkv):  # each head's window is one contiguous (W, d) block of the cache
+        def read_heads(heads, k=k, v=v, T=T):
+            for h in heads:  # each head's window is one contiguous (W, d) block of the cache
                 np.add.reduce(k[0, h, T - W:T].reshape(-1))
                 np.add.reduce(v[0, h, T - W:T].reshape(-1))
 
-        def read_heads(heads, k=k, v=v, T=T):
-            for h in heads:
-                np.add.reduce(k[0, h, T - W:T].reshape(-1))
-                np.add.reduce(v[0, h, T - W:T].reshape(-1))
+        def floor(read_heads=read_heads):
+            read_heads(range(hkv))
 
         def floor_all(read_heads=read_heads):  # the same reads, the heads spread over all threads
             list(pool.map(read_heads, [range(i, hkv, n_threads) for i in range(min(n_threads, hkv))]))

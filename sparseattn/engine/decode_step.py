@@ -20,7 +20,7 @@ import numpy as np
 from ..patterns import runsets
 from ..patterns.base import Pattern
 from ..patterns.windows import SlidingWindow
-from .modifiers import NONE, check_modifiers
+from .modifiers import check_modifiers
 from .threads import run_ranges
 from .validate import check_scale, check_scale_dtype
 
@@ -144,17 +144,6 @@ _local = threading.local()
 #: the kernel's key padding argument when a call has none (the kernel only reads it)
 _NO_MASK = np.zeros((1, 1), dtype=np.uint8)
 
-_PLAIN = {}
-
-
-def _plain_args(dt):
-    """``(mod, slopes)`` of a call without modifiers, made once per dtype (the kernel only reads them)."""
-    if dt not in _PLAIN:
-        mod, slopes = NONE.kernel_args(dt)
-        _PLAIN[dt] = (mod, slopes)
-    return _PLAIN[dt]
-
-
 def _scratch(dt, R, w, dv):
     """This thread's ``(sbuf, acc)`` for the kernel, kept from the last call of the same shapes (a decode loop's)."""
     R6 = -(-R // 6) * 6
@@ -216,12 +205,10 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
             return None  # the validation names the mask's shape
     if path == "auto" and not _ready(ks, vs):
         return None
-    given = scale
     scale = check_scale(scale, d)
-    if given is not None:  # 1 / sqrt(d) is finite in every float dtype
-        check_scale_dtype(scale, dt.type, given)
+    check_scale_dtype(scale, dt.type, scale)
     m = check_modifiers(**mods, lead=q.shape[:-2], n_q=n_q, n_k=n_k, compute=dt)
-    mod, slopes = _plain_args(dt) if m is NONE else m.kernel_args(dt)
+    mod, slopes = m.kernel_args(dt)
     # each row's run on the span (rows without keys: 0, 0)
     lo = np.array([max(x - a, 0) for x in runs[0]], dtype=np.int64)
     hi = np.array([max(y - a, 0) for y in runs[1]], dtype=np.int64)

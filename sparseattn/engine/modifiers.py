@@ -248,7 +248,20 @@ class Modifiers:
         return (SOFTCAP if self.softcap is not None else 0) | (ALIBI if self.slopes is not None else 0)
 
     def kernel_args(self, dtype):
-        """``(mod, slopes)`` for the compiled kernels (see :mod:`sparseattn.kernels.mods`)."""
+        """``(mod, slopes)`` for the compiled kernels (see :mod:`sparseattn.kernels.mods`).
+
+        A call without modifiers (:data:`NONE`) gets the same pair every time,
+        made once per dtype: the kernels only read them, and a decode loop asks
+        once per layer and step.
+        """
+        if self is NONE:
+            key = np.dtype(dtype)
+            if key not in _PLAIN_ARGS:
+                _PLAIN_ARGS[key] = self._make_kernel_args(dtype)
+            return _PLAIN_ARGS[key]
+        return self._make_kernel_args(dtype)
+
+    def _make_kernel_args(self, dtype):
         dt = np.dtype(dtype).type
         bh = _NO_BH if self.slice_bh is None else self.slice_bh
         if bh.dtype != np.int64 or bh.ndim != 2 or not bh.flags.c_contiguous or not bh.flags.writeable:
@@ -305,6 +318,7 @@ class Modifiers:
 
 
 NONE = Modifiers()
+_PLAIN_ARGS = {}  # dtype -> NONE's (mod, slopes)
 _NO_BH = np.zeros((0, 2), dtype=np.int64)  # the default frame's slice map: s // heads, s % heads
 
 
