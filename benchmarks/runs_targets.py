@@ -146,7 +146,7 @@ def report_plans(rep, args):
             old_s, old = None, f"refused ({type(e).__name__})"
         rep.line(f"build+plan {name}: {new[0] * 1e3:.1f} ms (median {new[1] * 1e3:.1f}), kind {plan.kind}, "
                  f"planner peak {peak / 2**20:.1f} MiB, plan {plan.nbytes / 2**20:.1f} MiB, nnz {p.nnz}, "
-                 f"extra spans {len(plan.xs_k0)}, shared {len(plan.sh_cols)}, residual {len(plan.rs_cols)}; "
+                 f"extra spans {len(plan.xs_k0)}, shared {len(plan.sh_cols)}, residual {int(np.sum(plan.rs_hi - plan.rs_lo))} in {len(plan.rs_lo)} runs; "
                  f"from CSR (incl. .csr) {old}  {within(new[0] * 1e3, 20, 'ms')}")
         res[name] = {"best_s": new[0], "median_s": new[1], "kind": plan.kind, "planner_peak_bytes": peak,
                      "plan_bytes": plan.nbytes, "nnz": p.nnz, "from_csr_s": old_s, "from_csr": old}  # fmt: skip

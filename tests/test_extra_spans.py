@@ -34,7 +34,7 @@ def test_wide_neighbourhood_plan_has_no_residual_list():
     p = sa.neighborhood((16, 256), (5, 31))
     plan = build_plan(p)
     assert plan.kind == "runs"
-    assert len(plan.rs_cols) == 0 and len(plan.sh_cols) == 0
+    assert len(plan.rs_lo) == 0 and len(plan.sh_cols) == 0
     assert np.all(plan.tile_k1 > plan.tile_k0)  # the span (a row's first longest run) and
     assert len(plan.xs_k0) == 4 * plan.n_tiles  # one extra span per other kernel row
     assert plan.nbytes < 160 * n  # O(n): the 155 n entries as residual indices would be 1240 n bytes
@@ -54,7 +54,7 @@ def test_documents_and_causal_plan_has_no_leftovers_at_boundaries():
     p = sa.documents(_doc_lengths(n)) & sa.causal(n)
     plan = build_plan(p)
     assert plan.kind == "runs"
-    assert len(plan.rs_cols) + len(plan.sh_cols) <= n  # was ~0.7 M keys walked at n = 131072
+    assert int(np.sum(plan.rs_hi - plan.rs_lo)) + len(plan.sh_cols) <= n  # was ~0.7 M keys walked at n = 131072
     assert len(plan.xs_k0) > 0
     _covers(plan, p)
 

@@ -94,7 +94,7 @@ def test_structured_band_is_one_span_per_tile():
     t = np.arange(plan.n_tiles)
     np.testing.assert_array_equal(plan.tile_k0, np.maximum(0, t * T - r))
     np.testing.assert_array_equal(plan.tile_k1, np.minimum(n, np.minimum(n, (t + 1) * T) - 1 + r + 1))
-    assert len(plan.sh_cols) == 0 and len(plan.rs_cols) == 0 and len(plan.long_rows) == 0
+    assert len(plan.sh_cols) == 0 and len(plan.rs_lo) == 0 and len(plan.long_rows) == 0
 
 
 def test_structured_globals_are_shared_columns_and_long_rows():
@@ -114,7 +114,7 @@ def test_generic_plan_of_band_matches_structured_work():
     assert g.kind == "generic"
     np.testing.assert_array_equal(s.tile_k0, g.tile_k0)
     np.testing.assert_array_equal(s.tile_k1, g.tile_k1)
-    assert len(g.rs_cols) == 0 and len(g.sh_cols) == 0
+    assert len(g.rs_lo) == 0 and len(g.sh_cols) == 0
 
 
 @pytest.mark.parametrize("name", available())

@@ -140,8 +140,10 @@ def test_leftovers_kernel_splits_shared_and_residual_by_the_rule(seed):
     ptr, lo, hi = _random_runs(rng, m, n_k)
     is_long = rng.random(m) < 0.1
     in_span = (rng.random(len(lo)) < 0.3).astype(np.uint8)
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = planning.plan_leftovers(ptr, lo, hi, is_long, in_span, T, n_k)
-    assert len(rs_ptr) == m + 1 and rs_ptr[-1] == len(rs_cols) and len(sh_mask) == len(sh_cols) * T
+    out = planning.plan_leftovers(ptr, lo, hi, is_long, in_span, T, n_k)
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_lo, rs_hi, rs_tile = out
+    assert len(rs_ptr) == m + 1 and rs_ptr[-1] == len(rs_lo) == len(rs_hi) and len(sh_mask) == len(sh_cols) * T
+    assert (rs_hi > rs_lo).all()  # no empty run
     for t in range(-(-m // T)):
         rows = [r for r in range(t * T, min(m, (t + 1) * T)) if not is_long[r]]
         keys = {r: [j for k in range(ptr[r], ptr[r + 1]) if not in_span[k] for j in range(lo[k], hi[k])]
@@ -161,7 +163,13 @@ def test_leftovers_kernel_splits_shared_and_residual_by_the_rule(seed):
             assert [t * T + x for x in np.flatnonzero(mask)] == [r for r in rows if j in keys[r]]
         for r in range(t * T, min(m, (t + 1) * T)):
             want = [] if is_long[r] else [j for j in keys[r] if j not in shared]
-            assert rs_cols[rs_ptr[r] : rs_ptr[r + 1]].tolist() == want
+            runs = list(zip(rs_lo[rs_ptr[r] : rs_ptr[r + 1]].tolist(), rs_hi[rs_ptr[r] : rs_ptr[r + 1]].tolist()))
+            assert [j for a, b in runs for j in range(a, b)] == want
+            # each residual run ends at a gap, a shared column or the end of a leftover run of the row
+            ends = {hi[k] for k in range(ptr[r], ptr[r + 1]) if not in_span[k]}
+            assert all(b in ends or b in shared or b not in keys[r] for a, b in runs)
+        got = sum(int(rs_hi[e] - rs_lo[e]) for e in range(rs_ptr[t * T], rs_ptr[min(m, (t + 1) * T)]))
+        assert rs_tile[t] == got
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,32 @@ def test_neighborhood_against_natten_rule(case):
     check_rows(p, dense, np.random.default_rng(sum(shape)))
     if not any(causal):  # shifted, not cut: every query sees exactly prod(kernel_size) keys
         assert np.all(dense.sum(axis=1) == np.prod(ks))
+    if p.has_runs:  # the runs, from NumPy and from the Numba kernel, on a random row block
+        rng = np.random.default_rng(len(shape) + sum(ks))
+        a = int(rng.integers(0, dense.shape[0] + 1))
+        b = int(rng.integers(a, dense.shape[0] + 1))
+        for numba in (False, True):
+            ptr, lo, hi = runs_by(p, a, b, numba)
+            assert len(ptr) == b - a + 1 and np.all(hi > lo)  # non-empty runs
+            got = np.zeros((b - a, dense.shape[1]), dtype=bool)
+            for r in range(b - a):
+                for k in range(ptr[r], ptr[r + 1]):
+                    got[r, lo[k] : hi[k]] = True
+                    if k > ptr[r]:
+                        assert lo[k] > hi[k - 1]  # ascending, disjoint and not touching (canonical)
+            np.testing.assert_array_equal(got, dense[a:b])
+
+
+def runs_by(p, a, b, numba):
+    """The pattern's runs of rows a:b from the Numba kernel or from NumPy (whatever the kernel's state)."""
+    from sparseattn.patterns import grids as g
+
+    saved = g._NUMBA_ROWS, g._grid_runs_compiled
+    g._NUMBA_ROWS, g._grid_runs_compiled = (0, saved[1]) if numba else (1 << 62, lambda: False)
+    try:
+        return p._runs(a, b)
+    finally:
+        g._NUMBA_ROWS, g._grid_runs_compiled = saved
 
 
 @pytest.mark.parametrize(

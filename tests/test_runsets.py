@@ -213,7 +213,7 @@ def test_run_plan_equals_the_csr_plan_and_covers(name):
     if plan.kind == "runs":
         csr_plan = build_plan(CSRPattern(p.csr.indptr, p.csr.indices, p.shape))
         for field in ("tile_k0", "tile_k1", "row_lo", "row_hi", "xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi",
-                      "sh_ptr", "sh_cols", "sh_mask", "rs_ptr", "rs_cols", "long_rows", "it_a", "it_b"):  # fmt: skip
+                      "sh_ptr", "sh_cols", "sh_mask", "rs_ptr", "rs_lo", "rs_hi", "long_rows", "it_a", "it_b"):  # fmt: skip
             np.testing.assert_array_equal(getattr(plan, field), getattr(csr_plan, field), err_msg=field)
 
 

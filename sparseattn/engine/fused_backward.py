@@ -169,7 +169,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             const = (q, k, v, qmap, kmap, vmap, dout, out, lse, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                      plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
                      plan.sh_ptr, plan.sh_cols, plan.sh_mask, plan.rs_ptr,
-                     plan.rs_cols, sc, kv, sb, use_valid, mod, slopes)  # fmt: skip
+                     plan.rs_lo, plan.rs_hi, sc, kv, sb, use_valid, mod, slopes)  # fmt: skip
 
             def tiles(b0, b1, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v):
                 if b1 <= b0:

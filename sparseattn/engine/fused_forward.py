@@ -171,7 +171,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 (q, k, v, qmap, kmap, vmap, slices, plan.tile_rows, plan.chunk, plan.tile_k0, plan.tile_k1,
                  plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
                  plan.sh_ptr, plan.sh_cols, plan.sh_mask,
-                 plan.rs_ptr, plan.rs_cols, sc, kv, sb, use_valid, mod, slopes),
+                 plan.rs_ptr, plan.rs_lo, plan.rs_hi, sc, kv, sb, use_valid, mod, slopes),
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,

@@ -108,8 +108,9 @@ class TilePlan:
         Shared columns of tile ``t``: ``sh_cols[sh_ptr[t]:sh_ptr[t+1]]``; row
         ``r`` of the tile uses column ``c`` iff ``sh_mask[c*T + r]`` (global
         position ``c``).
-    rs_ptr, rs_cols
-        Per-row residual columns, CSR-like.
+    rs_ptr, rs_lo, rs_hi
+        Per-row residual runs: row ``i`` also has the keys ``[rs_lo[e], rs_hi[e])`` for ``e`` in
+        ``rs_ptr[i]:rs_ptr[i+1]`` (O(runs), never one index per key).
     tile_cost : int64 ndarray
         Estimated work per tile (for splitting tiles across threads).
     long_rows, grp_ptr : int64 ndarray
@@ -137,7 +138,7 @@ class TilePlan:
             int(np.sum(self.row_hi - self.row_lo))
             + int(np.sum(self.xs_hi - self.xs_lo))
             + int(np.count_nonzero(self.sh_mask))
-            + len(self.rs_cols)
+            + int(np.sum(self.rs_hi - self.rs_lo))
             + long_nnz
         )
 
@@ -182,9 +183,9 @@ class TilePlan:
                 rows.append(t * T + rr)
                 cols.append(np.full(len(rr), self.sh_cols[c]))
         # residual
-        rcnt = np.diff(self.rs_ptr)
-        rows.append(np.repeat(np.arange(n_q), rcnt))
-        cols.append(np.asarray(self.rs_cols))
+        rw = self.rs_hi - self.rs_lo
+        rows.append(np.repeat(np.repeat(np.arange(n_q), np.diff(self.rs_ptr)), rw))
+        cols.append(np.repeat(self.rs_lo, rw) + np.arange(int(rw.sum())) - np.repeat(np.cumsum(rw) - rw, rw))
         # long rows
         for it in range(len(self.it_grp)):
             g = self.it_grp[it]
@@ -203,7 +204,7 @@ class TilePlan:
     def __repr__(self):
         return (
             f"<TilePlan {self.kind} shape={self.shape} T={self.tile_rows} tiles={self.n_tiles} "
-            f"extra={len(self.xs_k0)} shared={len(self.sh_cols)} residual={len(self.rs_cols)} long_rows={len(self.long_rows)} "
+            f"extra={len(self.xs_k0)} shared={len(self.sh_cols)} residual={int(np.sum(self.rs_hi - self.rs_lo))} in {len(self.rs_lo)} runs long_rows={len(self.long_rows)} "
             f"items={len(self.it_grp)} {self.nbytes / 2**20:.1f} MiB>"
         )
 
@@ -301,7 +302,8 @@ def _structured_plan(p, band, g, T, chunk):
         sh_cols=sh_cols,
         sh_mask=sh_mask,
         rs_ptr=np.zeros(n_q + 1, np.int64),
-        rs_cols=np.zeros(0, np.int64),
+        rs_lo=np.zeros(0, np.int64),
+        rs_hi=np.zeros(0, np.int64),
         tile_cost=cost.astype(np.int64),
         **_no_extra_spans(len(k0)),
         **longs,
@@ -316,7 +318,7 @@ def _runs_plan(p, runs, T, chunk, long_min, kind):
     """
     n_q, n_k = p.shape
     ptr, run_lo, run_hi = runs
-    counts = runsets.counts(ptr, run_lo, run_hi)
+    counts = _helpers().row_counts(ptr, run_lo, run_hi)
     med = float(np.median(counts)) if n_q else 0.0
     if T is None:
         T = _tile_rows_for(max(int(med), 1))
@@ -327,11 +329,12 @@ def _runs_plan(p, runs, T, chunk, long_min, kind):
     # the runs outside the spans: extra spans where they cluster, else shared columns or residuals
     *xs, in_span = _helpers().extra_spans(ptr, run_lo, run_hi, is_long, lo, hi, T, MIN_SPAN_FILL, MIN_RUN, PANEL)
     xs = dict(zip(("xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi"), xs))
-    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols = _helpers().leftovers(ptr, run_lo, run_hi, is_long, in_span, T, n_k)
+    sh_ptr, sh_cols, sh_mask, rs_ptr, rs_lo, rs_hi, rs_tile = _helpers().leftovers(
+        ptr, run_lo, run_hi, is_long, in_span, T, n_k
+    )
     long_rows = np.flatnonzero(is_long)
     row_runs = [(run_lo[ptr[r] : ptr[r + 1]], run_hi[ptr[r] : ptr[r + 1]]) for r in long_rows]
     longs = long_items(long_rows, row_runs, T, chunk)
-    rs_tile = np.add.reduceat(np.diff(rs_ptr), np.arange(0, n_q, T)) if n_q else np.zeros(0, np.int64)
     cost = _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile, xs)
     return dict(
         kind=kind,
@@ -344,7 +347,8 @@ def _runs_plan(p, runs, T, chunk, long_min, kind):
         sh_cols=sh_cols,
         sh_mask=sh_mask,
         rs_ptr=rs_ptr,
-        rs_cols=rs_cols,
+        rs_lo=rs_lo,
+        rs_hi=rs_hi,
         tile_cost=cost.astype(np.int64),
         **xs,
         **longs,

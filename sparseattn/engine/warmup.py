@@ -68,7 +68,9 @@ def _backward(dtype, path):
 
 
 def _patterns():
+    from ..kernels.grid_runs import grid_runs
     from ..patterns.builders import from_dense, random_pattern, sliding_window
+    from ..patterns.grids import neighborhood
     from .plan import get_plan
 
     n = 3000  # large enough for the Numba merge of union / intersection rows
@@ -76,6 +78,9 @@ def _patterns():
     (a & sliding_window(n, 20)).csr
     get_plan(a)
     get_plan(from_dense(np.eye(64, dtype=bool) | np.eye(64, k=3, dtype=bool)))
+    grid = neighborhood((24, 40), 7)  # the grid's runs kernel (small grids use NumPy until it is compiled)
+    grid_runs(0, 8, *grid._kernel_args())
+    get_plan(grid)
 
 
 def steps():

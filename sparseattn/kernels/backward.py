@@ -19,7 +19,7 @@ nnz-sized array.
     :mod:`sparseattn.kernels.simd` (``qk_block`` for S and dP from packed
     K^T and V^T panels, ``pv_block`` for dS K, ``tn_block`` for the two
     transposed products) when ``d`` and ``d_v`` are multiples of 2L, else on
-    BLAS.  Shared and residual columns use direct per-entry loops.
+    BLAS.  Shared columns and residual runs use direct per-entry loops.
 ``long_rows_backward``
     The long (global) rows of a range of slices, after the tile pass: their
     chunks are BLAS products, their ``dK`` / ``dV`` go straight into the
@@ -241,7 +241,7 @@ def _span_grad_blas(
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_backward(
     q, k, v, qmap, kmap, vmap, dout, out, lse, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_lo, rs_hi,
     scale, key_valid, slice_batch, use_valid, mod, slopes,
     it_begin, it_end, dq, dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v,
 ):  # fmt: skip
@@ -344,12 +344,12 @@ def tiles_backward(
                 continue
             i = t0 + r
             for e in range(rs_ptr[i], rs_ptr[i + 1]):
-                j = rs_cols[e]
-                if use_valid and not key_valid[kb, j]:
-                    continue
-                _touch(j, mark, cols, lohi)
-                _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
-                              i, j, mod, slope, s)  # fmt: skip
+                for j in range(rs_lo[e], rs_hi[e]):
+                    if use_valid and not key_valid[kb, j]:
+                        continue
+                    _touch(j, mark, cols, lohi)
+                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j],
+                                  zero, i, j, mod, slope, s)  # fmt: skip
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):

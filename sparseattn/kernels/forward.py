@@ -146,7 +146,7 @@ def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kv
 @njit(cache=True, nogil=True, fastmath=_FM)
 def tiles_forward(
     q, k, v, qmap, kmap, vmap, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
-    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_cols,
+    xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_lo, rs_hi,
     scale, key_valid, slice_batch, use_valid, mod, slopes, it_begin, it_end, out, lse, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
@@ -192,6 +192,7 @@ def tiles_forward(
         kg = np.empty((max(g_cap, 1), d), dtype=dt)
         vg = np.empty((max(g_cap, 1), dv), dtype=dt)
         okb = np.empty(chunk + L2, dtype=np.bool_)
+        rcol = np.empty(chunk, dtype=np.int64)
         qbuf = np.zeros(Tp * d, dtype=dt)  # rows past a short tile's end stay finite
         glo = np.empty(Tp // 6, dtype=np.int64)
         ghi = np.empty(Tp // 6, dtype=np.int64)
@@ -283,34 +284,41 @@ def tiles_forward(
                 _mm_nn(sm, as_readonly(vg[:nc]), tmp[:rows])
                 _add_into(acc, tmp, rows)
                 c0 = cb
-            # -- 3. per-row residual columns
+            # -- 3. per-row residual runs, their keys listed in chunks of up to `chunk` into `rcol`
             for r in range(rows):
                 i = t0 + r
-                e0 = rs_ptr[i]
-                e1 = rs_ptr[i + 1]
-                while e0 < e1:
-                    eb = min(e1, e0 + chunk)
-                    ne = eb - e0
+                e = rs_ptr[i]
+                e_end = rs_ptr[i + 1]
+                j = rs_lo[e] if e < e_end else 0
+                while e < e_end:
+                    ne = 0
+                    while e < e_end and ne < chunk:
+                        rcol[ne] = j
+                        ne += 1
+                        j += 1
+                        if j == rs_hi[e]:
+                            e += 1
+                            if e < e_end:
+                                j = rs_lo[e]
                     sr = sbuf[:ne]
                     qi = qt[r]
-                    for e in range(ne):
-                        j = rs_cols[e0 + e]
-                        kj = ks[j]
+                    for c2 in range(ne):
+                        jj = rcol[c2]
+                        kj = ks[jj]
                         x = zero
                         for c in range(d):
                             x += qi[c] * kj[c]
-                        sr[e] = x
+                        sr[c2] = x
                         if use_valid:
-                            okb[e] = key_valid[kb, j]
-                    mod_cols(sr, ne, rs_cols, e0, i, mod, slope, s)
+                            okb[c2] = key_valid[kb, jj]
+                    mod_cols(sr, ne, rcol, np.int64(0), i, mod, slope, s)
                     _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
-                    for e in range(ne):
-                        p = sr[e]
+                    for c2 in range(ne):
+                        p = sr[c2]
                         if p != zero:
-                            j = rs_cols[e0 + e]
+                            jj = rcol[c2]
                             for c in range(dv):
-                                acc[r, c] += p * vs[j, c]
-                    e0 = eb
+                                acc[r, c] += p * vs[jj, c]
             # -- finalise
             for r in range(rows):
                 i = t0 + r

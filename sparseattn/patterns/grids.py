@@ -13,6 +13,17 @@ from .registry import register_pattern
 __all__ = ["Neighborhood", "neighborhood"]
 
 
+#: from this many rows the runs come from the Numba kernel even before it is compiled (~0.3 s, once)
+_NUMBA_ROWS = 1 << 16
+
+
+def _grid_runs_compiled():
+    from ..kernels.cache import numba_ready
+    from ..kernels.grid_runs import grid_runs
+
+    return numba_ready(grid_runs)
+
+
 class Neighborhood(Pattern):
     """Tokens of a grid in row-major order, each seeing its NATTEN neighbourhood (see :func:`neighborhood`)."""
 
@@ -59,6 +70,13 @@ class Neighborhood(Pattern):
         runs, laid out as a ``(rows, runs per row)`` grid by broadcasting; runs of consecutive grid lines
         touch (and are merged) only where the window spans the whole last axis.
         """
+        if stop - start >= _NUMBA_ROWS or _grid_runs_compiled():
+            from ..kernels.grid_runs import grid_runs
+
+            ptr, lo, hi = grid_runs(start, stop, *self._kernel_args())
+            if len(self.grid) > 1 and stop > start and self.kernel_size[-1] == self.grid[-1]:
+                return runsets.canonical(ptr, lo, hi)  # runs of consecutive grid lines may touch
+            return ptr, lo, hi
         rows = np.arange(start, stop, dtype=np.int64)
         windows = self._axis_windows(rows)
         first, count = windows[-1]
@@ -92,6 +110,11 @@ class Neighborhood(Pattern):
             # runs of consecutive grid lines touch when the window spans the whole last axis
             return runsets.canonical(ptr, lo, hi)
         return ptr, lo, hi
+
+    def _kernel_args(self):
+        as_i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        return (as_i64(self.grid), as_i64(self.kernel_size), as_i64(self.dilation),
+                np.asarray(self.causal, dtype=np.uint8), as_i64(self._strides))  # fmt: skip
 
     def _row_counts(self, start, stop):
         rows = np.arange(start, stop, dtype=np.int64)
