@@ -240,6 +240,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
         bounds,
         n_threads,
         per_thread=lambda: _scratch(dt, R, w, v.shape[-1]),
+        flush_denormals=True,
     )  # fmt: skip
     if bad.any():
         return None

@@ -184,6 +184,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                 run_ranges(
                     tiles, (), (), bounds.tolist(), n_threads if par else 1,
                     per_thread=lambda: _thread_buffers(n_k, d, dv, dt, plan.chunk, simd_ok),
+                    flush_denormals=True,
                 )  # fmt: skip
             if len(plan.it_grp):
                 lslices, starts = _disjoint_groups(slices, kmap, vmap) if par else (slices, np.zeros(1, np.int64))
@@ -195,5 +196,6 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
                     (),
                     _long_ranges(starts, ns, n_ranges),
                     n_threads if par else 1,
+                    flush_denormals=True,
                 )  # fmt: skip
     return dq, dk, dvv

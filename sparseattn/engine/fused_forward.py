@@ -175,7 +175,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,
-                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk),
+                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk), flush_denormals=True,
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows
@@ -191,7 +191,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                      plan.it_off, sc, kv, sb, use_valid, mod, slopes, part_m, part_l, part_o),
                     (),
                     [i * n_jobs // n_ranges for i in range(n_ranges + 1)],
-                    n_threads if par else 1,
+                    n_threads if par else 1, flush_denormals=True,
                 )  # fmt: skip
                 long_rows_merge(
                     slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,

@@ -19,19 +19,23 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None):
+def run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None, flush_denormals=False):
     """``fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)`` for every range, on ``n_threads`` threads.
 
     Ranges are handed out dynamically; the calling thread works too.
     ``extra = per_thread()`` is made once by each thread that takes a range
     (scratch buffers a thread reuses across its ranges); ``()`` when omitted.
+    ``flush_denormals``: each thread runs its ranges with denormals flushed to zero and restores its
+    floating-point mode after them (:mod:`sparseattn.kernels.fpmode`; the fused paths' softmax terms).
     """
     global _pool, _pool_size
     n_ranges = len(bounds) - 1
     n_threads = max(1, min(n_threads, n_ranges))
     counter = itertools.count()
+    if flush_denormals:
+        from ..kernels.fpmode import ftz_enter, ftz_exit
 
-    def worker():
+    def ranges():
         extra = None
         while True:
             i = next(counter)  # atomic under the GIL
@@ -40,6 +44,15 @@ def run_ranges(fn, args_before, args_after, bounds, n_threads, per_thread=None):
             if extra is None:
                 extra = tuple(per_thread()) if per_thread is not None else ()
             fn(*args_before, bounds[i], bounds[i + 1], *args_after, *extra)
+
+    def worker():
+        if not flush_denormals:
+            return ranges()
+        old = ftz_enter()
+        try:
+            ranges()
+        finally:
+            ftz_exit(old)
 
     if n_threads == 1:
         worker()
