@@ -9,7 +9,8 @@ of cycles): H1 with ALiBi ran 1.24x the plain forward and 1.27x the backward, wi
 
 MXCSR is per thread: :func:`ftz_enter` sets the bits on the calling thread and returns the old register,
 :func:`ftz_exit` puts it back, so a caller's own floating-point mode is unchanged after a call.  On other
-machines (no MXCSR) both do nothing.
+machines (no MXCSR) both do nothing.  Neither releases the GIL: each is a few instructions, and a call that
+released it would have to take it back from the pool threads that are starting their ranges.
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ def _mxcsr_set(typingctx, value):
     return types.none(value), codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def ftz_enter():
     """Set FTZ and DAZ on this thread; returns the previous MXCSR for :func:`ftz_exit`."""
     return _mxcsr_ftz()
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def ftz_exit(old):
     """Restore this thread's MXCSR as :func:`ftz_enter` found it (a no-op off x86)."""
     _mxcsr_set(old)
