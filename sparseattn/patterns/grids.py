@@ -68,7 +68,9 @@ class Neighborhood(Pattern):
 
         O(rows * runs per row), never per key.  Without causal axes before the last every row has as many
         runs, laid out as a ``(rows, runs per row)`` grid by broadcasting; runs of consecutive grid lines
-        touch (and are merged) only where the window spans the whole last axis.
+        touch (and are merged) only where the window spans the whole last axis.  A block of
+        :data:`_NUMBA_ROWS` rows or more, or any block once the kernel is compiled or cached, comes from
+        :func:`sparseattn.kernels.grid_runs.grid_runs` instead (the same runs, ~5x faster).
         """
         if stop - start >= _NUMBA_ROWS or _grid_runs_compiled():
             from ..kernels.grid_runs import grid_runs
