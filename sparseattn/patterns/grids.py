@@ -76,9 +76,15 @@ class Neighborhood(Pattern):
             from ..kernels.grid_runs import grid_runs
 
             ptr, lo, hi = grid_runs(start, stop, *self._kernel_args())
-            if len(self.grid) > 1 and stop > start and self.kernel_size[-1] == self.grid[-1]:
-                return runsets.canonical(ptr, lo, hi)  # runs of consecutive grid lines may touch
-            return ptr, lo, hi
+        else:
+            ptr, lo, hi = self._runs_numpy(start, stop)
+        if len(self.grid) > 1 and stop > start and self.kernel_size[-1] == self.grid[-1]:
+            # runs of consecutive grid lines touch when the window spans the whole last axis
+            return runsets.canonical(ptr, lo, hi)
+        return ptr, lo, hi
+
+    def _runs_numpy(self, start, stop):
+        """:meth:`_runs` in NumPy (before the kernel is compiled), not yet merged where runs touch."""
         rows = np.arange(start, stop, dtype=np.int64)
         windows = self._axis_windows(rows)
         first, count = windows[-1]
@@ -108,9 +114,6 @@ class Neighborhood(Pattern):
             ptr = counts_to_indptr(np.bincount(owner, minlength=m))
             lo = base + first[owner]
             hi = lo + count[owner]
-        if len(windows) > 1 and m and int(count.max()) == self.grid[-1]:
-            # runs of consecutive grid lines touch when the window spans the whole last axis
-            return runsets.canonical(ptr, lo, hi)
         return ptr, lo, hi
 
     def _kernel_args(self):
