@@ -6,6 +6,7 @@ import scipy.sparse as sp
 
 import sparseattn as sa
 import sparseattn.engine.fused_backward as bf_mod
+import sparseattn.engine.fused_forward as ff_mod
 from sparseattn.engine import plan as plan_mod
 from sparseattn.patterns import registry
 from sparseattn.reference import dense_attention_backward
@@ -56,10 +57,12 @@ def run(q, k, v, pattern, path, rng, **kw):
 
 @pytest.fixture(params=[False, True], ids=["whole", "chunked"])
 def chunking(request, monkeypatch):
-    """Default chunks, and again with tiny chunks and long-row threshold so small inputs use every code path."""
+    """Default chunks, and again with tiny chunks, long-row threshold and panel caches (two chunks' worth: spans
+    evict their own panels) so small inputs use every code path."""
     if request.param:
         monkeypatch.setattr(plan_mod, "CHUNK", 16)
         monkeypatch.setattr(plan_mod, "LONG_MIN", 24)
+        monkeypatch.setattr(ff_mod, "PANEL_CACHE_BYTES", 0)
     plan_mod.clear_plan_cache()
     yield
     plan_mod.clear_plan_cache()

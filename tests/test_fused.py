@@ -10,6 +10,7 @@ import pytest
 from helpers import assert_attention_close
 
 import sparseattn as sa
+from sparseattn.engine import fused_forward
 from sparseattn.engine import plan as plan_mod
 from sparseattn.engine.validate import prepare
 from sparseattn.engine.fused_forward import fused_attention
@@ -54,9 +55,10 @@ def qkv(rng, lead, n_q, n_k, d, dtype, dv=None, scale=1.0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Tiny GEMM chunks and long-row threshold, so small inputs exercise every code path."""
+    """Tiny GEMM chunks, long-row threshold and panel caches, so small inputs exercise every code path."""
     monkeypatch.setattr(plan_mod, "CHUNK", 16)
     monkeypatch.setattr(plan_mod, "LONG_MIN", 24)
+    monkeypatch.setattr(fused_forward, "PANEL_CACHE_BYTES", 0)  # two chunks' worth: spans evict their panels
     plan_mod.clear_plan_cache()
     yield
     plan_mod.clear_plan_cache()

@@ -146,6 +146,14 @@ def test_million_token_plans_are_linear():
     assert plan.nnz == sa.sliding_window(n, 256)._row_counts(0, n).sum()
 
 
+def test_max_span_is_the_widest_tile_s_keys():
+    """What a thread's panel cache is sized from: the keys of a tile's spans, counted by hand."""
+    assert build_plan(sa.causal(1000), tile_rows=64).max_span == 1000  # the last tile spans every key
+    assert build_plan(sa.sliding_window(1000, 50), tile_rows=64).max_span == 64 + 2 * 50  # an interior tile
+    p = sa.sliding_window(1000, 50) | sa.global_tokens(1000, [500])  # a global column in a tile: shared, not span
+    assert build_plan(p, tile_rows=64).max_span == 64 + 2 * 50
+
+
 def test_plan_cache_reuses_by_identity():
     clear_plan_cache()
     a = get_plan(sa.sliding_window(64, 3))

@@ -25,8 +25,8 @@ def spy(monkeypatch):
     real = fused_mod.panel_buffers
     state = {"simd": [], "force_blas": False}
 
-    def wrapped(n_k, d, dv, dtype, chunk):
-        kp, packed = real(n_k, d, dv, dtype, chunk)
+    def wrapped(n_k, d, dv, dtype, chunk, span=0):
+        kp, packed = real(n_k, d, dv, dtype, chunk, span)
         if state["force_blas"]:
             kp, packed = kp[:0], packed[:0]
         state["simd"].append(packed.size > 0)
@@ -62,6 +62,16 @@ def test_panel_buffers_select_the_path(dtype):
     assert kp.shape == (len(packed) * 24 * w,) and kp.dtype == dtype
     kp, packed = fused_mod.panel_buffers(10**6, 24, 2 * w, dtype, 64)  # long sequence: two chunks' worth
     assert packed.shape == (2 * (64 // w + 2),) and kp.shape == (len(packed) * 24 * w,)
+    two = 2 * (64 // w + 2)
+    kp, packed = fused_mod.panel_buffers(10**6, 24, 2 * w, dtype, 64, 5000)  # a tile's whole span and a chunk
+    assert packed.shape == (-(-5000 // w) + 64 // w + 2,)
+    kp, packed = fused_mod.panel_buffers(3000, 24, 2 * w, dtype, 64, 5000)  # never more than the keys
+    assert packed.shape == (-(-3000 // w),)
+    cap = fused_mod.PANEL_CACHE_BYTES // (24 * w * np.dtype(dtype).itemsize)
+    kp, packed = fused_mod.panel_buffers(10**9, 24, 2 * w, dtype, 64, 10**8)  # capped in bytes
+    assert packed.shape == (cap,) and kp.nbytes <= fused_mod.PANEL_CACHE_BYTES
+    kp, packed = fused_mod.panel_buffers(10**6, 24, 2 * w, dtype, 64, 10)  # a narrow span: two chunks still
+    assert packed.shape == (two,)
     kp, packed = fused_mod.panel_buffers(100, 24, w + 4, dtype, 1024)  # dv not a whole register block
     assert kp.size == 0 and packed.size == 0
 
@@ -82,9 +92,12 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("chunk", [None, 40, 1], ids=["chunk-default", "chunk40", "chunk1"])
-def test_simd_spans_match_reference_and_blas(dtype, case, chunk, spy, monkeypatch):
-    if chunk is not None:  # spans cut into several chunks (online-softmax rescaling, panel cache evictions)
+@pytest.mark.parametrize("cache", ["span", "two-chunks"])
+def test_simd_spans_match_reference_and_blas(dtype, case, chunk, cache, spy, monkeypatch):
+    if chunk is not None:  # spans cut into several chunks (online-softmax rescaling)
         monkeypatch.setattr(plan_mod, "CHUNK", chunk)
+    if cache == "two-chunks":  # panel caches smaller than a tile's span: its panels evict each other
+        monkeypatch.setattr(fused_mod, "PANEL_CACHE_BYTES", 0)
     n_q, n_k, d, blocks, make = CASES[case]
     rng = np.random.default_rng(case)
     q, k, v = _qkv(rng, (2, 3), n_q, n_k, d, blocks * _width(dtype), dtype)

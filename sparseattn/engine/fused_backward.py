@@ -43,7 +43,7 @@ from .plan import get_plan
 __all__ = ["fused_backward"]
 
 
-def _thread_buffers(n_k, d, dv, dtype, chunk, simd):
+def _thread_buffers(n_k, d, dv, dtype, chunk, span, simd):
     """One thread's key buffers and panel caches for :func:`~sparseattn.kernels.backward.tiles_backward`.
 
     The K^T and V^T panel caches are empty (the BLAS span path) unless ``simd``.
@@ -55,8 +55,8 @@ def _thread_buffers(n_k, d, dv, dtype, chunk, simd):
     lohi = np.array([n_k, 0, 0], dtype=np.int64)
     mark = np.zeros(n_k, dtype=np.uint8)
     cols = np.empty(n_k, dtype=np.int64)
-    kp, packed_k = panel_buffers(n_k, d, dv, dtype, chunk)
-    vp, packed_v = panel_buffers(n_k, dv, dv, dtype, chunk)
+    kp, packed_k = panel_buffers(n_k, d, dv, dtype, chunk, span)
+    vp, packed_v = panel_buffers(n_k, dv, dv, dtype, chunk, span)
     if not simd:
         kp, packed_k, vp, packed_v = kp[:0], packed_k[:0], vp[:0], packed_v[:0]
     return dkb, dvb, lohi, mark, cols, kp, vp, packed_k, packed_v
@@ -183,7 +183,7 @@ def fused_backward(q, k, v, dout, out, lse, patterns, slice_pattern, scale, key_
             if n_tiles:
                 run_ranges(
                     tiles, (), (), bounds.tolist(), n_threads if par else 1,
-                    per_thread=lambda: _thread_buffers(n_k, d, dv, dt, plan.chunk, simd_ok),
+                    per_thread=lambda: _thread_buffers(n_k, d, dv, dt, plan.chunk, plan.max_span, simd_ok),
                     flush_denormals=True,
                 )  # fmt: skip
             if len(plan.it_grp):

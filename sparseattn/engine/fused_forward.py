@@ -27,26 +27,35 @@ __all__ = ["fused_attention"]
 
 #: below this many (approximate) flops per kernel call, run serially
 _PARALLEL_MIN_FLOP = 1 << 22
+#: the most bytes of one thread's K^T panel cache (see :func:`panel_buffers`)
+PANEL_CACHE_BYTES = 16 * 2**20
 #: cost-balanced runs of tiles per thread (more runs absorb threads that get delayed)
 _WORK_SPLIT = 8
 
 
-def panel_buffers(n_k, d, dv, dtype, chunk):
+def panel_buffers(n_k, d, dv, dtype, chunk, span=0):
     """One thread's K^T panel cache for the micro-kernel span path: ``(kp, packed)``.
 
     ``kp`` holds ``n_slots`` panels of ``d x 2L`` keys (L lanes of the
-    micro-kernels' vector, :data:`sparseattn.kernels.VECTOR_BYTES`), enough for two span chunks of
-    ``chunk`` keys: O(chunk * d) per thread, about 0.5 MiB for d = 64 and the
-    default chunk, so it stays in the core's L2.  ``packed[slot]`` tags the
-    slice and panel a slot holds (-1: none).  Empty arrays select the BLAS
-    path, used when ``dv`` is not a multiple of 2L.
+    micro-kernels' vector, :data:`sparseattn.kernels.VECTOR_BYTES`): enough for a tile's whole
+    ``span`` of keys and one chunk more, at least two chunks and at most
+    :data:`PANEL_CACHE_BYTES`.  Slots are direct-mapped (panel ``p`` in slot ``p % n_slots``), so
+    a tile never evicts its own panels, the next tile of a band packs only the keys it adds, and
+    the tiles of a causal or full pattern pack each panel once per slice instead of once per tile
+    (their spans run to the end of the sequence: with two chunks' worth the packing cost about a
+    quarter of the products at d 64).  ``packed[slot]`` tags the slice and panel a slot holds
+    (-1: none).  Empty arrays select the BLAS path, used when ``dv`` is not a multiple of 2L.
     """
     from ..kernels.simd import block_width
 
     width = block_width(dtype)  # 2L
     if dv % width:
         return np.empty(0, dtype=dtype), np.empty(0, dtype=np.int64)
-    n_slots = min(-(-n_k // width), 2 * (chunk // width + 2))
+    n_slots = 2 * (chunk // width + 2)
+    if span:
+        cap = max(n_slots, PANEL_CACHE_BYTES // (d * width * np.dtype(dtype).itemsize))
+        n_slots = min(max(n_slots, -(-span // width) + chunk // width + 2), cap)
+    n_slots = min(-(-n_k // width), n_slots)
     return np.empty(n_slots * d * width, dtype=dtype), np.full(n_slots, -1, dtype=np.int64)
 
 
@@ -175,7 +184,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 (out, lse),
                 bounds.tolist(),
                 n_threads if par else 1,
-                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk), flush_denormals=True,
+                per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk, plan.max_span), flush_denormals=True,
             )  # fmt: skip
             if len(plan.it_grp):
                 ns, npr = len(slices), plan.n_part_rows

@@ -119,6 +119,9 @@ class TilePlan:
         Long-row work items: group ``it_grp[i]`` over keys ``[it_a[i], it_b[i])``;
         items of group ``g`` are ``grp_it_ptr[g]:grp_it_ptr[g+1]``; partial row
         ``rr`` of item ``i`` lives at ``it_off[i] + rr``.
+    max_span : int
+        The most keys one tile's spans hold together (its span and its extra spans): what a thread's panel
+        cache holds so that a tile never evicts its own panels.
     kind : str
         ``"structured"`` (planned from a band's and global tokens' parameters), ``"runs"`` (from the
         pattern's runs) or ``"generic"`` (from the maximal runs of its CSR).
@@ -133,6 +136,9 @@ class TilePlan:
         cost = self.tile_cost.astype(np.int64)
         self.cost_prefix = np.concatenate(([0], np.cumsum(cost)))
         self.n_part_rows = int(self.it_off[-1] + self._item_rows()[-1]) if len(self.it_off) else 0
+        xs_tile = np.repeat(np.arange(self.n_tiles), np.diff(self.xs_ptr))
+        xs_keys = np.bincount(xs_tile, weights=self.xs_k1 - self.xs_k0, minlength=self.n_tiles)
+        self.max_span = int(np.max(self.tile_k1 - self.tile_k0 + xs_keys.astype(np.int64))) if self.n_tiles else 0
         long_nnz = int(np.sum((self.it_b - self.it_a) * self._item_rows())) if len(self.it_off) else 0
         self.nnz = (
             int(np.sum(self.row_hi - self.row_lo))

@@ -60,8 +60,9 @@ def _span_simd(
     band tile cost almost nothing.  K^T panels are packed on first use into
     the thread's direct-mapped panel cache ``kp``: panel ``p`` of slice ``s``
     lives in slot ``p % n_slots``, tagged ``packed[slot] == s * n_panels + p``
-    (the cache holds two chunks, so a tile's chunk never evicts its own panels
-    and the next tile of a band repacks only the keys it adds).
+    (the cache holds the tile's whole span and a chunk more, up to a byte cap, so a tile never
+    evicts its own panels, the next tile of a band repacks only the keys it adds, and a causal or
+    full pattern packs each panel once per slice).
     """
     d = ks.shape[1]
     n_k = ks.shape[0]
