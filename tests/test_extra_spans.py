@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import sparseattn as sa
+from sparseattn.engine import plan as plan_mod
 from sparseattn.engine.plan import build_plan
 from sparseattn.reference import dense_attention, dense_attention_backward
 
@@ -29,10 +30,16 @@ def _covers(plan, p):
     np.testing.assert_array_equal(np.sort(key), np.sort(want))
 
 
+def _from_runs(p):
+    """The plan the runs planner makes (a plain neighbourhood is planned from its grid: tests/test_gridplan.py)."""
+    fields = plan_mod._runs_plan(p, p.row_runs(0, p.shape[0]), None, plan_mod.CHUNK, plan_mod.LONG_MIN, "runs")
+    return plan_mod.TilePlan(shape=p.shape, chunk=plan_mod.CHUNK, **fields)
+
+
 def test_wide_neighbourhood_plan_has_no_residual_list():
     n = 16 * 256
     p = sa.neighborhood((16, 256), (5, 31))
-    plan = build_plan(p)
+    plan = _from_runs(p)
     assert plan.kind == "runs"
     assert len(plan.rs_lo) == 0 and len(plan.sh_cols) == 0
     assert np.all(plan.tile_k1 > plan.tile_k0)  # the span (a row's first longest run) and
@@ -44,7 +51,7 @@ def test_wide_neighbourhood_plan_has_no_residual_list():
 def test_narrow_neighbourhood_runs_stay_residual():
     # 7-key runs fill under half of the 16-key panels their 6-row blocks touch: per-row residuals run faster
     # (measured: 147 ms against 250 ms as extra spans, 128 x 128 tokens, 4 heads, d 64)
-    plan = build_plan(sa.neighborhood((32, 64), 7))
+    plan = _from_runs(sa.neighborhood((32, 64), 7))
     assert len(plan.xs_k0) == 0
     _covers(plan, sa.neighborhood((32, 64), 7))
 

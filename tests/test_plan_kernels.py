@@ -12,6 +12,7 @@ import pytest
 from test_plan import assert_plan_covers
 
 import sparseattn as sa
+from sparseattn.engine import plan as plan_mod
 from sparseattn.engine.plan import build_plan
 from sparseattn.kernels import planning
 from sparseattn.patterns import runsets
@@ -186,6 +187,9 @@ def test_leftovers_kernel_splits_shared_and_residual_by_the_rule(seed):
 def test_run_plans_cover_the_pattern_once(make):
     p = make()
     for tile_rows in (None, 5, 32):
+        # the runs planner itself (build_plan plans a plain neighbourhood from its grid where it can)
+        fields = plan_mod._runs_plan(p, p.row_runs(0, p.shape[0]), tile_rows, plan_mod.CHUNK, plan_mod.LONG_MIN, "runs")
+        assert_plan_covers(plan_mod.TilePlan(shape=p.shape, chunk=plan_mod.CHUNK, **fields), p)
         plan = build_plan(p, tile_rows=tile_rows)
-        assert plan.kind == "runs"
+        assert plan.kind in ("runs", "structured")
         assert_plan_covers(plan, p)

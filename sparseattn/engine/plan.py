@@ -24,7 +24,8 @@ threads share, and merged with the log-sum-exp formula.
 Every nonzero of the pattern is covered by exactly one of these (checked in
 ``tests/test_plan.py``).  Building a plan never makes an ``n x n`` anything:
 sliding windows (dilation 1, any offset), global tokens and unions of them
-are planned from their parameters in O(n); other run patterns (causal,
+are planned from their parameters in O(n), neighbourhoods from their grid in
+O(n * runs per row) (:mod:`sparseattn.engine.gridplan`); other run patterns (causal,
 documents, prefix-LM, neighbourhoods, their unions and intersections: see
 :mod:`sparseattn.patterns.runsets`) from their runs in O(n * runs per row),
 never building their CSR; any other pattern from the maximal runs of its CSR
@@ -54,6 +55,7 @@ import numpy as np
 from ..patterns import runsets
 from ..patterns.base import Pattern, Union
 from ..patterns.builders import GlobalTokens
+from ..patterns.grids import Neighborhood
 from ..patterns.windows import SlidingWindow
 from .planrows import long_items, longest_runs, tile_quartile
 
@@ -123,7 +125,8 @@ class TilePlan:
         The most keys one tile's spans hold together (its span and its extra spans): what a thread's panel
         cache holds so that a tile never evicts its own panels.
     kind : str
-        ``"structured"`` (planned from a band's and global tokens' parameters), ``"runs"`` (from the
+        ``"structured"`` (planned from a band's and global tokens' parameters, or from a neighbourhood's
+        grid), ``"runs"`` (from the
         pattern's runs) or ``"generic"`` (from the maximal runs of its CSR).
     """
 
@@ -361,6 +364,25 @@ def _runs_plan(p, runs, T, chunk, long_min, kind):
     )
 
 
+def _neighborhood_plan(p, T, chunk):
+    """A neighbourhood planned from its grid (:mod:`sparseattn.engine.gridplan`), or None where that does not apply."""
+    from .gridplan import neighborhood_fields
+
+    got = neighborhood_fields(p, T or _tile_rows_for(int(np.prod(p.kernel_size))), PANEL)
+    if got is None:
+        return None
+    T, f = got
+    n_q = p.shape[0]
+    rs_tile = f.pop("rs_tile")
+    sh_ptr = np.zeros(len(f["tile_k0"]) + 1, np.int64)
+    xs = {key: f[key] for key in ("xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi")}
+    cost = _tile_cost(n_q, T, f["tile_k0"], f["tile_k1"], sh_ptr, rs_tile, xs)
+    longs = long_items(np.zeros(0, np.int64), [], T, chunk)
+    z = np.zeros(0, np.int64)
+    return dict(kind="structured", tile_rows=T, sh_ptr=sh_ptr, sh_cols=z, sh_mask=np.zeros(0, np.uint8),
+                tile_cost=cost.astype(np.int64), **f, **longs)  # fmt: skip
+
+
 def _generic_plan(p, T, chunk, long_min):
     csr = p.csr
     runs = runsets.from_csr(csr.indptr, csr.indices)
@@ -395,12 +417,15 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     struct = None if generic else _structure(pattern)
+    fields = None
     if struct is not None:
         fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
-    elif not generic and pattern.has_runs:
+    elif not generic and type(pattern) is Neighborhood:
+        fields = _neighborhood_plan(pattern, tile_rows, chunk)  # None where its tiles would cross grid lines
+    if fields is None and not generic and pattern.has_runs:
         runs = pattern.row_runs(0, pattern.shape[0])
         fields = _runs_plan(pattern, runs, tile_rows, chunk, long_min, "runs")
-    else:
+    elif fields is None:
         fields = _generic_plan(pattern, tile_rows, chunk, long_min)
     return TilePlan(shape=pattern.shape, chunk=chunk, **fields)
 
