@@ -75,22 +75,28 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, sl
 
 
 @njit(fastmath=_FM)
-def _one_key_grad(qr, dor, kj, vj, li, di, dqr, dkj, dvj, zero, i, j, mod, slope, sl):
-    """Gradient contributions of one allowed (row ``i``, key ``j``) pair; ``qr`` is the scaled query row."""
+def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, sl):
+    """Gradient contributions of one allowed pair: row ``r`` of the tile (query ``i``, scaled ``qt[r]``), key ``j``.
+
+    Indexes the 2-D arrays element by element: a row view per key (``ks[j]``, ``dkb[j]``) would be a new
+    reference-counted array on every pair, which cost more than the arithmetic.
+    """
+    d = qt.shape[1]
+    dv = dot.shape[1]
     x = zero
-    for c in range(qr.shape[0]):
-        x += qr[c] * kj[c]
+    for c in range(d):
+        x += qt[r, c] * ks[j, c]
     dp = zero
-    for c in range(dor.shape[0]):
-        dp += dor[c] * vj[c]
+    for c in range(dv):
+        dp += dot[r, c] * vs[j, c]
     x, fac = mod_grad(x, i, j, mod, slope, sl)
     p = _exp(x - li)
     ds = p * (dp - di) * fac
-    for c in range(qr.shape[0]):
-        dqr[c] += ds * kj[c]
-        dkj[c] += ds * qr[c]
-    for c in range(dor.shape[0]):
-        dvj[c] += p * dor[c]
+    for c in range(d):
+        dqt[r, c] += ds * ks[j, c]
+        dkb[j, c] += ds * qt[r, c]
+    for c in range(dv):
+        dvb[j, c] += p * dot[r, c]
 
 
 @njit(fastmath=_FM)
@@ -330,6 +336,8 @@ def tiles_backward(
                     tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, s,
                 )  # fmt: skip
         # -- 2. shared gathered columns, 3. per-row residual columns: direct per-entry loops
+        ks = k[sk]
+        vs = v[sv]
         for c in range(sh_ptr[t], sh_ptr[t + 1]):
             j = sh_cols[c]
             if use_valid and not key_valid[kb, j]:
@@ -337,19 +345,19 @@ def tiles_backward(
             _touch(j, mark, cols, lohi)
             for r in range(rows):
                 if sh_mask[c * T + r] != 0 and live[r]:
-                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j], zero,
-                                  t0 + r, j, mod, slope, s)  # fmt: skip
+                    _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, lse_t[r], dsum_t[r], zero, t0 + r, mod, slope, s)
         for r in range(rows):
             if not live[r]:
                 continue
             i = t0 + r
+            li = lse_t[r]
+            di = dsum_t[r]
             for e in range(rs_ptr[i], rs_ptr[i + 1]):
                 for j in range(rs_lo[e], rs_hi[e]):
                     if use_valid and not key_valid[kb, j]:
                         continue
                     _touch(j, mark, cols, lohi)
-                    _one_key_grad(qt[r], dot[r], k[sk, j], v[sv, j], lse_t[r], dsum_t[r], dqt[r], dkb[j], dvb[j],
-                                  zero, i, j, mod, slope, s)  # fmt: skip
+                    _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, s)
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):
