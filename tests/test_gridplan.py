@@ -24,6 +24,7 @@ GRID_PLANNED = {
     "2-D wide": lambda: sa.neighborhood((6, 64), (3, 25)),
     "3-D wide causal": lambda: sa.neighborhood((4, 3, 64), (2, 3, 17), causal=(True, False, False)),
     "1-D wide": lambda: sa.neighborhood(128, 40),
+    "whole lines": lambda: sa.neighborhood((6, 16), (3, 16)),  # a tile's runs on adjacent lines touch
 }
 
 
