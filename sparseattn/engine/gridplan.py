@@ -117,7 +117,7 @@ def _residual_fields(n, T, keys, per_tile, seg_lo, seg_hi):
         rs_hi = keys[line] + seg_hi[tile, row]
     empty = np.zeros(n_tiles, np.int64)
     z = np.zeros(0, np.int64)
-    return dict(tile_k0=empty, tile_k1=empty.copy(), row_lo=np.zeros(n, np.int64), row_hi=np.zeros(n, np.int64),
+    return dict(tile_k0=empty, tile_k1=empty, row_lo=np.zeros(n, np.int64), row_hi=np.zeros(n, np.int64),
                 xs_ptr=np.zeros(n_tiles + 1, np.int64), xs_k0=z, xs_k1=z, xs_lo=z, xs_hi=z,
                 rs_ptr=rs_ptr, rs_lo=rs_lo, rs_hi=rs_hi, rs_tile=per_tile * T * 4)  # fmt: skip
 

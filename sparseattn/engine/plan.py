@@ -139,9 +139,8 @@ class TilePlan:
         cost = self.tile_cost.astype(np.int64)
         self.cost_prefix = np.concatenate(([0], np.cumsum(cost)))
         self.n_part_rows = int(self.it_off[-1] + self._item_rows()[-1]) if len(self.it_off) else 0
-        xs_tile = np.repeat(np.arange(self.n_tiles), np.diff(self.xs_ptr))
-        xs_keys = np.bincount(xs_tile, weights=self.xs_k1 - self.xs_k0, minlength=self.n_tiles)
-        self.max_span = int(np.max(self.tile_k1 - self.tile_k0 + xs_keys.astype(np.int64))) if self.n_tiles else 0
+        spans = self.tile_k1 - self.tile_k0 + _extra_keys(self.xs_ptr, self.xs_k0, self.xs_k1)
+        self.max_span = int(spans.max()) if self.n_tiles else 0
         long_nnz = int(np.sum((self.it_b - self.it_a) * self._item_rows())) if len(self.it_off) else 0
         self.nnz = (
             int(np.sum(self.row_hi - self.row_lo))
@@ -247,13 +246,18 @@ def _span_of_tiles(lo, hi, T, n_k):
     return k0, k1
 
 
+def _extra_keys(xs_ptr, xs_k0, xs_k1):
+    """Per tile, the keys of its extra spans together."""
+    widths = np.concatenate(([0], np.cumsum(xs_k1 - xs_k0)))
+    return widths[xs_ptr[1:]] - widths[xs_ptr[:-1]]
+
+
 def _tile_cost(n_q, T, k0, k1, sh_ptr, rs_tile, xs=None):
     """Work estimate per tile for balancing threads: span and shared keys per row, residuals, overhead."""
     rows_per_tile = np.diff(np.append(np.arange(0, n_q, T), n_q))
     extra = 0
     if xs is not None and len(xs["xs_k0"]):
-        widths = np.concatenate(([0], np.cumsum(xs["xs_k1"] - xs["xs_k0"])))
-        extra = widths[xs["xs_ptr"][1:]] - widths[xs["xs_ptr"][:-1]] + 16 * np.diff(xs["xs_ptr"])
+        extra = _extra_keys(xs["xs_ptr"], xs["xs_k0"], xs["xs_k1"]) + 16 * np.diff(xs["xs_ptr"])
     return rows_per_tile * ((k1 - k0) + extra + np.diff(sh_ptr)) + 4 * rs_tile + 64
 
 
@@ -422,11 +426,12 @@ def build_plan(pattern, *, tile_rows=None, chunk=None, long_min=None, generic=Fa
         fields = _structured_plan(pattern, struct[0], struct[1], tile_rows, chunk)
     elif not generic and type(pattern) is Neighborhood:
         fields = _neighborhood_plan(pattern, tile_rows, chunk)  # None where its tiles would cross grid lines
-    if fields is None and not generic and pattern.has_runs:
-        runs = pattern.row_runs(0, pattern.shape[0])
-        fields = _runs_plan(pattern, runs, tile_rows, chunk, long_min, "runs")
-    elif fields is None:
-        fields = _generic_plan(pattern, tile_rows, chunk, long_min)
+    if fields is None:
+        if not generic and pattern.has_runs:
+            runs = pattern.row_runs(0, pattern.shape[0])
+            fields = _runs_plan(pattern, runs, tile_rows, chunk, long_min, "runs")
+        else:
+            fields = _generic_plan(pattern, tile_rows, chunk, long_min)
     return TilePlan(shape=pattern.shape, chunk=chunk, **fields)
 
 
