@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from .mods import active, mod_grad, mod_grad_span
-from .simd import _FM, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
+from .simd import _FM, NO_RC, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
 
 __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
 
@@ -41,7 +41,7 @@ __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
 KEY_PAD = 8
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, nogil=True, **NO_RC)
 def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, slope, sl):
     """One row over one chunk: scaled scores ``srow`` -> ``P``, ``dprow`` (dO.v) -> ``dS``; zero outside ``[lo, hi)``.
 
@@ -74,7 +74,7 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, sl
             y[j] = p * (y[j] - di)
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, nogil=True, **NO_RC)
 def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, sl):
     """Gradient contributions of one allowed pair: row ``r`` of the tile (query ``i``, scaled ``qt[r]``), key ``j``.
 
@@ -99,7 +99,7 @@ def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope
         dvb[j, c] += p * dot[r, c]
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, nogil=True, **NO_RC)
 def _touch(j, mark, cols, lohi):
     if mark[j] == 0:
         mark[j] = 1
@@ -107,7 +107,7 @@ def _touch(j, mark, cols, lohi):
         lohi[2] += 1
 
 
-@njit(nogil=True, fastmath=_FM)
+@njit(nogil=True, fastmath=_FM, **NO_RC)
 def _span_grad_simd(
     qbuf, dobuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf, dqacc,
     kp, vp, packed_k, packed_v, glo, ghi, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,
@@ -202,7 +202,7 @@ def _span_grad_simd(
         a = b
 
 
-@njit(nogil=True, fastmath=_FM)
+@njit(nogil=True, fastmath=_FM, **NO_RC)
 def _span_grad_blas(
     qt, dot, dqt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, live, sbuf, dpbuf,
     tmpq, tmpk, tmpv, use_valid, kvrow, lse_t, dsum_t, dkb, dvb, lohi, zero, mod, slope, sl,

@@ -36,7 +36,7 @@ from numba import njit
 
 from .mods import mod_cols, mod_one, mod_span
 from .online import _add_into, _one_key_update, _row_update
-from .simd import _FM, _mm_nn, _mm_nt, _neg, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block
+from .simd import _FM, NO_RC, _mm_nn, _mm_nt, _neg, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 
@@ -44,7 +44,7 @@ __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 _FEW_SHARED = 8
 
 
-@njit(nogil=True, fastmath=_FM)
+@njit(nogil=True, fastmath=_FM, **NO_RC)
 def _span_simd(
     qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, accf, dv,
     kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, sl,
@@ -142,6 +142,67 @@ def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kv
             _add_into(acc, tmp, rows)
         a = b
     return first
+
+
+@njit(nogil=True, fastmath=_FM, **NO_RC)
+def _few_shared(qt, ks, vs, rows, T, t0, c0, c1, sh_cols, sh_mask, key_valid, kb, use_valid,
+                mod, slope, s, m, l, acc, half, zero):  # fmt: skip
+    """A tile's few shared columns ``sh_cols[c0:c1]``: direct dot products, no gather and no GEMM call."""
+    d = qt.shape[1]
+    for c in range(c0, c1):
+        j = sh_cols[c]
+        if use_valid and not key_valid[kb, j]:
+            continue
+        vj = vs[j]
+        for r in range(rows):
+            if sh_mask[c * T + r] == 0:
+                continue
+            x = zero
+            for e in range(d):
+                x += qt[r, e] * ks[j, e]
+            _one_key_update(mod_one(x, t0 + r, j, mod, slope, s), vj, r, m, l, acc, half, zero)
+
+
+@njit(nogil=True, fastmath=_FM, **NO_RC)
+def _residual_rows(qt, ks, vs, rows, t0, rs_ptr, rs_lo, rs_hi, rcol, sbuf, okb, key_valid, kb, use_valid,
+                   chunk, mod, slope, s, m, l, acc, neg, zero):  # fmt: skip
+    """Each row's residual runs, their keys listed in chunks of up to ``chunk`` into ``rcol``."""
+    d = qt.shape[1]
+    dv = vs.shape[1]
+    for r in range(rows):
+        i = t0 + r
+        e = rs_ptr[i]
+        e_end = rs_ptr[i + 1]
+        j = rs_lo[e] if e < e_end else 0
+        while e < e_end:
+            ne = 0
+            while e < e_end and ne < chunk:
+                rcol[ne] = j
+                ne += 1
+                j += 1
+                if j == rs_hi[e]:
+                    e += 1
+                    if e < e_end:
+                        j = rs_lo[e]
+            sr = sbuf[:ne]
+            qi = qt[r]
+            for c2 in range(ne):
+                kj = ks[rcol[c2]]
+                x = zero
+                for c in range(d):
+                    x += qi[c] * kj[c]
+                sr[c2] = x
+                if use_valid:
+                    okb[c2] = key_valid[kb, rcol[c2]]
+            mod_cols(sr, ne, rcol, np.int64(0), i, mod, slope, s)
+            _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
+            ar = acc[r]
+            for c2 in range(ne):
+                p = sr[c2]
+                if p != zero:
+                    vj = vs[rcol[c2]]
+                    for c in range(dv):
+                        ar[c] += p * vj[c]
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -247,21 +308,8 @@ def tiles_forward(
             c0 = sh_ptr[t]
             c1 = sh_ptr[t + 1]
             if c1 - c0 <= _FEW_SHARED:
-                # a few columns: direct dot products, no gather and no GEMM call
-                for c in range(c0, c1):
-                    j = sh_cols[c]
-                    if use_valid and not key_valid[kb, j]:
-                        continue
-                    kj = ks[j]
-                    vj = vs[j]
-                    for r in range(rows):
-                        if sh_mask[c * T + r] == 0:
-                            continue
-                        qr = qt[r]
-                        x = zero
-                        for e in range(d):
-                            x += qr[e] * kj[e]
-                        _one_key_update(mod_one(x, t0 + r, j, mod, slope, s), vj, r, m, l, acc, half, zero)
+                _few_shared(qt, ks, vs, rows, T, t0, c0, c1, sh_cols, sh_mask, key_valid, kb, use_valid,
+                            mod, slope, s, m, l, acc, half, zero)  # fmt: skip
                 c0 = c1
             while c0 < c1:
                 cb = min(c1, c0 + g_cap)
@@ -286,40 +334,8 @@ def tiles_forward(
                 _add_into(acc, tmp, rows)
                 c0 = cb
             # -- 3. per-row residual runs, their keys listed in chunks of up to `chunk` into `rcol`
-            for r in range(rows):
-                i = t0 + r
-                e = rs_ptr[i]
-                e_end = rs_ptr[i + 1]
-                j = rs_lo[e] if e < e_end else 0
-                while e < e_end:
-                    ne = 0
-                    while e < e_end and ne < chunk:
-                        rcol[ne] = j
-                        ne += 1
-                        j += 1
-                        if j == rs_hi[e]:
-                            e += 1
-                            if e < e_end:
-                                j = rs_lo[e]
-                    sr = sbuf[:ne]
-                    qi = qt[r]
-                    for c2 in range(ne):
-                        jj = rcol[c2]
-                        kj = ks[jj]
-                        x = zero
-                        for c in range(d):
-                            x += qi[c] * kj[c]
-                        sr[c2] = x
-                        if use_valid:
-                            okb[c2] = key_valid[kb, jj]
-                    mod_cols(sr, ne, rcol, np.int64(0), i, mod, slope, s)
-                    _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
-                    for c2 in range(ne):
-                        p = sr[c2]
-                        if p != zero:
-                            jj = rcol[c2]
-                            for c in range(dv):
-                                acc[r, c] += p * vs[jj, c]
+            _residual_rows(qt, ks, vs, rows, t0, rs_ptr, rs_lo, rs_hi, rcol, sbuf, okb, key_valid, kb, use_valid,
+                           chunk, mod, slope, s, m, l, acc, neg, zero)  # fmt: skip
             # -- finalise
             for r in range(rows):
                 i = t0 + r

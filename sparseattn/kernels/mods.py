@@ -35,10 +35,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import _FM, _exp
+from .simd import _FM, NO_RC, _exp
 
 #: the modifiers' loops must vectorise: NumPy's error model (no ZeroDivisionError branch in a division)
-_OPTS = dict(fastmath=_FM, nogil=True, error_model="numpy")
+_OPTS = dict(fastmath=_FM, nogil=True, error_model="numpy", **NO_RC)
 
 __all__ = ["SOFTCAP", "ALIBI", "active", "mod_span", "mod_grad_span", "mod_cols", "mod_one", "mod_grad", "specialise"]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from numba import njit
 
-from .simd import _FM, _exp, _fmax
+from .simd import _FM, NO_RC, _exp, _fmax
 
 __all__ = []
 
 
-@njit(fastmath=True)
+@njit(fastmath=True, nogil=True, **NO_RC)
 def _row_update(row, j0, j1, vrow, use_valid, r, m, l, acc, neg, zero):
     """Online-softmax update of query row ``r`` with one chunk of scaled scores ``row``.
 
@@ -63,7 +63,7 @@ def _row_update(row, j0, j1, vrow, use_valid, r, m, l, acc, neg, zero):
             a[c] *= alpha
 
 
-@njit(fastmath=True)
+@njit(fastmath=True, nogil=True, **NO_RC)
 def _one_key_update(x, vj, r, m, l, acc, half, zero):
     """Online-softmax update of row ``r`` with one key: scaled score ``x``, value row ``vj``."""
     mo = m[r]
@@ -82,7 +82,7 @@ def _one_key_update(x, vj, r, m, l, acc, half, zero):
 
 
 
-@njit(fastmath=_FM)
+@njit(fastmath=_FM, nogil=True, **NO_RC)
 def _add_into(acc, tmp, rows):
     for r in range(rows):
         for c in range(acc.shape[1]):

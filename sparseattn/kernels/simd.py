@@ -35,6 +35,15 @@ __all__ = ["vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block
 # scores are a large finite negative sentinel, and empty rows are detected.
 _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+#: options of the per-row and per-key helpers, which allocate nothing and return no array: compiled
+#: without Numba's reference counting.  Otherwise every array argument and every view they take
+#: (a row of scores, ``acc[r]``, ``ks[j]``) costs an atomic increment and decrement, more than the
+#: arithmetic of a short row (measured: a third of a band of radius 4's forward).
+NO_RC = {"_nrt": False}
+#: Numba compiles a function called from a ``NO_RC`` one without reference counting too, unless the
+#: function sets it: the BLAS wrappers (whose ``np.dot`` may allocate) set it back.
+RC = {"_nrt": True}
+
 
 @intrinsic
 def _float_from_bits(typingctx, bits, like):
@@ -178,19 +187,19 @@ def as_c(typingctx, arr):
     return c(arr), codegen
 
 
-@njit(nogil=True)
+@njit(nogil=True, **RC)
 def _mm_nt(a, b, out):
     """``out = a @ b.T`` through BLAS (one shared call site keeps compile time down)."""
     np.dot(a, b.T, out)
 
 
-@njit(nogil=True)
+@njit(nogil=True, **RC)
 def _mm_nn(a, b, out):
     """``out = a @ b`` through BLAS."""
     np.dot(a, b, out)
 
 
-@njit(nogil=True)
+@njit(nogil=True, **RC)
 def _mm_tn(a, b, out):
     """``out = a.T @ b`` through BLAS."""
     np.dot(a.T, b, out)
@@ -430,12 +439,12 @@ def pack_panel(ks, panel, n_k, kp, p0, zero):
     L2 = 2 * lanes(kp)
     d = ks.shape[1]
     j0 = panel * L2
-    for j in range(L2):
-        jj = j0 + j
-        if jj < n_k:
-            row = ks[jj]
-            for c in range(d):
-                kp[p0 + c * L2 + j] = row[c]
-        else:
-            for c in range(d):
-                kp[p0 + c * L2 + j] = zero
+    nj = max(0, min(L2, n_k - j0))
+    dst = kp[p0 : p0 + d * L2]  # indices from 0: no negative-index wraparound in the stores
+    for j in range(nj):
+        row = ks[j0 + j]
+        for c in range(d):
+            dst[c * L2 + j] = row[c]
+    for j in range(nj, L2):
+        for c in range(d):
+            dst[c * L2 + j] = zero
