@@ -35,6 +35,11 @@ SCRIPT = textwrap.dedent(
         top = max(np.abs(r).max() for r in refs)
         for g, r in zip(grads, refs):
             assert np.abs(g - r).max() <= tol * top, np.abs(g - r).max()
+        # a narrow neighbourhood: the line kernel (kernels/grid.py) at this width
+        g = sa.neighborhood((6, 40), (3, 7))
+        qg, kg, vg = (rng.standard_normal((2, g.shape[0], w)).astype(dtype) for _ in range(3))
+        ref = dense_attention(qg, kg, vg, g)
+        assert np.abs(sa.sparse_attention(qg, kg, vg, g, path="fused") - ref).max() <= tol * max(1.0, np.abs(ref).max())
     print("ok", VECTOR_BYTES)
     """
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fused_lines
 from .threads import blas_single_thread, run_ranges
 from .plan import get_plan
 
@@ -109,17 +110,14 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     slice_batch : int64 ndarray, shape (S,), or None
         Row of ``key_valid`` used by each slice.
     parallel : bool, optional
-        ``None`` (default): run on ``numba.get_num_threads()`` threads when
-        the work is large enough.  ``False``: only in the calling thread (for
-        callers that bring their own threads, e.g. Dask workers).
+        ``None`` (default): run on ``numba.get_num_threads()`` threads when the work is large
+        enough.  ``False``: only in the calling thread (for callers that bring their own threads, e.g. Dask workers).
     maps : (qmap, kmap, vmap), optional
-        int64 arrays (S,): slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]``,
-        ``v[vmap[s]]`` (an input broadcast over slices is stored once).
-        Default: slice ``s`` reads row block ``s`` of each.
+        int64 arrays (S,): slice ``s`` reads ``q[qmap[s]]``, ``k[kmap[s]]``, ``v[vmap[s]]`` (an input
+        broadcast over slices is stored once).  Default: slice ``s`` reads row block ``s`` of each.
     skip : bool ndarray, shape (S,), optional
-        Slices to leave out: their rows of ``out`` and ``lse`` are left
-        uninitialised for the caller to fill (``sparse_attention`` computes
-        slices with non-finite inputs on the staged kernels).
+        Slices to leave out: their rows of ``out`` and ``lse`` are left uninitialised for the caller to
+        fill (``sparse_attention`` computes slices with non-finite inputs on the staged kernels).
 
     Returns
     -------
@@ -172,6 +170,9 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
             if len(slices) == 0:
                 continue
             plan = get_plan(pattern)
+            if fused_lines.applies(plan, k, v, use_valid, mod, mods):
+                fused_lines.run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, n_threads)
+                continue
             # small problems run in this thread: handing work to the pool costs more than it saves
             par = n_threads > 1 and len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
             bounds = _split_items(plan, len(slices), _WORK_SPLIT * n_threads if par else 1)

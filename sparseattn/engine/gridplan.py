@@ -13,7 +13,9 @@ and its extra spans: the micro-kernels' products), narrower ones are each row's 
 dot products; a 6-row block of 7-key runs would fill under half of the panels it touches).
 
 Used when the last axis is not dilated and ``T`` divides its length (a tile never crosses a line);
-any other neighbourhood goes through its runs.
+any other neighbourhood goes through its runs.  When the last axis' window is narrow and not causal,
+the plan also carries each grid line's key lines (``grid``) for the line kernel of
+:mod:`sparseattn.kernels.grid`, which the fused forward runs instead of the residual loops.
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def neighborhood_fields(p, T, panel):
     per_tile = valid.sum(axis=1)
     keys = base[valid]  # each tile's lines, in order
     if int(count.min()) < panel:  # narrow runs: every row's runs are its residual
-        return T, _residual_fields(n, T, keys, per_tile, seg_lo, seg_hi)
+        fields = _residual_fields(n, T, keys, per_tile, seg_lo, seg_hi)
+        if not p.causal[-1]:  # every row sees kernel_size[-1] keys of each line: the line kernel applies
+            fields["grid"] = _line_fields(length, int(p.kernel_size[-1]), first[:length], keys, per_tile, length // T)
+        return T, fields
     first_line = np.cumsum(per_tile) - per_tile
     main = keys[first_line]
     extra = np.ones(len(keys), dtype=bool)
@@ -120,6 +125,20 @@ def _residual_fields(n, T, keys, per_tile, seg_lo, seg_hi):
     return dict(tile_k0=empty, tile_k1=empty, row_lo=np.zeros(n, np.int64), row_hi=np.zeros(n, np.int64),
                 xs_ptr=np.zeros(n_tiles + 1, np.int64), xs_k0=z, xs_k1=z, xs_lo=z, xs_hi=z,
                 rs_ptr=rs_ptr, rs_lo=rs_lo, rs_hi=rs_hi, rs_tile=per_tile * T * 4)  # fmt: skip
+
+
+def _line_fields(W, kw, sx, keys, per_tile, tiles_per_line):
+    """``(W, kw, sx, ln_ptr, ln_base)`` for :mod:`sparseattn.kernels.grid`: each grid line's key lines.
+
+    The tiles of one line of the last axis share their key lines (the windows on the other axes depend
+    only on the other coordinates), so a line's are those of its first tile.
+    """
+    starts = (np.cumsum(per_tile) - per_tile)[::tiles_per_line]
+    counts = per_tile[::tiles_per_line]
+    ln_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    within = np.arange(int(ln_ptr[-1]), dtype=np.int64) - np.repeat(ln_ptr[:-1], counts)
+    ln_base = keys[np.repeat(starts, counts) + within]
+    return W, kw, np.ascontiguousarray(sx, dtype=np.int64), ln_ptr, np.ascontiguousarray(ln_base, dtype=np.int64)
 
 
 def _rows_major(per_tile, T):

@@ -175,6 +175,13 @@ def _compile_forward(dtype_name):
     # k and v as views of a larger cache (a decode step): the kernels' specialisation for such views
     kv = np.concatenate([k, v], axis=1)
     forward(prepare(q, kv[:, : k.shape[1]], kv[:, : k.shape[1]], pattern), "fused")
+    # a narrow neighbourhood's line kernel (sparseattn.kernels.grid), features in whole vectors
+    from ..kernels.simd import block_width
+    from ..patterns.grids import neighborhood
+
+    g = neighborhood((3, 16), 3)
+    x = np.zeros((1, g.shape[0], block_width(dtype_name)), dtype=dtype_name)
+    forward(prepare(x, x, x, g), "fused")
     from .decode_step import compile_kernel
 
     compile_kernel(dtype_name)  # the decode steps' kernel (sparseattn.engine.decode_step)

@@ -128,12 +128,19 @@ class TilePlan:
         ``"structured"`` (planned from a band's and global tokens' parameters, or from a neighbourhood's
         grid), ``"runs"`` (from the
         pattern's runs) or ``"generic"`` (from the maximal runs of its CSR).
+    grid : tuple or None
+        ``(W, kw, sx, ln_ptr, ln_base)`` of a neighbourhood with a narrow, non-causal last-axis window
+        (:func:`sparseattn.engine.gridplan.neighborhood_fields`): the forward's line kernel
+        (:mod:`sparseattn.kernels.grid`) runs it instead of the residual runs; None otherwise.
     """
+
+    grid = None
 
     def __init__(self, **fields):
         for name, value in fields.items():
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    a.setflags(write=False)
             setattr(self, name, value)
         self.n_tiles = len(self.tile_k0)
         cost = self.tile_cost.astype(np.int64)
@@ -378,13 +385,14 @@ def _neighborhood_plan(p, T, chunk):
     T, f = got
     n_q = p.shape[0]
     rs_tile = f.pop("rs_tile")
+    grid = f.pop("grid", None)
     sh_ptr = np.zeros(len(f["tile_k0"]) + 1, np.int64)
     xs = {key: f[key] for key in ("xs_ptr", "xs_k0", "xs_k1", "xs_lo", "xs_hi")}
     cost = _tile_cost(n_q, T, f["tile_k0"], f["tile_k1"], sh_ptr, rs_tile, xs)
     longs = long_items(np.zeros(0, np.int64), [], T, chunk)
     z = np.zeros(0, np.int64)
     return dict(kind="structured", tile_rows=T, sh_ptr=sh_ptr, sh_cols=z, sh_mask=np.zeros(0, np.uint8),
-                tile_cost=cost.astype(np.int64), **f, **longs)  # fmt: skip
+                tile_cost=cost.astype(np.int64), grid=grid, **f, **longs)  # fmt: skip
 
 
 def _generic_plan(p, T, chunk, long_min):

@@ -38,6 +38,13 @@ def _forward(dtype, **kw):
         mask = np.zeros((1, n), dtype=bool)
         mask[0, -3:] = True
         sparse_attention(q[None], k[None], v[None], p, key_padding_mask=mask, **kw)
+        if kw.get("path") == "fused":  # a narrow neighbourhood's line kernel (features in whole vectors)
+            from ..kernels.simd import block_width
+            from ..patterns.grids import neighborhood
+
+            g = neighborhood((3, 16), 3)
+            x = rng.standard_normal((1, g.shape[0], block_width(dtype))).astype(dtype)
+            sparse_attention(x, x, x, g, **kw)
 
     return run
 

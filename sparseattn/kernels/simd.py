@@ -29,7 +29,9 @@ from numba.extending import intrinsic, models, overload, register_model
 
 from . import VECTOR_BYTES  # 32 (AVX2) or 64 (AVX-512), chosen once per process
 
-__all__ = ["vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block", "tn_block", "pack_panel"]
+__all__ = [
+    "vexp", "VECTOR_BYTES", "block_width", "lanes", "qk_block", "pv_block", "tn_block", "pack_panel",
+]
 
 # Loop bodies use fast-math without the no-NaN / no-Inf assumptions: masked
 # scores are a large finite negative sentinel, and empty rows are detected.
@@ -448,3 +450,4 @@ def pack_panel(ks, panel, n_k, kp, p0, zero):
     for j in range(nj, L2):
         for c in range(d):
             dst[c * L2 + j] = zero
+
