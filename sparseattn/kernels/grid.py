@@ -175,6 +175,29 @@ def _qk8(qt, q0, ldq, kt, k0, ldk, d, sb, s0, second):
 
 
 @njit(nogil=True, inline="always")
+def _qk4a(qt, q0, ldq, kt, k0, ldk, d, sb, s0):
+    """Offsets ``0..3`` of :func:`_qk8` (a window of at most 4 keys: 3 x 3, (5, 3)...)."""
+    L = lanes(qt)
+    a0 = _vzero(qt)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for c in range(d):
+        qv = _vload(qt, q0 + c * ldq)
+        kb = k0 + c * ldk
+        lo = _vload(kt, kb)
+        hi = _vload(kt, kb + L)
+        a0 = _vfma(qv, lo, a0)
+        a1 = _vfma(qv, valign(lo, hi, 1), a1)
+        a2 = _vfma(qv, valign(lo, hi, 2), a2)
+        a3 = _vfma(qv, valign(lo, hi, 3), a3)
+    _vstore(sb, s0, a0)
+    _vstore(sb, s0 + L, a1)
+    _vstore(sb, s0 + 2 * L, a2)
+    _vstore(sb, s0 + 3 * L, a3)
+
+
+@njit(nogil=True, inline="always")
 def _pv2(sb, pa, pb, L, vf, ja, jb, dv, kw, a, b):
     """``a[h] += sum_u sb[pa + u L] * vf[ja + u dv + h L]`` and the same for ``b`` (two queries, one key line).
 
@@ -261,7 +284,9 @@ def _grid_items(
                 kb0 = mg + ln_base[c0 + cl] + x0 + emin
                 # a group's offsets past U write into the next line's rows, computed after it, or into the
                 # spare rows past the block's
-                if aligned and emin == -(kw // 2) and U <= 16:  # the interior, and a line's first block
+                if aligned and emin == -(kw // 2) and U <= 4:  # the interior, and a line's first block
+                    _qk4a(qt, x0, Wp, kt, kb0, ldk, d, sb, cl * U * L)
+                elif aligned and emin == -(kw // 2) and U <= 16:
                     _qk8(qt, x0, Wp, kt, kb0, ldk, d, sb, cl * U * L, False)
                     if U > 8:
                         _qk8(qt, x0, Wp, kt, kb0, ldk, d, sb, (cl * U + 8) * L, True)
