@@ -103,8 +103,21 @@ def valign(typingctx, lo, hi, shift):
 
 
 @njit(nogil=True, inline="always")
-def _qk4(qt, q0, ldq, kt, k0, ldk, d, sb, s0):
-    """Scores of the block's ``L`` lanes at 4 consecutive offsets: ``sb[s0 + o * L + t] = sum_c qt[c, t] kt[c, k0 + o + t]``."""
+def _store4(sb, s0, L, a0, a1, a2, a3):
+    """Four score rows of a block: ``sb[s0 + o * L :][:L] = a_o``."""
+    _vstore(sb, s0, a0)
+    _vstore(sb, s0 + L, a1)
+    _vstore(sb, s0 + 2 * L, a2)
+    _vstore(sb, s0 + 3 * L, a3)
+
+
+@njit(nogil=True, inline="always")
+def _qk4(qt, q0, ldq, kt, k0, ldk, d, sb, s0, aligned):
+    """Scores of the block's ``L`` lanes at 4 consecutive offsets: ``sb[s0 + o * L + t] = sum_c qt[c, t] kt[c, k0 + o + t]``.
+
+    ``aligned``: ``k0 + c ldk`` is a multiple of L, and the shifted keys come from two aligned loads and
+    shuffles (see :func:`_qk8`) instead of unaligned loads.
+    """
     L = lanes(qt)
     a0 = _vzero(qt)
     a1 = a0
@@ -113,21 +126,24 @@ def _qk4(qt, q0, ldq, kt, k0, ldk, d, sb, s0):
     for c in range(d):
         qv = _vload(qt, q0 + c * ldq)
         kb = k0 + c * ldk
-        a0 = _vfma(qv, _vload(kt, kb), a0)
-        a1 = _vfma(qv, _vload(kt, kb + 1), a1)
-        a2 = _vfma(qv, _vload(kt, kb + 2), a2)
-        a3 = _vfma(qv, _vload(kt, kb + 3), a3)
-    _vstore(sb, s0, a0)
-    _vstore(sb, s0 + L, a1)
-    _vstore(sb, s0 + 2 * L, a2)
-    _vstore(sb, s0 + 3 * L, a3)
+        k0v = _vload(kt, kb)
+        if aligned:
+            hi = _vload(kt, kb + L)
+            k1v, k2v, k3v = valign(k0v, hi, 1), valign(k0v, hi, 2), valign(k0v, hi, 3)
+        else:
+            k1v, k2v, k3v = _vload(kt, kb + 1), _vload(kt, kb + 2), _vload(kt, kb + 3)
+        a0 = _vfma(qv, k0v, a0)
+        a1 = _vfma(qv, k1v, a1)
+        a2 = _vfma(qv, k2v, a2)
+        a3 = _vfma(qv, k3v, a3)
+    _store4(sb, s0, L, a0, a1, a2, a3)
 
 
 @njit(nogil=True, inline="always")
 def _qk8(qt, q0, ldq, kt, k0, ldk, d, sb, s0, second):
     """Offsets ``0..7`` (``8..15`` when ``second``) of :func:`_qk4` for an aligned ``k0 + c ldk`` (a multiple of L = 8 or 16).
 
-    Two aligned loads per feature and shuffles (:func:`~sparseattn.kernels.simd.valign`): unaligned vector
+    Two aligned loads per feature and shuffles (:func:`valign`): unaligned vector
     loads cross a cache line, and on the development machine they, not the FMAs, bounded ``_qk4``.
     """
     L = lanes(qt)
@@ -147,54 +163,21 @@ def _qk8(qt, q0, ldq, kt, k0, ldk, d, sb, s0, second):
         lo = _vload(kt, kb)
         hi = _vload(kt, kb + L)
         if second and wide:
-            a0 = _vfma(qv, valign(lo, hi, 8), a0)
-            a1 = _vfma(qv, valign(lo, hi, 9), a1)
-            a2 = _vfma(qv, valign(lo, hi, 10), a2)
-            a3 = _vfma(qv, valign(lo, hi, 11), a3)
-            a4 = _vfma(qv, valign(lo, hi, 12), a4)
-            a5 = _vfma(qv, valign(lo, hi, 13), a5)
-            a6 = _vfma(qv, valign(lo, hi, 14), a6)
-            a7 = _vfma(qv, valign(lo, hi, 15), a7)
+            k0v, k1v, k2v, k3v = valign(lo, hi, 8), valign(lo, hi, 9), valign(lo, hi, 10), valign(lo, hi, 11)
+            k4v, k5v, k6v, k7v = valign(lo, hi, 12), valign(lo, hi, 13), valign(lo, hi, 14), valign(lo, hi, 15)
         else:
-            a0 = _vfma(qv, lo, a0)
-            a1 = _vfma(qv, valign(lo, hi, 1), a1)
-            a2 = _vfma(qv, valign(lo, hi, 2), a2)
-            a3 = _vfma(qv, valign(lo, hi, 3), a3)
-            a4 = _vfma(qv, valign(lo, hi, 4), a4)
-            a5 = _vfma(qv, valign(lo, hi, 5), a5)
-            a6 = _vfma(qv, valign(lo, hi, 6), a6)
-            a7 = _vfma(qv, valign(lo, hi, 7), a7)
-    _vstore(sb, s0, a0)
-    _vstore(sb, s0 + L, a1)
-    _vstore(sb, s0 + 2 * L, a2)
-    _vstore(sb, s0 + 3 * L, a3)
-    _vstore(sb, s0 + 4 * L, a4)
-    _vstore(sb, s0 + 5 * L, a5)
-    _vstore(sb, s0 + 6 * L, a6)
-    _vstore(sb, s0 + 7 * L, a7)
-
-
-@njit(nogil=True, inline="always")
-def _qk4a(qt, q0, ldq, kt, k0, ldk, d, sb, s0):
-    """Offsets ``0..3`` of :func:`_qk8` (a window of at most 4 keys: 3 x 3, (5, 3)...)."""
-    L = lanes(qt)
-    a0 = _vzero(qt)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    for c in range(d):
-        qv = _vload(qt, q0 + c * ldq)
-        kb = k0 + c * ldk
-        lo = _vload(kt, kb)
-        hi = _vload(kt, kb + L)
-        a0 = _vfma(qv, lo, a0)
-        a1 = _vfma(qv, valign(lo, hi, 1), a1)
-        a2 = _vfma(qv, valign(lo, hi, 2), a2)
-        a3 = _vfma(qv, valign(lo, hi, 3), a3)
-    _vstore(sb, s0, a0)
-    _vstore(sb, s0 + L, a1)
-    _vstore(sb, s0 + 2 * L, a2)
-    _vstore(sb, s0 + 3 * L, a3)
+            k0v, k1v, k2v, k3v = lo, valign(lo, hi, 1), valign(lo, hi, 2), valign(lo, hi, 3)
+            k4v, k5v, k6v, k7v = valign(lo, hi, 4), valign(lo, hi, 5), valign(lo, hi, 6), valign(lo, hi, 7)
+        a0 = _vfma(qv, k0v, a0)
+        a1 = _vfma(qv, k1v, a1)
+        a2 = _vfma(qv, k2v, a2)
+        a3 = _vfma(qv, k3v, a3)
+        a4 = _vfma(qv, k4v, a4)
+        a5 = _vfma(qv, k5v, a5)
+        a6 = _vfma(qv, k6v, a6)
+        a7 = _vfma(qv, k7v, a7)
+    _store4(sb, s0, L, a0, a1, a2, a3)
+    _store4(sb, s0 + 4 * L, L, a4, a5, a6, a7)
 
 
 @njit(nogil=True, inline="always")
@@ -285,14 +268,14 @@ def _grid_items(
                 # a group's offsets past U write into the next line's rows, computed after it, or into the
                 # spare rows past the block's
                 if aligned and emin == -(kw // 2) and U <= 4:  # the interior, and a line's first block
-                    _qk4a(qt, x0, Wp, kt, kb0, ldk, d, sb, cl * U * L)
+                    _qk4(qt, x0, Wp, kt, kb0, ldk, d, sb, cl * U * L, True)
                 elif aligned and emin == -(kw // 2) and U <= 16:
                     _qk8(qt, x0, Wp, kt, kb0, ldk, d, sb, cl * U * L, False)
                     if U > 8:
                         _qk8(qt, x0, Wp, kt, kb0, ldk, d, sb, (cl * U + 8) * L, True)
                 else:
                     for u in range(0, U, 4):
-                        _qk4(qt, x0, Wp, kt, kb0 + u, ldk, d, sb, (cl * U + u) * L)
+                        _qk4(qt, x0, Wp, kt, kb0 + u, ldk, d, sb, (cl * U + u) * L, False)
             R = C * U
             if emax != emin:  # shifted windows at a line's end: each lane keeps its own kw offsets
                 for t in range(nt):
