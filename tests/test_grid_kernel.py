@@ -150,3 +150,32 @@ def test_line_kernel_needs_whole_vectors_of_features(calls):
     out = sa.sparse_attention(q, cache[..., : p.shape[0], :], cache[..., p.shape[0] :, :], p, path="fused")
     assert calls[0] == 0
     np.testing.assert_allclose(out, dense_attention(q, k, v, p), rtol=0, atol=5e-5)
+
+
+def test_an_uncompiled_line_kernel_leaves_the_call_to_the_tile_kernels(monkeypatch):
+    """Outside ``SPARSEATTN_COLD_START=wait``, a call never waits for the line kernel to compile."""
+    import sparseattn.kernels.cache as kcache
+    from sparseattn.engine import coldstart
+
+    count = [0]
+    real = grid_kernels.grid_forward
+
+    class Uncompiled:  # no signature in this process
+        signatures = []
+
+        def __call__(self, *args):
+            count[0] += 1
+            return real(*args)
+
+    monkeypatch.setattr(grid_kernels, "grid_forward", Uncompiled())
+    monkeypatch.setattr(kcache, "cached", lambda disp, want=None, layout=None: False)  # nor in the disk cache
+    monkeypatch.setattr(fused_lines, "_READY", set())
+    monkeypatch.setattr(coldstart, "mode", lambda: "background")
+    p = sa.neighborhood((8, 32), 7)
+    q, k, v = _inputs(p, np.float32, d=32, dv=32)
+    out = sa.sparse_attention(q, k, v, p, path="fused")
+    assert count[0] == 0
+    np.testing.assert_allclose(out, dense_attention(q, k, v, p), rtol=0, atol=5e-5)
+    monkeypatch.setattr(coldstart, "mode", lambda: "wait")  # compiling in the caller's thread is what was asked
+    sa.sparse_attention(q, k, v, p, path="fused")
+    assert count[0] >= 1

@@ -61,9 +61,8 @@ def mode():
 def _kernels(kind):
     if kind == "forward":
         from ..kernels.forward import long_rows_merge, long_rows_partial, tiles_forward
-        from ..kernels.grid import grid_forward
 
-        return tiles_forward, long_rows_partial, long_rows_merge, grid_forward
+        return tiles_forward, long_rows_partial, long_rows_merge
     from ..kernels.backward import flush_keys, long_rows_backward, tiles_backward
 
     return tiles_backward, long_rows_backward, flush_keys
