@@ -21,17 +21,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import fused_lines
+from .threads import PARALLEL_MIN_FLOP as _PARALLEL_MIN_FLOP
+from .threads import WORK_SPLIT as _WORK_SPLIT
 from .threads import blas_single_thread, run_ranges
 from .plan import get_plan
 
 __all__ = ["fused_attention"]
 
-#: below this many (approximate) flops per kernel call, run serially
-_PARALLEL_MIN_FLOP = 1 << 22
 #: the most bytes of one thread's K^T panel cache (see :func:`panel_buffers`)
 PANEL_CACHE_BYTES = 16 * 2**20
-#: cost-balanced runs of tiles per thread (more runs absorb threads that get delayed)
-_WORK_SPLIT = 8
 
 
 def panel_buffers(n_k, d, dv, dtype, chunk, span=0):

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .threads import PARALLEL_MIN_FLOP as _PARALLEL_MIN_FLOP
+from .threads import WORK_SPLIT as _WORK_SPLIT
 from .threads import run_ranges
 
 __all__ = ["LINE_KERNEL", "applies", "run"]
 
 #: run a narrow neighbourhood's lines on the line kernel (:mod:`sparseattn.kernels.grid`) where it applies
 LINE_KERNEL = True
-#: below this many (approximate) flops per call, run serially
-_PARALLEL_MIN_FLOP = 1 << 22
-#: equal runs of lines per thread
-_WORK_SPLIT = 8
 
 
 def applies(plan, k, v, use_valid, mod, mods):

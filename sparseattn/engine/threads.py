@@ -12,7 +12,12 @@ import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_ranges", "blas_single_thread"]
+__all__ = ["run_ranges", "blas_single_thread", "PARALLEL_MIN_FLOP", "WORK_SPLIT"]
+
+#: below this many (approximate) flops per kernel call, the fused paths run serially
+PARALLEL_MIN_FLOP = 1 << 22
+#: ranges of work per thread (more ranges absorb threads that get delayed)
+WORK_SPLIT = 8
 
 _pool = None
 _pool_size = 0
