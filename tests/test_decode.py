@@ -276,6 +276,30 @@ def test_spans_longer_than_a_value_chunk_equal_the_reference(kernel_calls, dtype
     np.testing.assert_allclose(lse, ref_lse, **tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("h_q, h_kv, n_q", [(8, 2, 1), (3, 1, 1), (7, 1, 1), (16, 2, 2), (2, 2, 1), (6, 2, 5)])
+@pytest.mark.parametrize("dv", [64, 96])
+def test_the_decode_kernel_s_vector_tiles_equal_the_reference(kernel_calls, dtype, h_q, h_kv, n_q, dv):
+    """d a multiple of the lanes: scores by tiles of 4, 2 and 1 rows (and the keys after the last whole tile);
+    dv a multiple of 4 vectors: values by 4-row blocks (dv 96 in float32 on AVX-512: the 6-row blocks)."""
+    rng = np.random.default_rng(h_q * 100 + h_kv * 10 + n_q + dv)
+    T, W, d = 300, 77, 64  # 77 keys: a partial tile at the end of every row's run
+    kc = rng.standard_normal((2, h_kv, 320, d)).astype(dtype)
+    vc = rng.standard_normal((2, h_kv, 320, dv)).astype(dtype)
+    k, v = kc[:, :, :T], vc[:, :, :T]
+    q = rng.standard_normal((2, h_q, n_q, d)).astype(dtype)
+    p = sa.causal(n_q, W - 1, n_k=T, offset=T - 3)  # the rows' windows end 2 keys before the span's end: runs differ
+    mask = np.zeros((2, T), dtype=bool)
+    mask[1, T - 90 : T - 60] = True
+    out, lse = sa.sparse_attention(q, k, v, p, return_lse=True, softcap=4.0, key_padding_mask=mask)
+    assert kernel_calls == [True]
+    ref, ref_lse = _gqa_ref(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), p, softcap=4.0,
+                            key_padding_mask=mask)  # fmt: skip
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out, ref, **tol)
+    np.testing.assert_allclose(lse, ref_lse, **tol)
+
+
 @pytest.mark.parametrize("parts", [2, 3, 7])
 @pytest.mark.parametrize("opts", ["plain", "alibi+sinks+padding", "softcap"])
 def test_keys_cut_into_parts_merge_to_the_reference(monkeypatch, kernel_calls, parts, opts):

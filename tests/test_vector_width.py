@@ -40,6 +40,15 @@ SCRIPT = textwrap.dedent(
         qg, kg, vg = (rng.standard_normal((2, g.shape[0], w)).astype(dtype) for _ in range(3))
         ref = dense_attention(qg, kg, vg, g)
         assert np.abs(sa.sparse_attention(qg, kg, vg, g, path="fused") - ref).max() <= tol * max(1.0, np.abs(ref).max())
+        # a decode step (seven query heads per key/value head): the decode kernel's score tiles of 4, 2 and 1 rows
+        # and its 4-row value blocks at this width
+        kc, vc = (rng.standard_normal((1, 2, 90, 2 * w)).astype(dtype) for _ in range(2))
+        qd = rng.standard_normal((1, 14, 1, 2 * w)).astype(dtype)
+        pd = sa.causal(1, 40, n_k=80)
+        kd, vd = (np.repeat(x[:, :, :80], 7, axis=1) for x in (kc, vc))
+        ref = dense_attention(qd, kd, vd, pd)
+        got = sa.sparse_attention(qd, kc[:, :, :80], vc[:, :, :80], pd, path="fused")
+        assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max())
     print("ok", VECTOR_BYTES)
     """
 )

@@ -146,11 +146,11 @@ _NO_MASK = np.zeros((1, 1), dtype=np.uint8)
 
 def _scratch(dt, R, w, dv):
     """This thread's ``(sbuf, acc)`` for the kernel, kept from the last call of the same shapes (a decode loop's)."""
-    R6 = -(-R // 6) * 6
-    key = (np.dtype(dt), R6, w, dv)
+    rows = max(-(-R // 6) * 6, -(-R // 4) * 4)  # whole register blocks: 6 rows, or 4 (the kernel picks by dv)
+    key = (np.dtype(dt), rows, w, dv)
     if getattr(_local, "key", None) != key:
         _local.key = key
-        _local.bufs = (np.zeros((R6, w), dtype=dt), np.empty((R6, dv), dtype=dt))
+        _local.bufs = (np.zeros((rows, w), dtype=dt), np.empty((rows, dv), dtype=dt))
     sbuf, acc = _local.bufs
     sbuf[R:] = 0  # the rows of the last register block past the group's rows
     return sbuf, acc
