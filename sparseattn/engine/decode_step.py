@@ -13,6 +13,7 @@ compile the kernel without an import cycle.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -141,6 +142,23 @@ def key_parts(slices, keys, n_threads):
 
 _local = threading.local()
 
+_KERNEL = []
+
+
+def _kernel():
+    """``(decode_slices, numba.get_num_threads)``, imported by the first step (importing the engine loads no Numba).
+
+    Kept once imported: a decode loop calls this per layer and step, and two import statements cost
+    about 10 us right after a step's kernel has streamed the window through the caches.
+    """
+    if not _KERNEL:
+        from numba import get_num_threads
+
+        from ..kernels.decode import decode_slices
+
+        _KERNEL[:] = [decode_slices, get_num_threads]
+    return _KERNEL[0], _KERNEL[1]
+
 #: the kernel's key padding argument when a call has none (the kernel only reads it)
 _NO_MASK = np.zeros((1, 1), dtype=np.uint8)
 
@@ -192,7 +210,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     if ks is None or vs is None:
         return None
     lead_b = q.shape[:-3]
-    n_b = int(np.prod(lead_b, dtype=np.int64)) if lead_b else 1
+    n_b = math.prod(lead_b)  # ints (np.prod took 6-23 us of a step: more after the kernel, in cold caches)
     has_mask = key_padding_mask is not None
     kpm = _NO_MASK
     if has_mask:
@@ -215,10 +233,7 @@ def kernel_call(q, k, v, pattern, scale, key_padding_mask, mods, path):
     g = h_q // h_kv
     S, R = n_b * h_kv, g * n_q
     qp = np.ascontiguousarray(q).reshape(S, R, d)
-    from numba import get_num_threads
-
-    from ..kernels.decode import decode_slices
-
+    decode_slices, get_num_threads = _kernel()
     n_threads = get_num_threads()
     if S * R * w * (d + v.shape[-1]) < _PARALLEL_MIN_FLOP:
         n_threads = 1
