@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from .mods import mod_span
 from .simd import (
-    _FM, NO_RC, _element_ptr, _exp, _fmax, _neg, _vadd, _vbload, _vec_of, _vfma, _vload, _vstore, _vzero, as_c, lanes,
-    pv_block,
+    _FM, NO_RC, _element_ptr, _exp, _fmax, _neg, _splat, _vadd, _vbload, _vec_of, _vfma, _vload, _vstore, _vzero, as_c,
+    lanes, pv_block,
 )
 
 __all__ = ["decode_slices"]
@@ -61,8 +61,8 @@ def _dot(a, b, zero):
 def _tree_masks(L, c):
     """The two shuffles of one level of the reduction tree, each input holding ``L // c`` runs of ``c`` partial sums.
 
-    The pair ``(x, y)`` becomes ``x[lo] + y[lo]``-style halves: every run keeps its first half plus its
-    second, the runs of ``x`` first, then those of ``y`` (indices past ``L`` pick from ``y``).
+    A pair ``(x, y)`` becomes ``xy[lo] + xy[hi]`` (``xy`` their concatenation: indices past ``L`` pick
+    from ``y``): each run of ``c`` becomes the sum of its two halves, the runs of ``x`` first, then ``y``'s.
     """
     lo, hi = [], []
     for src in (0, L):
@@ -134,9 +134,7 @@ def _qk_tile(rows):
                 ]
                 c //= 2
             tot = vecs[0]
-            splat = builder.insert_element(ir.Constant(llvt, ir.Undefined), scale_a, ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(splat, ir.Constant(llvt, ir.Undefined), ir.Constant(mask_ty, [0] * L))
-            tot = builder.fmul(tot, splat)
+            tot = builder.fmul(tot, _splat(builder, llvt, scale_a))
             part_ty = ir.VectorType(llvt.element, nk) if nk > 1 else None
             for r in range(rows):
                 p = _element_ptr(context, builder, sig.args[7], sf_a, builder.add(s0_a, builder.mul(lds_a, const(r))))
