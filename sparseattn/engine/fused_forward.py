@@ -87,16 +87,16 @@ def _kernels(mods):
 
 
 def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_batch, *, parallel=None, skip=None,
-                    maps=None, mods=None):  # fmt: skip
+                    maps=None, mods=None, flags=None):  # fmt: skip
     """Fused sparse attention forward over flattened slices.
 
     Parameters
     ----------
     q, k, v : ndarray, shapes (S, n_q, d), (S, n_k, d), (S, n_k, dv)
         C-contiguous, one float dtype (float32 or float64); not modified.
-        The kernels run with fast-math and assume finite values: callers
-        send slices with a NaN or an infinity elsewhere (``skip=``), as
-        :func:`sparseattn.sparse_attention` does.
+        The kernels run with fast-math: a slice with a NaN or an infinity
+        that some allowed pair reads gets results that need not follow the
+        non-finite policy, and is flagged in ``flags``.
     patterns : list of Pattern
         The distinct patterns, each of shape ``(n_q, n_k)``.
     slice_pattern : int64 ndarray, shape (S,)
@@ -116,6 +116,10 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     skip : bool ndarray, shape (S,), optional
         Slices to leave out: their rows of ``out`` and ``lse`` are left uninitialised for the caller to
         fill (``sparse_attention`` computes slices with non-finite inputs on the staged kernels).
+    flags : uint8 ndarray, shape (S,), optional
+        Set to 1 for each slice whose raw scores (over its allowed pairs) or outputs hold a NaN or an
+        infinity (its q, k or v does, or a score or output overflowed): the caller recomputes those
+        (``sparse_attention`` scans them and runs the ones with non-finite inputs on the staged kernels).
 
     Returns
     -------
@@ -138,8 +142,6 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     """
     from numba import get_num_threads
 
-    from ..kernels.forward import long_rows_merge
-
     mods, tiles_forward, long_rows_partial = _kernels(mods)
     slice_pattern = np.asarray(slice_pattern, dtype=np.int64)
     S = len(slice_pattern)
@@ -151,6 +153,8 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
     dt = q.dtype
     out = np.empty((S, n_q, dv), dtype=dt)
     lse = np.empty((S, n_q), dtype=dt)
+    if flags is None:
+        flags = np.zeros(S, dtype=np.uint8)
     if S == 0 or n_q == 0:
         return out, lse
     use_valid = key_valid is not None
@@ -169,7 +173,7 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                 continue
             plan = get_plan(pattern)
             if fused_lines.applies(plan, k, v, use_valid, mod, mods):
-                fused_lines.run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, n_threads)
+                fused_lines.run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, flags, n_threads)
                 continue
             # small problems run in this thread: handing work to the pool costs more than it saves
             par = n_threads > 1 and len(slices) * int(plan.cost_prefix[-1]) * (d + dv) >= _PARALLEL_MIN_FLOP
@@ -180,29 +184,38 @@ def fused_attention(q, k, v, patterns, slice_pattern, scale, key_valid, slice_ba
                  plan.row_lo, plan.row_hi, plan.xs_ptr, plan.xs_k0, plan.xs_k1, plan.xs_lo, plan.xs_hi,
                  plan.sh_ptr, plan.sh_cols, plan.sh_mask,
                  plan.rs_ptr, plan.rs_lo, plan.rs_hi, sc, kv, sb, use_valid, mod, slopes),
-                (out, lse),
+                (out, lse, flags),
                 bounds.tolist(),
                 n_threads if par else 1,
                 per_thread=lambda: panel_buffers(k.shape[1], d, dv, dt, plan.chunk, plan.max_span), flush_denormals=True,
             )  # fmt: skip
             if len(plan.it_grp):
-                ns, npr = len(slices), plan.n_part_rows
-                part_m = np.empty((ns, npr), dtype=dt)
-                part_l = np.empty((ns, npr), dtype=dt)
-                part_o = np.empty((ns, npr, dv), dtype=dt)
-                n_jobs = ns * len(plan.it_grp)
-                par = n_threads > 1 and ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP
-                n_ranges = min(n_jobs, _WORK_SPLIT * n_threads) if par else 1
-                run_ranges(
-                    long_rows_partial,
-                    (q, k, v, qmap, kmap, vmap, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
-                     plan.it_off, sc, kv, sb, use_valid, mod, slopes, part_m, part_l, part_o),
-                    (),
-                    [i * n_jobs // n_ranges for i in range(n_ranges + 1)],
-                    n_threads if par else 1, flush_denormals=True,
-                )  # fmt: skip
-                long_rows_merge(
-                    slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off,
-                    part_m, part_l, part_o, out, lse,
-                )  # fmt: skip
+                _long_rows(long_rows_partial, plan, q, k, v, (qmap, kmap, vmap), slices, sc, (kv, sb, use_valid),
+                           (mod, slopes), out, lse, flags, n_threads)  # fmt: skip
     return out, lse
+
+
+def _long_rows(long_rows_partial, plan, q, k, v, maps, slices, sc, valid, mods, out, lse, flags, n_threads):
+    """The plan's long rows for ``slices``: chunk partials on the threads, then merged into ``out`` and ``lse``."""
+    from ..kernels.forward import long_rows_merge
+
+    dt = q.dtype
+    d, dv = q.shape[2], v.shape[2]
+    ns, npr = len(slices), plan.n_part_rows
+    part_m = np.empty((ns, npr), dtype=dt)
+    part_l = np.empty((ns, npr), dtype=dt)
+    part_o = np.empty((ns, npr, dv), dtype=dt)
+    n_jobs = ns * len(plan.it_grp)
+    par = n_threads > 1 and ns * npr * plan.chunk * (d + dv) >= _PARALLEL_MIN_FLOP
+    n_ranges = min(n_jobs, _WORK_SPLIT * n_threads) if par else 1
+    run_ranges(
+        long_rows_partial,
+        (q, k, v, *maps, slices, plan.long_rows, plan.grp_ptr, plan.it_grp, plan.it_a, plan.it_b,
+         plan.it_off, sc, *valid, *mods, part_m, part_l, part_o, flags),
+        (),
+        [i * n_jobs // n_ranges for i in range(n_ranges + 1)],
+        n_threads if par else 1, flush_denormals=True,
+    )  # fmt: skip
+    long_rows_merge(
+        slices, plan.long_rows, plan.grp_ptr, plan.grp_it_ptr, plan.it_off, part_m, part_l, part_o, out, lse, flags,
+    )  # fmt: skip

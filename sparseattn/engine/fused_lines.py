@@ -63,7 +63,7 @@ def _ready(dtype):
     return False
 
 
-def run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, n_threads):
+def run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, flags, n_threads):
     """The plan's grid lines for ``slices`` on the line kernel, on up to ``n_threads`` threads."""
     from ..kernels import VECTOR_BYTES
     from ..kernels.grid import grid_forward
@@ -86,7 +86,7 @@ def run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, n_threads):
         return raw[o : o + d * ldk], np.full(1, -1, dtype=np.int64), mg
 
     run_ranges(
-        grid_forward, (q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, sc), (out, lse),
+        grid_forward, (q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, sc), (out, lse, flags),
         [i * n_items // n_ranges for i in range(n_ranges + 1)], n_threads if par else 1,
         per_thread=per_thread, flush_denormals=True,
     )  # fmt: skip

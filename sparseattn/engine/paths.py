@@ -20,7 +20,10 @@ The dispatcher (:func:`forward`, :func:`backward`) resolves ``path="auto"``
 (the cold-start policy of :mod:`~sparseattn.engine.coldstart`), scans for
 non-finite inputs with the scan the path allows (NumPy for a path that
 compiles nothing) and hands the flagged slices to the staged path, the one
-that follows the non-finite policy exactly.  ``sparse_attention``,
+that follows the non-finite policy exactly.  The fused forward scans nothing
+up front: its kernels check their raw scores and outputs and flag a slice
+that met a NaN or an infinity (``checks_finite``); only then does the scan
+run, and the slices it finds go to the staged path as above.  ``sparse_attention``,
 ``sparse_attention_backward`` and the Dask tasks all come through here, so a
 path, or an option a path must honour, is added in one place: see "Where to
 add" in ``docs/architecture.md``.
@@ -53,6 +56,8 @@ class ExecutionPath:
     compiled = True
     #: whether the path can return the per-nonzero probabilities
     gives_weights = False
+    #: whether ``forward`` takes ``flags=`` and checks for non-finite values itself (no scan beforehand)
+    checks_finite = False
 
     def not_supported_reason(self, *, return_weights=False):
         """Why this path cannot run the call, or None."""
@@ -71,13 +76,15 @@ class Fused(ExecutionPath):
     """The tile-planned fused kernels (:mod:`~sparseattn.engine.fused_forward`, :mod:`~sparseattn.engine.fused_backward`)."""
 
     name = "fused"
+    checks_finite = True
 
-    def forward(self, prep, skip, parallel=None):
+    def forward(self, prep, skip, parallel=None, flags=None):
         from .fused_forward import fused_attention
 
         return fused_attention(
             prep.qc, prep.kc, prep.vc, prep.patterns, prep.slice_pattern, prep.scale, prep.key_valid,
             prep.slice_batch, skip=skip, maps=(prep.qmap, prep.kmap, prep.vmap), parallel=parallel, mods=prep.mods,
+            flags=flags,
         )  # fmt: skip
 
     def backward(self, prep, go, o, ls, skip):
@@ -171,7 +178,9 @@ def _compile_forward(dtype_name):
     (q, k, v), pattern = _compile_inputs(dtype_name, 0, 3)
     mask = np.zeros((1, q.shape[1]), dtype=bool)
     mask[0, -3:] = True
-    forward(prepare(q[None], k[None], v[None], pattern, None, mask), "fused")
+    prep = prepare(q[None], k[None], v[None], pattern, None, mask)
+    forward(prep, "fused")
+    prep.nonfinite  # noqa: B018 - the scan that a call whose kernels flag a NaN or an infinity runs
     # k and v as views of a larger cache (a decode step): the kernels' specialisation for such views
     kv = np.concatenate([k, v], axis=1)
     forward(prepare(q, kv[:, : k.shape[1]], kv[:, : k.shape[1]], pattern), "fused")
@@ -236,10 +245,17 @@ def _forward(prep, path, return_weights, parallel):
     if return_weights or path == "staged":
         return staged_forward(prep, return_weights)
     run = _resolve(prep, path, "forward")
-    bad = prep.nonfinite if run.compiled else prep.nonfinite_slices(compiled=False)
-    skip = bad if bad.any() else None
-    out, lse = run.forward(prep, skip, parallel)
-    if skip is not None:
+    if run.checks_finite:
+        flags = np.zeros(len(prep.qmap), dtype=np.uint8)
+        out, lse = run.forward(prep, None, parallel, flags=flags)
+        if not flags.any():
+            return out, lse, None
+        # a kernel met a NaN or an infinity (or a finite overflow): the slices that hold one follow the policy
+        bad = prep.nonfinite
+    else:
+        bad = prep.nonfinite if run.compiled else prep.nonfinite_slices(compiled=False)
+        out, lse = run.forward(prep, bad if bad.any() else None, parallel)
+    if bad.any():
         slices = np.flatnonzero(bad)
         out[slices], lse[slices], _ = staged_forward(prep, False, slices)
     return out, lse, None

@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from .mods import mod_span
 from .simd import (
-    _FM, NO_RC, _element_ptr, _exp, _fmax, _neg, _splat, _vadd, _vbload, _vec_of, _vfma, _vload, _vstore, _vzero, as_c,
-    lanes, pv_block,
+    _FM, NO_RC, _element_ptr, _exp, _fmax, _neg, _splat, _vadd, _vbload, _vec_of, _vfma, _vload, _vstore, _vzero,
+    all_finite, as_c, lanes, pv_block,
 )
 
 __all__ = ["decode_slices"]
@@ -304,14 +304,6 @@ def _values_blocks(sbuf, vs, jmin, jmax, R, acc, os_):
                     o[t] += p * vj[t]
 
 
-@njit(nogil=True, fastmath=_FM, **NO_RC)
-def _all_finite(x, big):
-    ok = True
-    for j in range(x.shape[0]):
-        ok &= abs(x[j]) <= big
-    return ok
-
-
 @njit(nogil=True, fastmath=_FM, error_model="numpy", **NO_RC)
 def _item(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slopes, g, parts, w, span0, span1, out, lse,
           bad, sbuf, acc):  # fmt: skip
@@ -343,7 +335,7 @@ def _item(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slo
             for j in range(a, b):
                 if mrow[j] != 0:
                     row[j] = zero
-        finite &= _all_finite(row[a:b], big)
+        finite &= all_finite(row[a:b], big)
         if not finite:
             break
         if mod[0] != 0 and b > a:
@@ -385,7 +377,7 @@ def _item(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slo
         return
     _values_blocks(sbuf, as_c(v[s]), jmin, jmax, R, acc, out[w])
     for r in range(R):
-        finite &= _all_finite(out[w, r], big)
+        finite &= all_finite(out[w, r], big)
     if not finite:
         bad[w] = 1
 

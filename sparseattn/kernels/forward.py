@@ -36,7 +36,9 @@ from numba import njit
 
 from .mods import mod_cols, mod_one, mod_span
 from .online import _add_into, _one_key_update, _row_update
-from .simd import _FM, NO_RC, _mm_nn, _mm_nt, _neg, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block
+from .simd import (
+    _FM, NO_RC, _mm_nn, _mm_nt, _neg, all_finite, as_c, as_readonly, lanes, pack_panel, pv_block, qk_block,
+)
 
 __all__ = ["tiles_forward", "long_rows_partial", "long_rows_merge"]
 
@@ -47,7 +49,7 @@ _FEW_SHARED = 8
 @njit(nogil=True, fastmath=_FM, **NO_RC)
 def _span_simd(
     qbuf, ks, vs, s, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, accf, dv,
-    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, sl,
+    kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, sl, big, nf,
 ):  # fmt: skip
     """One span ``[k0, k1)`` of the tile of rows ``t0..`` through the micro-kernels (``qk_block``, ``pv_block``).
 
@@ -104,6 +106,8 @@ def _span_simd(
             hi = min(row_hi[rb + r], b) - a
             if hi < lo:
                 hi = lo
+            if not all_finite(sbuf[r * lds + lo : r * lds + hi], big):  # a NaN or an infinity in q or k
+                nf[0] = 1
             mod_span(sbuf[r * lds : r * lds + lds], lo, hi, t0 + r, a, mod, slope, sl)
             _row_update(sbuf[r * lds : r * lds + lds], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
         # 3. P.V into the accumulator, over each block's union of runs
@@ -116,7 +120,7 @@ def _span_simd(
 
 @njit(nogil=True, fastmath=_FM)
 def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kvrow, use_valid,
-               m, l, acc, tmp, neg, zero, mod, slope, sl, first):  # fmt: skip
+               m, l, acc, tmp, neg, zero, mod, slope, sl, first, big, nf):  # fmt: skip
     """The span ``[k0, k1)`` through BLAS (``d_v`` not a multiple of 2 vectors); returns the new ``first``."""
     nch = (k1 - k0 + chunk - 1) // chunk
     step = (k1 - k0 + nch - 1) // nch
@@ -132,6 +136,8 @@ def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kv
             hi = min(row_hi[rb + r], b) - a
             if hi < lo:
                 hi = lo
+            if not all_finite(sm[r, lo:hi], big):
+                nf[0] = 1
             mod_span(sm[r], lo, hi, t0 + r, a, mod, slope, sl)
             _row_update(sm[r], lo, hi, vrow, use_valid, r, m, l, acc, neg, zero)
         if first:
@@ -146,7 +152,7 @@ def _span_blas(qt, ks, vs, rows, k0, k1, chunk, row_lo, row_hi, rb, t0, sbuf, kv
 
 @njit(nogil=True, fastmath=_FM, **NO_RC)
 def _few_shared(qt, ks, vs, rows, T, t0, c0, c1, sh_cols, sh_mask, key_valid, kb, use_valid,
-                mod, slope, s, m, l, acc, half, zero):  # fmt: skip
+                mod, slope, s, m, l, acc, half, zero, big, nf):  # fmt: skip
     """A tile's few shared columns ``sh_cols[c0:c1]``: direct dot products, no gather and no GEMM call."""
     d = qt.shape[1]
     for c in range(c0, c1):
@@ -160,12 +166,14 @@ def _few_shared(qt, ks, vs, rows, T, t0, c0, c1, sh_cols, sh_mask, key_valid, kb
             x = zero
             for e in range(d):
                 x += qt[r, e] * ks[j, e]
+            if not abs(x) <= big:
+                nf[0] = 1
             _one_key_update(mod_one(x, t0 + r, j, mod, slope, s), vj, r, m, l, acc, half, zero)
 
 
 @njit(nogil=True, fastmath=_FM, **NO_RC)
 def _residual_rows(qt, ks, vs, rows, t0, rs_ptr, rs_lo, rs_hi, rcol, sbuf, okb, key_valid, kb, use_valid,
-                   chunk, mod, slope, s, m, l, acc, neg, zero):  # fmt: skip
+                   chunk, mod, slope, s, m, l, acc, neg, zero, big, nf):  # fmt: skip
     """Each row's residual runs, their keys listed in chunks of up to ``chunk`` into ``rcol``."""
     d = qt.shape[1]
     dv = vs.shape[1]
@@ -194,22 +202,23 @@ def _residual_rows(qt, ks, vs, rows, t0, rs_ptr, rs_lo, rs_hi, rcol, sbuf, okb, 
                 sr[c2] = x
                 if use_valid:
                     okb[c2] = key_valid[kb, rcol[c2]]
+            if not all_finite(sr, big):
+                nf[0] = 1
             mod_cols(sr, ne, rcol, np.int64(0), i, mod, slope, s)
             _row_update(sr, np.int64(0), ne, okb, use_valid, r, m, l, acc, neg, zero)
             ar = acc[r]
-            for c2 in range(ne):
+            for c2 in range(ne):  # a zero weight too: 0 x inf is NaN (the non-finite policy)
                 p = sr[c2]
-                if p != zero:
-                    vj = vs[rcol[c2]]
-                    for c in range(dv):
-                        ar[c] += p * vj[c]
+                vj = vs[rcol[c2]]
+                for c in range(dv):
+                    ar[c] += p * vj[c]
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
 def tiles_forward(
     q, k, v, qmap, kmap, vmap, slices, T, chunk, tile_k0, tile_k1, row_lo, row_hi,
     xs_ptr, xs_k0, xs_k1, xs_lo, xs_hi, sh_ptr, sh_cols, sh_mask, rs_ptr, rs_lo, rs_hi,
-    scale, key_valid, slice_batch, use_valid, mod, slopes, it_begin, it_end, out, lse, kp, packed,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, it_begin, it_end, out, lse, bad, kp, packed,
 ):  # fmt: skip
     """Tile pass for the slices ``slices`` sharing one plan, work items ``[it_begin, it_end)``.
 
@@ -218,7 +227,9 @@ def tiles_forward(
     input broadcast over slices is stored once).
     Writes ``out[s, rows]`` and ``lse[s, rows]`` for every row of those
     tiles; long rows come out empty here and are overwritten by the long-row
-    pass.  Serial and ``nogil``: the caller runs disjoint item ranges on
+    pass.  ``bad[s] = 1`` when a raw score of an allowed pair or an output row of
+    slice ``s`` is NaN or infinite (the fast-math arithmetic is then not the
+    non-finite policy's: the caller recomputes the slice).  Serial and ``nogil``: the caller runs disjoint item ranges on
     several threads.  ``mod`` and ``slopes``: the score modifiers (see
     :mod:`sparseattn.kernels.mods`), applied to every row of scores.
 
@@ -237,6 +248,7 @@ def tiles_forward(
     neg = _neg(zero)
     half = neg * 0.5
     ninf = -np.inf
+    big = np.finfo(dt).max
     max_sh = 0
     for t in range(n_tiles):
         max_sh = max(max_sh, sh_ptr[t + 1] - sh_ptr[t])
@@ -258,6 +270,7 @@ def tiles_forward(
         qbuf = np.zeros(Tp * d, dtype=dt)  # rows past a short tile's end stay finite
         glo = np.empty(Tp // 6, dtype=np.int64)
         ghi = np.empty(Tp // 6, dtype=np.int64)
+        nf = np.zeros(1, dtype=np.uint8)  # the item met a NaN or an infinity
         for it in range(it_begin, it_end):
             si = it // n_tiles
             t = it - si * n_tiles
@@ -269,6 +282,7 @@ def tiles_forward(
             t0 = t * T
             t1 = min(n_q, t0 + T)
             rows = t1 - t0
+            nf[0] = 0
             for r in range(rows):
                 m[r] = neg
                 l[r] = zero
@@ -294,11 +308,11 @@ def tiles_forward(
                 if simd and k1 > k0:
                     _span_simd(
                         qbuf, ks, vs, sk, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, sbuf, accf, dv,
-                        kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, s,
+                        kp, packed, glo, ghi, use_valid, kvrow, m, l, acc, neg, zero, mod, slope, s, big, nf,
                     )  # fmt: skip
                 if not simd and k1 > k0:
                     first = _span_blas(qt, ks, vs, rows, k0, k1, chunk, lo_a, hi_a, rb, t0, sbuf, kvrow, use_valid,
-                                       m, l, acc, tmp, neg, zero, mod, slope, s, first)  # fmt: skip
+                                       m, l, acc, tmp, neg, zero, mod, slope, s, first, big, nf)  # fmt: skip
             if first:
                 for r in range(rows):
                     for c in range(dv):
@@ -309,7 +323,7 @@ def tiles_forward(
             c1 = sh_ptr[t + 1]
             if c1 - c0 <= _FEW_SHARED:
                 _few_shared(qt, ks, vs, rows, T, t0, c0, c1, sh_cols, sh_mask, key_valid, kb, use_valid,
-                            mod, slope, s, m, l, acc, half, zero)  # fmt: skip
+                            mod, slope, s, m, l, acc, half, zero, big, nf)  # fmt: skip
                 c0 = c1
             while c0 < c1:
                 cb = min(c1, c0 + g_cap)
@@ -328,6 +342,8 @@ def tiles_forward(
                         if use_valid:
                             ok = ok and key_valid[kb, sh_cols[c0 + c]]
                         okb[c] = ok
+                        if ok and not abs(sm[r, c]) <= big:
+                            nf[0] = 1
                     mod_cols(sm[r], nc, sh_cols, c0, t0 + r, mod, slope, s)
                     _row_update(sm[r], np.int64(0), nc, okb, np.bool_(True), r, m, l, acc, neg, zero)  # typed, not literal: one specialisation
                 _mm_nn(sm, as_readonly(vg[:nc]), tmp[:rows])
@@ -335,25 +351,32 @@ def tiles_forward(
                 c0 = cb
             # -- 3. per-row residual runs, their keys listed in chunks of up to `chunk` into `rcol`
             _residual_rows(qt, ks, vs, rows, t0, rs_ptr, rs_lo, rs_hi, rcol, sbuf, okb, key_valid, kb, use_valid,
-                           chunk, mod, slope, s, m, l, acc, neg, zero)  # fmt: skip
+                           chunk, mod, slope, s, m, l, acc, neg, zero, big, nf)  # fmt: skip
             # -- finalise
             for r in range(rows):
                 i = t0 + r
                 if m[r] > half and l[r] > zero:
                     inv = 1 / l[r]
+                    ok = True
                     for c in range(dv):
-                        out[s, i, c] = acc[r, c] * inv
+                        o = acc[r, c] * inv
+                        out[s, i, c] = o
+                        ok &= abs(o) <= big
                     lse[s, i] = m[r] + np.log(l[r])
+                    if not ok:  # a NaN or an infinity in v (or an overflow)
+                        nf[0] = 1
                 else:
                     for c in range(dv):
                         out[s, i, c] = zero
                     lse[s, i] = ninf
+            if nf[0] != 0:
+                bad[s] = 1
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
 def long_rows_partial(
     q, k, v, qmap, kmap, vmap, slices, lg_rows, grp_ptr, it_grp, it_a, it_b, it_off,
-    scale, key_valid, slice_batch, use_valid, mod, slopes, part_m, part_l, part_o, job_begin, job_end,
+    scale, key_valid, slice_batch, use_valid, mod, slopes, part_m, part_l, part_o, bad, job_begin, job_end,
 ):  # fmt: skip
     """Partial softmax of the (slice, long-row chunk) jobs ``[job_begin, job_end)``, ``job = si * n_items + it``.
 
@@ -361,13 +384,14 @@ def long_rows_partial(
     group ``g = it_grp[it]`` (they share their columns) and the keys
     ``[it_a[it], it_b[it])``.  Row ``rr`` of the group writes its partial to
     ``part_*[si, it_off[it] + rr]``: running max, sum and unnormalised output.
-    Serial and ``nogil`` like :func:`tiles_forward`.
+    Serial and ``nogil`` like :func:`tiles_forward`, which it shares ``bad`` with.
     """
     d = q.shape[2]
     n_items = it_grp.shape[0]
     dt = q.dtype
     zero = scale - scale
     neg = _neg(zero)
+    big = np.finfo(dt).max
     max_rows = 1
     max_w = 1
     for it in range(n_items):
@@ -402,6 +426,8 @@ def long_rows_partial(
             m[rr] = neg
             l[rr] = zero
             vrow = key_valid[kb, a:b] if use_valid else key_valid[0, :0]
+            if not all_finite(sm[rr], big):
+                bad[s] = 1
             mod_span(sm[rr], np.int64(0), wd, lg_rows[r0 + rr], a, mod, slopes[min(s, slopes.shape[0] - 1)], s)
             _row_update(sm[rr], np.int64(0), wd, vrow, use_valid, rr, m, l, o, neg, zero)
         _mm_nn(sm, vs[a:b], o)
@@ -410,15 +436,19 @@ def long_rows_partial(
             part_l[si, it_off[it] + rr] = l[rr]
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
-def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l, part_o, out, lse):
-    """Merge each long row's chunk partials: ``m = max m_i``, ``l = sum e^(m_i - m) l_i``, same for ``o``."""
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l, part_o, out, lse, bad):
+    """Merge each long row's chunk partials: ``m = max m_i``, ``l = sum e^(m_i - m) l_i``, same for ``o``.
+
+    A NaN or an infinity in a merged row sets ``bad[s]`` (see :func:`tiles_forward`).
+    """
     n_grp = grp_ptr.shape[0] - 1
     ns = slices.shape[0]
     dv = out.shape[2]
     zero = np.zeros(1, dtype=out.dtype)[0]
     neg = _neg(zero)
     half = neg * 0.5
+    big = np.finfo(out.dtype).max
     n_long = lg_rows.shape[0]
     for job in range(ns * n_long):  # small: a few rows times n / chunk partials
         si = job // n_long
@@ -458,8 +488,12 @@ def long_rows_merge(slices, lg_rows, grp_ptr, grp_it_ptr, it_off, part_m, part_l
                 out[s, i, c] += f * part_o[si, p, c]
         if ltot > zero:
             inv = 1 / ltot
+            ok = True
             for c in range(dv):
                 out[s, i, c] *= inv
+                ok &= abs(out[s, i, c]) <= big
             lse[s, i] = mx + np.log(ltot)
+            if not ok:
+                bad[s] = 1
         else:
             lse[s, i] = -np.inf

@@ -211,9 +211,9 @@ def _transpose_keys(kf, n_k, d, kt, ldk, mg):
             kt[c * ldk + mg + j] = kf[j * d + c]
 
 
-@njit(nogil=True, fastmath=_FM, **NO_RC)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", **NO_RC)
 def _grid_items(
-    q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse, kt, tag,
+    q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse, bad, kt, tag,
     mg, qt, sb, mx, ls,
 ):  # fmt: skip
     n_q = q.shape[1]
@@ -229,6 +229,7 @@ def _grid_items(
     aligned = (L == 8 or L == 16) and W % L == 0 and ldk % L == 0 and (mg - kw // 2) % L == 0
     zero = scale - scale
     neg = _neg(zero)
+    big = np.finfo(q.dtype).max
     outf = out.reshape(out.shape[0] * n_q * dv)
     for it in range(it_begin, it_end):
         si = it // n_lines
@@ -289,9 +290,12 @@ def _grid_items(
             for t in range(L):
                 mx[t] = neg
                 ls[t] = zero
+            ok = True  # a NaN or an infinity among the scores (q, k) or the outputs (v): bad[s]
             for r in range(R):
                 for t in range(L):
-                    mx[t] = _fmax(mx[t], sb[r * L + t])
+                    y = sb[r * L + t]
+                    mx[t] = _fmax(mx[t], y)
+                    ok &= abs(y) <= big
             for r in range(R):
                 for t in range(L):
                     p = _exp(sb[r * L + t] - mx[t])
@@ -318,10 +322,14 @@ def _grid_items(
                     inv, inv2 = 1 / ls[t], 1 / ls[t2]
                     for c in range(L2):
                         outf[orow + cb + c] *= inv
+                        ok &= abs(outf[orow + cb + c]) <= big
                     for c in range(L2):
                         outf[orow2 + cb + c] *= inv2
+                        ok &= abs(outf[orow2 + cb + c]) <= big
                 lse[s, r0 + x] = mx[t] + np.log(ls[t])
                 lse[s, r0 + x2] = mx[t2] + np.log(ls[t2])
+            if not ok:
+                bad[s] = 1
 
 
 @njit(nogil=True)
@@ -332,16 +340,17 @@ def _aligned(raw, n):
     return raw[o : o + n]
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
 def grid_forward(
-    q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse, kt, tag, mg,
+    q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse, bad, kt, tag, mg,
 ):  # fmt: skip
     """The lines ``[it_begin, it_end)`` of the slices ``slices`` (see the module docstring): ``out`` and ``lse`` rows.
 
     ``W``: the last axis' length; ``kw``: its window; ``sx`` (W,): each position's window start on it;
     line ``i`` reads the key lines starting at ``ln_base[ln_ptr[i]:ln_ptr[i + 1]]``.  ``kt``: the thread's
     ``d x (n_k + 2 mg)`` transposed keys (the ``mg`` margin columns zero), ``tag``: (1,) int64, the
-    stored slice ``kt`` holds (-1: none).
+    stored slice ``kt`` holds (-1: none).  ``bad[s] = 1`` where a score or an output of slice ``s`` is NaN or
+    infinite (see :func:`sparseattn.kernels.forward.tiles_forward`).
     """
     d = q.shape[2]
     L = lanes(q)
@@ -357,4 +366,4 @@ def grid_forward(
     mx = np.empty(L, dtype=q.dtype)
     ls = np.empty(L, dtype=q.dtype)
     _grid_items(q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse,
-                kt, tag, mg, qt, sb, mx, ls)  # fmt: skip
+                bad, kt, tag, mg, qt, sb, mx, ls)  # fmt: skip

@@ -116,6 +116,19 @@ def _fmax(typingctx, a, b):
     return sig, codegen
 
 
+@njit(nogil=True, fastmath=_FM, **NO_RC)
+def all_finite(x, big):
+    """Whether every element of the 1-D ``x`` is finite: ``|x| <= big``, the dtype's largest float (NaN fails it).
+
+    The kernels' fast-math keeps NaN and infinity (no ``nnan``/``ninf``), so the test compiles as written and
+    vectorises: how the fused kernels check their raw scores and outputs instead of scanning their inputs.
+    """
+    ok = True
+    for j in range(x.shape[0]):
+        ok &= abs(x[j]) <= big
+    return ok
+
+
 def _exp(x):  # pragma: no cover - replaced by the overload in jitted code
     raise NotImplementedError
 
