@@ -369,7 +369,7 @@ def _item(q, k, v, kpm, has_mask, kv_heads, lo, hi, n_q, i0, j0, scale, mod, slo
                     tot -= row[j]
                     row[j] = zero
         lse[w, r] = m + np.log(tot)
-        inv = 1 / tot
+        inv = out.dtype.type(1) / tot  # the compute dtype: 1 / tot would make the products below float64
         for j in range(x.shape[0]):
             x[j] *= inv
     if not finite:  # the engine recomputes the call on the paths that follow the non-finite policy

@@ -356,7 +356,7 @@ def tiles_forward(
             for r in range(rows):
                 i = t0 + r
                 if m[r] > half and l[r] > zero:
-                    inv = 1 / l[r]
+                    inv = dt.type(1) / l[r]  # in the compute dtype (1 / l[r] would be float64, the products too)
                     ok = True
                     for c in range(dv):
                         o = acc[r, c] * inv
