@@ -31,9 +31,9 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .lanes import lane_max, lane_softmax
 from .simd import (
     _FM, NO_RC, _element_ptr, _neg, _vbload, _vec_of, _vfma, _vload, _vstore, _vzero, all_finite, as_c, lanes,
 )
@@ -101,94 +101,6 @@ def valign(typingctx, lo, hi, shift):
         return builder.shuffle_vector(args[0], args[1], mask)
 
     return lo(lo, hi, shift), codegen
-
-
-#: ``exp`` of :mod:`sparseattn.kernels.simd` (``_exp32``, ``_exp64``) by bit width: cutoff, ln 2 in two parts,
-#: the polynomial's coefficients from the highest degree, the exponent's bias and shift
-_EXP = {
-    32: (-87.0, 0.693145751953125, 1.428606765330187e-06, [1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0],
-         127, 23),
-    64: (-708.0, 0.6931471803691238, 1.9082149292705877e-10,
-         [1 / 479001600, 1 / 39916800, 1 / 3628800, 1 / 362880, 1 / 40320, 1 / 5040, 1 / 720, 1 / 120, 1 / 24,
-          1 / 6, 0.5, 1.0, 1.0], 1023, 52),
-}  # fmt: skip
-
-
-def _vcall(builder, name, ty, *args):
-    """``name`` (an LLVM intrinsic such as ``"llvm.fma"``) on vectors of type ``ty``."""
-    full = f"{name}.v{ty.count}f{32 if isinstance(ty.element, ir.FloatType) else 64}"
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * len(args)), full)
-    return builder.call(fn, args)
-
-
-@intrinsic
-def _lane_softmax(typingctx, sb, n, mx, ls):
-    """``sb[r L : r L + L] = exp(sb[r L : r L + L] - mx)`` for ``r < n`` and ``ls[:L]`` their sum, lane by lane.
-
-    The lanes' maxima ``mx`` and sums ``ls`` are (L,) arrays; the ``exp`` is the kernels' polynomial
-    (``simd._exp32`` / ``_exp64``) on whole vectors.  Written as a loop of Numba it compiled to scalar code
-    (each lane's sum goes to memory that LLVM could not tell from the scores): a sixth of a 7 x 7
-    neighbourhood's forward.
-    """
-    vt = _vec_of(sb.dtype)
-    bits = sb.dtype.bitwidth
-
-    def codegen(context, builder, sig, args):
-        sb_a, n_a, mx_a, ls_a = args
-        llvt = context.get_value_type(vt)
-        L = llvt.count
-        ity = ir.IntType(bits)
-        ivt = ir.VectorType(ity, L)
-        cut, c1, c2, poly, bias, shift = _EXP[bits]
-        const = lambda x: ir.Constant(llvt, [float(x)] * L)  # noqa: E731
-        al = bits // 8
-        base = builder.bitcast(_element_ptr(context, builder, sig.args[0], sb_a, context.get_constant(types.intp, 0)),
-                               llvt.as_pointer())  # fmt: skip
-        m = builder.load(builder.bitcast(_element_ptr(context, builder, sig.args[2], mx_a,
-                                                      context.get_constant(types.intp, 0)), llvt.as_pointer()), align=al)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(llvt, None))
-        with cgutils.for_range(builder, n_a) as loop:
-            ptr = builder.gep(base, [loop.index])
-            x = builder.fsub(builder.load(ptr, align=al), m)
-            xc = _vcall(builder, "llvm.maxnum", llvt, x, const(cut))
-            t = _vcall(builder, "llvm.floor", llvt, _vcall(builder, "llvm.fma", llvt, xc, const(1.4426950408889634),
-                                                               const(0.5)))  # fmt: skip
-            r = builder.fsub(builder.fsub(xc, builder.fmul(t, const(c1))), builder.fmul(t, const(c2)))
-            p = const(poly[0])
-            for coef in poly[1:]:
-                p = _vcall(builder, "llvm.fma", llvt, p, r, const(coef))
-            e = builder.shl(builder.add(builder.fptosi(t, ivt), ir.Constant(ivt, [bias] * L)), ir.Constant(ivt, [shift] * L))
-            y = builder.fmul(p, builder.bitcast(e, llvt))
-            y = builder.select(builder.fcmp_ordered(">", x, const(cut)), y, const(0.0))
-            builder.store(y, ptr, align=al)
-            builder.store(builder.fadd(builder.load(acc), y), acc)
-        lp = _element_ptr(context, builder, sig.args[3], ls_a, context.get_constant(types.intp, 0))
-        builder.store(builder.load(acc), builder.bitcast(lp, llvt.as_pointer()), align=al)
-        return context.get_dummy_value()
-
-    return types.none(sb, n, mx, ls), codegen
-
-
-@intrinsic
-def _lane_max(typingctx, sb, n, mx):
-    """``mx[:L] = max(mx[:L], sb[r L : r L + L] for r < n)`` lane by lane (``llvm.maxnum``)."""
-    vt = _vec_of(sb.dtype)
-
-    def codegen(context, builder, sig, args):
-        sb_a, n_a, mx_a = args
-        llvt = context.get_value_type(vt)
-        al = sb.dtype.bitwidth // 8
-        zero = context.get_constant(types.intp, 0)
-        base = builder.bitcast(_element_ptr(context, builder, sig.args[0], sb_a, zero), llvt.as_pointer())
-        mp = builder.bitcast(_element_ptr(context, builder, sig.args[2], mx_a, zero), llvt.as_pointer())
-        acc = cgutils.alloca_once_value(builder, builder.load(mp, align=al))
-        with cgutils.for_range(builder, n_a) as loop:
-            y = builder.load(builder.gep(base, [loop.index]), align=al)
-            builder.store(_vcall(builder, "llvm.maxnum", llvt, builder.load(acc), y), acc)
-        builder.store(builder.load(acc), mp, align=al)
-        return context.get_dummy_value()
-
-    return types.none(sb, n, mx), codegen
 
 
 @njit(nogil=True, inline="always")
@@ -331,6 +243,55 @@ def _transpose_keys(kf, n_k, d, kt, ldk, mg):
             kt[c * ldk + mg + j] = kf[j * d + c]
 
 
+@njit(nogil=True, fastmath=_FM, **NO_RC)
+def _block_pv(sb, ls, vf, outf, ln_base, c0, C, U, kw, sx, x0, nt, emin, orow0, dv, big, qt):
+    """P.V of one block of :func:`_grid_items` (its ``nt`` queries from ``x0``, output rows from ``orow0``):
+    the outputs scaled by ``ls`` (each lane's ``1 / sum``); returns whether they are all finite."""
+    L = lanes(qt)
+    L2 = 2 * L
+    ok = True
+    # -- P.V per query, 2L value columns at a time, over the query's own keys: four queries at a time
+    # where their windows start on consecutive keys (they share value rows), else two
+    t = 0
+    while t < nt:
+        x = x0 + t
+        lo = sx[x] - x - emin
+        if t + 3 < nt and sx[x + 3] - sx[x] == 3:
+            for cb in range(0, dv, L2):
+                z = _vzero(qt)
+                acc = (z, z, z, z, z, z, z, z)
+                for cl in range(C):
+                    acc = _pv4(sb, (cl * U + lo) * L + t, L, vf, (ln_base[c0 + cl] + sx[x]) * dv + cb, dv, kw, acc)
+                for i in range(4):
+                    inv = _vbload(ls, t + i)
+                    orow = orow0 + (x - x0 + i) * dv + cb
+                    _vstore(outf, orow, _vfma(acc[2 * i], inv, z))
+                    _vstore(outf, orow + L, _vfma(acc[2 * i + 1], inv, z))
+            ok &= all_finite(outf[orow0 + (x - x0) * dv : orow0 + (x - x0 + 4) * dv], big)
+            t += 4
+            continue
+        t2 = min(t + 1, nt - 1)  # an odd last query runs twice (same values written)
+        x2 = x0 + t2
+        lo2 = sx[x2] - x2 - emin
+        orow, orow2 = orow0 + (x - x0) * dv, orow0 + (x2 - x0) * dv
+        inv, inv2 = _vbload(ls, t), _vbload(ls, t2)
+        for cb in range(0, dv, L2):
+            z = _vzero(qt)
+            a = (z, z)
+            b = (z, z)
+            for cl in range(C):
+                base = ln_base[c0 + cl]
+                a, b = _pv2(sb, (cl * U + lo) * L + t, (cl * U + lo2) * L + t2, L, vf,
+                            (base + sx[x]) * dv + cb, (base + sx[x2]) * dv + cb, dv, kw, a, b)  # fmt: skip
+            _vstore(outf, orow + cb, _vfma(a[0], inv, z))
+            _vstore(outf, orow + cb + L, _vfma(a[1], inv, z))
+            _vstore(outf, orow2 + cb, _vfma(b[0], inv2, z))
+            _vstore(outf, orow2 + cb + L, _vfma(b[1], inv2, z))
+        ok &= all_finite(outf[orow : orow + dv], big) and all_finite(outf[orow2 : orow2 + dv], big)
+        t += 2
+    return ok
+
+
 @njit(nogil=True, fastmath=_FM, error_model="numpy", **NO_RC)
 def _grid_items(
     q, k, v, qmap, kmap, vmap, slices, W, kw, sx, ln_ptr, ln_base, scale, it_begin, it_end, out, lse, bad, kt, tag,
@@ -411,50 +372,12 @@ def _grid_items(
                 mx[t] = neg
             # a NaN or an infinity among the scores (q, k) or, below, the outputs (v): bad[s]
             ok = all_finite(sb[: R * L], big)
-            _lane_max(sb, R, mx)
-            _lane_softmax(sb, R, mx, ls)
+            lane_max(sb, R, mx)
+            lane_softmax(sb, R, mx, ls)
             for t in range(nt):
                 lse[s, r0 + x0 + t] = mx[t] + np.log(ls[t])
                 ls[t] = 1 / ls[t]  # from here on, the lane's factor for its outputs
-            # -- P.V per query, 2L value columns at a time, over the query's own keys: four queries at a time
-            # where their windows start on consecutive keys (they share value rows), else two
-            t = 0
-            while t < nt:
-                x = x0 + t
-                lo = sx[x] - x - emin
-                if t + 3 < nt and sx[x + 3] - sx[x] == 3:
-                    for cb in range(0, dv, L2):
-                        z = _vzero(qt)
-                        acc = (z, z, z, z, z, z, z, z)
-                        for cl in range(C):
-                            acc = _pv4(sb, (cl * U + lo) * L + t, L, vf, (ln_base[c0 + cl] + sx[x]) * dv + cb, dv, kw, acc)
-                        for i in range(4):
-                            inv = _vbload(ls, t + i)
-                            orow = (s * n_q + r0 + x + i) * dv + cb
-                            _vstore(outf, orow, _vfma(acc[2 * i], inv, z))
-                            _vstore(outf, orow + L, _vfma(acc[2 * i + 1], inv, z))
-                    ok &= all_finite(outf[(s * n_q + r0 + x) * dv : (s * n_q + r0 + x + 4) * dv], big)
-                    t += 4
-                    continue
-                t2 = min(t + 1, nt - 1)  # an odd last query runs twice (same values written)
-                x2 = x0 + t2
-                lo2 = sx[x2] - x2 - emin
-                orow, orow2 = (s * n_q + r0 + x) * dv, (s * n_q + r0 + x2) * dv
-                inv, inv2 = _vbload(ls, t), _vbload(ls, t2)
-                for cb in range(0, dv, L2):
-                    z = _vzero(qt)
-                    a = (z, z)
-                    b = (z, z)
-                    for cl in range(C):
-                        base = ln_base[c0 + cl]
-                        a, b = _pv2(sb, (cl * U + lo) * L + t, (cl * U + lo2) * L + t2, L, vf,
-                                    (base + sx[x]) * dv + cb, (base + sx[x2]) * dv + cb, dv, kw, a, b)  # fmt: skip
-                    _vstore(outf, orow + cb, _vfma(a[0], inv, z))
-                    _vstore(outf, orow + cb + L, _vfma(a[1], inv, z))
-                    _vstore(outf, orow2 + cb, _vfma(b[0], inv2, z))
-                    _vstore(outf, orow2 + cb + L, _vfma(b[1], inv2, z))
-                ok &= all_finite(outf[orow : orow + dv], big) and all_finite(outf[orow2 : orow2 + dv], big)
-                t += 2
+            ok &= _block_pv(sb, ls, vf, outf, ln_base, c0, C, U, kw, sx, x0, nt, emin, (s * n_q + r0 + x0) * dv, dv, big, qt)
             if not ok:
                 bad[s] = 1
 
