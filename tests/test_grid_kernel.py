@@ -154,7 +154,6 @@ def test_line_kernel_needs_whole_vectors_of_features(calls):
 
 def test_an_uncompiled_line_kernel_leaves_the_call_to_the_tile_kernels(monkeypatch):
     """Outside ``SPARSEATTN_COLD_START=wait``, a call never waits for the line kernel to compile."""
-    import sparseattn.kernels.cache as kcache
     from sparseattn.engine import coldstart
 
     count = [0]
@@ -168,8 +167,8 @@ def test_an_uncompiled_line_kernel_leaves_the_call_to_the_tile_kernels(monkeypat
             return real(*args)
 
     monkeypatch.setattr(grid_kernels, "grid_forward", Uncompiled())
-    monkeypatch.setattr(kcache, "cached", lambda disp, want=None, layout=None: False)  # nor in the disk cache
-    monkeypatch.setattr(fused_lines, "_READY", set())
+    monkeypatch.setattr(coldstart, "cached", lambda disp, want=None, layout=None: False)  # nor in the disk cache
+    monkeypatch.setattr(coldstart, "_kernels_ready", set())
     monkeypatch.setattr(coldstart, "mode", lambda: "background")
     p = sa.neighborhood((8, 32), 7)
     q, k, v = _inputs(p, np.float32, d=32, dv=32)

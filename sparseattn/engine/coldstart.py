@@ -37,7 +37,7 @@ import time
 
 from ..kernels.cache import cached
 
-__all__ = ["mode", "choose", "fused_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
+__all__ = ["mode", "choose", "fused_ready", "kernel_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
 
 _MODES = ("background", "wait")
 _KINDS = ("forward", "backward")
@@ -48,6 +48,7 @@ _ready = set()  # keys whose fused kernels can run without compiling in the call
 _times = {}  # key -> (start, end or None)
 _errors = {}  # key -> exception raised by the background compile
 _hooks = []
+_kernels_ready = set()  # the keys of kernel_ready's calls that can run now
 
 
 def mode():
@@ -109,6 +110,28 @@ def fused_ready(dtype, kind="forward", views=False):
             return True
     if _in_disk_cache(key, views):
         _ready.add(rkey)
+        return True
+    return False
+
+
+def kernel_ready(dispatcher, key, serves, dtype, layout=None):
+    """Whether a call may run ``dispatcher`` (a kernel outside the fused sets above) without compiling it.
+
+    True when a signature compiled in this process ``serves`` the call (``serves(sig)``), when Numba's disk
+    cache holds it for ``dtype`` (``layout="A"``: its specialisation for views) while no compile job runs (a
+    job writing the cache meanwhile could race the load), and when compiling in the caller's thread is what
+    was asked (``wait`` mode, or the compile job's own thread).  The first two are remembered under ``key``
+    (hashable, naming the kernel: a decode loop asks once per layer and step).  The line kernel and the decode kernel ask this before they
+    take a call; otherwise the route that is ready answers it.
+    """
+    if key in _kernels_ready:
+        return True
+    if mode() == "wait" or in_compile_thread():
+        return True
+    if any(serves(sig) for sig in dispatcher.signatures) or (
+        not compiling() and cached(dispatcher, dtype, layout=layout)
+    ):
+        _kernels_ready.add(key)
         return True
     return False
 

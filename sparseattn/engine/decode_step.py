@@ -79,31 +79,18 @@ def _as_slices(x, w):
     return y
 
 
-#: (dtype, ndim, k contiguous, v contiguous) of the calls the kernel is known to run without compiling
-_READY = set()
-
-
 def _ready(ks, vs):
-    """Whether the decode kernel can run on ``k``, ``v`` slices like these without compiling in this call."""
-    key = (ks.dtype, ks.ndim, ks.flags.c_contiguous, vs.flags.c_contiguous)
-    if key in _READY:  # a decode loop asks once per layer and step
-        return True
+    """Whether the decode kernel can run on ``k``, ``v`` slices like these without compiling in this call
+    (:func:`sparseattn.engine.coldstart.kernel_ready`)."""
     import numba
 
-    from ..kernels.cache import cached
     from ..kernels.decode import decode_slices
     from . import coldstart
 
+    key = ("decode", ks.dtype, ks.ndim, ks.flags.c_contiguous, vs.flags.c_contiguous)
     kt, vt = numba.typeof(ks), numba.typeof(vs)
-    if any(sig[1] == kt and sig[2] == vt for sig in decode_slices.signatures):
-        _READY.add(key)
-        return True
-    if coldstart.mode() == "wait" or coldstart.in_compile_thread():
-        return True
-    if coldstart.compiling():
-        return False
     views = "A" if "A" in (kt.layout, vt.layout) else None
-    return cached(decode_slices, kt.dtype, layout=views)
+    return coldstart.kernel_ready(decode_slices, key, lambda sig: sig[1] == kt and sig[2] == vt, kt.dtype, views)
 
 
 def compile_kernel(dtype_name):

@@ -32,35 +32,21 @@ def applies(plan, k, v, use_valid, mod, mods):
     return _ready(k.dtype)
 
 
-#: dtypes whose line kernel runs without compiling
-_READY = set()
-
-
 def _ready(dtype):
     """Whether the line kernel of ``dtype`` can run now: compiled in this process or in Numba's disk cache.
 
     Otherwise the tile kernels answer (the same result) rather than make this call compile it, except
     where compiling in the caller's thread is what was asked (``SPARSEATTN_COLD_START=wait``, or the
-    cold start's own compile job, which compiles it with the forward kernels: see
-    :mod:`sparseattn.engine.coldstart`).
+    cold start's own compile job, which compiles it with the forward kernels): see
+    :func:`sparseattn.engine.coldstart.kernel_ready`.
     """
-    if dtype in _READY:
-        return True
     import numba
 
-    from ..kernels.cache import cached
     from ..kernels.grid import grid_forward
     from . import coldstart
 
-    if coldstart.mode() == "wait" or coldstart.in_compile_thread():
-        return True
     want = numba.from_dtype(dtype)
-    if any(getattr(sig[0], "dtype", None) == want for sig in grid_forward.signatures) or (
-        not coldstart.compiling() and cached(grid_forward, want)
-    ):
-        _READY.add(dtype)
-        return True
-    return False
+    return coldstart.kernel_ready(grid_forward, ("line", dtype), lambda sig: getattr(sig[0], "dtype", None) == want, want)
 
 
 def run(plan, q, k, v, qmap, kmap, vmap, slices, sc, out, lse, flags, n_threads):
