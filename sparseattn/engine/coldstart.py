@@ -121,8 +121,8 @@ def kernel_ready(dispatcher, key, serves, dtype, layout=None):
     cache holds it for ``dtype`` (``layout="A"``: its specialisation for views) while no compile job runs (a
     job writing the cache meanwhile could race the load), and when compiling in the caller's thread is what
     was asked (``wait`` mode, or the compile job's own thread).  The first two are remembered under ``key``
-    (hashable, naming the kernel: a decode loop asks once per layer and step).  The line kernel and the decode kernel ask this before they
-    take a call; otherwise the route that is ready answers it.
+    (hashable, naming the kernel: a decode loop asks once per layer and step).  The line kernel and the
+    decode kernel ask this before they take a call; otherwise the route that is ready answers it.
     """
     if key in _kernels_ready:
         return True

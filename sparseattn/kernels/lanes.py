@@ -15,20 +15,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _element_ptr, _vec_of
+from .simd import _LOG2E, EXP_CONSTANTS, _element_ptr, _vec_of
 
 __all__ = ["lane_max", "lane_softmax"]
-
-#: ``exp`` of :mod:`sparseattn.kernels.simd` (``_exp32``, ``_exp64``) by bit width: cutoff, ln 2 in two parts,
-#: the polynomial's coefficients from the highest degree, the exponent's bias and shift
-_EXP = {
-    32: (-87.0, 0.693145751953125, 1.428606765330187e-06, [1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0],
-         127, 23),
-    64: (-708.0, 0.6931471803691238, 1.9082149292705877e-10,
-         [1 / 479001600, 1 / 39916800, 1 / 3628800, 1 / 362880, 1 / 40320, 1 / 5040, 1 / 720, 1 / 120, 1 / 24,
-          1 / 6, 0.5, 1.0, 1.0], 1023, 52),
-}  # fmt: skip
-
 
 def _vcall(builder, name, ty, *args):
     """``name`` (an LLVM intrinsic such as ``"llvm.fma"``) on vectors of type ``ty``."""
@@ -55,7 +44,7 @@ def lane_softmax(typingctx, sb, n, mx, ls):
         L = llvt.count
         ity = ir.IntType(bits)
         ivt = ir.VectorType(ity, L)
-        cut, c1, c2, poly, bias, shift = _EXP[bits]
+        cut, c1, c2, poly, bias, shift = EXP_CONSTANTS[bits]
         const = lambda x: ir.Constant(llvt, [float(x)] * L)  # noqa: E731
         al = bits // 8
         base = builder.bitcast(_element_ptr(context, builder, sig.args[0], sb_a, context.get_constant(types.intp, 0)),
@@ -67,7 +56,7 @@ def lane_softmax(typingctx, sb, n, mx, ls):
             ptr = builder.gep(base, [loop.index])
             x = builder.fsub(builder.load(ptr, align=al), m)
             xc = _vcall(builder, "llvm.maxnum", llvt, x, const(cut))
-            t = _vcall(builder, "llvm.floor", llvt, _vcall(builder, "llvm.fma", llvt, xc, const(1.4426950408889634),
+            t = _vcall(builder, "llvm.floor", llvt, _vcall(builder, "llvm.fma", llvt, xc, const(_LOG2E),
                                                                const(0.5)))  # fmt: skip
             r = builder.fsub(builder.fsub(xc, builder.fmul(t, const(c1))), builder.fmul(t, const(c2)))
             p = const(poly[0])

@@ -60,45 +60,46 @@ def _float_from_bits(typingctx, bits, like):
     return like(intty, like), codegen
 
 
+#: the kernels' ``exp`` polynomial by bit width, written once for the scalar ``_exp32`` / ``_exp64`` and the vector
+#: one of :mod:`sparseattn.kernels.lanes`: the cutoff below which it is 0, ln 2 in two parts, the coefficients from
+#: the highest degree, the exponent's bias and shift
+EXP_CONSTANTS = {
+    32: (-87.0, 0.693145751953125, 1.428606765330187e-06,
+         (1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0), 127, 23),
+    64: (-708.0, 0.6931471803691238, 1.9082149292705877e-10,
+         (1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0,
+          1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0), 1023, 52),
+}  # fmt: skip
+_CUT32, _LN2HI32, _LN2LO32, _POLY32, _BIAS32, _SHIFT32 = EXP_CONSTANTS[32]
+_CUT64, _LN2HI64, _LN2LO64, _POLY64, _BIAS64, _SHIFT64 = EXP_CONSTANTS[64]
+_LOG2E = 1.4426950408889634
+
+
 @njit(fastmath=_FM)
 def _exp32(x):
     """``exp(x)`` for float32 ``x <= 0`` (0 below -87); max relative error ~2e-7."""
-    xc = max(x, np.float32(-87.0))
-    t = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - t * np.float32(0.693145751953125) - t * np.float32(1.428606765330187e-06)
-    p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    y = p * _float_from_bits((np.int32(t) + np.int32(127)) << np.int32(23), p)
-    return y if x > np.float32(-87.0) else np.float32(0.0)
+    cut = np.float32(_CUT32)
+    xc = max(x, cut)
+    t = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
+    r = xc - t * np.float32(_LN2HI32) - t * np.float32(_LN2LO32)
+    p = np.float32(_POLY32[0])
+    for c in _POLY32[1:]:
+        p = p * r + np.float32(c)
+    y = p * _float_from_bits((np.int32(t) + np.int32(_BIAS32)) << np.int32(_SHIFT32), p)
+    return y if x > cut else np.float32(0.0)
 
 
 @njit(fastmath=_FM)
 def _exp64(x):
     """``exp(x)`` for float64 ``x <= 0`` (0 below -708); max relative error ~3e-16."""
-    xc = max(x, -708.0)
-    t = np.floor(xc * 1.4426950408889634 + 0.5)
-    r = xc - t * 0.6931471803691238 - t * 1.9082149292705877e-10
-    p = 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    y = p * _float_from_bits((np.int64(t) + np.int64(1023)) << np.int64(52), p)
-    return y if x > -708.0 else 0.0
+    xc = max(x, _CUT64)
+    t = np.floor(xc * _LOG2E + 0.5)
+    r = xc - t * _LN2HI64 - t * _LN2LO64
+    p = _POLY64[0]
+    for c in _POLY64[1:]:
+        p = p * r + c
+    y = p * _float_from_bits((np.int64(t) + np.int64(_BIAS64)) << np.int64(_SHIFT64), p)
+    return y if x > _CUT64 else 0.0
 
 
 @intrinsic
