@@ -6,6 +6,7 @@ not apply) and compare with :func:`sparseattn.reference.dense_attention` and wit
 tile kernels (``fused_lines.LINE_KERNEL = False``).
 """
 
+import io
 import numpy as np
 import pytest
 
@@ -178,3 +179,38 @@ def test_an_uncompiled_line_kernel_leaves_the_call_to_the_tile_kernels(monkeypat
     monkeypatch.setattr(coldstart, "mode", lambda: "wait")  # compiling in the caller's thread is what was asked
     sa.sparse_attention(q, k, v, p, path="fused")
     assert count[0] >= 1
+
+
+def test_warmup_compiles_the_line_kernel_that_a_call_would_leave(monkeypatch):
+    """``sparseattn warmup`` runs the line kernel even where a user's call would not yet (not compiled, not cached,
+    no compile job): otherwise, with the fused kernels cached, nothing ever compiles it."""
+    from sparseattn.engine import coldstart, warmup
+
+    seen = []
+    real = grid_kernels.grid_forward
+
+    class Uncompiled:
+        signatures = []
+
+        def __call__(self, *args):
+            seen.append(args[0].dtype)
+            return real(*args)
+
+    monkeypatch.setattr(grid_kernels, "grid_forward", Uncompiled())
+    monkeypatch.setattr(coldstart, "cached", lambda disp, want=None, layout=None: False)
+    monkeypatch.setattr(coldstart, "_kernels_ready", set())
+    monkeypatch.setattr(coldstart, "mode", lambda: "background")
+    p = sa.neighborhood((8, 32), 7)
+    q, k, v = _inputs(p, np.float32, d=32, dv=32)
+    sa.sparse_attention(q, k, v, p, path="fused")
+    assert seen == []  # a user's call: the tile kernels answer
+    with coldstart.compile_here():
+        out = sa.sparse_attention(q, k, v, p, path="fused")
+    assert seen and set(seen) == {np.dtype(np.float32)}  # one call per thread's range of lines
+    np.testing.assert_allclose(out, dense_attention(q, k, v, p), rtol=0, atol=5e-5)
+    n = len(seen)
+    sa.sparse_attention(q, k, v, p, path="fused")
+    assert len(seen) == n  # compile_here ends with its block
+    monkeypatch.setattr(warmup, "steps", lambda: [("fused forward", warmup._forward("float64", path="fused"))])
+    warmup.warmup(out=io.StringIO())
+    assert len(seen) > n and set(seen[n:]) == {np.dtype(np.float64)}

@@ -39,6 +39,7 @@ def test_full_warmup_leaves_nothing_to_compile(tmp_path):
     code = "import sparseattn.engine.warmup as w\nw.warmup()\n"
     first = _run(code, tmp_path)
     assert "compiled sparseattn.kernels.forward.tiles_forward(" in first
+    assert "compiled sparseattn.kernels.grid.grid_forward(" in first  # the neighbourhoods' line kernel
     second = _run(code, tmp_path)
     assert "compiled sparseattn" not in second
     assert second.splitlines()[-1].startswith("0 kernels compiled")

@@ -30,6 +30,7 @@ held).  ``sparseattn warmup`` compiles everything ahead of time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -37,7 +38,10 @@ import time
 
 from ..kernels.cache import cached
 
-__all__ = ["mode", "choose", "fused_ready", "kernel_ready", "start", "compiling", "in_compile_thread", "wait", "status"]
+__all__ = [
+    "mode", "choose", "fused_ready", "kernel_ready", "start", "compiling", "in_compile_thread", "compile_here", "wait",
+    "status",
+]  # fmt: skip
 
 _MODES = ("background", "wait")
 _KINDS = ("forward", "backward")
@@ -49,6 +53,7 @@ _times = {}  # key -> (start, end or None)
 _errors = {}  # key -> exception raised by the background compile
 _hooks = []
 _kernels_ready = set()  # the keys of kernel_ready's calls that can run now
+_here = threading.local()  # .on: this thread compiles what its calls need (compile_here)
 
 
 def mode():
@@ -126,7 +131,7 @@ def kernel_ready(dispatcher, key, serves, dtype, layout=None):
     """
     if key in _kernels_ready:
         return True
-    if mode() == "wait" or in_compile_thread():
+    if mode() == "wait" or in_compile_thread() or getattr(_here, "on", False):
         return True
     if any(serves(sig) for sig in dispatcher.signatures) or (
         not compiling() and cached(dispatcher, dtype, layout=layout)
@@ -190,6 +195,23 @@ def start(dtype, kind, job):
 def compiling():
     """True while a background compile runs (the caller must then not ask Numba to compile anything)."""
     return any(t.is_alive() for t in list(_threads.values()))
+
+
+@contextlib.contextmanager
+def compile_here():
+    """Within it, the calling thread's calls compile the kernels they need, as in ``wait`` mode.
+
+    For ``sparseattn warmup``: a kernel that a call takes only when it is ready
+    (:func:`kernel_ready`: the line kernel, the decode kernel) would otherwise
+    be left to the cold start's compile job, which never starts once the fused
+    kernels are in the cache.
+    """
+    before = getattr(_here, "on", False)
+    _here.on = True
+    try:
+        yield
+    finally:
+        _here.on = before
 
 
 def in_compile_thread():

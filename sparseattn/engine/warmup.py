@@ -160,7 +160,10 @@ def warmup(out=None, extra=()):
     compiled = []
     all_steps = steps() + list(extra)
     t_all = time.perf_counter()
-    with _Compiles(out) as rec:
+    from . import coldstart
+
+    # compile_here: the kernels that a call takes only once they are ready (the line kernel) compile too
+    with _Compiles(out) as rec, coldstart.compile_here():
         for i, (label, fn) in enumerate(all_steps, start=1):
             print(f"[{i}/{len(all_steps)}] {label}", file=out, flush=True)
             before = len(rec.done)
