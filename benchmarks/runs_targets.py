@@ -181,7 +181,7 @@ def report_first_call(rep, args):
     return {"n": n, "call_s": call, "process_s": total, "peak_rss_gib": rss}
 
 
-def gflops(pattern, heads, d, repeats=3):
+def gflops(pattern, heads, d, repeats=10):
     q, k, v = benchlib.qkv(heads, pattern.shape[0], d, np.float32)
     t = best(lambda: sa.sparse_attention(q, k, v, pattern, path="fused"), repeats)[0]
     return 4.0 * pattern.nnz * d * heads / t / 1e9, t
