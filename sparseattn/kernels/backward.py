@@ -32,7 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mods import active, mod_grad, mod_grad_span
+from .mods import active, mod_grad_span
+from .pair_grads import _pair_grad, _run_grad
 from .simd import _FM, NO_RC, _exp, _mm_nn, _mm_nt, _mm_tn, lanes, pack_panel, pv_block, qk_block, tn_block
 
 __all__ = ["tiles_backward", "long_rows_backward", "flush_keys", "KEY_PAD"]
@@ -75,36 +76,26 @@ def _grad_row(srow, dprow, lo, hi, vrow, use_valid, li, di, zero, i, j0, mod, sl
 
 
 @njit(fastmath=_FM, nogil=True, **NO_RC)
-def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, sl):
-    """Gradient contributions of one allowed pair: row ``r`` of the tile (query ``i``, scaled ``qt[r]``), key ``j``.
-
-    Indexes the 2-D arrays element by element: a row view per key (``ks[j]``, ``dkb[j]``) would be a new
-    reference-counted array on every pair, which cost more than the arithmetic.
-    """
-    d = qt.shape[1]
-    dv = dot.shape[1]
-    x = zero
-    for c in range(d):
-        x += qt[r, c] * ks[j, c]
-    dp = zero
-    for c in range(dv):
-        dp += dot[r, c] * vs[j, c]
-    x, fac = mod_grad(x, i, j, mod, slope, sl)
-    p = _exp(x - li)
-    ds = p * (dp - di) * fac
-    for c in range(d):
-        dqt[r, c] += ds * ks[j, c]
-        dkb[j, c] += ds * qt[r, c]
-    for c in range(dv):
-        dvb[j, c] += p * dot[r, c]
-
-
-@njit(fastmath=_FM, nogil=True, **NO_RC)
 def _touch(j, mark, cols, lohi):
     if mark[j] == 0:
         mark[j] = 1
         cols[lohi[2]] = j
         lohi[2] += 1
+
+
+@njit(fastmath=_FM, nogil=True, **NO_RC)
+def _residual_run(qt, dot, dqt, r, ks, vs, dkb, dvb, lo, hi, li, di, zero, i, mod, slope, s, use_valid, valid, mark,
+                  cols, lohi):  # fmt: skip
+    """Row ``r``'s residual run ``[lo, hi)``: whole (four keys at a time), or key by key past the padding mask."""
+    if not use_valid:
+        for j in range(lo, hi):
+            _touch(j, mark, cols, lohi)
+        _run_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, lo, hi, li, di, zero, i, mod, slope, s)
+        return
+    for j in range(lo, hi):
+        if valid[j]:
+            _touch(j, mark, cols, lohi)
+            _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, s)
 
 
 @njit(nogil=True, fastmath=_FM, **NO_RC)
@@ -353,11 +344,8 @@ def tiles_backward(
             li = lse_t[r]
             di = dsum_t[r]
             for e in range(rs_ptr[i], rs_ptr[i + 1]):
-                for j in range(rs_lo[e], rs_hi[e]):
-                    if use_valid and not key_valid[kb, j]:
-                        continue
-                    _touch(j, mark, cols, lohi)
-                    _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, s)
+                _residual_run(qt, dot, dqt, r, ks, vs, dkb, dvb, rs_lo[e], rs_hi[e], li, di, zero, i, mod, slope, s,
+                              use_valid, kvrow, mark, cols, lohi)  # fmt: skip
         # -- finalise dQ
         for r in range(rows):
             for c in range(d):

@@ -1,0 +1,125 @@
+"""The backward's per-entry gradients: one (query, key) pair, or a run of a row's consecutive keys.
+
+Raw arrays in, raw arrays out; no validation (:mod:`sparseattn.kernels.backward` calls these for the
+shared gathered columns and the per-row residual runs, the entries that its span micro-kernels do not
+cover: most of a narrow neighbourhood's keys).
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from .mods import mod_grad
+from .simd import _FM, NO_RC, _exp
+
+__all__ = ["_pair_grad", "_run_grad"]
+
+
+@njit(fastmath=_FM, nogil=True, **NO_RC)
+def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, sl):
+    """Gradient contributions of one allowed pair: row ``r`` of the tile (query ``i``, scaled ``qt[r]``), key ``j``.
+
+    Indexes the 2-D arrays element by element: a row view per key (``ks[j]``, ``dkb[j]``) would be a new
+    reference-counted array on every pair, which cost more than the arithmetic.
+    """
+    d = qt.shape[1]
+    dv = dot.shape[1]
+    x = zero
+    for c in range(d):
+        x += qt[r, c] * ks[j, c]
+    dp = zero
+    for c in range(dv):
+        dp += dot[r, c] * vs[j, c]
+    x, fac = mod_grad(x, i, j, mod, slope, sl)
+    p = _exp(x - li)
+    ds = p * (dp - di) * fac
+    for c in range(d):
+        dqt[r, c] += ds * ks[j, c]
+        dkb[j, c] += ds * qt[r, c]
+    for c in range(dv):
+        dvb[j, c] += p * dot[r, c]
+
+
+@njit(fastmath=_FM, nogil=True, **NO_RC)
+def _run_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j0, j1, li, di, zero, i, mod, slope, sl):
+    """:func:`_pair_grad` for the keys ``j0 .. j1 - 1`` of one row's run: four keys at a time, then two, then one.
+
+    One pair at a time, each pair's two dot products ended in horizontal sums that the next steps waited
+    on (a neighbourhood's backward ran at a twentieth of the forward's rate); the sums of a group's keys
+    are independent, and row ``r``'s query, output gradient and ``dq`` are read once per group.  The
+    group's keys are ``j, j + 1, ...``: written so, LLVM knows their rows apart and vectorises the
+    feature loops (with clamped indices for a short last group it did not, and the run ran slower).
+    """
+    j = j0
+    while j + 4 <= j1:
+        _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, 4, li, di, zero, i, mod, slope, sl)
+        j += 4
+    if j + 2 <= j1:
+        _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, 2, li, di, zero, i, mod, slope, sl)
+        j += 2
+    if j < j1:
+        _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope, sl)
+
+
+@njit(fastmath=_FM, nogil=True, inline="always")
+def _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, m, li, di, zero, i, mod, slope, sl):
+    """The keys ``j .. j + m - 1`` (``m``: 4 or 2, a constant at each call) of :func:`_run_grad`."""
+    d = qt.shape[1]
+    dv = dot.shape[1]
+    four = m == 4
+    x0 = zero
+    x1 = zero
+    x2 = zero
+    x3 = zero
+    for c in range(d):
+        qc = qt[r, c]
+        x0 += qc * ks[j, c]
+        x1 += qc * ks[j + 1, c]
+        if four:
+            x2 += qc * ks[j + 2, c]
+            x3 += qc * ks[j + 3, c]
+    g0 = zero
+    g1 = zero
+    g2 = zero
+    g3 = zero
+    for c in range(dv):
+        oc = dot[r, c]
+        g0 += oc * vs[j, c]
+        g1 += oc * vs[j + 1, c]
+        if four:
+            g2 += oc * vs[j + 2, c]
+            g3 += oc * vs[j + 3, c]
+    x0, f0 = mod_grad(x0, i, j, mod, slope, sl)
+    x1, f1 = mod_grad(x1, i, j + 1, mod, slope, sl)
+    p0 = _exp(x0 - li)
+    p1 = _exp(x1 - li)
+    s0 = p0 * (g0 - di) * f0
+    s1 = p1 * (g1 - di) * f1
+    p2 = zero
+    p3 = zero
+    s2 = zero
+    s3 = zero
+    if four:
+        x2, f2 = mod_grad(x2, i, j + 2, mod, slope, sl)
+        x3, f3 = mod_grad(x3, i, j + 3, mod, slope, sl)
+        p2 = _exp(x2 - li)
+        p3 = _exp(x3 - li)
+        s2 = p2 * (g2 - di) * f2
+        s3 = p3 * (g3 - di) * f3
+    for c in range(d):
+        qc = qt[r, c]
+        if four:
+            dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c] + s2 * ks[j + 2, c] + s3 * ks[j + 3, c]
+            dkb[j + 2, c] += s2 * qc
+            dkb[j + 3, c] += s3 * qc
+        else:
+            dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c]
+        dkb[j, c] += s0 * qc
+        dkb[j + 1, c] += s1 * qc
+    for c in range(dv):
+        oc = dot[r, c]
+        dvb[j, c] += p0 * oc
+        dvb[j + 1, c] += p1 * oc
+        if four:
+            dvb[j + 2, c] += p2 * oc
+            dvb[j + 3, c] += p3 * oc
