@@ -33,11 +33,10 @@ def _pair_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, li, di, zero, i, mod, slope
     x, fac = mod_grad(x, i, j, mod, slope, sl)
     p = _exp(x - li)
     ds = p * (dp - di) * fac
-    for c in range(d):
+    for c in range(d):  # one array written per loop (see _group_grad)
         dqt[r, c] += ds * ks[j, c]
-        dkb[j, c] += ds * qt[r, c]
-    for c in range(dv):
-        dvb[j, c] += p * dot[r, c]
+    _axpy_row(dkb, j, ds, qt, r, d)
+    _axpy_row(dvb, j, p, dot, r, dv)
 
 
 @njit(fastmath=_FM, nogil=True, **NO_RC)
@@ -106,20 +105,27 @@ def _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, m, li, di, zero, i, mod, s
         p3 = _exp(x3 - li)
         s2 = p2 * (g2 - di) * f2
         s3 = p3 * (g3 - di) * f3
-    for c in range(d):
-        qc = qt[r, c]
-        if four:
+    # one array written per loop: a loop writing dq and dk rows together compiled to scalar code (LLVM could
+    # not rule out their overlap), a loop per written row to vector code
+    if four:
+        for c in range(d):
             dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c] + s2 * ks[j + 2, c] + s3 * ks[j + 3, c]
-            dkb[j + 2, c] += s2 * qc
-            dkb[j + 3, c] += s3 * qc
-        else:
+    else:
+        for c in range(d):
             dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c]
-        dkb[j, c] += s0 * qc
-        dkb[j + 1, c] += s1 * qc
-    for c in range(dv):
-        oc = dot[r, c]
-        dvb[j, c] += p0 * oc
-        dvb[j + 1, c] += p1 * oc
-        if four:
-            dvb[j + 2, c] += p2 * oc
-            dvb[j + 3, c] += p3 * oc
+    _axpy_row(dkb, j, s0, qt, r, d)
+    _axpy_row(dkb, j + 1, s1, qt, r, d)
+    _axpy_row(dvb, j, p0, dot, r, dv)
+    _axpy_row(dvb, j + 1, p1, dot, r, dv)
+    if four:
+        _axpy_row(dkb, j + 2, s2, qt, r, d)
+        _axpy_row(dkb, j + 3, s3, qt, r, d)
+        _axpy_row(dvb, j + 2, p2, dot, r, dv)
+        _axpy_row(dvb, j + 3, p3, dot, r, dv)
+
+
+@njit(fastmath=_FM, nogil=True, inline="always")
+def _axpy_row(y, j, a, x, r, n):
+    """``y[j, :n] += a * x[r, :n]``."""
+    for c in range(n):
+        y[j, c] += a * x[r, c]
