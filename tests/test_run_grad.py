@@ -6,6 +6,8 @@ fused backward takes each run in groups of four keys, then two, then one.  Runs 
 key), in both dtypes, must match :func:`sparseattn.reference.dense_attention_backward`.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -40,11 +42,21 @@ PATTERNS = {
     "3-D (3, 5, 5)": lambda: sa.neighborhood((4, 6, 8), (3, 5, 5)),
 }
 
+def _wave_f(s, b, h, i, j):
+    """Non-linear in the score and dependent on the query and the key (a copied kernel must call it)."""
+    return s + 0.3 * math.sin(s) - 0.02 * ((2 * i + j) % 5) + 0.1 * h
+
+
+def _wave_df(s, b, h, i, j):
+    return 1.0 + 0.3 * math.cos(s)
+
+
 MODS = {
     "plain": {},
     "softcap": {"softcap": 2.0},
     "alibi": {"alibi_slopes": np.array([0.5, 0.25])},
     "sinks": {"sinks": np.array([0.3, -1.0])},
+    "score_mod": {"score_mod": sa.ScoreMod(_wave_f, _wave_df)},
 }
 
 

@@ -151,11 +151,12 @@ class ScoreMod:
     def kernels(self, direction):
         """The compiled kernels specialised to this modifier (``"forward"``, ``"staged"`` or ``"backward"``)."""
         if direction not in self._kernels:
-            from ..kernels import backward, forward, mods, staged, staged_backward
+            from ..kernels import backward, forward, mods, pair_grads, staged, staged_backward
 
             table = {
                 "forward": ({forward.__name__: ("tiles_forward", "long_rows_partial")}, (forward,)),
-                "backward": ({backward.__name__: ("tiles_backward", "long_rows_backward")}, (backward,)),
+                # pair_grads first: backward's residual runs and shared columns call its copies
+                "backward": ({backward.__name__: ("tiles_backward", "long_rows_backward")}, (pair_grads, backward)),
                 "staged": ({staged.__name__: ("modify_values",),
                             staged_backward.__name__: ("rows_backward",)}, (staged, staged_backward)),
             }  # fmt: skip

@@ -236,8 +236,10 @@ def specialise(f, df, modules, names):
     """Copies of the kernels ``names`` (a dict module -> kernel names) that call ``f`` / ``df`` as the user's modifier.
 
     Returns ``{name: dispatcher}``.  Each module's helpers are copied too, so
-    that every call inside a copied kernel reaches copies; nothing is cached
-    on disk (Numba cannot key a cache on a user's function).
+    that every call inside a copied kernel reaches copies, and a module's
+    calls into a module listed before it reach that module's copies (list a
+    helper module first); nothing is cached on disk (Numba cannot key a cache
+    on a user's function).
     """
     import sys
 
@@ -245,12 +247,15 @@ def specialise(f, df, modules, names):
     for name in _FUNCS:
         mine[name] = _copy(mine[name], mine)
     out = {}
+    copies = {}  # id of an original kernel -> its copy: a helper module listed first reaches the later ones
     for module in modules:
         glb = dict(vars(module))
         glb.update({k: mine[k] for k in _FUNCS if k in glb})
         for name, obj in list(glb.items()):
-            if hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == module.__name__:
-                glb[name] = _copy(obj, glb)
+            if id(obj) in copies:
+                glb[name] = copies[id(obj)]
+            elif hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == module.__name__:
+                glb[name] = copies[id(obj)] = _copy(obj, glb)
         for name in names.get(module.__name__, ()):
             out[name] = glb[name]
     return out
