@@ -66,28 +66,8 @@ def _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, m, li, di, zero, i, mod, s
     d = qt.shape[1]
     dv = dot.shape[1]
     four = m == 4
-    x0 = zero
-    x1 = zero
-    x2 = zero
-    x3 = zero
-    for c in range(d):
-        qc = qt[r, c]
-        x0 += qc * ks[j, c]
-        x1 += qc * ks[j + 1, c]
-        if four:
-            x2 += qc * ks[j + 2, c]
-            x3 += qc * ks[j + 3, c]
-    g0 = zero
-    g1 = zero
-    g2 = zero
-    g3 = zero
-    for c in range(dv):
-        oc = dot[r, c]
-        g0 += oc * vs[j, c]
-        g1 += oc * vs[j + 1, c]
-        if four:
-            g2 += oc * vs[j + 2, c]
-            g3 += oc * vs[j + 3, c]
+    x0, x1, x2, x3 = _dots_row(qt, r, ks, j, d, four, zero)
+    g0, g1, g2, g3 = _dots_row(dot, r, vs, j, dv, four, zero)
     x0, f0 = mod_grad(x0, i, j, mod, slope, sl)
     x1, f1 = mod_grad(x1, i, j + 1, mod, slope, sl)
     p0 = _exp(x0 - li)
@@ -122,6 +102,25 @@ def _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, m, li, di, zero, i, mod, s
         _axpy_row(dkb, j + 3, s3, qt, r, d)
         _axpy_row(dvb, j + 2, p2, dot, r, dv)
         _axpy_row(dvb, j + 3, p3, dot, r, dv)
+
+
+@njit(fastmath=_FM, nogil=True, inline="always")
+def _dots_row(a, r, b, j, n, four, zero):
+    """The dot products of ``a[r, :n]`` with ``b[j, :n]`` and ``b[j + 1, :n]`` (and, when ``four``, with
+    ``b[j + 2, :n]`` and ``b[j + 3, :n]``; else those two sums are ``zero``): independent sums, row ``r``
+    read once."""
+    y0 = zero
+    y1 = zero
+    y2 = zero
+    y3 = zero
+    for c in range(n):
+        ac = a[r, c]
+        y0 += ac * b[j, c]
+        y1 += ac * b[j + 1, c]
+        if four:
+            y2 += ac * b[j + 2, c]
+            y3 += ac * b[j + 3, c]
+    return y0, y1, y2, y3
 
 
 @njit(fastmath=_FM, nogil=True, inline="always")
