@@ -220,6 +220,7 @@ def test_cold_start_answers_on_the_blocked_path_and_fills_the_cache(tmp_path):
     assert "finishing" not in err
 
 
+@pytest.mark.slow  # two more cold processes (40 s); the test above covers forward and backward together
 def test_the_background_compile_leaves_nothing_for_the_next_process(tmp_path):
     """The forward's background compile runs a call like the user's: the next process compiles nothing itself."""
     cache = tmp_path / "numba-cache"

@@ -67,8 +67,16 @@ def _check(actual, expected, dtype, what):
     assert err <= TOL[np.dtype(dtype)] * scale, (what, err)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("mods", list(MODS), ids=list(MODS))
+# a user's ScoreMod compiles its own copies of the kernels (about half a minute per dtype): float64 in the slow set
+CASES = [
+    pytest.param(mods, dtype, id=f"{mods}-{np.dtype(dtype).name}",
+                 marks=[pytest.mark.slow] if mods == "score_mod" and dtype is np.float64 else [])
+    for mods in MODS
+    for dtype in (np.float32, np.float64)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mods", "dtype"), CASES)
 @pytest.mark.parametrize("name", list(PATTERNS), ids=list(PATTERNS))
 @pytest.mark.parametrize("padded", [False, True], ids=["whole runs", "padding"])
 def test_residual_runs_backward_matches_the_reference(name, mods, dtype, padded):
