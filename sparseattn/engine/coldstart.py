@@ -39,8 +39,8 @@ import time
 from ..kernels.cache import cached
 
 __all__ = [
-    "mode", "choose", "fused_ready", "kernel_ready", "start", "compiling", "in_compile_thread", "compile_here", "wait",
-    "status",
+    "mode", "choose", "fused_ready", "kernel_ready", "known_ready", "start", "compiling", "in_compile_thread",
+    "compile_here", "wait", "status",
 ]  # fmt: skip
 
 _MODES = ("background", "wait")
@@ -117,6 +117,11 @@ def fused_ready(dtype, kind="forward", views=False):
         _ready.add(rkey)
         return True
     return False
+
+
+def known_ready(key):
+    """Whether :func:`kernel_ready` has already said yes for ``key`` (cheap: a decode loop asks per layer and step)."""
+    return key in _kernels_ready
 
 
 def kernel_ready(dispatcher, key, serves, dtype, layout=None):
