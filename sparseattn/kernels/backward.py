@@ -86,7 +86,7 @@ def _touch(j, mark, cols, lohi):
 @njit(fastmath=_FM, nogil=True, **NO_RC)
 def _residual_run(qt, dot, dqt, r, ks, vs, dkb, dvb, lo, hi, li, di, zero, i, mod, slope, s, use_valid, valid, mark,
                   cols, lohi):  # fmt: skip
-    """Row ``r``'s residual run ``[lo, hi)``: whole (four keys at a time), or key by key past the padding mask."""
+    """Row ``r``'s residual run ``[lo, hi)``: whole (groups of keys), or key by key past the padding mask."""
     if not use_valid:
         for j in range(lo, hi):
             _touch(j, mark, cols, lohi)
