@@ -2,8 +2,9 @@
 
 Rows of a narrow neighbourhood are a few short key runs that the span micro-kernels do not cover; the
 fused backward takes each run in groups of four keys, then the last three or two as one group, or the last
-one alone.  Runs of every length from 1 to 9 (so every mix of groups), with each score modifier and with a padding mask (which sends a run key by
-key), in both dtypes, must match :func:`sparseattn.reference.dense_attention_backward`.
+one alone.  Runs of every length from 1 to 9 (so every mix of groups), with each score modifier and with a
+padding mask (which sends a run key by key), in both dtypes, must match
+:func:`sparseattn.reference.dense_attention_backward`.
 """
 
 import math
