@@ -91,16 +91,15 @@ def _group_grad(qt, dot, dqt, r, ks, vs, dkb, dvb, j, m, li, di, zero, i, mod, s
         p3 = _exp(x3 - li)
         s3 = p3 * (g3 - di) * f3
     # one array written per loop: a loop writing dq and dk rows together compiled to scalar code (LLVM could
-    # not rule out their overlap), a loop per written row to vector code
-    if four:
-        for c in range(d):
-            dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c] + s2 * ks[j + 2, c] + s3 * ks[j + 3, c]
-    elif three:
-        for c in range(d):
-            dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c] + s2 * ks[j + 2, c]
-    else:
-        for c in range(d):
-            dqt[r, c] += s0 * ks[j, c] + s1 * ks[j + 1, c]
+    # not rule out their overlap), a loop per written row to vector code; the terms past m fold away (m is a
+    # constant at each call), as in _dots_row
+    for c in range(d):
+        t = s0 * ks[j, c] + s1 * ks[j + 1, c]
+        if three:
+            t += s2 * ks[j + 2, c]
+        if four:
+            t += s3 * ks[j + 3, c]
+        dqt[r, c] += t
     _axpy_row(dkb, j, s0, qt, r, d)
     _axpy_row(dkb, j + 1, s1, qt, r, d)
     _axpy_row(dvb, j, p0, dot, r, dv)
